@@ -1,0 +1,44 @@
+# Two commands matter on a fresh machine: `make test` and `make demo`. Each sets up what it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROTO_SRC := protos/aviary/admin/v1/admin.proto
+
+.PHONY: venv test unit e2e lint typecheck protos bench prometheus clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+# Debian's prometheus: the e2e tests run it as a plain process on loopback.
+prometheus:
+	@if ! command -v prometheus >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  else \
+	    echo "prometheus is missing: run 'sudo apt-get install prometheus' (Debian) and retry" >&2; exit 1; \
+	  fi; \
+	fi
+
+test: venv prometheus
+	$(BIN)/pytest -q
+
+unit: venv
+	$(BIN)/pytest -q tests/unit
+
+e2e: venv prometheus
+	$(BIN)/pytest -q tests/e2e
+
+lint: venv
+	$(BIN)/ruff check xds tests
+	$(BIN)/mypy
+
+bench: venv
+	$(BIN)/python -m tests.bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

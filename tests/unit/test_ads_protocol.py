@@ -1,0 +1,205 @@
+"""SotW ADS protocol rules, through a real grpc.aio server and an in-process client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.route.v3 import route_pb2
+
+from aviary.discovery import typeurls
+from aviary.discovery.cache import SnapshotCache
+from aviary.discovery.director import Placement, TrafficDirector
+from aviary.discovery.proxy_status import ProxyStatus
+from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
+from aviary.policy.schema import Endpoint, ListenerSpec
+from aviary.traffic import Backend, DesiredTraffic
+from tests.rig.ads_client import AdsClient
+from tests.rig.waiting import async_wait_until
+
+V1 = Backend("v1", (Endpoint.model_validate("127.0.0.1:9001"),))
+V2 = Backend("v2", (Endpoint.model_validate("127.0.0.1:9002"),))
+LISTENER = ListenerSpec(address="127.0.0.1", port=10000)
+ROUTE = "route-127.0.0.1-10000"
+
+
+@dataclass
+class Plane:
+    cache: SnapshotCache
+    proxies: ProxyStatus
+    director: TrafficDirector
+    port: int
+    clients: list[AdsClient]
+
+    def client(self, node_id: str = "node-a", node_cluster: str = "edge") -> AdsClient:
+        client = AdsClient(self.port, node_id, node_cluster)
+        self.clients.append(client)
+        return client
+
+
+@pytest.fixture
+async def plane() -> AsyncIterator[Plane]:
+    cache, proxies = SnapshotCache(), ProxyStatus()
+    director = TrafficDirector(cache, proxies)
+    director.set_rollout("checkout", Placement(LISTENER, ("*",)), DesiredTraffic(V1))
+    server, port = await start_xds_server("127.0.0.1:0", AggregatedDiscoveryService(cache, proxies.apply))
+    state = Plane(cache, proxies, director, port, [])
+    try:
+        yield state
+    finally:
+        for client in state.clients:
+            await client.close()
+        await server.stop(0)
+
+
+async def _acked(plane: Plane, client: AdsClient, response: object, names: tuple[str, ...] = ()) -> None:
+    """ACK and wait until the server recorded it, so the next change is not raced by the ACK."""
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    assert isinstance(response, discovery_pb2.DiscoveryResponse)
+    client.ack(response, names)
+    await async_wait_until(
+        lambda: any(p.acked_versions.get(response.type_url) == response.version_info for p in plane.proxies),
+        5,
+        what=f"ACK of {response.type_url} {response.version_info}",
+    )
+
+
+def _names(response: object) -> list[str]:
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    assert isinstance(response, discovery_pb2.DiscoveryResponse)
+    out = []
+    for resource in response.resources:
+        if resource.type_url == typeurls.CLUSTER:
+            message: cluster_pb2.Cluster | route_pb2.RouteConfiguration = cluster_pb2.Cluster()
+        else:
+            message = route_pb2.RouteConfiguration()
+        resource.Unpack(message)
+        out.append(message.name)
+    return out
+
+
+async def test_wildcard_cds_is_answered_and_ack_is_recorded(plane: Plane) -> None:
+    client = plane.client()
+    client.send(typeurls.CLUSTER)
+    response = await client.receive()
+    assert response.type_url == typeurls.CLUSTER
+    assert response.nonce and response.version_info
+    assert _names(response) == ["checkout-v1"]
+    client.ack(response)
+    await async_wait_until(
+        lambda: any(p.acked_versions.get(typeurls.CLUSTER) == response.version_info for p in plane.proxies),
+        5,
+        what="ACK recorded",
+    )
+    await client.expect_silence()  # ACK of current content: nothing new to send
+
+
+async def test_nack_is_recorded_and_not_resent_until_a_newer_version(plane: Plane) -> None:
+    client = plane.client()
+    client.send(typeurls.CLUSTER)
+    first = await client.receive()
+    await _acked(plane, client, first)
+    plane.director.set_desired_traffic("checkout", DesiredTraffic(V1, V2, 0))
+    second = await client.receive()
+    assert sorted(_names(second)) == ["checkout-v1", "checkout-v2"]
+    client.nack(second, "bad cluster")
+    await async_wait_until(
+        lambda: any(p.last_nack is not None for p in plane.proxies), 5, what="NACK recorded"
+    )
+    (proxy,) = list(plane.proxies)
+    assert proxy.last_nack is not None
+    assert proxy.last_nack.message == "bad cluster"
+    assert proxy.last_nack.version == second.version_info
+    assert proxy.acked_versions[typeurls.CLUSTER] == first.version_info  # still on its last good state
+    await client.expect_silence()  # no resend loop of the rejected version
+    v3 = Backend("v3", (Endpoint.model_validate("127.0.0.1:9003"),))
+    plane.director.set_desired_traffic("checkout", DesiredTraffic(V1, v3, 0))
+    third = await client.receive()
+    assert sorted(_names(third)) == ["checkout-v1", "checkout-v3"]
+    assert third.version_info not in (first.version_info, second.version_info)
+
+
+async def test_stale_nonce_is_ignored(plane: Plane) -> None:
+    client = plane.client()
+    client.send(typeurls.CLUSTER)
+    first = await client.receive()
+    plane.director.set_desired_traffic("checkout", DesiredTraffic(V1, V2, 0))
+    second = await client.receive()
+    client.nack(first, "late NACK of an old response")  # stale nonce: must not count
+    client.ack(second)
+    await async_wait_until(
+        lambda: any(p.acked_versions.get(typeurls.CLUSTER) == second.version_info for p in plane.proxies),
+        5,
+        what="ACK of the latest response",
+    )
+    assert all(p.last_nack is None for p in plane.proxies)
+
+
+async def test_named_subscription_to_missing_resource_is_sent_when_it_appears(plane: Plane) -> None:
+    client = plane.client()
+    client.send(typeurls.ROUTE, ["route-127.0.0.1-10001"])
+    await client.expect_silence()
+    plane.director.set_rollout(
+        "payments", Placement(ListenerSpec(address="127.0.0.1", port=10001), ("*",)), DesiredTraffic(V1)
+    )
+    response = await client.receive()
+    assert _names(response) == ["route-127.0.0.1-10001"]
+
+
+async def test_sends_only_on_change(plane: Plane) -> None:
+    client = plane.client()
+    client.send(typeurls.ROUTE, [ROUTE])
+    route = await client.receive()
+    client.ack(route, [ROUTE])
+    client.send(typeurls.CLUSTER)
+    clusters = await client.receive()
+    client.ack(clusters)
+    # A new cluster changes CDS and EDS but not the route this client holds.
+    plane.director.set_rollout("payments", Placement(ListenerSpec(address="127.0.0.1", port=10001), ("*",)),
+                               DesiredTraffic(V1))
+    update = await client.receive()
+    assert update.type_url == typeurls.CLUSTER
+    client.ack(update)
+    await client.expect_silence()
+    # A weight change is one RDS update and nothing else.
+    plane.director.set_desired_traffic("checkout", DesiredTraffic(V1, V2, 0))
+    cds = await client.receive()
+    assert cds.type_url == typeurls.CLUSTER
+    client.ack(cds)
+    client.send(typeurls.ENDPOINT, ["checkout-v1", "checkout-v2"])  # as Envoy does for new clusters
+    eds = await client.receive()
+    client.ack(eds, ["checkout-v1", "checkout-v2"])
+    rds = await client.receive()
+    assert rds.type_url == typeurls.ROUTE
+    client.ack(rds, [ROUTE])
+    plane.director.set_canary_weight("checkout", 30)
+    only = await client.receive()
+    assert only.type_url == typeurls.ROUTE
+    await client.expect_silence()
+
+
+async def test_proxy_cluster_groups_see_only_their_rollouts(plane: Plane) -> None:
+    plane.director.set_rollout(
+        "internal",
+        Placement(ListenerSpec(address="127.0.0.1", port=10002), ("*",), proxy_cluster="mesh"),
+        DesiredTraffic(V1),
+    )
+    edge, mesh = plane.client("edge-1", "edge"), plane.client("mesh-1", "mesh")
+    edge.send(typeurls.CLUSTER)
+    mesh.send(typeurls.CLUSTER)
+    assert sorted(_names(await edge.receive())) == ["checkout-v1"]
+    assert sorted(_names(await mesh.receive())) == ["checkout-v1", "internal-v1"]
+
+
+async def test_first_request_without_node_is_refused(plane: Plane) -> None:
+    client = plane.client()
+    client.send(typeurls.CLUSTER, node=False)
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await client.receive()
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "node" in (failure.value.details() or "")

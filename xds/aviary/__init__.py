@@ -1,0 +1,1 @@
+"""Aviary: an Envoy xDS control plane that runs canary releases."""

@@ -1,0 +1,78 @@
+"""The `aviary` command: `serve` runs the control plane, `validate` checks policy files."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aviary.app import ControlPlane, ServeConfig
+from aviary.policy.loader import validate_paths
+
+
+def _serve(args: argparse.Namespace) -> int:
+    policies = Path(args.policies)
+    if not policies.is_dir():
+        print(f"aviary serve: --policies {policies}: not a directory", file=sys.stderr)
+        return 2
+    config = ServeConfig(policies=policies, xds_address=args.xds_address)
+
+    async def run() -> None:
+        plane = ControlPlane(config)
+        await plane.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await plane.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    errors = validate_paths([Path(p) for p in args.paths])
+    for error in errors:
+        print(error)
+    if errors:
+        return 1
+    print(f"{len(args.paths)} path(s) valid")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aviary", description="Envoy xDS control plane for canary releases")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the xDS control plane")
+    serve.add_argument("--policies", required=True, help="directory of policy files")
+    serve.add_argument("--xds-address", default="127.0.0.1:18000", help="HOST:PORT for the ADS gRPC server")
+    serve.set_defaults(func=_serve)
+
+    validate = commands.add_parser("validate", help="check policy files; one 'file: field: reason' per problem")
+    validate.add_argument("paths", nargs="+", help="policy files or directories")
+    validate.set_defaults(func=_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

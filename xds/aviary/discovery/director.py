@@ -1,0 +1,282 @@
+"""From desired traffic to published snapshots, make-before-break.
+
+`TrafficDirector.set_desired_traffic()` is the one place a rollout's weights are set; the rollout
+engine drives it, and so do tests. What the director publishes trails what is desired by the ACKs
+of the proxies that serve the rollout:
+
+1. a backend that is new gets its cluster (and load assignment) published, while the route still
+   sends traffic where it did;
+2. once every proxy that subscribes to that cluster has ACKed it and its endpoints, the route
+   moves to the desired weights (one RDS update);
+3. a backend no longer desired keeps its cluster until every proxy that subscribes to the route
+   has ACKed the route that no longer names it; then the cluster is removed.
+
+With no proxy connected every gate is open and all three happen in one call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from aviary.discovery import typeurls
+from aviary.discovery.cache import DEFAULT_GROUP, SnapshotCache
+from aviary.discovery.proxy_events import ProxyEvent, ResourcesNacked
+from aviary.discovery.proxy_status import ProxyStatus, ProxyView
+from aviary.discovery.resources import (
+    PublishedRollout,
+    build_snapshot,
+    cluster_name,
+    grpc_route_name,
+    listener_name,
+    route_name,
+)
+from aviary.discovery.snapshot import Snapshot
+from aviary.policy.schema import ListenerSpec
+from aviary.traffic import Backend, DesiredTraffic
+
+log = logging.getLogger("aviary.director")
+
+MAX_PASSES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a rollout is served: from its policy file, independent of weights."""
+
+    listener: ListenerSpec
+    hosts: tuple[str, ...]
+    proxy_cluster: str | None = None
+
+
+@dataclass(slots=True)
+class _Published:
+    route: tuple[tuple[Backend, int], ...]
+    clusters: dict[str, Backend] = field(default_factory=dict)  # version -> backend
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutNack:
+    rollout: str
+    node_id: str
+    type_url: str
+    message: str
+
+
+AckListener = Callable[[str, DesiredTraffic], None]
+NackListener = Callable[[RolloutNack], None]
+
+
+class TrafficDirector:
+    def __init__(self, cache: SnapshotCache, proxies: ProxyStatus) -> None:
+        self._cache = cache
+        self._proxies = proxies
+        self._placements: dict[str, Placement] = {}
+        self._desired: dict[str, DesiredTraffic] = {}
+        self._published: dict[str, _Published] = {}
+        self._acked: dict[str, DesiredTraffic] = {}
+        self._built: list[tuple[str, tuple[PublishedRollout, ...]]] | None = None
+        self._ack_listeners: list[AckListener] = []
+        self._nack_listeners: list[NackListener] = []
+        proxies.subscribe(self._on_proxy_event)
+
+    # ---- inputs -------------------------------------------------------------------------
+
+    def set_rollout(self, name: str, placement: Placement, traffic: DesiredTraffic) -> None:
+        """Declare or update a rollout's placement and desired traffic together."""
+        self._placements[name] = placement
+        self.set_desired_traffic(name, traffic)
+
+    def set_desired_traffic(self, name: str, traffic: DesiredTraffic) -> None:
+        """THE place where a rollout's canary weight is set."""
+        if name not in self._placements:
+            raise KeyError(f"unknown rollout {name!r}")
+        if self._desired.get(name) != traffic:
+            log.info("rollout %s: desired %s", name, _describe(traffic))
+        self._desired[name] = traffic
+        self.reconcile()
+
+    def set_canary_weight(self, name: str, weight: int) -> None:
+        """Convenience over set_desired_traffic for a rollout that already has a canary."""
+        current = self._desired[name]
+        self.set_desired_traffic(name, replace(current, canary_weight=weight))
+
+    def remove_rollout(self, name: str) -> None:
+        self._placements.pop(name, None)
+        self._desired.pop(name, None)
+        self._published.pop(name, None)
+        self._acked.pop(name, None)
+        self.reconcile()
+
+    def on_traffic_acked(self, listener: AckListener) -> None:
+        """`listener(rollout, traffic)` when every serving proxy ACKed the route for `traffic`."""
+        self._ack_listeners.append(listener)
+
+    def on_nack(self, listener: NackListener) -> None:
+        self._nack_listeners.append(listener)
+
+    # ---- reads --------------------------------------------------------------------------
+
+    def desired(self, name: str) -> DesiredTraffic | None:
+        return self._desired.get(name)
+
+    def acked(self, name: str) -> DesiredTraffic | None:
+        """The desired traffic that every serving proxy has ACKed, if the latest one was."""
+        return self._acked.get(name)
+
+    def rollout_names(self) -> list[str]:
+        return sorted(self._placements)
+
+    def published_route(self, name: str) -> dict[str, int]:
+        published = self._published.get(name)
+        return {b.version: w for b, w in published.route} if published else {}
+
+    # ---- the make-before-break loop -----------------------------------------------------
+
+    def reconcile(self) -> None:
+        for _ in range(MAX_PASSES):
+            if not self._advance():
+                break
+        self._notify_acked()
+
+    def _advance(self) -> bool:
+        """One pass: move each rollout's published state as far as the gates allow, publish."""
+        for name, desired in self._desired.items():
+            published = self._published.get(name)
+            wanted = _route_of(desired)
+            if published is None:
+                published = self._published[name] = _Published(route=wanted)
+            for backend, _ in wanted:
+                published.clusters[backend.version] = backend  # new, or new endpoints (EDS update)
+            if published.route != wanted and all(
+                self._cluster_ready(name, backend) for backend, _ in wanted
+            ):
+                published.route = wanted
+            keep = {b.version for b, _ in published.route} | {b.version for b, _ in wanted}
+            retiring = [v for v in published.clusters if v not in keep]
+            if retiring and self._route_acked(name):
+                for version in retiring:
+                    del published.clusters[version]
+        return self._publish()
+
+    def _publish(self) -> bool:
+        """Build and publish snapshots, but only when the published model changed."""
+        groups = {p.proxy_cluster for p in self._placements.values() if p.proxy_cluster}
+        model = [
+            (
+                group,
+                tuple(
+                    self._published_rollout(name)
+                    for name, placement in sorted(self._placements.items())
+                    if name in self._published and placement.proxy_cluster in (None, group or None)
+                ),
+            )
+            for group in [DEFAULT_GROUP, *sorted(groups)]
+        ]
+        if model == self._built:
+            return False
+        snapshots: dict[str, Snapshot] = {group: build_snapshot(members) for group, members in model}
+        self._cache.publish(snapshots)
+        self._built = model
+        return True
+
+    def _published_rollout(self, name: str) -> PublishedRollout:
+        placement = self._placements[name]
+        published = self._published[name]
+        return PublishedRollout(
+            name=name,
+            listener=placement.listener,
+            hosts=placement.hosts,
+            route=published.route,
+            clusters=tuple(published.clusters[v] for v in sorted(published.clusters)),
+        )
+
+    def _serving(self, name: str) -> Iterable[tuple[ProxyView, Snapshot]]:
+        """Connected proxies that receive this rollout, with the snapshot they are being served."""
+        placement = self._placements[name]
+        for proxy in self._proxies:
+            group = self._cache.group_of(proxy.node_cluster)
+            if placement.proxy_cluster is None or placement.proxy_cluster == group:
+                yield proxy, self._cache.snapshot_for(proxy.node_cluster)
+
+    def _cluster_ready(self, name: str, backend: Backend) -> bool:
+        cluster = cluster_name(name, backend.version)
+        for proxy, snapshot in self._serving(name):
+            published = snapshot.items(typeurls.CLUSTER).get(cluster)
+            if published is None:
+                return False  # not even published to this proxy's group yet
+            if not proxy.subscription(typeurls.CLUSTER).covers(cluster):
+                continue  # e.g. a gRPC client that only asks for the clusters its route names
+            if proxy.acked_version_of(typeurls.CLUSTER, cluster) != published.version:
+                return False
+            assignment = snapshot.items(typeurls.ENDPOINT).get(cluster)
+            if assignment and proxy.acked_version_of(typeurls.ENDPOINT, cluster) != assignment.version:
+                return False
+        return True
+
+    def _route_acked(self, name: str) -> bool:
+        placement = self._placements[name]
+        route_names = (route_name(placement.listener), grpc_route_name(name))
+        for proxy, snapshot in self._serving(name):
+            subscription = proxy.subscription(typeurls.ROUTE)
+            for route in route_names:
+                if not subscription.covers(route):
+                    continue
+                published = snapshot.items(typeurls.ROUTE).get(route)
+                if published is None or proxy.acked_version_of(typeurls.ROUTE, route) != published.version:
+                    return False
+        return True
+
+    def _notify_acked(self) -> None:
+        for name, desired in self._desired.items():
+            published = self._published.get(name)
+            if published is None or published.route != _route_of(desired) or not self._route_acked(name):
+                continue
+            if self._acked.get(name) == desired:
+                continue
+            self._acked[name] = desired
+            for listener in self._ack_listeners:
+                listener(name, desired)
+
+    def _on_proxy_event(self, event: ProxyEvent) -> None:
+        if isinstance(event, ResourcesNacked):
+            self._report_nack(event)
+        if self._desired:
+            self.reconcile()
+
+    def _report_nack(self, event: ResourcesNacked) -> None:
+        proxy = self._proxies.get(event.stream_id)
+        if proxy is None:
+            return
+        for name in self._placements:
+            if any(self._names_rollout(name, event.type_url, r) for r in event.resources):
+                nack = RolloutNack(name, proxy.node_id, event.type_url, event.message)
+                for listener in self._nack_listeners:
+                    listener(nack)
+
+    def _names_rollout(self, name: str, type_url: str, resource: str) -> bool:
+        """Whether a resource a proxy rejected belongs to this rollout."""
+        placement = self._placements[name]
+        if type_url == typeurls.ROUTE:
+            return resource in (route_name(placement.listener), grpc_route_name(name))
+        if type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
+            published = self._published.get(name)
+            return published is not None and resource in {cluster_name(name, v) for v in published.clusters}
+        if type_url == typeurls.LISTENER:
+            return resource in (name, listener_name(placement.listener))
+        return False
+
+
+def _route_of(traffic: DesiredTraffic) -> tuple[tuple[Backend, int], ...]:
+    if traffic.canary is None:
+        return ((traffic.stable, 100),)
+    return ((traffic.stable, 100 - traffic.canary_weight), (traffic.canary, traffic.canary_weight))
+
+
+def _describe(traffic: DesiredTraffic) -> str:
+    return ", ".join(f"{v}={w}%" for v, w in traffic.weights().items())
+
+
+def weights_by_cluster(name: str, weights: Mapping[str, int]) -> dict[str, int]:
+    return {cluster_name(name, version): weight for version, weight in weights.items()}

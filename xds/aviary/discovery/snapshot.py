@@ -1,0 +1,148 @@
+"""Snapshots: immutable, already-serialized sets of xDS resources.
+
+A snapshot is built once per change and then only read. Every resource carries the bytes it
+will be sent as, and a version derived from those bytes, so that:
+
+- streams never build protobuf objects on the push path (they concatenate bytes);
+- "did it change?" is a string comparison, per resource, per stream;
+- versions are stable across control-plane restarts: the same content has the same version,
+  so a reconnecting proxy is not sent what it already has as if it were new.
+
+Nothing here knows about rollouts; `resources.py` turns desired traffic into these values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from google.protobuf.message import Message
+
+from aviary.discovery import typeurls, wire
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One named xDS resource, serialized once.
+
+    `wildcard` says whether a wildcard subscription (Envoy's LDS/CDS) receives it: listeners
+    meant for proxyless gRPC clients (`api_listener`) are only sent to those who name them.
+    `references` are the names, in the next type down, this resource needs to be useful
+    (listener -> route configuration, route -> clusters, EDS cluster -> load assignment).
+    """
+
+    name: str
+    type_url: str
+    version: str
+    any_bytes: bytes
+    entry: bytes
+    wildcard: bool = True
+    references: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_message(
+        cls,
+        name: str,
+        type_url: str,
+        message: Message,
+        *,
+        wildcard: bool = True,
+        references: Iterable[str] = (),
+    ) -> Resource:
+        value = message.SerializeToString(deterministic=True)
+        any_bytes = wire.encode_any(type_url, value)
+        return cls(
+            name=name,
+            type_url=type_url,
+            version=_digest(value),
+            any_bytes=any_bytes,
+            entry=wire.resources_entry(any_bytes),
+            wildcard=wildcard,
+            references=frozenset(references),
+        )
+
+
+def set_version(resources: Iterable[Resource]) -> str:
+    """Version of a set of resources: changes when any member or membership changes."""
+    h = hashlib.blake2b(digest_size=8)
+    for resource in sorted(resources, key=lambda r: r.name):
+        h.update(resource.name.encode())
+        h.update(b"\0")
+        h.update(resource.version.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything one group of proxies should have, per type URL, by resource name."""
+
+    resources: Mapping[str, Mapping[str, Resource]]
+    wildcard_versions: Mapping[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        frozen = {t: MappingProxyType(dict(self.resources.get(t, {}))) for t in typeurls.PUSH_ORDER}
+        object.__setattr__(self, "resources", MappingProxyType(frozen))
+        versions = {
+            t: set_version(r for r in items.values() if r.wildcard) for t, items in frozen.items()
+        }
+        object.__setattr__(self, "wildcard_versions", MappingProxyType(versions))
+
+    @classmethod
+    def of(cls, resources: Iterable[Resource]) -> Snapshot:
+        by_type: dict[str, dict[str, Resource]] = {t: {} for t in typeurls.PUSH_ORDER}
+        for resource in resources:
+            items = by_type[resource.type_url]
+            if resource.name in items:
+                raise ValueError(f"duplicate {typeurls.short_name(resource.type_url)} resource {resource.name!r}")
+            items[resource.name] = resource
+        return cls(by_type)
+
+    def items(self, type_url: str) -> Mapping[str, Resource]:
+        return self.resources.get(type_url, MappingProxyType({}))
+
+    def select(self, type_url: str, names: Iterable[str], wildcard: bool) -> dict[str, Resource]:
+        """What a subscription to `names` (plus everything, when `wildcard`) receives."""
+        items = self.items(type_url)
+        chosen = {n: r for n, r in items.items() if r.wildcard} if wildcard else {}
+        for name in names:
+            resource = items.get(name)
+            if resource is not None:
+                chosen[name] = resource
+        return chosen
+
+    def inconsistencies(self) -> list[str]:
+        """References that point nowhere; a snapshot with any must not be published."""
+        problems: list[str] = []
+        below = {
+            typeurls.LISTENER: typeurls.ROUTE,
+            typeurls.ROUTE: typeurls.CLUSTER,
+            typeurls.CLUSTER: typeurls.ENDPOINT,
+        }
+        for upper, lower in below.items():
+            present = self.items(lower)
+            for resource in self.items(upper).values():
+                for ref in sorted(resource.references - present.keys()):
+                    problems.append(
+                        f"{typeurls.short_name(upper)} {resource.name!r} references missing "
+                        f"{typeurls.short_name(lower)} {ref!r}"
+                    )
+        return problems
+
+    def equivalent(self, other: Snapshot) -> bool:
+        return all(
+            {n: r.version for n, r in self.items(t).items()} == {n: r.version for n, r in other.items(t).items()}
+            for t in typeurls.PUSH_ORDER
+        )
+
+
+EMPTY = Snapshot.of(())

@@ -1,0 +1,173 @@
+"""State-of-the-World protocol state of one ADS stream, without any I/O.
+
+`SotwStream.on_request()` and `on_snapshot_changed()` take what arrived and return the encoded
+responses to write, so the rules below are tested without sockets:
+
+- a response carries a fresh nonce and the version of exactly what it contains;
+- ACK: the request echoes the latest nonce and has no error_detail;
+- NACK: the same with error_detail; it is reported once and the rejected content is not sent
+  again: the next response for that type waits for different content (go-control-plane's
+  resend loop, its issue #962, is what this avoids);
+- a request with a nonce that is not the latest for its type is stale and ignored;
+- LDS and CDS requests without names (or with "*") are wildcard; RDS and EDS are by name, and a
+  name that does not exist yet is remembered and sent when it appears;
+- a response is sent only when what the subscription selects differs from what was last sent;
+- a first wildcard request is always answered, even when empty, so a proxy finishes starting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from aviary.discovery import typeurls, wire
+from aviary.discovery.cache import SnapshotCache
+from aviary.discovery.proxy_events import (
+    ProxyConnected,
+    ProxyEvent,
+    ResourcesAcked,
+    ResourcesNacked,
+    SubscriptionChanged,
+)
+from aviary.discovery.snapshot import set_version
+
+log = logging.getLogger("aviary.xds")
+
+WILDCARD_TYPES = frozenset({typeurls.LISTENER, typeurls.CLUSTER})
+MAX_RESOURCE_NAMES = 10_000
+
+
+class StreamError(Exception):
+    """A request that breaks the protocol badly enough that the stream must end."""
+
+
+@dataclass(slots=True)
+class _TypeState:
+    wildcard: bool = False
+    names: frozenset[str] = frozenset()
+    last_nonce: str | None = None
+    last_version: str = ""
+    last_sent: dict[str, str] | None = None
+    last_sent_at: float = 0.0
+
+
+@dataclass(slots=True)
+class SotwStream:
+    stream_id: int
+    peer: str
+    cache: SnapshotCache
+    emit: Callable[[ProxyEvent], None]
+    node_id: str | None = None
+    node_cluster: str = ""
+    _types: dict[str, _TypeState] = field(default_factory=dict)
+    _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _warned_types: set[str] = field(default_factory=set)
+
+    def on_request(self, request: discovery_pb2.DiscoveryRequest) -> list[bytes]:
+        self._check_node(request)
+        type_url = request.type_url
+        if type_url not in typeurls.SUPPORTED:
+            if type_url not in self._warned_types:
+                self._warned_types.add(type_url)
+                log.warning(
+                    "proxy %s asked for unsupported type %r; ignoring its requests", self.node_id, type_url
+                )
+            return []
+        if len(request.resource_names) > MAX_RESOURCE_NAMES:
+            raise StreamError(
+                f"{typeurls.short_name(type_url)} request names {len(request.resource_names)} resources; "
+                f"at most {MAX_RESOURCE_NAMES} are accepted"
+            )
+        state = self._types.get(type_url)
+        first = state is None
+        if state is None:
+            state = self._types[type_url] = _TypeState()
+        nonce = request.response_nonce
+        if nonce and nonce != state.last_nonce:
+            log.debug("stale nonce %s from %s for %s ignored", nonce, self.node_id, typeurls.short_name(type_url))
+            return []
+        if nonce and state.last_sent is not None:
+            if request.HasField("error_detail"):
+                self._nacked(type_url, state, request.error_detail.message)
+            else:
+                self.emit(
+                    ResourcesAcked(
+                        self.stream_id,
+                        type_url,
+                        state.last_version,
+                        dict(state.last_sent),
+                        state.last_sent_at,
+                        time.monotonic(),
+                    )
+                )
+        self._update_subscription(type_url, state, request)
+        response = self._respond(type_url, state, force=first and state.wildcard)
+        return [response] if response else []
+
+    def on_snapshot_changed(self) -> list[bytes]:
+        responses = []
+        for type_url in typeurls.PUSH_ORDER:
+            state = self._types.get(type_url)
+            if state is not None:
+                response = self._respond(type_url, state, force=False)
+                if response:
+                    responses.append(response)
+        return responses
+
+    def _check_node(self, request: discovery_pb2.DiscoveryRequest) -> None:
+        has_node = request.HasField("node") and request.node.id
+        if self.node_id is None:
+            if not has_node:
+                raise StreamError("the first DiscoveryRequest on a stream must carry node.id")
+            self.node_id = request.node.id
+            self.node_cluster = request.node.cluster
+            self.emit(ProxyConnected(self.stream_id, self.node_id, self.node_cluster, self.peer, time.time()))
+            log.info("proxy connected: node=%s cluster=%s peer=%s", self.node_id, self.node_cluster, self.peer)
+        elif has_node and request.node.id != self.node_id:
+            raise StreamError(f"node.id changed on one stream from {self.node_id!r} to {request.node.id!r}")
+
+    def _nacked(self, type_url: str, state: _TypeState, message: str) -> None:
+        log.warning(
+            "proxy NACKed: node=%s type=%s version=%s: %s",
+            self.node_id,
+            typeurls.short_name(type_url),
+            state.last_version,
+            message,
+        )
+        self.emit(
+            ResourcesNacked(
+                self.stream_id, type_url, state.last_version, dict(state.last_sent or {}), message, time.time()
+            )
+        )
+
+    def _update_subscription(
+        self, type_url: str, state: _TypeState, request: discovery_pb2.DiscoveryRequest
+    ) -> None:
+        names = frozenset(request.resource_names)
+        wildcard = "*" in names or (type_url in WILDCARD_TYPES and not names)
+        names = names - {"*"}
+        if (wildcard, names) != (state.wildcard, state.names) or state.last_nonce is None:
+            state.wildcard, state.names = wildcard, names
+            self.emit(SubscriptionChanged(self.stream_id, type_url, wildcard, names))
+
+    def _respond(self, type_url: str, state: _TypeState, force: bool) -> bytes | None:
+        snapshot = self.cache.snapshot_for(self.node_cluster)
+        selected = snapshot.select(type_url, state.names, state.wildcard)
+        contents = {name: r.version for name, r in selected.items()}
+        if not force and (contents == state.last_sent or (state.last_sent is None and not contents)):
+            return None
+        if state.wildcard and not state.names:
+            version = snapshot.wildcard_versions[type_url]
+        else:
+            version = set_version(selected.values())
+        nonce = str(next(self._nonces))
+        state.last_nonce, state.last_version, state.last_sent = nonce, version, contents
+        state.last_sent_at = time.monotonic()
+        return wire.discovery_response(
+            version, type_url, nonce, (selected[name].entry for name in sorted(selected))
+        )

@@ -1,0 +1,23 @@
+"""The four xDS resource types Aviary serves, by type URL.
+
+Order matters: it is the order in which a new configuration must be applied by a proxy that
+gets everything at once (clusters and their endpoints before the listeners and routes that
+name them), and the order we push in when several types change together.
+"""
+
+from typing import Final
+
+LISTENER: Final = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE: Final = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER: Final = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT: Final = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+
+PUSH_ORDER: Final = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+SUPPORTED: Final = frozenset(PUSH_ORDER)
+
+SHORT_NAMES: Final = {LISTENER: "LDS", ROUTE: "RDS", CLUSTER: "CDS", ENDPOINT: "EDS"}
+
+
+def short_name(type_url: str) -> str:
+    """LDS/RDS/CDS/EDS for logs; the URL itself for anything else."""
+    return SHORT_NAMES.get(type_url, type_url)

@@ -1,0 +1,453 @@
+"""The Rollout policy file format (docs/CONTRACTS.md), as frozen pydantic models.
+
+Models are frozen so a parsed policy can be shared between the watcher, the engine and the xDS
+snapshot builder without anyone mutating what the others see, and compared with ``==`` to tell
+whether anything changed. YAML uses camelCase names; Python code may use either the snake_case
+field names or the aliases. The loader validates YAML with aliases only, so a YAML file cannot
+sneak in a snake_case spelling.
+
+Validators raise ``FieldIssue`` when the problem is in one element of a list (a duplicate host, a
+step that does not increase): it carries the element's sub-path so the loader can report
+``spec.hosts[1]`` rather than just ``spec.hosts``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
+
+from aviary.policy.duration import parse_duration
+
+__all__ = [
+    "API_VERSION",
+    "KIND",
+    "Analysis",
+    "Duration",
+    "Endpoint",
+    "FieldIssue",
+    "ListenerSpec",
+    "Metadata",
+    "MetricCheck",
+    "Pause",
+    "PolicyError",
+    "PolicySet",
+    "Rollout",
+    "RolloutSpec",
+    "Step",
+    "Strategy",
+]
+
+API_VERSION = "aviary.dev/v1"
+KIND = "Rollout"
+
+_CONFIG = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+
+class FieldIssue(ValueError):
+    """A validation problem located below the field being validated (``path`` is relative to it)."""
+
+    def __init__(self, reason: str, *path: str | int) -> None:
+        super().__init__(reason)
+        self.path: tuple[str | int, ...] = path
+
+
+def _positive_duration(value: Any) -> float:
+    return parse_duration(value)
+
+
+Duration = Annotated[float, PlainValidator(_positive_duration)]
+"""Seconds; YAML writes "500ms", "5s", "2m", "1h" or "1m30s". Always > 0."""
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    return value
+
+
+Number = Annotated[float, Field(strict=True), AfterValidator(_finite)]
+Count = Annotated[StrictInt, Field(ge=0)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$", re.IGNORECASE)
+_ROLLOUT_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
+_VERSION = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _is_dns_name(text: str) -> bool:
+    """True for a syntactically valid DNS name; an all-numeric name must be a real IPv4 address."""
+    if len(text) > 253 or not _DNS_NAME.match(text):
+        return False
+    return not text.rsplit(".", 1)[-1].isdigit()
+
+
+def _check_host(host: str) -> str:
+    if host == "*":
+        return host
+    name = host[2:] if host.startswith("*.") else host
+    if _is_dns_name(name):
+        return host
+    if "*" in host:
+        raise ValueError(f"invalid host {host!r}: a wildcard is only allowed as '*' or a leading '*.'")
+    raise ValueError(f"invalid host {host!r}: expected a domain name such as 'shop.example.com', or '*'")
+
+
+Host = Annotated[str, Field(strict=True), AfterValidator(_check_host)]
+
+
+# --------------------------------------------------------------------------------------------- spec
+
+
+def _endpoint_host(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if not _is_dns_name(host):
+        raise ValueError(f"invalid endpoint host {host!r}: expected an IP address or a DNS name")
+    return host
+
+
+class Endpoint(BaseModel):
+    """One backend address. YAML writes ``"host:port"``; IPv6 needs brackets: ``"[::1]:8080"``."""
+
+    model_config = _CONFIG
+
+    host: str
+    port: Port
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        if not isinstance(data, str):
+            if isinstance(data, Mapping):
+                return data
+            raise ValueError(f"expected 'host:port', got {data!r}")
+        text = data.strip()
+        if text.startswith("["):
+            host, sep, port = text[1:].partition("]:")
+            if ":" not in host:
+                raise ValueError(f"invalid endpoint {data!r}: brackets are only for IPv6 addresses")
+        else:
+            host, sep, port = text.rpartition(":")
+            if ":" in host:
+                raise ValueError(f"invalid endpoint {data!r}: IPv6 needs brackets, e.g. '[::1]:8080'")
+        if not sep or not host:
+            raise ValueError(f"invalid endpoint {data!r}: expected 'host:port'")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"invalid endpoint {data!r}: port must be a number from 1 to 65535")
+        return {"host": _endpoint_host(host), "port": int(port)}
+
+    @field_validator("host")
+    @classmethod
+    def _valid_host(cls, host: str) -> str:
+        return _endpoint_host(host)
+
+    @property
+    def is_ip(self) -> bool:
+        """Envoy wants STATIC clusters for IPs and STRICT_DNS for names; this picks between them."""
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class ListenerSpec(BaseModel):
+    """Where Envoy listens; rollouts with the same ``key`` share one Envoy Listener."""
+
+    model_config = _CONFIG
+
+    address: str = "0.0.0.0"
+    port: Port
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _ip_only(cls, address: Any) -> str:
+        # Normalised ("0:0::0" -> "::") so that two spellings of one address give one listener key.
+        try:
+            return str(ipaddress.ip_address(address.strip("[]") if isinstance(address, str) else address))
+        except ValueError:
+            raise ValueError(f"must be an IP address such as 0.0.0.0, got {address!r}") from None
+
+    @property
+    def key(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+class Pause(BaseModel):
+    """A pause step: with a duration it waits that long, without one it waits for a manual promote."""
+
+    model_config = _CONFIG
+
+    duration: Duration | None = None
+
+
+def _parse_step(value: Any) -> int | Pause:
+    if isinstance(value, Pause):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 1 <= value <= 99:
+            raise ValueError(f"a weight step must be between 1 and 99 percent, got {value}")
+        return value
+    if isinstance(value, Mapping) and set(value) == {"pause"}:
+        body = value["pause"]
+        if body is None:
+            return Pause()
+        if not isinstance(body, Mapping):
+            raise FieldIssue("expected {} or {duration: 5m}", "pause")
+        unknown = sorted(str(k) for k in body if k != "duration")
+        if unknown:
+            raise FieldIssue(f"unknown field {unknown[0]!r} (only 'duration')", "pause", unknown[0])
+        if body.get("duration") is None:
+            return Pause()
+        try:
+            return Pause(duration=parse_duration(body["duration"]))
+        except ValueError as exc:
+            raise FieldIssue(str(exc), "pause", "duration") from None
+    expected = "a weight 1..99, {pause: {}} or {pause: {duration: 5m}}"
+    raise ValueError(f"expected {expected}, got {value!r}")
+
+
+Step = Annotated[int | Pause, PlainValidator(_parse_step)]
+
+
+class Strategy(BaseModel):
+    """How the canary weight moves: explicit ``steps`` or ``stepWeight`` up to ``maxWeight``."""
+
+    model_config = _CONFIG
+
+    steps: tuple[Step, ...]
+    interval: Duration = 30.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_step_weight(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        if "stepWeight" not in data and "maxWeight" not in data:
+            if "steps" not in data:
+                raise FieldIssue("required: give steps, or stepWeight and maxWeight", "steps")
+            return data
+        if "steps" in data:
+            raise ValueError("use either steps or stepWeight+maxWeight, not both")
+        rest = {k: v for k, v in data.items() if k not in ("stepWeight", "maxWeight")}
+        step, top = data.get("stepWeight"), data.get("maxWeight")
+        for name, value in (("stepWeight", step), ("maxWeight", top)):
+            if value is None:
+                raise FieldIssue("stepWeight and maxWeight must be given together", name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 99:
+                raise FieldIssue(f"must be a whole percent between 1 and 99, got {value!r}", name)
+        assert isinstance(step, int) and isinstance(top, int)
+        if step > top:
+            raise FieldIssue(f"stepWeight ({step}) must not exceed maxWeight ({top})", "stepWeight")
+        weights = list(range(step, top + 1, step))
+        if weights[-1] != top:
+            weights.append(top)
+        return {**rest, "steps": weights}
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: tuple[int | Pause, ...]) -> tuple[int | Pause, ...]:
+        previous: int | None = None
+        for index, step in enumerate(steps):
+            if isinstance(step, Pause):
+                continue
+            if previous is not None and step <= previous:
+                raise FieldIssue(f"weight {step} must exceed the previous weight ({previous})", index)
+            previous = step
+        if previous is None:
+            raise ValueError("needs at least one weight step (1..99)")
+        return steps
+
+    @property
+    def weights(self) -> tuple[int, ...]:
+        return tuple(step for step in self.steps if isinstance(step, int))
+
+
+class MetricCheck(BaseModel):
+    """One Prometheus check: a built-in template or a custom query, with at least one threshold."""
+
+    model_config = _CONFIG
+
+    name: str = Field(strict=True, min_length=1, max_length=63, pattern=_IDENTIFIER.pattern)
+    template: Literal["request-success-rate", "request-duration-p99", "request-rate"] | None = None
+    query: str | None = Field(default=None, strict=True, min_length=1)
+    min: Number | None = None
+    max: Number | None = None
+    max_decrease_from_stable: Number | None = Field(default=None, alias="maxDecreaseFromStable", ge=0)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> MetricCheck:
+        if (self.template is None) == (self.query is None):
+            raise ValueError("give exactly one of template or query")
+        if self.min is None and self.max is None and self.max_decrease_from_stable is None:
+            raise ValueError("needs a threshold: min, max or maxDecreaseFromStable")
+        if self.max_decrease_from_stable is not None and self.template is None:
+            raise FieldIssue("only works with a template (a custom query has no stable counterpart)",
+                             "maxDecreaseFromStable")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise FieldIssue(f"min ({self.min:g}) is greater than max ({self.max:g})", "min")
+        return self
+
+
+def _http_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL such as http://127.0.0.1:9090, got {url!r}")
+    return url
+
+
+class Analysis(BaseModel):
+    """Metric checks run while the canary takes traffic, and what their outcomes may add up to."""
+
+    model_config = _CONFIG
+
+    prometheus: Annotated[str, Field(strict=True), AfterValidator(_http_url)] | None = None
+    check_every: Duration = Field(default=5.0, alias="checkEvery")
+    window: Duration = 30.0
+    min_requests: Count = Field(default=20, alias="minRequests")
+    failure_limit: Count = Field(default=0, alias="failureLimit")
+    inconclusive_limit: Count = Field(default=3, alias="inconclusiveLimit")
+    on_inconclusive: Literal["rollback", "pause"] = Field(default="rollback", alias="onInconclusive")
+    metrics: tuple[MetricCheck, ...] = Field(min_length=1)
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique_names(cls, metrics: tuple[MetricCheck, ...]) -> tuple[MetricCheck, ...]:
+        seen: dict[str, int] = {}
+        for index, metric in enumerate(metrics):
+            if metric.name in seen:
+                raise FieldIssue(f"duplicate metric name {metric.name!r} (also metrics[{seen[metric.name]}])",
+                                 index, "name")
+            seen[metric.name] = index
+        return metrics
+
+
+def _version(value: str) -> str:
+    if len(value) > 40 or not _VERSION.match(value):
+        raise ValueError(
+            f"invalid version {value!r}: lowercase letters, digits, '.' and '-', starting with a letter "
+            "or digit, at most 40 characters"
+        )
+    return value
+
+
+def _identifier(value: str) -> str:
+    if not _IDENTIFIER.match(value):
+        raise ValueError(f"invalid name {value!r}: letters, digits, '_', '.' and '-' only")
+    return value
+
+
+class RolloutSpec(BaseModel):
+    model_config = _CONFIG
+
+    listener: ListenerSpec
+    hosts: tuple[Host, ...] = Field(min_length=1)
+    version: Annotated[str, Field(strict=True), AfterValidator(_version)]
+    endpoints: tuple[Endpoint, ...] = Field(min_length=1)
+    proxy_cluster: Annotated[str, Field(strict=True), AfterValidator(_identifier)] | None = Field(
+        default=None, alias="proxyCluster"
+    )
+    strategy: Strategy | None = None
+    analysis: Analysis | None = None
+
+    @field_validator("hosts")
+    @classmethod
+    def _unique_hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        # Envoy rejects a RouteConfiguration whose virtual hosts repeat a domain, case-insensitively.
+        seen: dict[str, int] = {}
+        for index, host in enumerate(hosts):
+            if host.casefold() in seen:
+                raise FieldIssue(f"duplicate host {host!r} (also hosts[{seen[host.casefold()]}])", index)
+            seen[host.casefold()] = index
+        return hosts
+
+    @field_validator("endpoints")
+    @classmethod
+    def _unique_endpoints(cls, endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+        seen: dict[Endpoint, int] = {}
+        for index, endpoint in enumerate(endpoints):
+            if endpoint in seen:
+                raise FieldIssue(f"duplicate endpoint '{endpoint}' (also endpoints[{seen[endpoint]}])", index)
+            seen[endpoint] = index
+        return endpoints
+
+
+class Metadata(BaseModel):
+    model_config = _CONFIG
+
+    name: str = Field(strict=True)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, name: str) -> str:
+        # The name ends up in Envoy cluster and listener names, so it must be safe in all of them.
+        if len(name) > 40 or not _ROLLOUT_NAME.match(name):
+            raise ValueError(
+                f"invalid name {name!r}: lowercase letters, digits and '-', starting and ending with a "
+                "letter or digit, at most 40 characters"
+            )
+        return name
+
+
+class Rollout(BaseModel):
+    """One policy file: a service's stable version, its backends and how a canary may replace it."""
+
+    model_config = _CONFIG
+
+    api_version: Literal["aviary.dev/v1"] = Field(alias="apiVersion")
+    kind: Literal["Rollout"]
+    metadata: Metadata
+    spec: RolloutSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+# ------------------------------------------------------------------------------------ loader output
+
+
+@dataclass(frozen=True)
+class PolicyError:
+    """Why (part of) a policy file was rejected; ``field`` is a YAML path or "-" for the whole file."""
+
+    file: str
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.field}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """The rollouts that should be running, keyed by rollout name, and the file each came from."""
+
+    rollouts: Mapping[str, Rollout] = field(default_factory=dict)
+    files: Mapping[str, str] = field(default_factory=dict)
+    revision: str | None = None
+
