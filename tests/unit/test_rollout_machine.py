@@ -722,15 +722,22 @@ SPECS = {
 }
 COMMANDS = [PauseRollout(), Resume(), Promote(), Abort(), Retry(), SetWeight(0), SetWeight(35), SetWeight(100)]
 
-moves = st.lists(st.one_of(
-    st.tuples(st.just("tick"), st.floats(0.5, 45)),
-    st.tuples(st.just("ack"), st.none()),
-    st.tuples(st.just("ack-other"), st.integers(0, 100)),
-    st.tuples(st.just("checks"), st.lists(st.sampled_from(list(CheckOutcome)), min_size=1, max_size=3)),
-    st.tuples(st.just("nack"), st.none()),
-    st.tuples(st.just("cmd"), st.sampled_from(COMMANDS)),
-    st.tuples(st.just("version"), st.sampled_from(["v1", "v2", "v3"])),
-), max_size=60)
+_ARGS: dict[str, st.SearchStrategy[Any]] = {
+    "tick": st.floats(0.5, 45),
+    "ack": st.none(),
+    "pass": st.none(),
+    "ack-other": st.integers(0, 100),
+    "checks": st.lists(st.sampled_from(list(CheckOutcome)), min_size=1, max_size=3),
+    "nack": st.none(),
+    "cmd": st.sampled_from(COMMANDS),
+    "version": st.sampled_from(["v1", "v2", "v3"]),
+}
+# Weighted towards progress (ticks, ACKs, passing rounds), so runs reach promotion as well as rollback.
+_KINDS = ["tick"] * 16 + ["ack"] * 12 + ["pass"] * 12 + ["ack-other", "checks", "checks", "nack", "cmd", "cmd",
+                                                       "version"]
+moves = st.lists(
+    st.sampled_from(_KINDS).flatmap(lambda kind: st.tuples(st.just(kind), _ARGS[kind])), max_size=80,
+).map(lambda script: [("version", "v2"), *script])
 
 
 def play(shape: dict[str, Any], script: list[tuple[str, Any]], check: Any) -> None:
@@ -749,6 +756,8 @@ def play(shape: dict[str, Any], script: list[tuple[str, Any]], check: Any) -> No
             event = WeightAcked(status.canary.version if status.canary else "v2", arg, now)
         elif kind == "checks":
             event = ChecksCompleted(results(*arg), now)
+        elif kind == "pass":
+            event = ChecksCompleted(results(PASS), now)
         elif kind == "nack":
             event = ProxyNacked("envoy-1", "rejected")
         elif kind == "cmd":
