@@ -13,6 +13,7 @@ from typing import Protocol
 import pytest
 
 from tests.rig.backends import Backends
+from tests.rig.control_plane import RunningControlPlane
 from tests.rig.envoy import EnvoyProcess
 from tests.rig.grpc_backend import GrpcBackends
 from tests.rig.loadgen import LoadGenerator
@@ -154,3 +155,29 @@ def loadgen_factory(workdir: Path) -> Iterator[LoadgenFactory]:
     finally:
         for lg in made:
             lg.kill()
+
+
+ControlPlaneFactory = Callable[..., RunningControlPlane]
+
+
+@pytest.fixture
+def control_plane_factory(workdir: Path, request: pytest.FixtureRequest) -> Iterator[ControlPlaneFactory]:
+    """``control_plane_factory(policies_dir, xds_port=0, poll_interval=0.2)`` -> a started
+    RunningControlPlane (aviary.app.ControlPlane on its own loop thread); stopped at teardown."""
+    made: list[RunningControlPlane] = []
+
+    def make(
+        policies_dir: Path | None = None, xds_port: int = 0, poll_interval: float = 0.2, start: bool = True
+    ) -> RunningControlPlane:
+        directory = policies_dir if policies_dir is not None else workdir / "policies"
+        directory.mkdir(parents=True, exist_ok=True)
+        plane = RunningControlPlane(directory, xds_port, poll_interval)
+        made.append(plane)
+        return plane.start() if start else plane
+
+    try:
+        yield make
+    finally:
+        _dump_on_failure(request, list(made))
+        for plane in made:
+            plane.stop()

@@ -87,8 +87,8 @@ def rejected(actions: list[Action]) -> list[Rejected]:
 class Run:
     """Drives one rollout through events, keeping the clock and the latest status."""
 
-    def __init__(self, spec: RolloutSpec, now: float = 1000.0) -> None:
-        self.spec, self.now = spec, now
+    def __init__(self, spec: RolloutSpec, now: float = 1000.0, shape: dict[str, Any] | None = None) -> None:
+        self.spec, self.now, self.shape = spec, now, shape or {}
         self.status, self.actions = step(spec, None, SpecObserved(spec), now, rollout="shop")
 
     def send(self, event: Event) -> RolloutStatus:
@@ -112,16 +112,12 @@ class Run:
 
     def canary_running(self, version: str = "v2") -> RolloutStatus:
         """v1 stable, canary ``version`` started and its first weight ACKed."""
-        self.observe(make_spec(version, **self._shape))
+        self.observe(make_spec(version, **self.shape))
         return self.ack()
-
-    _shape: dict[str, Any] = {}
 
 
 def run_with(**shape: Any) -> Run:
-    run = Run(make_spec("v1", **shape))
-    run._shape = shape
-    return run
+    return Run(make_spec("v1", **shape), shape=shape)
 
 
 # ----------------------------------------------------------------------------- first sight, no canary
@@ -713,7 +709,7 @@ def test_transition_event_renders_readably() -> None:
 
 # ------------------------------------------------------------------------------------- properties
 
-SPECS = {
+SPECS: dict[str, dict[str, Any]] = {
     "analysis": dict(steps=[10, 30, 60]),
     "pauses": dict(steps=[{"pause": {"duration": "20s"}}, 10, {"pause": {}}, 40]),
     "pause-on-inconclusive": dict(steps=[5, {"pause": {"duration": "10s"}}, 25],
@@ -735,9 +731,8 @@ _ARGS: dict[str, st.SearchStrategy[Any]] = {
 # Weighted towards progress (ticks, ACKs, passing rounds), so runs reach promotion as well as rollback.
 _KINDS = ["tick"] * 16 + ["ack"] * 12 + ["pass"] * 12 + ["ack-other", "checks", "checks", "nack", "cmd", "cmd",
                                                        "version"]
-moves = st.lists(
-    st.sampled_from(_KINDS).flatmap(lambda kind: st.tuples(st.just(kind), _ARGS[kind])), max_size=80,
-).map(lambda script: [("version", "v2"), *script])
+_move = st.sampled_from(_KINDS).flatmap(lambda kind: st.tuples(st.just(kind), _ARGS[kind]))
+moves = st.lists(_move, min_size=10, max_size=80).map(lambda script: [("version", "v2"), *script])
 
 
 def play(shape: dict[str, Any], script: list[tuple[str, Any]], check: Any) -> None:
@@ -835,6 +830,7 @@ def test_automation_advances_only_after_a_passing_round(shape: str, script: list
                                     (new.phase is Phase.PROMOTING and old.phase is not Phase.PROMOTING))
         if not (automated and advanced and spec.analysis is not None and old.weight > 0):
             return
+        latest: CheckOutcome | None
         if isinstance(event, ChecksCompleted) and new.counters != old.counters:
             latest = round_outcome(event.results)
         else:
@@ -854,9 +850,6 @@ def test_automation_advances_only_after_a_passing_round(shape: str, script: list
 ), max_size=80))
 def test_without_a_passing_round_the_canary_never_leaves_its_first_step(script: list[tuple[str, Any]]) -> None:
     shape = dict(steps=[10, 30], analysis={**ANALYSIS, "failureLimit": 100, "inconclusiveLimit": 100})
-    spec = make_spec("v2", **shape)
-    status, _ = step(make_spec("v1", **shape), None, SpecObserved(make_spec("v1", **shape)), 0.0, rollout="shop")
-    status, _ = step(spec, status, SpecObserved(spec), 0.0)
 
     def check(old: RolloutStatus, event: Event, new: RolloutStatus, actions: list[Action],
               spec: RolloutSpec, now: float) -> None:

@@ -18,7 +18,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not policies.is_dir():
         print(f"aviary serve: --policies {policies}: not a directory", file=sys.stderr)
         return 2
-    config = ServeConfig(policies=policies, xds_address=args.xds_address)
+    config = ServeConfig(policies=policies, xds_address=args.xds_address, prometheus_url=args.prometheus_url)
 
     async def run() -> None:
         plane = ControlPlane(config)
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the xDS control plane")
     serve.add_argument("--policies", required=True, help="directory of policy files")
     serve.add_argument("--xds-address", default="127.0.0.1:18000", help="HOST:PORT for the ADS gRPC server")
+    serve.add_argument(
+        "--prometheus-url", default=None, help="Prometheus for analysis checks whose policy names none"
+    )
     serve.set_defaults(func=_serve)
 
     validate = commands.add_parser("validate", help="check policy files; one 'file: field: reason' per problem")
