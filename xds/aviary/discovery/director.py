@@ -155,7 +155,7 @@ class TrafficDirector:
                 published.route = wanted
             keep = {b.version for b, _ in published.route} | {b.version for b, _ in wanted}
             retiring = [v for v in published.clusters if v not in keep]
-            if retiring and self._route_acked(name):
+            if retiring and self._route_acked(name, without={cluster_name(name, v) for v in retiring}):
                 for version in retiring:
                     del published.clusters[version]
         return self._publish()
@@ -215,7 +215,8 @@ class TrafficDirector:
                 return False
         return True
 
-    def _route_acked(self, name: str) -> bool:
+    def _route_acked(self, name: str, without: set[str] | frozenset[str] = frozenset()) -> bool:
+        """Every serving proxy ACKed the published route(s), and those no longer name `without`."""
         placement = self._placements[name]
         route_names = (route_name(placement.listener), grpc_route_name(name))
         for proxy, snapshot in self._serving(name):
@@ -224,7 +225,9 @@ class TrafficDirector:
                 if not subscription.covers(route):
                     continue
                 published = snapshot.items(typeurls.ROUTE).get(route)
-                if published is None or proxy.acked_version_of(typeurls.ROUTE, route) != published.version:
+                if published is None or published.references & without:
+                    return False
+                if proxy.acked_version_of(typeurls.ROUTE, route) != published.version:
                     return False
         return True
 
