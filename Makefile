@@ -42,3 +42,7 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Generated admin API code is committed; this regenerates it (a test fails when it is stale).
+protos: venv
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=xds --pyi_out=xds --grpc_python_out=xds $(PROTO_SRC)
