@@ -22,6 +22,7 @@ from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
 from aviary.policy.schema import PolicyError, PolicySet
 from aviary.policy.watcher import DirectoryWatcher
 from aviary.runner import RolloutRunner
+from aviary.store.sqlite import StateStore
 
 log = logging.getLogger("aviary")
 
@@ -32,6 +33,9 @@ class ServeConfig:
     xds_address: str = "127.0.0.1:18000"
     poll_interval: float = 1.0
     prometheus_url: str | None = None
+    state_path: Path | None = None  # None: nothing persisted (tests, experiments)
+    reset_state: bool = False
+    prune: bool = False
 
 
 class ControlPlane:
@@ -40,7 +44,10 @@ class ControlPlane:
         self.cache = SnapshotCache()
         self.proxies = ProxyStatus()
         self.director = TrafficDirector(self.cache, self.proxies)
-        self.runner = RolloutRunner(self.director, default_prometheus=config.prometheus_url)
+        self.store = StateStore(config.state_path, reset=config.reset_state) if config.state_path else None
+        self.runner = RolloutRunner(
+            self.director, default_prometheus=config.prometheus_url, store=self.store, prune=config.prune
+        )
         self.ads = AggregatedDiscoveryService(self.cache, self.proxies.apply)
         self.watcher = DirectoryWatcher(config.policies, self.apply_policies, config.poll_interval)
         self.xds_port = 0
@@ -53,6 +60,8 @@ class ControlPlane:
 
     async def load(self) -> None:
         """Everything that decides what to serve, before any proxy can connect."""
+        if self.store is not None:
+            self.runner.restore(self.store.load())
         policy_set = await self.watcher.load_once()
         await self.apply_policies(policy_set, [])
 
@@ -79,6 +88,9 @@ class ControlPlane:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
     async def apply_policies(self, policy_set: PolicySet, errors: list[PolicyError]) -> None:
         """Hand the policy files that are valid now to the rollout engine."""

@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from aviary.app import ControlPlane, ServeConfig
 from aviary.policy.loader import validate_paths
+from aviary.store.sqlite import StateError
+
+
+def default_state_dir() -> Path:
+    """$XDG_STATE_HOME/aviary, else ~/.local/state/aviary."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "aviary"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -18,10 +26,22 @@ def _serve(args: argparse.Namespace) -> int:
     if not policies.is_dir():
         print(f"aviary serve: --policies {policies}: not a directory", file=sys.stderr)
         return 2
-    config = ServeConfig(policies=policies, xds_address=args.xds_address, prometheus_url=args.prometheus_url)
+    state_dir = Path(args.state_dir)
+    config = ServeConfig(
+        policies=policies,
+        xds_address=args.xds_address,
+        prometheus_url=args.prometheus_url,
+        state_path=Path(args.state) if args.state else state_dir / "state.db",
+        reset_state=args.reset_state,
+        prune=args.prune,
+    )
 
     async def run() -> None:
-        plane = ControlPlane(config)
+        try:
+            plane = ControlPlane(config)
+        except StateError as exc:
+            print(f"aviary serve: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         await plane.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -58,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--xds-address", default="127.0.0.1:18000", help="HOST:PORT for the ADS gRPC server")
     serve.add_argument(
         "--prometheus-url", default=None, help="Prometheus for analysis checks whose policy names none"
+    )
+    serve.add_argument("--state-dir", default=str(default_state_dir()), help="where Aviary keeps its state")
+    serve.add_argument("--state", default=None, help="SQLite state file (default: STATE_DIR/state.db)")
+    serve.add_argument(
+        "--reset-state", action="store_true", help="discard the state file and start fresh (on purpose)"
+    )
+    serve.add_argument(
+        "--prune", action="store_true", help="remove rollouts whose policy file is gone (default: keep, orphaned)"
     )
     serve.set_defaults(func=_serve)
 

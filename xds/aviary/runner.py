@@ -17,8 +17,8 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 
 from aviary.discovery.director import Placement, RolloutNack, TrafficDirector
 from aviary.discovery.resources import cluster_name
@@ -44,6 +44,7 @@ from aviary.policy.rollout import (
     step,
 )
 from aviary.policy.schema import PolicySet, Rollout
+from aviary.store.sqlite import SavedRollout, StateStore
 from aviary.traffic import DesiredTraffic
 
 log = logging.getLogger("aviary.engine")
@@ -62,15 +63,44 @@ class CommandRefused(Exception):
         return f"{self.rollout}: {self.reason}"
 
 
+def resumed(status: RolloutStatus, saved_at: float, now: float) -> RolloutStatus:
+    """A persisted status continued after a restart at `now`.
+
+    The step keeps the time it had spent before the save (its clock is shifted by the downtime);
+    the analysis starts afresh: the latest round in this step is forgotten, so the step needs a
+    new passing round, over a window that begins after the restart. Counters are kept.
+    """
+    downtime = max(0.0, now - saved_at)
+    started = status.step_started_at
+    return replace(
+        status,
+        step_started_at=None if started is None else started + downtime,
+        step_outcome=None,
+        step_checked_at=None,
+        last_check_at=None if status.last_check_at is None else status.last_check_at + downtime,
+    )
+
+
+def _summary(status: RolloutStatus) -> str:
+    canary = f", canary {status.canary.version} at {status.weight}%" if status.canary else ""
+    return f"{status.phase.value}, stable {status.stable.version}{canary}"
+
+
 class RolloutRunner:
     def __init__(
         self,
         director: TrafficDirector,
         default_prometheus: str | None = None,
         provider_factory: ProviderFactory = PrometheusProvider,
-        clock: Clock = time.monotonic,
+        clock: Clock = time.time,
+        store: StateStore | None = None,
+        prune: bool = False,
     ) -> None:
         self._director = director
+        self._store = store
+        self._prune = prune
+        self._orphaned: set[str] = set()
+        self._revision: str | None = None
         self._default_prometheus = default_prometheus
         self._provider_factory = provider_factory
         self._providers: dict[str, MetricProvider] = {}
@@ -78,6 +108,7 @@ class RolloutRunner:
         self._rollouts: dict[str, Rollout] = {}
         self._status: dict[str, RolloutStatus] = {}
         self._placements: dict[str, Placement] = {}
+        self._saved_revision: dict[str, str | None] = {}
         self._history: dict[str, deque[TransitionEvent]] = {}
         self._inbox: asyncio.Queue[tuple[str, Event]] = asyncio.Queue()
         self._checks: dict[str, asyncio.Task[None]] = {}
@@ -102,18 +133,62 @@ class RolloutRunner:
     def on_transition(self, listener: Callable[[TransitionEvent], None]) -> None:
         self._listeners.append(listener)
 
+    def off_transition(self, listener: Callable[[TransitionEvent], None]) -> None:
+        """Stop calling ``listener`` (registered with ``on_transition``); unknown ones are ignored."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def now(self) -> float:
+        """The engine's clock: the time base of statuses and transition events."""
+        return self._clock()
+
+    def orphaned(self, name: str) -> bool:
+        """Its policy file is gone, and without --prune it keeps serving as it was."""
+        return name in self._orphaned
+
+    @property
+    def revision(self) -> str | None:
+        """The git commit of the policies applied last (None for a directory)."""
+        return self._revision
+
+    # ---- restart -------------------------------------------------------------------------
+
+    def restore(self, saved: Mapping[str, SavedRollout]) -> None:
+        """Continue from persisted state: call before the first policies and before serving.
+
+        Each rollout's traffic is published exactly as persisted, so reconnecting proxies are never
+        sent an older weight than they have. A running step keeps the time it had already spent;
+        its analysis starts afresh (the check window restarts).
+        """
+        now = self._clock()
+        for name, entry in saved.items():
+            status = resumed(entry.status, entry.saved_at, now)
+            self._status[name] = status
+            self._rollouts[name] = entry.rollout
+            self._history[name] = deque(entry.events, maxlen=EVENT_HISTORY)
+            self._publish(entry.rollout, desired_traffic(status))
+            log.info("rollout %s restored: %s", name, _summary(status))
+
     # ---- inputs --------------------------------------------------------------------------
 
     def apply_policies(self, policy_set: PolicySet) -> None:
-        """A new set of valid policy files: observe each spec, forget removed rollouts."""
-        for name in set(self._rollouts) - set(policy_set.rollouts):
-            log.info("rollout %s removed from policies", name)
-            self._forget(name)
+        """A new set of valid policy files: observe each spec; removed ones orphan or prune."""
+        self._revision = policy_set.revision
+        for name in sorted(set(self._rollouts) - set(policy_set.rollouts)):
+            if self._prune:
+                log.info("rollout %s removed from policies; pruning it", name)
+                self._forget(name)
+            elif name not in self._orphaned:
+                log.warning("rollout %s removed from policies; it keeps serving as orphaned (no --prune)", name)
+                self._orphaned.add(name)
         for name, rollout in sorted(policy_set.rollouts.items()):
+            self._orphaned.discard(name)
             previous = self._rollouts.get(name)
             self._rollouts[name] = rollout
             if previous is None or previous.spec != rollout.spec or name not in self._status:
                 self.handle(name, SpecObserved(rollout.spec))
+            elif self._store is not None and self._saved_revision.get(name) != policy_set.revision:
+                self._save(self._status[name], [])
 
     def submit(self, name: str, event: Event) -> None:
         """Queue an event for the loop (safe from callbacks that run inside the engine)."""
@@ -136,6 +211,9 @@ class RolloutRunner:
             return []  # an ACK or check result for a rollout removed meanwhile
         now = self._clock()
         status, actions = step(rollout.spec, self._status.get(name), event, now, rollout=name)
+        if status != self._status.get(name):
+            # Persist before anything is pushed: after a crash we must not serve an older weight.
+            self._save(status, [a.event for a in actions if isinstance(a, RecordEvent)])
         self._status[name] = status
         self._execute(rollout, actions)
         return actions
@@ -209,6 +287,19 @@ class RolloutRunner:
 
     # ---- actions and callbacks -----------------------------------------------------------
 
+    def _save(self, status: RolloutStatus, events: list[TransitionEvent]) -> None:
+        if self._store is None:
+            return
+        rollout = self._rollouts[status.rollout]
+        self._store.save(status, rollout, events, self._revision)
+        self._saved_revision[status.rollout] = self._revision
+
+    def _publish(self, rollout: Rollout, traffic: DesiredTraffic) -> None:
+        spec = rollout.spec
+        placement = Placement(spec.listener, spec.hosts, spec.proxy_cluster)
+        self._placements[rollout.name] = placement
+        self._director.set_rollout(rollout.name, placement, traffic)
+
     def _execute(self, rollout: Rollout, actions: Iterable[Action]) -> None:
         spec = rollout.spec
         placement = Placement(spec.listener, spec.hosts, spec.proxy_cluster)
@@ -222,8 +313,7 @@ class RolloutRunner:
             # The file moved the rollout (listener, hosts) without changing its traffic.
             traffic = self._director.desired(rollout.name) or desired_traffic(self._status[rollout.name])
         if traffic is not None:
-            self._placements[rollout.name] = placement
-            self._director.set_rollout(rollout.name, placement, traffic)
+            self._publish(rollout, traffic)
 
     def _record(self, event: TransitionEvent) -> None:
         history = self._history.setdefault(event.rollout, deque(maxlen=EVENT_HISTORY))
@@ -238,7 +328,7 @@ class RolloutRunner:
             event.reason,
             f" checks: {checks}" if checks else "",
         )
-        for listener in self._listeners:
+        for listener in list(self._listeners):  # a listener may unsubscribe meanwhile
             listener(event)
 
     def _on_traffic_acked(self, name: str, traffic: DesiredTraffic) -> None:
@@ -250,6 +340,9 @@ class RolloutRunner:
         self.submit(nack.rollout, ProxyNacked(nack.node_id, nack.message))
 
     def _forget(self, name: str) -> None:
+        self._orphaned.discard(name)
+        if self._store is not None:
+            self._store.delete(name)
         self._rollouts.pop(name, None)
         self._status.pop(name, None)
         self._placements.pop(name, None)

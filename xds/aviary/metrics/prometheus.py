@@ -9,6 +9,7 @@ retries (with 1 s, 2 s backoff) would hold a round for many seconds.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,10 +87,12 @@ class PrometheusProvider:
             return self._client.custom_query(promql, timeout=self.timeout)  # type: ignore[arg-type]
         except PrometheusApiClientException as exc:
             raise MetricProviderError(f"Prometheus at {self.url} answered {_short(str(exc))}") from exc
-        except OSError as exc:  # requests.RequestException is an OSError: refused, reset, timed out
-            raise MetricProviderError(f"Prometheus at {self.url} unreachable: {_short(str(exc))}") from exc
-        except (ValueError, KeyError, TypeError) as exc:  # a 200 whose body is not Prometheus JSON
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            # A 200 whose body is not Prometheus JSON (requests' JSONDecodeError subclasses json's).
             raise MetricProviderError(f"Prometheus at {self.url} sent a malformed answer: {exc!r}") from exc
+        except OSError as exc:  # requests.RequestException is an OSError: refused, reset, timed out
+            reason = f"Prometheus at {self.url} could not be queried: {_short(str(exc))}"
+            raise MetricProviderError(reason) from exc
 
     def close(self) -> None:
         self._client.close()

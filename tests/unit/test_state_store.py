@@ -1,0 +1,120 @@
+"""The SQLite state store: round trips, bounded events, schema versions and unusable files."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from aviary.policy.rollout_state import Phase, RolloutStatus, TransitionEvent
+from aviary.policy.schema import Endpoint, Rollout
+from aviary.runner import resumed
+from aviary.store.sqlite import EVENTS_KEPT, SCHEMA_VERSION, StateError, StateStore
+from aviary.traffic import Backend
+
+V1 = Backend("v1", (Endpoint.model_validate("127.0.0.1:9001"),))
+V2 = Backend("v2", (Endpoint.model_validate("backend.internal:9002"),))
+ROLLOUT = Rollout.model_validate(
+    {
+        "apiVersion": "aviary.dev/v1",
+        "kind": "Rollout",
+        "metadata": {"name": "checkout"},
+        "spec": {
+            "listener": {"address": "127.0.0.1", "port": 10000},
+            "hosts": ["*"],
+            "version": "v2",
+            "endpoints": ["backend.internal:9002"],
+            "strategy": {"steps": [30, 60], "interval": "1m"},
+        },
+    }
+)
+CANARY = RolloutStatus("checkout", Phase.PROGRESSING, V1, V2, weight=30, step_index=0, step_started_at=1000.0,
+                       acked_weight=30)
+
+
+def _event(i: int) -> TransitionEvent:
+    return TransitionEvent("checkout", float(i), Phase.STABLE, Phase.PROGRESSING, 30, "v1", "v2", 0, f"event {i}")
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.db")
+    store.save(CANARY, ROLLOUT, [_event(1)], git_commit="abc123")
+    store.close()
+    saved = StateStore(tmp_path / "state.db").load()["checkout"]
+    assert saved.status == CANARY
+    assert saved.rollout == ROLLOUT
+    assert saved.git_commit == "abc123"
+    assert [e.reason for e in saved.events] == ["event 1"]
+
+
+def test_events_are_bounded(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.db")
+    for i in range(EVENTS_KEPT + 25):
+        store.save(CANARY, ROLLOUT, [_event(i)])
+    events = store.load()["checkout"].events
+    assert len(events) == EVENTS_KEPT
+    assert events[-1].reason == f"event {EVENTS_KEPT + 24}"
+
+
+def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.db")
+    assert store.schema_version == SCHEMA_VERSION
+    (mode,) = sqlite3.connect(tmp_path / "state.db").execute("PRAGMA journal_mode").fetchone()
+    assert mode == "wal"
+
+
+def test_not_a_database_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StateError, match=r"state\.db is not usable .*--reset-state"):
+        StateStore(path)
+    assert path.read_bytes().startswith(b"this is not sqlite")  # left alone for inspection
+
+
+def test_reset_state_starts_fresh(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"garbage" * 100)
+    assert StateStore(path, reset=True).load() == {}
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    StateStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(StateError, match="newer than this Aviary"):
+        StateStore(path)
+
+
+def test_undecodable_row_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = StateStore(path)
+    store.save(CANARY, ROLLOUT)
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE rollouts SET status = '{\"phase\": \"Nope\"}'")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError, match="rollout 'checkout' cannot be decoded"):
+        StateStore(path).load()
+
+
+def test_migration_from_an_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    sqlite3.connect(path).close()  # version 0: an empty database
+    store = StateStore(path)
+    assert store.schema_version == SCHEMA_VERSION
+    store.save(CANARY, ROLLOUT)
+    assert "checkout" in store.load()
+
+
+def test_resumed_keeps_time_spent_and_restarts_analysis() -> None:
+    status = RolloutStatus("checkout", Phase.PROGRESSING, V1, V2, weight=30, step_started_at=1000.0,
+                           acked_weight=30, step_checked_at=1010.0)
+    # Saved 20 s into the step, restarted 100 s later: still 20 s into the step.
+    after = resumed(status, saved_at=1020.0, now=1120.0)
+    assert after.step_started_at == 1100.0
+    assert after.step_checked_at is None and after.step_outcome is None
+    assert after.weight == 30

@@ -1,0 +1,143 @@
+"""Domain values -> admin API messages. Pure functions; the only place that knows both sides.
+
+The engine's times are on the runner's clock (injectable, e.g. monotonic in tests); ``WallClock``
+turns them into wall-clock timestamps for the wire. Proxy connect and NACK times are wall-clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from aviary.admin.v1 import admin_pb2 as pb
+from aviary.discovery.proxy_status import ProxyView
+from aviary.policy.analysis import CheckResult
+from aviary.policy.rollout_state import Hold, RolloutStatus, TransitionEvent
+from aviary.policy.schema import PolicyError, RolloutSpec
+
+__all__ = [
+    "RECENT_EVENTS",
+    "WallClock",
+    "check_message",
+    "event_message",
+    "proxy_message",
+    "rollout_message",
+    "validate_errors",
+]
+
+RECENT_EVENTS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class WallClock:
+    """A reading of the engine's clock (``monotonic``) and the wall clock taken at the same moment."""
+
+    monotonic: float
+    wall: float
+
+    @classmethod
+    def now(cls, monotonic: float) -> WallClock:
+        return cls(monotonic, time.time())
+
+    def timestamp(self, at: float) -> Timestamp:
+        stamp = Timestamp()
+        stamp.FromNanoseconds(int((self.wall - (self.monotonic - at)) * 1e9))
+        return stamp
+
+
+def _wall_timestamp(at: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(at * 1e9))
+    return stamp
+
+
+def check_message(result: CheckResult) -> pb.CheckResult:
+    message = pb.CheckResult(name=result.name, outcome=result.outcome.name.title(), reason=result.reason)
+    for field, value in (
+        ("value", result.value),
+        ("stable_value", result.stable_value),
+        ("min", result.thresholds.min),
+        ("max", result.thresholds.max),
+        ("max_decrease_from_stable", result.thresholds.max_decrease_from_stable),
+    ):
+        if value is not None:
+            setattr(message, field, value)
+    return message
+
+
+def event_message(event: TransitionEvent, clock: WallClock) -> pb.RolloutEvent:
+    return pb.RolloutEvent(
+        rollout=event.rollout,
+        time=clock.timestamp(event.at),
+        from_phase=event.from_phase.value if event.from_phase else "",
+        to_phase=event.to_phase.value,
+        weight=event.weight,
+        stable_version=event.stable_version,
+        canary_version=event.canary_version or "",
+        step=event.step_index,
+        reason=event.reason,
+        checks=[check_message(check) for check in event.checks],
+    )
+
+
+def _overrides(status: RolloutStatus) -> list[pb.Override]:
+    if status.hold is Hold.ADMIN:
+        return [pb.Override(kind="pause", detail=status.paused_reason or "paused until Resume")]
+    if status.hold is Hold.MANUAL_WEIGHT:
+        return [pb.Override(kind="set-weight", detail=status.paused_reason or f"{status.manual_weight}%")]
+    return []
+
+
+def rollout_message(
+    status: RolloutStatus,
+    spec: RolloutSpec | None,
+    history: Sequence[TransitionEvent],
+    clock: WallClock,
+    git_commit: str | None = None,
+    orphaned: bool = False,
+) -> pb.Rollout:
+    steps = len(spec.strategy.steps) if spec is not None and spec.strategy is not None else 0
+    started = status.step_started_at
+    return pb.Rollout(
+        name=status.rollout,
+        phase=status.phase.value,
+        stable_version=status.stable.version,
+        canary_version=status.canary.version if status.canary else "",
+        weight=status.weight,
+        step=status.step_index,
+        steps=steps,
+        seconds_in_step=max(0.0, clock.monotonic - started) if started is not None else 0.0,
+        checks=[check_message(check) for check in status.last_checks],
+        events=[event_message(event, clock) for event in history[-RECENT_EVENTS:]],
+        git_commit=git_commit or "",
+        overrides=_overrides(status),
+        reason=status.reason,
+        failed_version=status.failed_version or "",
+        orphaned=orphaned,
+        acked_weight=-1 if status.acked_weight is None else status.acked_weight,
+    )
+
+
+def proxy_message(proxy: ProxyView) -> pb.Proxy:
+    message = pb.Proxy(
+        node_id=proxy.node_id,
+        node_cluster=proxy.node_cluster,
+        peer=proxy.peer,
+        connected_since=_wall_timestamp(proxy.connected_at),
+        acked=[pb.AckedVersion(type_url=t, version=v) for t, v in sorted(proxy.acked_versions.items())],
+    )
+    nack = proxy.last_nack
+    if nack is not None:
+        message.last_nack.CopyFrom(
+            pb.Nack(type_url=nack.type_url, version=nack.version, message=nack.message, time=_wall_timestamp(nack.at))
+        )
+    return message
+
+
+def validate_errors(errors: Iterable[PolicyError]) -> pb.ValidateResponse:
+    return pb.ValidateResponse(
+        errors=[pb.ValidateError(file=e.file, field=e.field, reason=e.reason) for e in errors]
+    )

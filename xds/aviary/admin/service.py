@@ -1,0 +1,177 @@
+"""The admin API servicer: reads from the rollout runner and proxy status, commands into the runner.
+
+Errors leave as gRPC status codes with a message a person can act on:
+
+- INVALID_ARGUMENT: an empty rollout name, a weight outside 0..100;
+- NOT_FOUND: no rollout of that name;
+- FAILED_PRECONDITION: the engine refused the command as the rollout is now (its reason, e.g.
+  ``shop: no canary: rollout is Stable``);
+- RESOURCE_EXHAUSTED: a WatchRollouts client that fell ``WATCH_BUFFER`` events behind.
+
+Everything runs on the control plane's event loop, so runner calls need no locking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+
+from aviary.admin import convert
+from aviary.admin.v1 import admin_pb2 as pb
+from aviary.admin.v1 import admin_pb2_grpc
+from aviary.discovery.proxy_status import ProxyStatus
+from aviary.policy.loader import parse_policy_text
+from aviary.policy.rollout_state import (
+    Abort,
+    AdminCommand,
+    PauseRollout,
+    Promote,
+    Resume,
+    Retry,
+    RolloutStatus,
+    SetWeight,
+    TransitionEvent,
+)
+from aviary.runner import CommandRefused, RolloutRunner
+
+__all__ = ["SERVICE_NAME", "WATCH_BUFFER", "AdminService"]
+
+log = logging.getLogger("aviary.admin")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+WATCH_BUFFER = 1000
+
+Context = Any  # grpc.aio.ServicerContext; grpc ships no type information
+
+
+async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+class AdminService:
+    """Implements ``aviary.admin.v1.Admin``; register with :meth:`add_to_server`."""
+
+    def __init__(self, runner: RolloutRunner, proxies: ProxyStatus) -> None:
+        self._runner = runner
+        self._proxies = proxies
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        admin_pb2_grpc.add_AdminServicer_to_server(self, server)
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _clock(self) -> convert.WallClock:
+        return convert.WallClock.now(self._runner.now())
+
+    def _message(self, status: RolloutStatus, clock: convert.WallClock | None = None) -> pb.Rollout:
+        name = status.rollout
+        rollout = self._runner.rollout(name)
+        return convert.rollout_message(
+            status,
+            rollout.spec if rollout is not None else None,
+            self._runner.history(name),
+            clock or self._clock(),
+            git_commit=self._runner.revision,
+            orphaned=self._runner.orphaned(name),
+        )
+
+    async def _known(self, name: str, context: Context) -> RolloutStatus:
+        if not name:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "a rollout name is required")
+        status = self._runner.status(name)
+        if status is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(name))
+        return status
+
+    def _not_found(self, name: str) -> str:
+        known = ", ".join(sorted(self._runner.statuses())) or "none"
+        return f"no rollout named {name!r} (known: {known})"
+
+    async def _command(self, name: str, command: AdminCommand, context: Context) -> pb.Rollout:
+        await self._known(name, context)
+        log.info("admin command %s on %s from %s", type(command).__name__, name, context.peer())
+        try:
+            status = self._runner.command(name, command)
+        except KeyError:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(name))
+        except CommandRefused as refused:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(refused))
+        return self._message(status)
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    async def ListRollouts(self, request: pb.ListRolloutsRequest, context: Context) -> pb.ListRolloutsResponse:
+        clock = self._clock()
+        statuses = self._runner.statuses()
+        return pb.ListRolloutsResponse(rollouts=[self._message(statuses[n], clock) for n in sorted(statuses)])
+
+    async def GetRollout(self, request: pb.GetRolloutRequest, context: Context) -> pb.Rollout:
+        return self._message(await self._known(request.name, context))
+
+    async def ListProxies(self, request: pb.ListProxiesRequest, context: Context) -> pb.ListProxiesResponse:
+        proxies = sorted(self._proxies, key=lambda p: (p.node_id, p.stream_id))
+        return pb.ListProxiesResponse(proxies=[convert.proxy_message(p) for p in proxies])
+
+    async def Validate(self, request: pb.ValidateRequest, context: Context) -> pb.ValidateResponse:
+        _, errors = parse_policy_text(request.text, request.file or "<request>")
+        return convert.validate_errors(errors)
+
+    async def WatchRollouts(self, request: pb.WatchRolloutsRequest, context: Context) -> AsyncIterator[pb.RolloutEvent]:
+        """Every transition from now on (of one rollout, if named), until the client goes away."""
+        name = request.name
+        if name and self._runner.status(name) is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(name))
+        queue: asyncio.Queue[TransitionEvent | None] = asyncio.Queue()
+        overflowed = False
+
+        def listener(event: TransitionEvent) -> None:
+            nonlocal overflowed
+            if overflowed or (name and event.rollout != name):
+                return
+            if queue.qsize() >= WATCH_BUFFER:
+                overflowed = True
+                queue.put_nowait(None)
+                return
+            queue.put_nowait(event)
+
+        self._runner.on_transition(listener)
+        log.info("watch of %s opened by %s", name or "all rollouts", context.peer())
+        try:
+            while (event := await queue.get()) is not None:
+                yield convert.event_message(event, self._clock())
+            await _abort(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"watcher fell {WATCH_BUFFER} events behind; watch again"
+            )
+        finally:
+            self._runner.off_transition(listener)
+            log.info("watch of %s closed by %s", name or "all rollouts", context.peer())
+
+    # ---- commands ------------------------------------------------------------------------
+
+    async def Pause(self, request: pb.RolloutRequest, context: Context) -> pb.Rollout:
+        return await self._command(request.name, PauseRollout(), context)
+
+    async def Resume(self, request: pb.RolloutRequest, context: Context) -> pb.Rollout:
+        return await self._command(request.name, Resume(), context)
+
+    async def Promote(self, request: pb.RolloutRequest, context: Context) -> pb.Rollout:
+        return await self._command(request.name, Promote(), context)
+
+    async def Abort(self, request: pb.RolloutRequest, context: Context) -> pb.Rollout:
+        return await self._command(request.name, Abort(), context)
+
+    async def Retry(self, request: pb.RolloutRequest, context: Context) -> pb.Rollout:
+        return await self._command(request.name, Retry(), context)
+
+    async def SetWeight(self, request: pb.SetWeightRequest, context: Context) -> pb.Rollout:
+        if not 0 <= request.weight <= 100:
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"weight must be within 0..100, got {request.weight}"
+            )
+        return await self._command(request.name, SetWeight(request.weight), context)
+
