@@ -15,14 +15,18 @@ from pathlib import Path
 
 import grpc
 
+from aviary.admin.server import AdminConfig, AdminServer, load_admin_token, start_admin_server
+from aviary.admin.service import AdminService
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.director import TrafficDirector
 from aviary.discovery.proxy_status import ProxyStatus
 from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
+from aviary.observability import ControlPlaneMetrics
 from aviary.policy.schema import PolicyError, PolicySet
 from aviary.policy.watcher import DirectoryWatcher
 from aviary.runner import RolloutRunner
 from aviary.store.sqlite import StateStore
+from aviary.tls import ServerTls, server_credentials
 
 log = logging.getLogger("aviary")
 
@@ -36,6 +40,10 @@ class ServeConfig:
     state_path: Path | None = None  # None: nothing persisted (tests, experiments)
     reset_state: bool = False
     prune: bool = False
+    metrics_address: str | None = None  # HOST:PORT for /metrics; None: not served
+    # -- admin API and TLS
+    admin: AdminConfig | None = None  # None: no admin API
+    xds_tls: ServerTls | None = None
 
 
 class ControlPlane:
@@ -49,8 +57,16 @@ class ControlPlane:
             self.director, default_prometheus=config.prometheus_url, store=self.store, prune=config.prune
         )
         self.ads = AggregatedDiscoveryService(self.cache, self.proxies.apply)
+        self.metrics = ControlPlaneMetrics(self.proxies, self.runner)
+        self.metrics_port = 0
         self.watcher = DirectoryWatcher(config.policies, self.apply_policies, config.poll_interval)
         self.xds_port = 0
+        # -- TLS and admin API: bad files, or an exposed admin address without a token, fail here
+        self._xds_credentials = server_credentials(config.xds_tls) if config.xds_tls else None
+        if config.admin is not None:
+            load_admin_token(config.admin)
+        self.admin_port = 0
+        self._admin: AdminServer | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -67,18 +83,30 @@ class ControlPlane:
 
     async def serve(self) -> None:
         """Listen: the first proxy to connect gets the full configuration decided by `load()`."""
-        self._server, self.xds_port = await start_xds_server(self.config.xds_address, self.ads)
+        if self.config.metrics_address:
+            self.metrics_port = self.metrics.serve(self.config.metrics_address)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics_address.rpartition(":")[0],
+                     self.metrics_port)
+        self._server, self.xds_port = await start_xds_server(
+            self.config.xds_address, self.ads, self._xds_credentials
+        )
         log.info("xDS (ADS) listening on %s", self.config.xds_address.rsplit(":", 1)[0] + f":{self.xds_port}")
         self._tasks.append(asyncio.create_task(self.watcher.run(), name="policy-watcher"))
         self._tasks.append(asyncio.create_task(self.runner.run(), name="rollout-engine"))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self.watcher.reload)
+        if self.config.admin is not None:
+            self._admin = await start_admin_server(self.config.admin, AdminService(self.runner, self.proxies))
+            self.admin_port = self._admin.port
 
     async def stop(self, grace: float = 1.0) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGHUP)
+        if self._admin is not None:
+            await self._admin.stop(grace)
+            self._admin = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -88,12 +116,14 @@ class ControlPlane:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        self.metrics.stop()
         if self.store is not None:
             self.store.close()
             self.store = None
 
     async def apply_policies(self, policy_set: PolicySet, errors: list[PolicyError]) -> None:
         """Hand the policy files that are valid now to the rollout engine."""
+        self.metrics.policies_applied(errors)
         self.runner.apply_policies(policy_set)
 
     async def __aenter__(self) -> ControlPlane:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from aviary import logs
 from aviary.app import ControlPlane, ServeConfig
 from aviary.policy.loader import validate_paths
 from aviary.store.sqlite import StateError
@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
         state_path=Path(args.state) if args.state else state_dir / "state.db",
         reset_state=args.reset_state,
         prune=args.prune,
+        metrics_address=args.metrics_address or None,
     )
 
     async def run() -> None:
@@ -71,13 +72,20 @@ def _validate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aviary", description="Envoy xDS control plane for canary releases")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the xDS control plane")
+    # Also accepted after `serve`, where operators look for them.
+    serve.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", default=argparse.SUPPRESS, choices=["text", "json"])
     serve.add_argument("--policies", required=True, help="directory of policy files")
     serve.add_argument("--xds-address", default="127.0.0.1:18000", help="HOST:PORT for the ADS gRPC server")
     serve.add_argument(
         "--prometheus-url", default=None, help="Prometheus for analysis checks whose policy names none"
+    )
+    serve.add_argument(
+        "--metrics-address", default="127.0.0.1:18002", help="HOST:PORT for Prometheus /metrics ('' to disable)"
     )
     serve.add_argument("--state-dir", default=str(default_state_dir()), help="where Aviary keeps its state")
     serve.add_argument("--state", default=None, help="SQLite state file (default: STATE_DIR/state.db)")
@@ -97,10 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.log_level, args.log_format)
     result: int = args.func(args)
     return result
 

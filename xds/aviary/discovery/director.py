@@ -22,7 +22,13 @@ from dataclasses import dataclass, field, replace
 
 from aviary.discovery import typeurls
 from aviary.discovery.cache import DEFAULT_GROUP, SnapshotCache
-from aviary.discovery.proxy_events import ProxyEvent, ResourcesNacked
+from aviary.discovery.proxy_events import (
+    ProxyDisconnected,
+    ProxyEvent,
+    ResourcesAcked,
+    ResourcesNacked,
+    SubscriptionChanged,
+)
 from aviary.discovery.proxy_status import ProxyStatus, ProxyView
 from aviary.discovery.resources import (
     PublishedRollout,
@@ -245,7 +251,8 @@ class TrafficDirector:
     def _on_proxy_event(self, event: ProxyEvent) -> None:
         if isinstance(event, ResourcesNacked):
             self._report_nack(event)
-        if self._desired:
+        # Only what can open a gate: an ACK, a proxy leaving, a subscription narrowing.
+        if self._desired and isinstance(event, ResourcesAcked | ProxyDisconnected | SubscriptionChanged):
             self.reconcile()
 
     def _report_nack(self, event: ResourcesNacked) -> None:

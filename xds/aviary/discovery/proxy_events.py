@@ -53,8 +53,19 @@ class ResourcesNacked:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseSent:
+    """A response went out on a stream (for metrics: responses and bytes by type)."""
+
+    stream_id: int
+    type_url: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyDisconnected:
     stream_id: int
 
 
-ProxyEvent = ProxyConnected | SubscriptionChanged | ResourcesAcked | ResourcesNacked | ProxyDisconnected
+ProxyEvent = (
+    ProxyConnected | SubscriptionChanged | ResourcesAcked | ResourcesNacked | ResponseSent | ProxyDisconnected
+)

@@ -32,6 +32,7 @@ from aviary.discovery.proxy_events import (
     ProxyEvent,
     ResourcesAcked,
     ResourcesNacked,
+    ResponseSent,
     SubscriptionChanged,
 )
 from aviary.discovery.snapshot import set_version
@@ -168,6 +169,7 @@ class SotwStream:
         nonce = str(next(self._nonces))
         state.last_nonce, state.last_version, state.last_sent = nonce, version, contents
         state.last_sent_at = time.monotonic()
-        return wire.discovery_response(
-            version, type_url, nonce, (selected[name].entry for name in sorted(selected))
-        )
+        entries = (selected[name].entry for name in sorted(selected))
+        response = wire.discovery_response(version, type_url, nonce, entries)
+        self.emit(ResponseSent(self.stream_id, type_url, len(response)))
+        return response

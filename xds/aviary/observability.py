@@ -1,0 +1,129 @@
+"""The control plane's own Prometheus metrics, served on `--metrics-address`.
+
+Counters and the push->ACK histogram are fed from proxy events as they happen; everything that
+is a current state (connected proxies, rollout phase, weight, step, check values, applied commit)
+is read at scrape time by a collector, so it can never drift from the engine's status.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Histogram as PromHistogram
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from aviary.discovery import typeurls
+from aviary.discovery.proxy_events import ProxyEvent, ResourcesAcked, ResourcesNacked, ResponseSent
+from aviary.discovery.proxy_status import ProxyStatus
+from aviary.policy.analysis import CheckOutcome
+from aviary.policy.rollout_state import Phase
+from aviary.policy.schema import PolicyError
+from aviary.runner import RolloutRunner
+
+PUSH_ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ControlPlaneMetrics:
+    def __init__(self, proxies: ProxyStatus, runner: RolloutRunner) -> None:
+        disable_created_metrics()  # *_created series only add noise to these counters
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._responses = PromCounter(
+            "aviary_xds_responses", "xDS responses sent, by type", ["type"], registry=self.registry
+        )
+        self._bytes = PromCounter(
+            "aviary_xds_response_bytes", "Bytes of xDS responses sent, by type", ["type"], registry=self.registry
+        )
+        self._nacks = PromCounter("aviary_xds_nacks", "NACKs received, by type", ["type"], registry=self.registry)
+        self._push_ack = PromHistogram(
+            "aviary_xds_push_ack_seconds",
+            "Time from sending a response to its ACK",
+            ["type"],
+            buckets=PUSH_ACK_BUCKETS,
+            registry=self.registry,
+        )
+        self._reloads = PromCounter("aviary_policy_reloads", "Policy sets applied", registry=self.registry)
+        self._rejections = PromCounter(
+            "aviary_policy_rejections", "Policy loads that had rejected files or commits", registry=self.registry
+        )
+        self.registry.register(_StateCollector(proxies, runner))
+        proxies.subscribe(self.on_proxy_event)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def on_proxy_event(self, event: ProxyEvent) -> None:
+        if isinstance(event, ResponseSent):
+            kind = typeurls.short_name(event.type_url)
+            self._responses.labels(kind).inc()
+            self._bytes.labels(kind).inc(event.size)
+        elif isinstance(event, ResourcesAcked):
+            self._push_ack.labels(typeurls.short_name(event.type_url)).observe(max(0.0, event.at - event.sent_at))
+        elif isinstance(event, ResourcesNacked):
+            self._nacks.labels(typeurls.short_name(event.type_url)).inc()
+
+    def policies_applied(self, errors: list[PolicyError]) -> None:
+        self._reloads.inc()
+        if errors:
+            self._rejections.inc()
+
+    def serve(self, address: str) -> int:
+        """Serve /metrics on HOST:PORT (port 0 picks one); returns the bound port."""
+        host, _, port = address.rpartition(":")
+        self._server, self._thread = start_http_server(int(port), host.strip("[]"), registry=self.registry)
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class _StateCollector(Collector):
+    """Current state, read when scraped."""
+
+    def __init__(self, proxies: ProxyStatus, runner: RolloutRunner) -> None:
+        self._proxies = proxies
+        self._runner = runner
+
+    def collect(self) -> Iterator[Metric]:
+        connected = GaugeMetricFamily(
+            "aviary_connected_proxies", "Connected xDS streams by node cluster", labels=["node_cluster"]
+        )
+        for cluster, count in sorted(Counter(p.node_cluster for p in self._proxies).items()):
+            connected.add_metric([cluster], count)
+        yield connected
+
+        phase = GaugeMetricFamily(
+            "aviary_rollout_phase", "1 for the phase a rollout is in", labels=["rollout", "phase"]
+        )
+        weight = GaugeMetricFamily("aviary_rollout_canary_weight", "Canary weight in percent", labels=["rollout"])
+        step = GaugeMetricFamily("aviary_rollout_step", "Index of the current step", labels=["rollout"])
+        value = GaugeMetricFamily(
+            "aviary_check_value", "Last value of a metric check", labels=["rollout", "check"]
+        )
+        result = GaugeMetricFamily(
+            "aviary_check_result", "1 for the last outcome of a metric check", labels=["rollout", "check", "result"]
+        )
+        for name, status in sorted(self._runner.statuses().items()):
+            for candidate in Phase:
+                phase.add_metric([name, candidate.value], 1.0 if status.phase is candidate else 0.0)
+            weight.add_metric([name], status.weight)
+            step.add_metric([name], status.step_index)
+            for check in status.last_checks:
+                if check.value is not None:
+                    value.add_metric([name, check.name], check.value)
+                for outcome in CheckOutcome:
+                    result.add_metric([name, check.name, outcome.value], 1.0 if check.outcome is outcome else 0.0)
+        yield from (phase, weight, step, value, result)
+
+        commit = InfoMetricFamily("aviary_policy_git", "Git commit of the applied policies", labels=["commit"])
+        if self._runner.revision:
+            commit.add_metric([self._runner.revision], {})
+        yield commit
