@@ -83,6 +83,7 @@ class TrafficDirector:
         self._published: dict[str, _Published] = {}
         self._acked: dict[str, DesiredTraffic] = {}
         self._built: list[tuple[str, tuple[PublishedRollout, ...]]] | None = None
+        self._unsettled: set[str] = set()
         self._ack_listeners: list[AckListener] = []
         self._nack_listeners: list[NackListener] = []
         proxies.subscribe(self._on_proxy_event)
@@ -145,6 +146,19 @@ class TrafficDirector:
             if not self._advance():
                 break
         self._notify_acked()
+        self._unsettled = {name for name in self._desired if not self._settled(name)}
+
+    def _settled(self, name: str) -> bool:
+        """Published exactly as desired, nothing retiring, and the ACK of it reported."""
+        desired, published = self._desired[name], self._published.get(name)
+        if published is None:
+            return False
+        wanted = _route_of(desired)
+        return (
+            published.route == wanted
+            and published.clusters.keys() == {b.version for b, _ in wanted}
+            and self._acked.get(name) == desired
+        )
 
     def _advance(self) -> bool:
         """One pass: move each rollout's published state as far as the gates allow, publish."""
@@ -251,8 +265,9 @@ class TrafficDirector:
     def _on_proxy_event(self, event: ProxyEvent) -> None:
         if isinstance(event, ResourcesNacked):
             self._report_nack(event)
-        # Only what can open a gate: an ACK, a proxy leaving, a subscription narrowing.
-        if self._desired and isinstance(event, ResourcesAcked | ProxyDisconnected | SubscriptionChanged):
+        # Only while something waits for proxies, and only on what can open a gate: an ACK, a proxy
+        # leaving, a subscription narrowing. Otherwise thousands of streams would each cost a pass.
+        if self._unsettled and isinstance(event, ResourcesAcked | ProxyDisconnected | SubscriptionChanged):
             self.reconcile()
 
     def _report_nack(self, event: ResourcesNacked) -> None:
