@@ -80,6 +80,8 @@ class AdsClient:
             response = await asyncio.wait_for(self._inbox.get(), seconds)
         except TimeoutError:
             return
+        if isinstance(response, BaseException):
+            raise response
         raise AssertionError(f"unexpected response: {response}")
 
     async def code(self) -> grpc.StatusCode:

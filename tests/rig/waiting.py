@@ -43,7 +43,7 @@ def wait_until(
 @overload
 async def async_wait_until(
     predicate: Callable[[], Awaitable[T]],
-    timeout: float,  # noqa: ASYNC109
+    timeout: float,
     interval: float = 0.05,
     what: str = "condition",
 ) -> T: ...
@@ -52,7 +52,7 @@ async def async_wait_until(
 @overload
 async def async_wait_until(
     predicate: Callable[[], T],
-    timeout: float,  # noqa: ASYNC109
+    timeout: float,
     interval: float = 0.05,
     what: str = "condition",
 ) -> T: ...
@@ -60,7 +60,7 @@ async def async_wait_until(
 
 async def async_wait_until(
     predicate: Callable[[], Any],
-    timeout: float,  # noqa: ASYNC109 - a poll deadline, not a cancellation scope
+    timeout: float,
     interval: float = 0.05,
     what: str = "condition",
 ) -> Any:

@@ -36,6 +36,8 @@ class AggregatedDiscoveryService:
         self._emit = emit
         self._stream_ids = itertools.count(1)
         self.open_streams = 0
+        self.refused_streams = 0  # ended with INVALID_ARGUMENT for a protocol violation
+        self.broken_streams = 0  # ended by an unexpected error in this server: a bug
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -82,6 +84,7 @@ class AggregatedDiscoveryService:
                     try:
                         responses = stream.on_request(item)
                     except StreamError as exc:
+                        self.refused_streams += 1
                         log.warning("closing stream of %s (%s): %s", stream.node_id, stream.peer, exc)
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                         return
@@ -89,6 +92,12 @@ class AggregatedDiscoveryService:
                         watch = self._cache.watch(stream.node_cluster, wake)
                 for response in responses:
                     await context.write(response)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            self.broken_streams += 1
+            log.exception("xDS stream of %s (%s) failed", stream.node_id, stream.peer)
+            raise
         finally:
             self.open_streams -= 1
             reader.cancel()

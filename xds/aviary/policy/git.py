@@ -33,6 +33,11 @@ _HELPER = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # scp-like syntax as git reads it: [user@]host:path, where no '/' comes before the first ':'.
 _SCP = re.compile(r"^(?:(?P<user>[^@/:]+)@)?(?P<host>\[[^\]/]+\]|[^@/:\[\]]+):(?P<path>.*)$")
+_REDIRECTING = frozenset({
+    "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_COMMON_DIR", "GIT_NAMESPACE", "GIT_CEILING_DIRECTORIES", "GIT_DISCOVERY_ACROSS_FILESYSTEM",
+    "GIT_ASKPASS", "GIT_EXEC_PATH", "GIT_TEMPLATE_DIR", "GIT_REPLACE_REF_BASE",
+})
 _PASSWORD = re.compile(r"(://[^/@:\s]*):[^/@\s]*@")
 
 
@@ -54,14 +59,19 @@ def redact(text: str) -> str:
 
 
 def _environment() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in [name for name in env if name.startswith("GIT_") and name != "GIT_SSH_COMMAND"]:
-        del env[name]  # GIT_DIR, GIT_WORK_TREE, GIT_CONFIG_* from the parent would redirect git
+    # Variables that would point git at another repository or inject configuration are dropped;
+    # the rest (GIT_SSL_CAINFO, GIT_SSH_COMMAND, proxies) are how operators reach their server.
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in _REDIRECTING and not name.startswith("GIT_CONFIG")
+    }
     env.update(
         GIT_TERMINAL_PROMPT="0",
         GIT_CONFIG_NOSYSTEM="1",
         GIT_CONFIG_GLOBAL=os.devnull,
         GIT_ALLOW_PROTOCOL=":".join(_ALLOWED_SCHEMES),
+        GIT_NO_REPLACE_OBJECTS="1",
         LC_ALL="C",
     )
     env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
