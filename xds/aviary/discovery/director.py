@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from aviary.discovery import typeurls
 from aviary.discovery.cache import DEFAULT_GROUP, SnapshotCache
+from aviary.discovery.gates import cluster_acked, route_acked
 from aviary.discovery.proxy_events import (
     ProxyDisconnected,
     ProxyEvent,
@@ -84,6 +85,7 @@ class TrafficDirector:
         self._acked: dict[str, DesiredTraffic] = {}
         self._built: list[tuple[str, tuple[PublishedRollout, ...]]] | None = None
         self._unsettled: set[str] = set()
+        self._waiting: set[int] = set()  # stream ids of the proxies an unsettled rollout waits for
         self._ack_listeners: list[AckListener] = []
         self._nack_listeners: list[NackListener] = []
         proxies.subscribe(self._on_proxy_event)
@@ -147,6 +149,7 @@ class TrafficDirector:
                 break
         self._notify_acked()
         self._unsettled = {name for name in self._desired if not self._settled(name)}
+        self._waiting = {p.stream_id for p in self._proxies if self._holds_up(p)} if self._unsettled else set()
 
     def _settled(self, name: str) -> bool:
         """Published exactly as desired, nothing retiring, and the ACK of it reported."""
@@ -173,10 +176,9 @@ class TrafficDirector:
                 self._cluster_ready(name, backend) for backend, _ in wanted
             ):
                 published.route = wanted
-            keep = {b.version for b, _ in published.route} | {b.version for b, _ in wanted}
-            retiring = [v for v in published.clusters if v not in keep]
-            if retiring and self._route_acked(name, without={cluster_name(name, v) for v in retiring}):
-                for version in retiring:
+            retiring = self._retiring(name)
+            if retiring and self._route_acked(name, without=retiring):
+                for version in [v for v in published.clusters if cluster_name(name, v) in retiring]:
                     del published.clusters[version]
         return self._publish()
 
@@ -222,34 +224,37 @@ class TrafficDirector:
 
     def _cluster_ready(self, name: str, backend: Backend) -> bool:
         cluster = cluster_name(name, backend.version)
-        for proxy, snapshot in self._serving(name):
-            published = snapshot.items(typeurls.CLUSTER).get(cluster)
-            if published is None:
-                return False  # not even published to this proxy's group yet
-            if not proxy.subscription(typeurls.CLUSTER).covers(cluster):
-                continue  # e.g. a gRPC client that only asks for the clusters its route names
-            if proxy.acked_version_of(typeurls.CLUSTER, cluster) != published.version:
-                return False
-            assignment = snapshot.items(typeurls.ENDPOINT).get(cluster)
-            if assignment and proxy.acked_version_of(typeurls.ENDPOINT, cluster) != assignment.version:
-                return False
-        return True
+        return all(cluster_acked(proxy, snapshot, cluster) for proxy, snapshot in self._serving(name))
 
-    def _route_acked(self, name: str, without: set[str] | frozenset[str] = frozenset()) -> bool:
+    def _route_acked(self, name: str, without: frozenset[str] = frozenset()) -> bool:
         """Every serving proxy ACKed the published route(s), and those no longer name `without`."""
-        placement = self._placements[name]
-        route_names = (route_name(placement.listener), grpc_route_name(name))
-        for proxy, snapshot in self._serving(name):
-            subscription = proxy.subscription(typeurls.ROUTE)
-            for route in route_names:
-                if not subscription.covers(route):
-                    continue
-                published = snapshot.items(typeurls.ROUTE).get(route)
-                if published is None or published.references & without:
-                    return False
-                if proxy.acked_version_of(typeurls.ROUTE, route) != published.version:
-                    return False
-        return True
+        routes = self._route_names(name)
+        return all(route_acked(proxy, snapshot, routes, without) for proxy, snapshot in self._serving(name))
+
+    def _route_names(self, name: str) -> tuple[str, str]:
+        return route_name(self._placements[name].listener), grpc_route_name(name)
+
+    def _retiring(self, name: str) -> frozenset[str]:
+        published, desired = self._published[name], self._desired[name]
+        keep = {b.version for b, _ in published.route} | {b.version for b, _ in _route_of(desired)}
+        return frozenset(cluster_name(name, v) for v in published.clusters if v not in keep)
+
+    def _holds_up(self, proxy: ProxyView) -> bool:
+        """Whether this proxy is what an unsettled rollout waits for at its current stage."""
+        group = self._cache.group_of(proxy.node_cluster)
+        snapshot = self._cache.snapshot_for(proxy.node_cluster)
+        for name in self._unsettled:
+            placement, published = self._placements[name], self._published.get(name)
+            if published is None or placement.proxy_cluster not in (None, group):
+                continue
+            wanted = _route_of(self._desired[name])
+            if published.route != wanted:
+                ready = all(cluster_acked(proxy, snapshot, cluster_name(name, b.version)) for b, _ in wanted)
+            else:
+                ready = route_acked(proxy, snapshot, self._route_names(name), self._retiring(name))
+            if not ready:
+                return True
+        return False
 
     def _notify_acked(self) -> None:
         for name, desired in self._desired.items():
@@ -266,8 +271,15 @@ class TrafficDirector:
         if isinstance(event, ResourcesNacked):
             self._report_nack(event)
         # Only while something waits for proxies, and only on what can open a gate: an ACK, a proxy
-        # leaving, a subscription narrowing. Otherwise thousands of streams would each cost a pass.
-        if self._unsettled and isinstance(event, ResourcesAcked | ProxyDisconnected | SubscriptionChanged):
+        # leaving, a subscription narrowing. A full pass runs once the last proxy that held things
+        # up has moved on; until then each event re-checks only its own proxy.
+        if not self._unsettled or not isinstance(event, ResourcesAcked | ProxyDisconnected | SubscriptionChanged):
+            return
+        if event.stream_id in self._waiting:
+            proxy = self._proxies.get(event.stream_id)
+            if proxy is None or not self._holds_up(proxy):
+                self._waiting.discard(event.stream_id)
+        if not self._waiting:
             self.reconcile()
 
     def _report_nack(self, event: ResourcesNacked) -> None:
