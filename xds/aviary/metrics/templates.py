@@ -58,10 +58,21 @@ def _selector(metric: str, cluster: str, extra: str = "") -> str:
     return f'{metric}{{envoy_cluster_name="{_label(cluster)}"{extra}}}'
 
 
+def _increase(selector: str, window: str) -> str:
+    """Per-series growth over the window, counting series that appeared within it in full.
+
+    Envoy creates a cluster's series lazily (the 5xx one at the first 5xx), so a new series starts
+    at its first value. ``increase()`` needs two samples and would miss that first jump: a canary's
+    first errors would read as 100 % success for a scrape. A series absent one window ago counts
+    with its whole value instead.
+    """
+    return f"(({selector} unless {selector} offset {window}) or increase({selector}[{window}]))"
+
+
 def request_count_query(cluster: str, window_seconds: float) -> str:
     """Requests ``cluster`` answered (any status, connection failures included) within the window."""
     window = promql_duration(window_seconds)
-    return f"sum(increase({_selector(_REQUESTS, cluster)}[{window}])) or vector(0)"
+    return f"sum({_increase(_selector(_REQUESTS, cluster), window)}) or vector(0)"
 
 
 def template_query(template: str, cluster: str, window_seconds: float) -> str:
@@ -69,8 +80,8 @@ def template_query(template: str, cluster: str, window_seconds: float) -> str:
     window = promql_duration(window_seconds)
     if template == "request-success-rate":
         server_errors = _selector(_REQUESTS, cluster, ',envoy_response_code_class="5"')
-        errors = f"sum(increase({server_errors}[{window}]))"
-        total = f"sum(increase({_selector(_REQUESTS, cluster)}[{window}]))"
+        errors = f"sum({_increase(server_errors, window)})"
+        total = f"sum({_increase(_selector(_REQUESTS, cluster), window)})"
         return f"100 * (1 - (({errors} or vector(0)) / {total}))"
     if template == "request-duration-p99":
         buckets = f"sum by (le) (rate({_selector(_RQ_TIME_BUCKET, cluster)}[{window}]))"
