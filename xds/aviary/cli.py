@@ -10,9 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aviary import logs
+from aviary.admin.commands import add_admin_commands
+from aviary.admin.options import add_serve_options, serve_settings
+from aviary.admin.server import AdminConfigError
 from aviary.app import ControlPlane, ServeConfig
 from aviary.policy.loader import validate_paths
 from aviary.store.sqlite import StateError
+from aviary.tls import TlsConfigError
 
 
 def default_state_dir() -> Path:
@@ -27,6 +31,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"aviary serve: --policies {policies}: not a directory", file=sys.stderr)
         return 2
     state_dir = Path(args.state_dir)
+    try:
+        admin_and_tls = serve_settings(args)
+    except TlsConfigError as exc:
+        print(f"aviary serve: {exc}", file=sys.stderr)
+        return 2
     config = ServeConfig(
         policies=policies,
         xds_address=args.xds_address,
@@ -35,12 +44,13 @@ def _serve(args: argparse.Namespace) -> int:
         reset_state=args.reset_state,
         prune=args.prune,
         metrics_address=args.metrics_address or None,
+        **admin_and_tls,
     )
 
     async def run() -> None:
         try:
             plane = ControlPlane(config)
-        except StateError as exc:
+        except (StateError, AdminConfigError, TlsConfigError) as exc:
             print(f"aviary serve: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
         await plane.start()
@@ -95,11 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--prune", action="store_true", help="remove rollouts whose policy file is gone (default: keep, orphaned)"
     )
+    add_serve_options(serve)  # --admin-address, --admin-token-file, --admin-tls-*, --xds-tls-*
     serve.set_defaults(func=_serve)
 
     validate = commands.add_parser("validate", help="check policy files; one 'file: field: reason' per problem")
     validate.add_argument("paths", nargs="+", help="policy files or directories")
     validate.set_defaults(func=_validate)
+    add_admin_commands(commands, validate)  # status, watch, pause, ..., proxies; validate --remote
     return parser
 
 

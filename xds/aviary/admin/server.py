@@ -87,9 +87,11 @@ class AdminServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    service: AdminService
 
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
+        self.service.close()
         await self.server.stop(grace)
 
 
@@ -119,4 +121,4 @@ async def start_admin_server(config: AdminConfig, service: AdminService) -> Admi
     tls = "mTLS" if config.tls and config.tls.client_ca else "TLS" if config.tls else "plaintext"
     auth = "bearer token" if token is not None else "no token (loopback only)"
     log.info("admin API listening on %s:%d (%s, %s)", _host(config.address), port, tls, auth)
-    return AdminServer(server, port, health_servicer)
+    return AdminServer(server, port, health_servicer, service)

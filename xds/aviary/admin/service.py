@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -48,6 +49,14 @@ WATCH_BUFFER = 1000
 Context = Any  # grpc.aio.ServicerContext; grpc ships no type information
 
 
+@dataclass(frozen=True, slots=True)
+class _End:
+    """Put in a watch queue: end that stream with this status."""
+
+    code: grpc.StatusCode
+    reason: str
+
+
 async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("context.abort returned")  # pragma: no cover
@@ -59,9 +68,15 @@ class AdminService:
     def __init__(self, runner: RolloutRunner, proxies: ProxyStatus) -> None:
         self._runner = runner
         self._proxies = proxies
+        self._watches: set[asyncio.Queue[TransitionEvent | _End]] = set()
+
+    def close(self) -> None:
+        """End every open watch with UNAVAILABLE (the server is stopping)."""
+        for queue in self._watches:
+            queue.put_nowait(_End(grpc.StatusCode.UNAVAILABLE, "the control plane is shutting down"))
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        admin_pb2_grpc.add_AdminServicer_to_server(self, server)
+        admin_pb2_grpc.add_AdminServicer_to_server(self, server)  # type: ignore[no-untyped-call]  # generated
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -126,7 +141,7 @@ class AdminService:
         name = request.name
         if name and self._runner.status(name) is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(name))
-        queue: asyncio.Queue[TransitionEvent | None] = asyncio.Queue()
+        queue: asyncio.Queue[TransitionEvent | _End] = asyncio.Queue()
         overflowed = False
 
         def listener(event: TransitionEvent) -> None:
@@ -135,19 +150,21 @@ class AdminService:
                 return
             if queue.qsize() >= WATCH_BUFFER:
                 overflowed = True
-                queue.put_nowait(None)
+                reason = f"watcher fell {WATCH_BUFFER} events behind; watch again"
+                queue.put_nowait(_End(grpc.StatusCode.RESOURCE_EXHAUSTED, reason))
                 return
             queue.put_nowait(event)
 
         self._runner.on_transition(listener)
+        self._watches.add(queue)
         log.info("watch of %s opened by %s", name or "all rollouts", context.peer())
         try:
-            while (event := await queue.get()) is not None:
-                yield convert.event_message(event, self._clock())
-            await _abort(
-                context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"watcher fell {WATCH_BUFFER} events behind; watch again"
-            )
+            await context.send_initial_metadata(())  # tells the client: subscribed, nothing missed from here
+            while not isinstance(item := await queue.get(), _End):
+                yield convert.event_message(item, self._clock())
+            await _abort(context, item.code, item.reason)
         finally:
+            self._watches.discard(queue)
             self._runner.off_transition(listener)
             log.info("watch of %s closed by %s", name or "all rollouts", context.peer())
 

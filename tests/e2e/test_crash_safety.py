@@ -1,0 +1,532 @@
+"""Crash safety: `kill -9` of a real `aviary serve` process while a real Envoy serves load.
+
+Each test runs `aviary serve` as a subprocess with ``--state FILE`` in tmp and fixed free ports for
+xDS, admin and metrics (so the restarted process binds the same xDS port Envoy keeps dialling),
+HTTP backends for v1 and v2, one Envoy, and the rig's load generator at a modest rate. A thread
+samples Envoy's canary weight (the ``<name>-v2`` weight in its route) every ~50 ms for the whole
+test. The plane is killed with SIGKILL at a chosen moment of a canary and started again with the
+same arguments; Envoy keeps serving its last config meanwhile and reconnects by itself.
+
+What must hold: no failed request, the canary weight Envoy has never goes down, and the rollout
+completes (100 % v2 and ``<name>-v1`` gone from Envoy). Timings (plane down, restart to Envoy
+reconnected, time to completion) are printed and written to
+``tests/e2e/.results/crash_safety.json``; only generous upper bounds are asserted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import _FAILED, EnvoyFactory, LoadgenFactory
+from tests.rig.backends import Backends
+from tests.rig.envoy import EnvoyProcess
+from tests.rig.holding_proxy import HoldingProxy
+from tests.rig.loadgen import LoadGenerator, LoadResult
+from tests.rig.ports import free_ports, port_open
+from tests.rig.process import ManagedProcess
+from tests.rig.waiting import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+NAME = "shop"
+HOST = "shop.example.com"
+NODE = "envoy-1"
+CANARY = f"{NAME}-v2"
+OLD = f"{NAME}-v1"
+CLIENTS = 4
+RATE_PER_CLIENT = 25.0  # ~100 req/s in all: modest, leaves CPU for the plane on 2 cores
+RESULTS_FILE = Path(__file__).resolve().parent / ".results" / "crash_safety.json"
+AVIARY = Path(sys.executable).parent / "aviary"
+
+
+# ------------------------------------------------------------------------------ aviary serve
+
+
+class Plane:
+    """`aviary serve` as a subprocess; every start is a new process (and log) with the same args."""
+
+    def __init__(self, workdir: Path, policies: Path, state: Path) -> None:
+        self.workdir = workdir
+        self.policies = policies
+        self.state = state
+        self.xds_port, self.admin_port, self.metrics_port = free_ports(3)
+        self.processes: list[ManagedProcess] = []
+
+    def args(self, *extra: str) -> list[str]:
+        return [
+            str(AVIARY), "--log-format", "json", "serve",
+            "--policies", str(self.policies),
+            "--xds-address", f"127.0.0.1:{self.xds_port}",
+            "--admin-address", f"127.0.0.1:{self.admin_port}",
+            "--metrics-address", f"127.0.0.1:{self.metrics_port}",
+            "--state", str(self.state),
+            *extra,
+        ]  # fmt: skip
+
+    def spawn(self, *extra: str) -> ManagedProcess:
+        proc = ManagedProcess(
+            f"aviary-{len(self.processes)}", self.args(*extra), self.workdir, env={"PYTHONUNBUFFERED": "1"}
+        )
+        self.processes.append(proc)
+        return proc.start()
+
+    @property
+    def current(self) -> ManagedProcess:
+        return self.processes[-1]
+
+    def start(self, *extra: str, timeout: float = 20.0) -> ManagedProcess:
+        """Spawn and wait until the xDS port accepts connections (state loaded, policies applied)."""
+        proc = self.spawn(*extra)
+
+        def listening() -> bool:
+            proc.ensure_alive()
+            return port_open(self.xds_port, timeout=0.2)
+
+        wait_until(listening, timeout, interval=0.02, what=f"aviary serve on xDS port {self.xds_port}")
+        return proc
+
+    def log_entries(self, proc: ManagedProcess | None = None) -> list[dict[str, Any]]:
+        entries = []
+        for line in (proc or self.current).log_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    entries.append(entry)
+        return entries
+
+    def proxy_connected(self, node: str, proc: ManagedProcess | None = None) -> bool:
+        """The plane's log says ``node`` opened a stream to this process."""
+        return any(e.get("message", "").startswith(f"proxy connected: node={node} ") for e in self.log_entries(proc))
+
+    def stop(self) -> None:
+        for proc in self.processes:
+            proc.stop()
+
+    def describe(self) -> str:
+        return "\n".join(p.describe() for p in self.processes) or "aviary serve (never started)"
+
+
+def saved_rollout(state: Path, name: str = NAME) -> dict[str, Any] | None:
+    """The persisted RolloutStatus (as JSON) of one rollout, read through a read-only connection."""
+    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=2.0)
+    try:
+        row = db.execute("SELECT status FROM rollouts WHERE name = ?", (name,)).fetchone()
+    finally:
+        db.close()
+    status: dict[str, Any] | None = json.loads(row[0]) if row else None
+    return status
+
+
+def saved_phase(state: Path) -> tuple[str, str, str | None, int] | None:
+    """(phase, stable version, canary version, weight) from the state file."""
+    status = saved_rollout(state)
+    if status is None:
+        return None
+    canary = status.get("canary")
+    return status["phase"], status["stable"]["version"], canary["version"] if canary else None, status["weight"]
+
+
+# ------------------------------------------------------------------------------ weight sampling
+
+
+class WeightSampler:
+    """A thread that reads Envoy's route every ``interval`` s and keeps (time, canary weight, route)."""
+
+    def __init__(self, envoy: EnvoyProcess, route: str, interval: float = 0.05) -> None:
+        self.envoy = envoy
+        self.route = route
+        self.interval = interval
+        self.samples: list[tuple[float, int, dict[str, int]]] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="weight-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                weights = self.envoy.route_weights(self.route).get(NAME, {})
+                self.samples.append((time.time(), weights.get(CANARY, 0), weights))
+            except Exception:
+                self.errors += 1
+            self._stop.wait(self.interval)
+
+    def start(self) -> WeightSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def changes(self, since: float = 0.0) -> list[tuple[float, int]]:
+        """(seconds since ``since``, canary weight) at each change of the canary weight."""
+        out: list[tuple[float, int]] = []
+        for at, weight, _ in list(self.samples):
+            if not out or out[-1][1] != weight:
+                out.append((round(at - since, 3), weight))
+        return out
+
+    def decreases(self) -> list[tuple[int, int, float]]:
+        """(from, to, at) for every sample whose canary weight is lower than the one before it."""
+        samples = list(self.samples)
+        return [(a[1], b[1], b[0]) for a, b in itertools.pairwise(samples) if b[1] < a[1]]
+
+    def time_at(self, weight: int) -> float:
+        """Seconds between the first and the last sample at ``weight`` (0 if never seen)."""
+        times = [at for at, w, _ in self.samples if w == weight]
+        return times[-1] - times[0] if times else 0.0
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+@dataclass
+class Stage:
+    workdir: Path
+    backends: Backends
+    policies: Path
+    state: Path
+    plane: Plane
+    envoy: EnvoyProcess
+    port: int
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def route(self) -> str:
+        return f"route-127.0.0.1-{self.port}"
+
+    def write_policy(self, version: str, strategy: dict[str, Any] | None = None) -> None:
+        write_policy(self.policies, self.port, version, self.backends.address(version), strategy)
+
+    def weights(self) -> dict[str, int]:
+        return self.envoy.route_weights(self.route).get(NAME, {})
+
+    def envoy_connected(self) -> bool:
+        return self.envoy.stats().get("control_plane.connected_state") == 1
+
+    def evidence(self) -> str:
+        """Envoy's error counters, its route and clusters, and the plane's warnings, for messages."""
+        keys = (
+            "no_cluster",
+            "no_route",
+            "upstream_rq_5xx",
+            "upstream_cx_connect_fail",
+            "downstream_rq_5xx",
+            "rq_timeout",
+            "update_rejected",
+        )
+        stats: dict[str, Any]
+        try:
+            stats = {k: v for k, v in self.envoy.stats().items() if v and any(key in k for key in keys)}
+            clusters = sorted(self.envoy.cluster_names())
+            weights = self.weights()
+        except Exception as exc:  # Envoy itself gone: say so
+            stats, clusters, weights = {"envoy admin error": repr(exc)}, [], {}
+        warnings = [
+            f"{p.name}: {e.get('ts')} {e.get('logger')} {e.get('message')}"
+            for p in self.plane.processes
+            for e in self.plane.log_entries(p)
+            if e.get("level") in ("warning", "error", "critical") or "rollout" in str(e.get("message", ""))
+        ]
+        state = None
+        with contextlib.suppress(Exception):
+            state = saved_phase(self.state)
+        return (
+            f"\nEnvoy stats {stats}\nEnvoy route {weights}, clusters {clusters}\nsaved state {state}"
+            "\nplane log (rollout lines and warnings):\n  " + "\n  ".join(warnings[-40:])
+        )
+
+    def record(self, test: str, **values: Any) -> None:
+        self.timings.update(values)
+        print(f"[crash-safety] {test}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+
+
+def write_policy(
+    policies: Path, port: int, version: str, endpoint: str, strategy: dict[str, Any] | None = None
+) -> None:
+    spec: dict[str, Any] = {
+        "listener": {"address": "127.0.0.1", "port": port},
+        "hosts": [HOST],
+        "version": version,
+        "endpoints": [endpoint],
+    }
+    if strategy is not None:
+        spec["strategy"] = strategy
+    doc = {"apiVersion": "aviary.dev/v1", "kind": "Rollout", "metadata": {"name": NAME}, "spec": spec}
+    tmp = policies / f".{NAME}.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    tmp.replace(policies / f"{NAME}.yaml")  # the watcher never reads half a file
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def write_results(test: str, values: dict[str, Any]) -> None:
+    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        results = json.loads(RESULTS_FILE.read_text())
+    results[test] = values
+    RESULTS_FILE.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+@pytest.fixture
+def stage(
+    workdir: Path, backends: Backends, envoy_factory: EnvoyFactory, request: pytest.FixtureRequest
+) -> Iterator[Stage]:
+    """Stable v1 served by `aviary serve` (state file in tmp) to one Envoy, which is LIVE."""
+    backends.start(["v1", "v2"])
+    policies = workdir / "policies"
+    policies.mkdir()
+    plane = Plane(workdir / "aviary", policies, workdir / "state" / "aviary.db")
+    (port,) = free_ports(1)
+    try:
+        write_policy(policies, port, "v1", backends.address("v1"))
+        plane.start()
+        envoy = envoy_factory(plane.xds_port, node_id=NODE)
+        stage = Stage(workdir, backends, policies, plane.state, plane, envoy, port)
+        envoy.wait_ready()
+        envoy.wait_for_listener(port)
+        wait_until(lambda: stage.weights() == {OLD: 100}, 10, what=f"Envoy route {{{OLD}: 100}}")
+        yield stage
+    finally:
+        if request.node.stash.get(_FAILED, False):
+            print(f"\n===== {plane.describe()}")
+        plane.stop()
+
+
+def kill_and_restart(stage: Stage, test: str) -> dict[str, float]:
+    """SIGKILL the plane, start it again with the same args, wait for Envoy to reconnect."""
+    plane = stage.plane
+    killed_at = time.monotonic()
+    plane.current.kill9()
+    # Envoy notices the dead stream (TCP reset) and keeps serving its config meanwhile.
+    wait_until(lambda: not stage.envoy_connected(), 10, interval=0.01, what="Envoy to notice the dead plane")
+    noticed = time.monotonic() - killed_at
+    spawned_at = time.monotonic()
+    plane.start(timeout=20)
+    listening_at = time.monotonic()
+    wait_until(lambda: plane.proxy_connected(NODE), 30, interval=0.02, what=f"{NODE} to reconnect to the new plane")
+    plane_saw_envoy = time.monotonic()
+    wait_until(stage.envoy_connected, 10, interval=0.02, what="Envoy control_plane.connected_state == 1")
+    timing = {
+        "envoy_noticed_disconnect_s": noticed,
+        "plane_down_s": listening_at - killed_at,  # kill -> new process listening on the xDS port
+        "restart_to_listening_s": listening_at - spawned_at,
+        "restart_to_envoy_reconnected_s": plane_saw_envoy - spawned_at,
+        "listening_to_envoy_reconnected_s": plane_saw_envoy - listening_at,
+    }
+    stage.record(test, **timing)
+    return timing
+
+
+def finish_load(lg: LoadGenerator, requests: int = 100) -> LoadResult:
+    lg.wait_for_requests(requests, timeout=30)
+    return lg.stop()
+
+
+# ------------------------------------------------------------------------------ 1. kill at 30 %
+
+
+def test_kill_during_canary_step(stage: Stage, loadgen_factory: LoadgenFactory) -> None:
+    test = "kill_during_canary_step"
+    sampler = WeightSampler(stage.envoy, stage.route).start()
+    t0 = time.time()
+    try:
+        lg = loadgen_factory(f"127.0.0.1:{stage.port}", HOST, clients=CLIENTS, rate_per_client=RATE_PER_CLIENT)
+        lg.wait_for_requests(100)
+        interval = 8.0
+        stage.write_policy("v2", {"steps": [30, 60], "interval": f"{interval:g}s"})
+        started = time.monotonic()
+        wait_until(lambda: stage.weights() == {OLD: 70, CANARY: 30}, 15, what="Envoy at 30 % v2")
+        at_30 = time.monotonic() - started
+        # Kill inside the step, once the step's start (every proxy ACKed 30 %) is persisted.
+        wait_until(
+            lambda: (s := saved_rollout(stage.state)) is not None and s["weight"] == 30 and s["step_started_at"],
+            10,
+            what="step 1 (30 %) started in the state file",
+        )
+        lg.wait_for_requests(100)  # load at 30 % for a while
+        assert stage.weights() == {OLD: 70, CANARY: 30}, stage.evidence()
+        before_kill = saved_phase(stage.state)
+        killed_at = time.time()
+        timing = kill_and_restart(stage, test)
+
+        def completed() -> bool:
+            return stage.weights() == {CANARY: 100} and OLD not in stage.envoy.cluster_names()
+
+        wait_until(completed, 40, interval=0.1, what=f"100 % v2 and {OLD} gone from Envoy")
+        completed_after_restart = time.time() - killed_at - timing["plane_down_s"]
+        result = finish_load(lg)
+    finally:
+        sampler.stop()
+
+    saved = saved_phase(stage.state)
+    changes = sampler.changes(since=t0)
+    values = {
+        **timing,
+        "interval_s": interval,
+        "policy_to_envoy_30_s": at_30,
+        "restart_to_completed_s": completed_after_restart,
+        "envoy_seconds_at_30": sampler.time_at(30),
+        "envoy_seconds_at_60": sampler.time_at(60),
+        "canary_weight_changes": changes,
+        "samples": len(sampler.samples),
+        "sample_errors": sampler.errors,
+        "saved_before_kill": before_kill,
+        "saved_after": saved,
+        "requests": result.total,
+        "failed": result.failed,
+        "by_version": result.by_version,
+    }
+    stage.record(test, **{k: v for k, v in values.items() if k not in timing})
+    write_results(test, values)
+
+    assert result.failed == 0, (result.failures, result.by_status, stage.evidence())
+    assert sampler.decreases() == [], (sampler.decreases(), changes, stage.evidence())
+    seen = [w for _, w in changes]
+    assert seen == [0, 30, 60, 100], (changes, stage.evidence())
+    assert saved == ("Stable", "v2", None, 0), stage.evidence()
+    assert stage.envoy.cluster_names() == {CANARY}
+    assert timing["plane_down_s"] < 15 and timing["restart_to_envoy_reconnected_s"] < 30
+
+
+# ------------------------------------------------------------------------------ 2. kill between promotion and removal
+
+
+def test_kill_between_promotion_and_old_cluster_removal(stage: Stage, loadgen_factory: LoadgenFactory) -> None:
+    test = "kill_between_promotion_and_old_cluster_removal"
+    sampler = WeightSampler(stage.envoy, stage.route).start()
+    fake = HoldingProxy(stage.plane.xds_port, hold_until_route_drops=OLD, route=stage.route, node_id="fake-proxy")
+    t0 = time.time()
+    try:
+        fake.start()
+        # The fake proxy serves the rollout (same node cluster as Envoy) and has ACKed v1's route.
+        wait_until(
+            lambda: fake.stats().last_route_clusters == {OLD} and fake.stats().acks.get("RDS"),
+            10,
+            what="the fake proxy to ACK the route to v1",
+        )
+        assert stage.plane.proxy_connected("fake-proxy")
+        lg = loadgen_factory(f"127.0.0.1:{stage.port}", HOST, clients=CLIENTS, rate_per_client=RATE_PER_CLIENT)
+        lg.wait_for_requests(100)
+        stage.write_policy("v2", {"steps": [50], "interval": "2s"})
+        started = time.monotonic()
+
+        def window() -> bool:
+            """v2 is stable (persisted), Envoy routes 100 % to it, v1's cluster waits for the fake proxy."""
+            return (
+                fake.holding()
+                and saved_phase(stage.state) == ("Stable", "v2", None, 0)
+                and stage.weights() == {CANARY: 100}
+                and OLD in stage.envoy.cluster_names()
+            )
+
+        wait_until(window, 30, interval=0.05, what=f"Stable(v2) persisted, Envoy 100 % v2, {OLD} kept")
+        to_window = time.monotonic() - started
+        held = fake.stats()
+        lg.wait_for_requests(50)  # the window is stable: the fake proxy never ACKs
+        assert window(), stage.evidence()
+        killed_at = time.time()
+        timing = kill_and_restart(stage, test)
+
+        def completed() -> bool:
+            return stage.weights() == {CANARY: 100} and OLD not in stage.envoy.cluster_names()
+
+        wait_until(completed, 30, interval=0.05, what=f"{OLD} gone from Envoy")
+        completed_after_restart = time.time() - killed_at - timing["plane_down_s"]
+        wait_until(lambda: fake.stats().sessions >= 2, 15, what="the fake proxy to reconnect")
+        result = finish_load(lg)
+    finally:
+        sampler.stop()
+        fake.stop()
+
+    saved = saved_phase(stage.state)
+    changes = sampler.changes(since=t0)
+    values = {
+        **timing,
+        "policy_to_window_s": to_window,
+        "restart_to_old_cluster_gone_s": completed_after_restart,
+        "canary_weight_changes": changes,
+        "samples": len(sampler.samples),
+        "sample_errors": sampler.errors,
+        "fake_proxy_before_kill": {"acks": held.acks, "held_routes": held.held_routes},
+        "fake_proxy_after": {"sessions": fake.stats().sessions, "held_routes": fake.stats().held_routes},
+        "saved_after": saved,
+        "requests": result.total,
+        "failed": result.failed,
+        "by_version": result.by_version,
+    }
+    stage.record(test, **{k: v for k, v in values.items() if k not in timing})
+    write_results(test, values)
+
+    assert result.failed == 0, (result.failures, result.by_status, stage.evidence())
+    assert sampler.decreases() == [], (sampler.decreases(), changes, stage.evidence())
+    assert [w for _, w in changes] == [0, 50, 100], (changes, stage.evidence())
+    assert saved == ("Stable", "v2", None, 0), stage.evidence()
+    assert stage.envoy.cluster_names() == {CANARY}
+    assert timing["plane_down_s"] < 15 and timing["restart_to_envoy_reconnected_s"] < 30
+
+
+# ------------------------------------------------------------------------------ 3. corrupt state file
+
+
+def test_corrupt_state_file_is_refused_until_reset(workdir: Path, request: pytest.FixtureRequest) -> None:
+    test = "corrupt_state_file"
+    policies = workdir / "policies"
+    policies.mkdir()
+    state = workdir / "state" / "aviary.db"
+    state.parent.mkdir()
+    state.write_bytes(b"this is not an SQLite database\n" * 200)
+    plane = Plane(workdir / "aviary", policies, state)
+    try:
+        started = time.monotonic()
+        refused = plane.spawn()
+        code = refused.wait(20)
+        refused_after = time.monotonic() - started
+        output = refused.log_text()
+        assert code != 0, output
+        assert str(state) in output and "--reset-state" in output, output
+        assert not port_open(plane.xds_port)
+        assert state.read_bytes().startswith(b"this is not an SQLite database"), "the refused file was changed"
+
+        started = time.monotonic()
+        fresh = plane.start("--reset-state", timeout=20)
+        reset_to_listening = time.monotonic() - started
+        fresh.ensure_alive()
+        db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+        assert {"rollouts", "events"} <= tables, tables
+        stopped = fresh.stop(timeout=10)
+    finally:
+        if request.node.stash.get(_FAILED, False):
+            print(f"\n===== {plane.describe()}")
+        plane.stop()
+    message = next(line for line in output.splitlines() if "--reset-state" in line)
+    values = {
+        "exit_code": code,
+        "refused_after_s": refused_after,
+        "reset_to_listening_s": reset_to_listening,
+        "exit_code_after_sigterm": stopped,
+        "message": message,
+    }
+    print(f"[crash-safety] {test}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+    write_results(test, values)
+    assert stopped == 0, plane.describe()

@@ -1,0 +1,179 @@
+"""How admin API answers look on a terminal (rich) and in scripts (JSON). No I/O, no gRPC."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from rich.console import Group, RenderableType
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from aviary.admin.v1 import admin_pb2 as pb
+
+__all__ = [
+    "apply_event",
+    "as_json",
+    "checks_summary",
+    "event_line",
+    "proxies_table",
+    "rollout_detail",
+    "rollout_line",
+    "rollouts_table",
+    "watch_view",
+]
+
+_PHASE_STYLE = {
+    "Stable": "green",
+    "Progressing": "cyan",
+    "Paused": "yellow",
+    "Promoting": "blue",
+    "RolledBack": "red",
+}
+_OUTCOME_MARK = {"Pass": "[green]✓[/]", "Fail": "[red]✗[/]", "Inconclusive": "[yellow]?[/]"}
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def as_json(value: Message | Iterable[Message]) -> str:
+    """One message as an object, several as a list; field names as in admin.proto."""
+    if isinstance(value, Message):
+        return json.dumps(to_dict(value), sort_keys=True)
+    return json.dumps([to_dict(m) for m in value], sort_keys=True)
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _phase(phase: str) -> Text:
+    return Text(phase, style=_PHASE_STYLE.get(phase, ""))
+
+
+def _step(rollout: pb.Rollout | pb.RolloutEvent, steps: int) -> str:
+    if not rollout.canary_version or not steps:
+        return "-"
+    return f"{min(rollout.step + 1, steps)}/{steps}"
+
+
+def _weight(rollout: pb.Rollout | pb.RolloutEvent) -> str:
+    return f"{rollout.weight}%" if rollout.canary_version else "-"
+
+
+def checks_summary(checks: Iterable[pb.CheckResult]) -> str:
+    """``success=99.5 ✓  latency=120 ✗`` (rich markup); "-" for none."""
+    parts = []
+    for check in checks:
+        value = _number(check.value) if check.HasField("value") else "n/a"
+        parts.append(f"{check.name}={value} {_OUTCOME_MARK.get(check.outcome, check.outcome)}")
+    return "  ".join(parts) or "-"
+
+
+def rollouts_table(rollouts: Iterable[pb.Rollout]) -> Table:
+    table = Table("ROLLOUT", "PHASE", "STABLE", "CANARY", "WEIGHT", "STEP", "LAST CHECK", box=None, pad_edge=False)
+    for r in rollouts:
+        canary = r.canary_version or (f"[red]{r.failed_version} (failed)[/]" if r.failed_version else "-")
+        table.add_row(r.name, _phase(r.phase), r.stable_version, canary, _weight(r), _step(r, r.steps),
+                      checks_summary(r.checks))
+    return table
+
+
+def _thresholds(check: pb.CheckResult) -> str:
+    limits = []
+    if check.HasField("min"):
+        limits.append(f"min {_number(check.min)}")
+    if check.HasField("max"):
+        limits.append(f"max {_number(check.max)}")
+    if check.HasField("max_decrease_from_stable"):
+        limits.append(f"max decrease from stable {_number(check.max_decrease_from_stable)}")
+    return ", ".join(limits) or "-"
+
+
+def event_line(event: pb.RolloutEvent) -> str:
+    when = event.time.ToDatetime(tzinfo=UTC).astimezone().strftime("%H:%M:%S")
+    source = event.from_phase or "-"
+    return f"{when} {event.rollout}: {source} -> {event.to_phase} weight {event.weight}%: {event.reason}"
+
+
+def rollout_detail(r: pb.Rollout) -> Group:
+    parts: list[RenderableType] = [rollouts_table([r])]
+    facts = Table.grid(padding=(0, 2))
+    facts.add_row("reason", r.reason or "-")
+    if r.canary_version:
+        acked = "not yet" if r.acked_weight < 0 else f"{r.acked_weight}%"
+        facts.add_row("acked weight", acked)
+        facts.add_row("time in step", f"{r.seconds_in_step:.0f}s" if r.seconds_in_step else "not started")
+    for override in r.overrides:
+        facts.add_row("override", f"{override.kind}: {override.detail}")
+    if r.failed_version:
+        facts.add_row("failed version", r.failed_version)
+    if r.git_commit:
+        facts.add_row("git commit", r.git_commit)
+    if r.orphaned:
+        facts.add_row("orphaned", "its policy file is gone; it keeps serving")
+    parts += [Text(""), facts]
+    if r.checks:
+        checks = Table("CHECK", "OUTCOME", "VALUE", "STABLE", "THRESHOLDS", "REASON", box=None, pad_edge=False)
+        for c in r.checks:
+            checks.add_row(c.name, _OUTCOME_MARK.get(c.outcome, "") + " " + c.outcome,
+                           _number(c.value) if c.HasField("value") else "n/a",
+                           _number(c.stable_value) if c.HasField("stable_value") else "-", _thresholds(c), c.reason)
+        parts += [Text(""), checks]
+    if r.events:
+        parts += [Text(""), Text("recent events", style="bold")]
+        parts += [Text(event_line(e)) for e in r.events[-10:]]
+    return Group(*parts)
+
+
+def rollout_line(r: pb.Rollout) -> str:
+    canary = f", canary {r.canary_version} at {r.weight}%" if r.canary_version else ""
+    return f"{r.name}: {r.phase}, stable {r.stable_version}{canary}: {r.reason}"
+
+
+def proxies_table(proxies: Iterable[pb.Proxy]) -> Table:
+    table = Table("NODE", "CLUSTER", "PEER", "CONNECTED", "ACKED", "LAST NACK", box=None, pad_edge=False)
+    for p in proxies:
+        acked = ", ".join(f"{a.type_url.rsplit('.', 1)[-1]}={a.version}" for a in p.acked) or "-"
+        nack = f"{p.last_nack.type_url.rsplit('.', 1)[-1]}: {p.last_nack.message}" if p.HasField("last_nack") else "-"
+        since = p.connected_since.ToDatetime(tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(p.node_id, p.node_cluster, p.peer, since, acked, nack)
+    return table
+
+
+def watch_view(rollouts: Mapping[str, pb.Rollout], recent: Sequence[pb.RolloutEvent]) -> Group:
+    """One bar per rollout (canary weight, step, check values), then the latest transitions."""
+    grid = Table.grid(padding=(0, 1))
+    for name in sorted(rollouts):
+        r = rollouts[name]
+        bar = ProgressBar(total=100, completed=r.weight if r.canary_version else 0, width=30)
+        grid.add_row(Text(name, style="bold"), _phase(r.phase), bar, _weight(r).rjust(4),
+                     f"step {_step(r, r.steps)}", checks_summary(r.checks))
+    if not rollouts:
+        grid.add_row("no rollouts yet")
+    lines = [Text(event_line(event), style="dim") for event in recent]
+    return Group(grid, *([Text(""), *lines] if lines else []))
+
+
+def apply_event(rollout: pb.Rollout | None, event: pb.RolloutEvent) -> pb.Rollout:
+    """``rollout`` as ``event`` left it (a new message; fields the event does not carry are kept)."""
+    updated = pb.Rollout()
+    if rollout is not None:
+        updated.CopyFrom(rollout)
+    updated.name = event.rollout
+    updated.phase = event.to_phase
+    updated.weight = event.weight
+    updated.step = event.step
+    updated.stable_version = event.stable_version
+    updated.canary_version = event.canary_version
+    updated.reason = event.reason
+    if event.checks:
+        del updated.checks[:]
+        updated.checks.extend(event.checks)
+    return updated
