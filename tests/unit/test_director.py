@@ -108,3 +108,35 @@ def test_proxy_cluster_rollout_is_gated_only_by_its_own_proxies() -> None:
                          DesiredTraffic(V1))
     director.set_desired_traffic("internal", DesiredTraffic(V2))
     assert director.published_route("internal") == {"v2": 100}
+
+
+def test_after_a_restart_gates_wait_for_the_proxies_served_before() -> None:
+    cache, proxies = SnapshotCache(), ProxyStatus()
+    director = TrafficDirector(cache, proxies)
+    director.expect_proxies({"envoy-1"}, grace=60)
+    director.set_rollout("checkout", PLACEMENT, DesiredTraffic(V1, V2, 50))  # restored: published as is
+    assert director.published_route("checkout") == {"v1": 50, "v2": 50}
+    acked: list[DesiredTraffic] = []
+    director.on_traffic_acked(lambda name, traffic: acked.append(traffic))
+
+    director.set_desired_traffic("checkout", DesiredTraffic(V2))  # the step ended while Envoy is away
+    assert director.published_route("checkout") == {"v1": 50, "v2": 50}  # no proxy has confirmed anything
+    assert acked == []
+
+    envoy = FakeEnvoy(cache, proxies)  # Envoy is back
+    envoy.ack(typeurls.CLUSTER)
+    envoy.ack(typeurls.ENDPOINT)
+    assert director.published_route("checkout") == {"v2": 100}
+    assert envoy.clusters() == {"checkout-v1", "checkout-v2"}  # v1 kept until the new route is ACKed
+    envoy.ack(typeurls.ROUTE)
+    assert envoy.clusters() == {"checkout-v2"}
+    assert acked == [DesiredTraffic(V2)]
+
+
+def test_reconnect_grace_expires() -> None:
+    cache, proxies = SnapshotCache(), ProxyStatus()
+    director = TrafficDirector(cache, proxies)
+    director.expect_proxies({"gone-for-good"}, grace=0)
+    director.set_rollout("checkout", PLACEMENT, DesiredTraffic(V1))
+    director.set_desired_traffic("checkout", DesiredTraffic(V2))
+    assert director.published_route("checkout") == {"v2": 100}

@@ -110,10 +110,34 @@ def test_migration_from_an_empty_file(tmp_path: Path) -> None:
     assert "checkout" in store.load()
 
 
+def test_last_alive_and_proxies_round_trip(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.db")
+    assert store.last_alive() == (None, frozenset())
+    store.mark_alive(1234.5, ["envoy-2", "envoy-1", "envoy-1"])
+    store.close()
+    assert StateStore(tmp_path / "state.db").last_alive() == (1234.5, frozenset({"envoy-1", "envoy-2"}))
+
+
+def test_migration_from_version_1_keeps_rollouts(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = StateStore(path)
+    store.save(CANARY, ROLLOUT)
+    store.close()
+    db = sqlite3.connect(path)  # back to the version 1 layout, as an older Aviary left it
+    db.execute("DROP TABLE meta")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    store = StateStore(path)
+    assert store.schema_version == SCHEMA_VERSION
+    assert store.load()["checkout"].status == CANARY
+    store.mark_alive(1.0, [])
+
+
 def test_resumed_keeps_time_spent_and_restarts_analysis() -> None:
     status = RolloutStatus("checkout", Phase.PROGRESSING, V1, V2, weight=30, step_started_at=1000.0,
                            acked_weight=30, step_checked_at=1010.0)
-    # Saved 20 s into the step, restarted 100 s later: still 20 s into the step.
+    # Last alive 20 s into the step, restarted 100 s later: still 20 s into the step.
     after = resumed(status, saved_at=1020.0, now=1120.0)
     assert after.step_started_at == 1100.0
     assert after.step_checked_at is None and after.step_outcome is None

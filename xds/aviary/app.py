@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from aviary.tls import ServerTls, server_credentials
 
 log = logging.getLogger("aviary")
 
+HEARTBEAT_SECONDS = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
@@ -41,6 +44,7 @@ class ServeConfig:
     reset_state: bool = False
     prune: bool = False
     metrics_address: str | None = None  # HOST:PORT for /metrics; None: not served
+    reconnect_grace: float = 30.0  # after a restart, how long gates wait for the proxies served before
     # -- admin API and TLS
     admin: AdminConfig | None = None  # None: no admin API
     xds_tls: ServerTls | None = None
@@ -77,7 +81,9 @@ class ControlPlane:
     async def load(self) -> None:
         """Everything that decides what to serve, before any proxy can connect."""
         if self.store is not None:
-            self.runner.restore(self.store.load())
+            last_alive, proxies = self.store.last_alive()
+            self.director.expect_proxies(proxies, self.config.reconnect_grace)
+            self.runner.restore(self.store.load(), last_alive)
         policy_set = await self.watcher.load_once()
         await self.apply_policies(policy_set, [])
 
@@ -93,6 +99,8 @@ class ControlPlane:
         log.info("xDS (ADS) listening on %s", self.config.xds_address.rsplit(":", 1)[0] + f":{self.xds_port}")
         self._tasks.append(asyncio.create_task(self.watcher.run(), name="policy-watcher"))
         self._tasks.append(asyncio.create_task(self.runner.run(), name="rollout-engine"))
+        if self.store is not None:
+            self._tasks.append(asyncio.create_task(self._keep_alive(self.store), name="state-heartbeat"))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self.watcher.reload)
@@ -120,6 +128,12 @@ class ControlPlane:
         if self.store is not None:
             self.store.close()
             self.store = None
+
+    async def _keep_alive(self, store: StateStore) -> None:
+        """Once a second: when we were last alive and whom we served, for the next restart."""
+        while True:
+            store.mark_alive(time.time(), (proxy.node_id for proxy in self.proxies))
+            await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def apply_policies(self, policy_set: PolicySet, errors: list[PolicyError]) -> None:
         """Hand the policy files that are valid now to the rollout engine."""

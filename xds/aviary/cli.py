@@ -44,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
         reset_state=args.reset_state,
         prune=args.prune,
         metrics_address=args.metrics_address or None,
+        reconnect_grace=args.reconnect_grace,
         **admin_and_tls,
     )
 
@@ -101,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state", default=None, help="SQLite state file (default: STATE_DIR/state.db)")
     serve.add_argument(
         "--reset-state", action="store_true", help="discard the state file and start fresh (on purpose)"
+    )
+    serve.add_argument(
+        "--reconnect-grace", type=float, default=30.0, metavar="SECONDS",
+        help="after a restart, how long rollouts wait for the proxies served before to reconnect",
     )
     serve.add_argument(
         "--prune", action="store_true", help="remove rollouts whose policy file is gone (default: keep, orphaned)"

@@ -64,9 +64,9 @@ class CommandRefused(Exception):
 
 
 def resumed(status: RolloutStatus, saved_at: float, now: float) -> RolloutStatus:
-    """A persisted status continued after a restart at `now`.
+    """A persisted status continued after a restart at `now`; `saved_at`: when it was last alive.
 
-    The step keeps the time it had spent before the save (its clock is shifted by the downtime);
+    The step keeps the time it had spent before the crash (its clock is shifted by the downtime);
     the analysis starts afresh: the latest round in this step is forgotten, so the step needs a
     new passing round, over a window that begins after the restart. Counters are kept.
     """
@@ -153,7 +153,7 @@ class RolloutRunner:
 
     # ---- restart -------------------------------------------------------------------------
 
-    def restore(self, saved: Mapping[str, SavedRollout]) -> None:
+    def restore(self, saved: Mapping[str, SavedRollout], last_alive: float | None = None) -> None:
         """Continue from persisted state: call before the first policies and before serving.
 
         Each rollout's traffic is published exactly as persisted, so reconnecting proxies are never
@@ -162,7 +162,7 @@ class RolloutRunner:
         """
         now = self._clock()
         for name, entry in saved.items():
-            status = resumed(entry.status, entry.saved_at, now)
+            status = resumed(entry.status, max(entry.saved_at, last_alive or 0.0), now)
             self._status[name] = status
             self._rollouts[name] = entry.rollout
             self._history[name] = deque(entry.events, maxlen=EVENT_HISTORY)

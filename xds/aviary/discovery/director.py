@@ -16,7 +16,10 @@ With no proxy connected every gate is open and all three happen in one call.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -86,6 +89,8 @@ class TrafficDirector:
         self._built: list[tuple[str, tuple[PublishedRollout, ...]]] | None = None
         self._unsettled: set[str] = set()
         self._waiting: set[int] = set()  # stream ids of the proxies an unsettled rollout waits for
+        self._expected: set[str] = set()  # node ids to wait for after a restart
+        self._expected_until = 0.0
         self._ack_listeners: list[AckListener] = []
         self._nack_listeners: list[NackListener] = []
         proxies.subscribe(self._on_proxy_event)
@@ -117,6 +122,31 @@ class TrafficDirector:
         self._published.pop(name, None)
         self._acked.pop(name, None)
         self.reconcile()
+
+    def expect_proxies(self, node_ids: Iterable[str], grace: float) -> None:
+        """After a restart: keep every gate closed until these proxies are back, or `grace` s pass.
+
+        With no proxy connected every gate would be open, so a restarted control plane could
+        promote, or remove a cluster a proxy still routes to, before that proxy has even
+        reconnected. The proxies the previous process served are waited for instead.
+        """
+        self._expected = set(node_ids)
+        if not self._expected:
+            return
+        self._expected_until = time.monotonic() + grace
+        log.info("waiting up to %.0fs for %d proxies to reconnect: %s", grace, len(self._expected),
+                 ", ".join(sorted(self._expected)))
+        with contextlib.suppress(RuntimeError):  # no running loop: the deadline is checked lazily
+            asyncio.get_running_loop().call_later(grace, self.reconcile)
+
+    def _awaiting_reconnect(self) -> bool:
+        if not self._expected:
+            return False
+        self._expected -= {proxy.node_id for proxy in self._proxies}
+        if self._expected and time.monotonic() >= self._expected_until:
+            log.warning("proxies did not reconnect within the grace period: %s", ", ".join(sorted(self._expected)))
+            self._expected.clear()
+        return bool(self._expected)
 
     def on_traffic_acked(self, listener: AckListener) -> None:
         """`listener(rollout, traffic)` when every serving proxy ACKed the route for `traffic`."""
@@ -223,11 +253,15 @@ class TrafficDirector:
                 yield proxy, self._cache.snapshot_for(proxy.node_cluster)
 
     def _cluster_ready(self, name: str, backend: Backend) -> bool:
+        if self._awaiting_reconnect():
+            return False
         cluster = cluster_name(name, backend.version)
         return all(cluster_acked(proxy, snapshot, cluster) for proxy, snapshot in self._serving(name))
 
     def _route_acked(self, name: str, without: frozenset[str] = frozenset()) -> bool:
         """Every serving proxy ACKed the published route(s), and those no longer name `without`."""
+        if self._awaiting_reconnect():
+            return False
         routes = self._route_names(name)
         return all(route_acked(proxy, snapshot, routes, without) for proxy, snapshot in self._serving(name))
 
@@ -274,6 +308,9 @@ class TrafficDirector:
         # leaving, a subscription narrowing. A full pass runs once the last proxy that held things
         # up has moved on; until then each event re-checks only its own proxy.
         if not self._unsettled or not isinstance(event, ResourcesAcked | ProxyDisconnected | SubscriptionChanged):
+            return
+        if self._expected:
+            self.reconcile()  # after a restart: each returning proxy may be the last one awaited
             return
         if event.stream_id in self._waiting:
             proxy = self._proxies.get(event.stream_id)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +59,13 @@ def _v1(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
-MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1,)
+def _v2(db: sqlite3.Connection) -> None:
+    # What a restart needs besides rollouts: when the previous process was last alive (so a step
+    # keeps the time it had spent) and which proxies it served (so gates wait for them to return).
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+MIGRATIONS: Sequence[Callable[[sqlite3.Connection], None]] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -151,6 +157,25 @@ class StateStore:
                     "(SELECT id FROM events WHERE rollout = ? ORDER BY id DESC LIMIT ?)",
                     (status.rollout, status.rollout, EVENTS_KEPT),
                 )
+
+    def mark_alive(self, at: float, proxies: Iterable[str]) -> None:
+        """Record that this process was alive at `at`, serving these proxy node ids."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('alive', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (json.dumps({"at": at, "proxies": sorted(set(proxies))}),),
+            )
+
+    def last_alive(self) -> tuple[float | None, frozenset[str]]:
+        """When the previous process was last alive, and the proxies it served then."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'alive'").fetchone()
+        if row is None:
+            return None, frozenset()
+        try:
+            value = json.loads(row[0])
+            return float(value["at"]), frozenset(str(p) for p in value["proxies"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateError(self._unusable(f"meta 'alive' cannot be decoded: {exc}")) from exc
 
     def delete(self, name: str) -> None:
         with self._transaction():
