@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,10 @@ from aviary.discovery.director import TrafficDirector
 from aviary.discovery.proxy_status import ProxyStatus
 from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
 from aviary.observability import ControlPlaneMetrics
+from aviary.policy.git import redact
+from aviary.policy.git_source import GitPolicySource, is_git_repository
 from aviary.policy.schema import PolicyError, PolicySet
+from aviary.policy.source import PolicyState
 from aviary.policy.watcher import DirectoryWatcher
 from aviary.runner import RolloutRunner
 from aviary.store.sqlite import StateStore
@@ -36,7 +40,11 @@ HEARTBEAT_SECONDS = 1.0
 
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
-    policies: Path
+    policies: Path | str  # a directory, or a git repository (URL or local path)
+    git_branch: str | None = None  # default: the remote's default branch
+    git_path: str = ""  # sub-folder of the repository holding the policy files
+    git_poll: float = 10.0
+    state_dir: Path | None = None  # where the git working copy lives; None: a temporary directory
     xds_address: str = "127.0.0.1:18000"
     poll_interval: float = 1.0
     prometheus_url: str | None = None
@@ -63,7 +71,8 @@ class ControlPlane:
         self.ads = AggregatedDiscoveryService(self.cache, self.proxies.apply)
         self.metrics = ControlPlaneMetrics(self.proxies, self.runner)
         self.metrics_port = 0
-        self.watcher = DirectoryWatcher(config.policies, self.apply_policies, config.poll_interval)
+        self.watcher = self._policy_source(config)
+        self.policy_errors: list[PolicyError] = []
         self.xds_port = 0
         # -- TLS and admin API: bad files, or an exposed admin address without a token, fail here
         self._xds_credentials = server_credentials(config.xds_tls) if config.xds_tls else None
@@ -73,6 +82,28 @@ class ControlPlane:
         self._admin: AdminServer | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _policy_source(self, config: ServeConfig) -> DirectoryWatcher | GitPolicySource:
+        if not is_git_repository(config.policies):
+            return DirectoryWatcher(Path(config.policies), self.apply_policies, config.poll_interval)
+        workdir = config.state_dir / "git" if config.state_dir else Path(tempfile.mkdtemp(prefix="aviary-git-"))
+        return GitPolicySource(
+            str(config.policies), workdir, self.apply_policies, config.git_branch, config.git_path, config.git_poll
+        )
+
+    def policy_state(self) -> PolicyState:
+        """Where policies come from, which commit serves, and what was refused (for status)."""
+        source = self.watcher
+        if isinstance(source, GitPolicySource):
+            rejection = source.last_rejection
+            return PolicyState(
+                source=redact(str(self.config.policies)),
+                applied_commit=source.current.revision,
+                rejected_commit=rejection.sha if rejection else None,
+                errors=tuple(rejection.errors) if rejection else (),
+                fetch_error=source.fetch_error,
+            )
+        return PolicyState(source=str(self.config.policies), errors=tuple(self.policy_errors))
 
     async def start(self) -> None:
         await self.load()
@@ -85,7 +116,8 @@ class ControlPlane:
             self.director.expect_proxies(proxies, self.config.reconnect_grace)
             self.runner.restore(self.store.load(), last_alive)
         policy_set = await self.watcher.load_once()
-        await self.apply_policies(policy_set, [])
+        errors = self.watcher.errors if isinstance(self.watcher, DirectoryWatcher) else []
+        await self.apply_policies(policy_set, errors)
 
     async def serve(self) -> None:
         """Listen: the first proxy to connect gets the full configuration decided by `load()`."""
@@ -105,7 +137,8 @@ class ControlPlane:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self.watcher.reload)
         if self.config.admin is not None:
-            self._admin = await start_admin_server(self.config.admin, AdminService(self.runner, self.proxies))
+            service = AdminService(self.runner, self.proxies, self.policy_state)
+            self._admin = await start_admin_server(self.config.admin, service)
             self.admin_port = self._admin.port
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -137,6 +170,7 @@ class ControlPlane:
 
     async def apply_policies(self, policy_set: PolicySet, errors: list[PolicyError]) -> None:
         """Hand the policy files that are valid now to the rollout engine."""
+        self.policy_errors = list(errors)
         self.metrics.policies_applied(errors)
         self.runner.apply_policies(policy_set)
 

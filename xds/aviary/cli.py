@@ -14,6 +14,8 @@ from aviary.admin.commands import add_admin_commands
 from aviary.admin.options import add_serve_options, serve_settings
 from aviary.admin.server import AdminConfigError
 from aviary.app import ControlPlane, ServeConfig
+from aviary.policy.git import validate_repository_url
+from aviary.policy.git_source import is_git_repository
 from aviary.policy.loader import validate_paths
 from aviary.store.sqlite import StateError
 from aviary.tls import TlsConfigError
@@ -26,10 +28,18 @@ def default_state_dir() -> Path:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    policies = Path(args.policies)
-    if not policies.is_dir():
-        print(f"aviary serve: --policies {policies}: not a directory", file=sys.stderr)
+    policies: Path | str = args.policies
+    if is_git_repository(args.policies):
+        try:
+            validate_repository_url(args.policies)
+        except ValueError as exc:
+            print(f"aviary serve: --policies {args.policies!r}: {exc}", file=sys.stderr)
+            return 2
+    elif not Path(args.policies).is_dir():
+        print(f"aviary serve: --policies {args.policies}: not a directory or git repository", file=sys.stderr)
         return 2
+    else:
+        policies = Path(args.policies)
     state_dir = Path(args.state_dir)
     try:
         admin_and_tls = serve_settings(args)
@@ -38,6 +48,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     config = ServeConfig(
         policies=policies,
+        git_branch=args.git_branch,
+        git_path=args.git_path,
+        git_poll=args.git_poll,
+        state_dir=state_dir,
         xds_address=args.xds_address,
         prometheus_url=args.prometheus_url,
         state_path=Path(args.state) if args.state else state_dir / "state.db",
@@ -90,7 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Also accepted after `serve`, where operators look for them.
     serve.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", default=argparse.SUPPRESS, choices=["text", "json"])
-    serve.add_argument("--policies", required=True, help="directory of policy files")
+    serve.add_argument(
+        "--policies", required=True,
+        help="directory of policy files, or a git repository (URL, or local path to a repository)",
+    )
+    serve.add_argument("--git-branch", default=None, help="branch to follow (default: the remote's default)")
+    serve.add_argument("--git-path", default="", help="sub-folder of the repository with the policy files")
+    serve.add_argument("--git-poll", type=float, default=10.0, metavar="SECONDS", help="how often to fetch")
     serve.add_argument("--xds-address", default="127.0.0.1:18000", help="HOST:PORT for the ADS gRPC server")
     serve.add_argument(
         "--prometheus-url", default=None, help="Prometheus for analysis checks whose policy names none"

@@ -100,8 +100,12 @@ class AdminClient:
     # ---- the API ---------------------------------------------------------------------------
 
     async def list_rollouts(self) -> list[pb.Rollout]:
+        return list((await self.overview()).rollouts)
+
+    async def overview(self) -> pb.ListRolloutsResponse:
+        """Every rollout, plus the policy source: applied commit and anything refused."""
         response: pb.ListRolloutsResponse = await self._call("ListRollouts", pb.ListRolloutsRequest())
-        return list(response.rollouts)
+        return response
 
     async def get_rollout(self, name: str) -> pb.Rollout:
         rollout: pb.Rollout = await self._call("GetRollout", pb.GetRolloutRequest(name=name))

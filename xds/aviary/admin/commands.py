@@ -93,8 +93,12 @@ async def _status(client: AdminClient, args: argparse.Namespace, console: Consol
         rollout = await client.get_rollout(args.name)
         print(render.as_json(rollout)) if _json(args) else console.print(render.rollout_detail(rollout))
     else:
-        rollouts = await client.list_rollouts()
-        print(render.as_json(rollouts)) if _json(args) else console.print(render.rollouts_table(rollouts))
+        overview = await client.overview()
+        if _json(args):
+            print(render.as_json(overview.rollouts))
+        else:
+            console.print(render.rollouts_table(overview.rollouts))
+            console.print(render.policy_summary(overview.policy))
     return 0
 
 

@@ -17,6 +17,7 @@ from aviary.discovery.proxy_status import ProxyView
 from aviary.policy.analysis import CheckResult
 from aviary.policy.rollout_state import Hold, RolloutStatus, TransitionEvent
 from aviary.policy.schema import PolicyError, RolloutSpec
+from aviary.policy.source import PolicyState
 
 __all__ = [
     "RECENT_EVENTS",
@@ -140,4 +141,13 @@ def proxy_message(proxy: ProxyView) -> pb.Proxy:
 def validate_errors(errors: Iterable[PolicyError]) -> pb.ValidateResponse:
     return pb.ValidateResponse(
         errors=[pb.ValidateError(file=e.file, field=e.field, reason=e.reason) for e in errors]
+    )
+
+
+def policy_message(state: PolicyState) -> pb.PolicySource:
+    return pb.PolicySource(
+        source=state.source,
+        applied_commit=state.applied_commit or "",
+        rejected_commit=state.rejected_commit or "",
+        errors=[pb.ValidateError(file=e.file, field=e.field, reason=e.reason) for e in state.errors],
     )

@@ -177,3 +177,18 @@ def apply_event(rollout: pb.Rollout | None, event: pb.RolloutEvent) -> pb.Rollou
         del updated.checks[:]
         updated.checks.extend(event.checks)
     return updated
+
+
+def policy_summary(policy: pb.PolicySource) -> Text:
+    """Where policies come from; a refused commit or file in red, with file, field and reason."""
+    text = Text(f"policies: {policy.source or '-'}")
+    if policy.applied_commit:
+        text.append(f"  applied commit {policy.applied_commit[:12]}")
+    if policy.rejected_commit:
+        refused = f"\nrejected commit {policy.rejected_commit[:12]} (the applied one keeps serving):"
+        text.append(refused, style="bold red")
+    elif policy.errors:
+        text.append("\nrejected files (their last good version keeps serving):", style="bold red")
+    for error in policy.errors:
+        text.append(f"\n  {error.file}: {error.field}: {error.reason}", style="red")
+    return text

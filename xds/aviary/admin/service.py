@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -37,6 +37,7 @@ from aviary.policy.rollout_state import (
     SetWeight,
     TransitionEvent,
 )
+from aviary.policy.source import PolicyState
 from aviary.runner import CommandRefused, RolloutRunner
 
 __all__ = ["SERVICE_NAME", "WATCH_BUFFER", "AdminService"]
@@ -65,9 +66,15 @@ async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoRet
 class AdminService:
     """Implements ``aviary.admin.v1.Admin``; register with :meth:`add_to_server`."""
 
-    def __init__(self, runner: RolloutRunner, proxies: ProxyStatus) -> None:
+    def __init__(
+        self,
+        runner: RolloutRunner,
+        proxies: ProxyStatus,
+        policy_state: Callable[[], PolicyState] | None = None,
+    ) -> None:
         self._runner = runner
         self._proxies = proxies
+        self._policy_state = policy_state
         self._watches: set[asyncio.Queue[TransitionEvent | _End]] = set()
 
     def close(self) -> None:
@@ -123,7 +130,10 @@ class AdminService:
     async def ListRollouts(self, request: pb.ListRolloutsRequest, context: Context) -> pb.ListRolloutsResponse:
         clock = self._clock()
         statuses = self._runner.statuses()
-        return pb.ListRolloutsResponse(rollouts=[self._message(statuses[n], clock) for n in sorted(statuses)])
+        response = pb.ListRolloutsResponse(rollouts=[self._message(statuses[n], clock) for n in sorted(statuses)])
+        if self._policy_state is not None:
+            response.policy.CopyFrom(convert.policy_message(self._policy_state()))
+        return response
 
     async def GetRollout(self, request: pb.GetRolloutRequest, context: Context) -> pb.Rollout:
         return self._message(await self._known(request.name, context))

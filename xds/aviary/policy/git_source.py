@@ -353,3 +353,19 @@ def _normalise_path(path: str) -> str:
     if ".." in pure.parts:
         raise ValueError(f"invalid policy path {path!r}: must stay inside the repository (no '..')")
     return "" if str(pure) == "." else str(pure)
+
+
+_REMOTE = re.compile(r"^[a-z][a-z0-9+.-]*://|^[^/\s:@]+@[^/\s:]+:")
+
+
+def is_git_repository(policies: str | Path) -> bool:
+    """Whether `--policies` names a git repository rather than a plain directory of files.
+
+    URLs (https://, ssh://, file://, git@host:path) are repositories; a local path is one when it
+    is a repository's top folder (it holds .git) or a bare repository (HEAD and objects/).
+    """
+    text = str(policies)
+    if _REMOTE.match(text):
+        return True
+    path = Path(text)
+    return (path / ".git").exists() or ((path / "HEAD").is_file() and (path / "objects").is_dir())

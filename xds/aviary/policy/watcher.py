@@ -68,6 +68,11 @@ class DirectoryWatcher:
     def current(self) -> PolicySet:
         return self._book.current
 
+    @property
+    def errors(self) -> list[PolicyError]:
+        """The problems of the latest load (empty when every file is valid)."""
+        return list(self._errors or [])
+
     def reload(self) -> None:
         """Re-read the directory on the next loop turn even if nothing looks changed (SIGHUP)."""
         self._reload.set()

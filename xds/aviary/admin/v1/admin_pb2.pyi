@@ -14,10 +14,24 @@ class ListRolloutsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListRolloutsResponse(_message.Message):
-    __slots__ = ("rollouts",)
+    __slots__ = ("rollouts", "policy")
     ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
-    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...
+    policy: PolicySource
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., policy: _Optional[_Union[PolicySource, _Mapping]] = ...) -> None: ...
+
+class PolicySource(_message.Message):
+    __slots__ = ("source", "applied_commit", "rejected_commit", "errors")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_COMMIT_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_COMMIT_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    applied_commit: str
+    rejected_commit: str
+    errors: _containers.RepeatedCompositeFieldContainer[ValidateError]
+    def __init__(self, source: _Optional[str] = ..., applied_commit: _Optional[str] = ..., rejected_commit: _Optional[str] = ..., errors: _Optional[_Iterable[_Union[ValidateError, _Mapping]]] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("name",)
