@@ -140,3 +140,19 @@ def test_reconnect_grace_expires() -> None:
     director.set_rollout("checkout", PLACEMENT, DesiredTraffic(V1))
     director.set_desired_traffic("checkout", DesiredTraffic(V2))
     assert director.published_route("checkout") == {"v2": 100}
+
+
+def test_removal_is_make_before_break() -> None:
+    cache, proxies, director = _setup()
+    director.set_rollout("payments", PLACEMENT.__class__(PLACEMENT.listener, ("pay.example.com",)),
+                         DesiredTraffic(V1))
+    envoy = FakeEnvoy(cache, proxies)
+    for type_url in (typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.ROUTE):
+        envoy.ack(type_url)
+    director.remove_rollout("payments")
+    route = cache.snapshot_for("edge").items(typeurls.ROUTE)[ROUTE]
+    assert "payments-v1" not in route.references  # the virtual host is gone at once
+    assert "payments-v1" in envoy.clusters()  # its cluster stays until the route is ACKed
+    envoy.ack(typeurls.ROUTE)
+    assert envoy.clusters() == {"checkout-v1"}
+    assert director.rollout_names() == ["checkout"]

@@ -89,6 +89,7 @@ class TrafficDirector:
         self._built: list[tuple[str, tuple[PublishedRollout, ...]]] | None = None
         self._unsettled: set[str] = set()
         self._waiting: set[int] = set()  # stream ids of the proxies an unsettled rollout waits for
+        self._removing: set[str] = set()  # removed rollouts whose clusters wait for route ACKs
         self._expected: set[str] = set()  # node ids to wait for after a restart
         self._expected_until = 0.0
         self._ack_listeners: list[AckListener] = []
@@ -106,6 +107,7 @@ class TrafficDirector:
         """THE place where a rollout's canary weight is set."""
         if name not in self._placements:
             raise KeyError(f"unknown rollout {name!r}")
+        self._removing.discard(name)
         if self._desired.get(name) != traffic:
             log.info("rollout %s: desired %s", name, _describe(traffic))
         self._desired[name] = traffic
@@ -117,10 +119,15 @@ class TrafficDirector:
         self.set_desired_traffic(name, replace(current, canary_weight=weight))
 
     def remove_rollout(self, name: str) -> None:
-        self._placements.pop(name, None)
+        """Remove make-before-break: the virtual host goes first, its clusters once that is ACKed."""
         self._desired.pop(name, None)
-        self._published.pop(name, None)
         self._acked.pop(name, None)
+        published = self._published.get(name)
+        if published is None:
+            self._placements.pop(name, None)
+        else:
+            published.route = ()
+            self._removing.add(name)
         self.reconcile()
 
     def expect_proxies(self, node_ids: Iterable[str], grace: float) -> None:
@@ -178,7 +185,7 @@ class TrafficDirector:
             if not self._advance():
                 break
         self._notify_acked()
-        self._unsettled = {name for name in self._desired if not self._settled(name)}
+        self._unsettled = {name for name in self._desired if not self._settled(name)} | self._removing
         self._waiting = {p.stream_id for p in self._proxies if self._holds_up(p)} if self._unsettled else set()
 
     def _settled(self, name: str) -> bool:
@@ -195,6 +202,10 @@ class TrafficDirector:
 
     def _advance(self) -> bool:
         """One pass: move each rollout's published state as far as the gates allow, publish."""
+        for name in list(self._removing):
+            if self._removal_acked(name):
+                self._removing.discard(name)
+                del self._published[name], self._placements[name]
         for name, desired in self._desired.items():
             published = self._published.get(name)
             wanted = _route_of(desired)
@@ -265,6 +276,18 @@ class TrafficDirector:
         routes = self._route_names(name)
         return all(route_acked(proxy, snapshot, routes, without) for proxy, snapshot in self._serving(name))
 
+    def _removal_acked(self, name: str) -> bool:
+        """Every serving proxy ACKed routes without this rollout (or its listener is gone)."""
+        if self._awaiting_reconnect():
+            return False
+        routes, clusters = self._route_names(name), self._cluster_names(name)
+        return all(
+            route_acked(proxy, snapshot, routes, clusters, missing_ok=True) for proxy, snapshot in self._serving(name)
+        )
+
+    def _cluster_names(self, name: str) -> frozenset[str]:
+        return frozenset(cluster_name(name, version) for version in self._published[name].clusters)
+
     def _route_names(self, name: str) -> tuple[str, str]:
         return route_name(self._placements[name].listener), grpc_route_name(name)
 
@@ -280,6 +303,11 @@ class TrafficDirector:
         for name in self._unsettled:
             placement, published = self._placements[name], self._published.get(name)
             if published is None or placement.proxy_cluster not in (None, group):
+                continue
+            if name in self._removing:
+                routes, clusters = self._route_names(name), self._cluster_names(name)
+                if not route_acked(proxy, snapshot, routes, clusters, missing_ok=True):
+                    return True
                 continue
             wanted = _route_of(self._desired[name])
             if published.route != wanted:

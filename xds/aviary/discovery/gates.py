@@ -27,13 +27,20 @@ def cluster_acked(proxy: ProxyView, snapshot: Snapshot, cluster: str) -> bool:
     return assignment is None or proxy.acked_version_of(typeurls.ENDPOINT, cluster) == assignment.version
 
 
-def route_acked(proxy: ProxyView, snapshot: Snapshot, routes: Iterable[str], without: frozenset[str]) -> bool:
-    """The proxy ACKed every published route it subscribes to, and none of them names `without`."""
+def route_acked(
+    proxy: ProxyView, snapshot: Snapshot, routes: Iterable[str], without: frozenset[str], missing_ok: bool = False
+) -> bool:
+    """The proxy ACKed every published route it subscribes to, and none of them names `without`.
+
+    `missing_ok`: a route configuration no longer published counts as done (its listener is gone).
+    """
     subscription = proxy.subscription(typeurls.ROUTE)
     for route in routes:
         if not subscription.covers(route):
             continue
         published = snapshot.items(typeurls.ROUTE).get(route)
+        if published is None and missing_ok:
+            continue
         if published is None or published.references & without:
             return False
         if proxy.acked_version_of(typeurls.ROUTE, route) != published.version:

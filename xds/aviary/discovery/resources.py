@@ -224,6 +224,10 @@ def build_snapshot(rollouts: Iterable[PublishedRollout]) -> Snapshot:
     by_listener: dict[str, list[PublishedRollout]] = {}
     listeners: dict[str, ListenerSpec] = {}
     for rollout in rollouts:
+        if not rollout.route:  # being removed: only its clusters remain, until proxies let go
+            for backend in rollout.clusters:
+                resources.extend(build_cluster(rollout.name, backend))
+            continue
         by_listener.setdefault(rollout.listener.key, []).append(rollout)
         listeners[rollout.listener.key] = rollout.listener
         resources.append(build_api_listener(rollout.name))
