@@ -24,7 +24,7 @@ CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 
 async def one_stream(stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, index: int) -> bool:
     node = base_pb2.Node(id=f"churn-{index}", cluster="churn")
-    for _attempt in range(5):
+    for attempt in range(50):
         # With thousands of streams starting at once on one channel, grpcio's client sometimes fails
         # the very first send locally (INTERNAL "execute_batch"), before the server sees the stream.
         call = stub.StreamAggregatedResources()
@@ -33,6 +33,7 @@ async def one_stream(stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, index: i
             break
         except grpc.aio.AioRpcError:
             FAILURES[RETRIED] = FAILURES.get(RETRIED, 0) + 1
+            await asyncio.sleep(0.01 * attempt)  # back off: the channel is busy starting other streams
     else:
         return False
     try:

@@ -76,7 +76,9 @@ class RunningControlPlane:
             raise RuntimeError("control plane already running")
 
         async def boot() -> ControlPlane:
-            config = ServeConfig(self.policies_dir, f"127.0.0.1:{self.xds_port}", self.poll_interval)
+            config = ServeConfig(
+                self.policies_dir, xds_address=f"127.0.0.1:{self.xds_port}", poll_interval=self.poll_interval
+            )
             plane = ControlPlane(config)
             await plane.load()
             if hook is not None:

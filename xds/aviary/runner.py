@@ -109,6 +109,7 @@ class RolloutRunner:
         self._status: dict[str, RolloutStatus] = {}
         self._placements: dict[str, Placement] = {}
         self._saved_revision: dict[str, str | None] = {}
+        self._applied_revision: dict[str, str | None] = {}
         self._history: dict[str, deque[TransitionEvent]] = {}
         self._inbox: asyncio.Queue[tuple[str, Event]] = asyncio.Queue()
         self._checks: dict[str, asyncio.Task[None]] = {}
@@ -146,6 +147,10 @@ class RolloutRunner:
         """Its policy file is gone, and without --prune it keeps serving as it was."""
         return name in self._orphaned
 
+    def applied_revision(self, name: str) -> str | None:
+        """The git commit this rollout's policy was last applied from (kept while it is orphaned)."""
+        return self._applied_revision.get(name)
+
     @property
     def revision(self) -> str | None:
         """The git commit of the policies applied last (None for a directory)."""
@@ -165,6 +170,7 @@ class RolloutRunner:
             status = resumed(entry.status, max(entry.saved_at, last_alive or 0.0), now)
             self._status[name] = status
             self._rollouts[name] = entry.rollout
+            self._applied_revision[name] = entry.git_commit
             self._history[name] = deque(entry.events, maxlen=EVENT_HISTORY)
             self._publish(entry.rollout, desired_traffic(status))
             log.info("rollout %s restored: %s", name, _summary(status))
@@ -183,11 +189,12 @@ class RolloutRunner:
                 self._orphaned.add(name)
         for name, rollout in sorted(policy_set.rollouts.items()):
             self._orphaned.discard(name)
+            self._applied_revision[name] = policy_set.revision
             previous = self._rollouts.get(name)
             self._rollouts[name] = rollout
             if previous is None or previous.spec != rollout.spec or name not in self._status:
                 self.handle(name, SpecObserved(rollout.spec))
-            elif self._store is not None and self._saved_revision.get(name) != policy_set.revision:
+            elif self._store is not None and self._saved_revision.get(name) != self._applied_revision[name]:
                 self._save(self._status[name], [])
 
     def submit(self, name: str, event: Event) -> None:
@@ -291,8 +298,9 @@ class RolloutRunner:
         if self._store is None:
             return
         rollout = self._rollouts[status.rollout]
-        self._store.save(status, rollout, events, self._revision)
-        self._saved_revision[status.rollout] = self._revision
+        revision = self._applied_revision.get(status.rollout)
+        self._store.save(status, rollout, events, revision)
+        self._saved_revision[status.rollout] = revision
 
     def _publish(self, rollout: Rollout, traffic: DesiredTraffic) -> None:
         spec = rollout.spec
