@@ -9,7 +9,7 @@ import pytest
 
 from aviary.policy.rollout_state import Phase, RolloutStatus, TransitionEvent
 from aviary.policy.schema import Endpoint, Rollout
-from aviary.runner import resumed
+from aviary.runner import stopped_for_restart
 from aviary.store.sqlite import EVENTS_KEPT, SCHEMA_VERSION, StateError, StateStore
 from aviary.traffic import Backend
 
@@ -134,11 +134,12 @@ def test_migration_from_version_1_keeps_rollouts(tmp_path: Path) -> None:
     store.mark_alive(1.0, [])
 
 
-def test_resumed_keeps_time_spent_and_restarts_analysis() -> None:
+def test_restored_step_clock_stops_until_the_weight_is_acked_again() -> None:
     status = RolloutStatus("checkout", Phase.PROGRESSING, V1, V2, weight=30, step_started_at=1000.0,
                            acked_weight=30, step_checked_at=1010.0)
-    # Last alive 20 s into the step, restarted 100 s later: still 20 s into the step.
-    after = resumed(status, saved_at=1020.0, now=1120.0)
-    assert after.step_started_at == 1100.0
-    assert after.step_checked_at is None and after.step_outcome is None
-    assert after.weight == 30
+    # Last alive 20 s into the step: its clock stops, and 20 s are credited once proxies ACK again.
+    stopped, resumption = stopped_for_restart(status, last_alive=1020.0)
+    assert stopped.step_started_at is None
+    assert stopped.step_checked_at is None and stopped.step_outcome is None
+    assert stopped.weight == 30
+    assert resumption is not None and resumption.elapsed == 20.0

@@ -63,22 +63,30 @@ class CommandRefused(Exception):
         return f"{self.rollout}: {self.reason}"
 
 
-def resumed(status: RolloutStatus, saved_at: float, now: float) -> RolloutStatus:
-    """A persisted status continued after a restart at `now`; `saved_at`: when it was last alive.
+@dataclass(frozen=True, slots=True)
+class Resumption:
+    """How far a step had run before a restart, to credit once its weight is ACKed again."""
 
-    The step keeps the time it had spent before the crash (its clock is shifted by the downtime);
-    the analysis starts afresh: the latest round in this step is forgotten, so the step needs a
-    new passing round, over a window that begins after the restart. Counters are kept.
+    elapsed: float
+    step_index: int
+    canary_version: str | None
+
+
+def stopped_for_restart(status: RolloutStatus, last_alive: float) -> tuple[RolloutStatus, Resumption | None]:
+    """A persisted status to continue from after a restart, `last_alive` being when the old process
+    was last seen alive.
+
+    The step's clock is stopped, exactly as while a step's weight waits for its ACK: nothing is
+    time-driven until every proxy has confirmed the restored weight, so a step cannot end (and a
+    canary cannot be promoted) while Envoy is still reconnecting. The time the step had run before
+    the crash is returned, to be credited when the ACK comes. The analysis starts afresh: the step
+    needs a new passing round over a window that begins after the restart. Counters are kept.
     """
-    downtime = max(0.0, now - saved_at)
-    started = status.step_started_at
-    return replace(
-        status,
-        step_started_at=None if started is None else started + downtime,
-        step_outcome=None,
-        step_checked_at=None,
-        last_check_at=None if status.last_check_at is None else status.last_check_at + downtime,
-    )
+    stopped = replace(status, step_started_at=None, step_outcome=None, step_checked_at=None)
+    if status.step_started_at is None:
+        return stopped, None
+    elapsed = max(0.0, last_alive - status.step_started_at)
+    return stopped, Resumption(elapsed, status.step_index, status.canary.version if status.canary else None)
 
 
 def _summary(status: RolloutStatus) -> str:
@@ -110,6 +118,7 @@ class RolloutRunner:
         self._placements: dict[str, Placement] = {}
         self._saved_revision: dict[str, str | None] = {}
         self._applied_revision: dict[str, str | None] = {}
+        self._resuming: dict[str, Resumption] = {}
         self._history: dict[str, deque[TransitionEvent]] = {}
         self._inbox: asyncio.Queue[tuple[str, Event]] = asyncio.Queue()
         self._checks: dict[str, asyncio.Task[None]] = {}
@@ -162,12 +171,13 @@ class RolloutRunner:
         """Continue from persisted state: call before the first policies and before serving.
 
         Each rollout's traffic is published exactly as persisted, so reconnecting proxies are never
-        sent an older weight than they have. A running step keeps the time it had already spent;
-        its analysis starts afresh (the check window restarts).
+        sent an older weight than they have. A running step waits for the proxies to ACK that weight
+        again, then continues with the time it had already spent; its analysis starts afresh.
         """
-        now = self._clock()
         for name, entry in saved.items():
-            status = resumed(entry.status, max(entry.saved_at, last_alive or 0.0), now)
+            status, resumption = stopped_for_restart(entry.status, max(entry.saved_at, last_alive or 0.0))
+            if resumption is not None:
+                self._resuming[name] = resumption
             self._status[name] = status
             self._rollouts[name] = entry.rollout
             self._applied_revision[name] = entry.git_commit
@@ -218,12 +228,26 @@ class RolloutRunner:
             return []  # an ACK or check result for a rollout removed meanwhile
         now = self._clock()
         status, actions = step(rollout.spec, self._status.get(name), event, now, rollout=name)
+        status = self._credit_restored_step(name, status)
         if status != self._status.get(name):
             # Persist before anything is pushed: after a crash we must not serve an older weight.
             self._save(status, [a.event for a in actions if isinstance(a, RecordEvent)])
         self._status[name] = status
         self._execute(rollout, actions)
         return actions
+
+    def _credit_restored_step(self, name: str, status: RolloutStatus) -> RolloutStatus:
+        """Once a restored step's weight is ACKed again, count the time it ran before the restart."""
+        resumption = self._resuming.get(name)
+        if resumption is None:
+            return status
+        canary = status.canary.version if status.canary else None
+        if (canary, status.step_index) != (resumption.canary_version, resumption.step_index):
+            del self._resuming[name]  # another step or canary now: nothing to carry over
+        elif status.step_started_at is not None:
+            del self._resuming[name]
+            return replace(status, step_started_at=status.step_started_at - resumption.elapsed)
+        return status
 
     # ---- the loop ------------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace, action: Action) -> int:
 
     async def go() -> int:
         async with AdminClient(config) as client:
-            return await action(client, args, Console(highlight=False))
+            return await action(client, args, _console())
 
     try:
         return asyncio.run(go())
@@ -83,6 +83,14 @@ def _run(args: argparse.Namespace, action: Action) -> int:
 
 def _json(args: argparse.Namespace) -> bool:
     return bool(args.output == "json")
+
+
+def _console() -> Console:
+    """Rich output; when piped, lines are not wrapped at 80 columns (scripts grep whole lines)."""
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(highlight=False, width=1000)
+    return console
 
 
 # ---- commands ------------------------------------------------------------------------------

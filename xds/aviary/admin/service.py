@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
+import yaml
 
 from aviary.admin import convert
 from aviary.admin.v1 import admin_pb2 as pb
 from aviary.admin.v1 import admin_pb2_grpc
 from aviary.discovery.proxy_status import ProxyStatus
-from aviary.policy.loader import parse_policy_text
+from aviary.policy.loader import WHOLE_FILE, parse_policy_text
 from aviary.policy.rollout_state import (
     Abort,
     AdminCommand,
@@ -37,6 +38,7 @@ from aviary.policy.rollout_state import (
     SetWeight,
     TransitionEvent,
 )
+from aviary.policy.schema import PolicyError
 from aviary.policy.source import PolicyState
 from aviary.runner import CommandRefused, RolloutRunner
 
@@ -46,6 +48,46 @@ log = logging.getLogger("aviary.admin")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 WATCH_BUFFER = 1000
+MAX_YAML_DEPTH = 64  # the policy schema nests a handful of levels
+MAX_YAML_NODES = 100_000  # counting every alias expanded: a "billion laughs" text is refused
+
+
+def _yaml_bomb(text: str) -> str | None:
+    """Why ``text`` must not be loaded (too deep, or aliases expanding too far), or None.
+
+    Runs on the event stream, which the parser produces without recursion and without building
+    anything: loading a deeply nested text overflows the recursive composer, and a few hundred
+    bytes of nested aliases expand to billions of nodes once validation messages print them.
+    """
+    sizes: dict[str, int] = {}
+    stack: list[tuple[int, str | None]] = [(0, None)]  # (nodes so far, anchor) per open collection
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                count, anchor = stack[-1]
+                stack[-1] = (count + sizes.get(event.anchor or "", 1), anchor)
+            elif isinstance(event, yaml.ScalarEvent):
+                count, anchor = stack[-1]
+                stack[-1] = (count + 1, anchor)
+                if event.anchor:
+                    sizes[event.anchor] = 1
+            elif isinstance(event, yaml.CollectionStartEvent):
+                stack.append((1, event.anchor))
+                if len(stack) > MAX_YAML_DEPTH:
+                    return f"nested deeper than {MAX_YAML_DEPTH} levels"
+            elif isinstance(event, yaml.CollectionEndEvent):
+                size, anchor = stack.pop()
+                if anchor:
+                    sizes[anchor] = size
+                count, parent = stack[-1]
+                stack[-1] = (count + size, parent)
+            else:
+                continue
+            if stack[-1][0] > MAX_YAML_NODES:
+                return f"expands to more than {MAX_YAML_NODES} nodes (aliases included)"
+    except yaml.YAMLError:
+        return None  # parse_policy_text reports it, with line and column
+    return None
 
 Context = Any  # grpc.aio.ServicerContext; grpc ships no type information
 
@@ -56,6 +98,14 @@ class _End:
 
     code: grpc.StatusCode
     reason: str
+
+
+def _shown(name: str, limit: int = 80) -> str:
+    """A requested name for a status message: clipped, as a huge one would not fit in the trailers
+    (the client would get RESOURCE_EXHAUSTED instead of the status meant for it)."""
+    if len(name) <= limit:
+        return repr(name)
+    return f"{name[:limit]!r}... ({len(name)} characters)"
 
 
 async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -98,7 +148,7 @@ class AdminService:
             rollout.spec if rollout is not None else None,
             self._runner.history(name),
             clock or self._clock(),
-            git_commit=self._runner.revision,
+            git_commit=self._runner.applied_revision(status.rollout),
             orphaned=self._runner.orphaned(name),
         )
 
@@ -112,11 +162,11 @@ class AdminService:
 
     def _not_found(self, name: str) -> str:
         known = ", ".join(sorted(self._runner.statuses())) or "none"
-        return f"no rollout named {name!r} (known: {known})"
+        return f"no rollout named {_shown(name)} (known: {known})"
 
     async def _command(self, name: str, command: AdminCommand, context: Context) -> pb.Rollout:
         await self._known(name, context)
-        log.info("admin command %s on %s from %s", type(command).__name__, name, context.peer())
+        log.info("admin command %s on %s from %s", type(command).__name__, _shown(name), context.peer())
         try:
             status = self._runner.command(name, command)
         except KeyError:
@@ -143,7 +193,14 @@ class AdminService:
         return pb.ListProxiesResponse(proxies=[convert.proxy_message(p) for p in proxies])
 
     async def Validate(self, request: pb.ValidateRequest, context: Context) -> pb.ValidateResponse:
-        _, errors = parse_policy_text(request.text, request.file or "<request>")
+        file = request.file or "<request>"
+        refused = _yaml_bomb(request.text)
+        if refused is not None:
+            return convert.validate_errors([PolicyError(file, WHOLE_FILE, f"invalid YAML: {refused}")])
+        try:
+            _, errors = parse_policy_text(request.text, file)
+        except (RecursionError, ValueError) as exc:  # e.g. an integer of more than 4300 digits
+            errors = [PolicyError(file, WHOLE_FILE, f"cannot be read: {exc}")]
         return convert.validate_errors(errors)
 
     async def WatchRollouts(self, request: pb.WatchRolloutsRequest, context: Context) -> AsyncIterator[pb.RolloutEvent]:

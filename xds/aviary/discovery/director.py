@@ -149,10 +149,16 @@ class TrafficDirector:
     def _awaiting_reconnect(self) -> bool:
         if not self._expected:
             return False
-        self._expected -= {proxy.node_id for proxy in self._proxies}
+        # Back means: ACKed a response on its new stream. A stream that has only sent its first
+        # requests has subscribed to some types and not yet to the others, and the gates count a
+        # type a proxy does not subscribe to as done: on its first EDS or LDS request the route
+        # would move and the old cluster go before the proxy had applied anything.
+        self._expected -= {proxy.node_id for proxy in self._proxies if proxy.acked}
         if self._expected and time.monotonic() >= self._expected_until:
             log.warning("proxies did not reconnect within the grace period: %s", ", ".join(sorted(self._expected)))
             self._expected.clear()
+        elif not self._expected:
+            log.info("every proxy served before the restart is back")
         return bool(self._expected)
 
     def on_traffic_acked(self, listener: AckListener) -> None:
@@ -351,8 +357,16 @@ class TrafficDirector:
         proxy = self._proxies.get(event.stream_id)
         if proxy is None:
             return
+        # A State-of-the-World response carries every resource of its type (all listeners, all
+        # clusters), so the rejected ones are among those that differ from what the proxy ACKed
+        # last; blaming all of them would roll back every canary for one rollout's bad listener.
+        suspects = [
+            resource
+            for resource, version in event.resources.items()
+            if proxy.acked_version_of(event.type_url, resource) != version
+        ] or list(event.resources)
         for name in self._placements:
-            if any(self._names_rollout(name, event.type_url, r) for r in event.resources):
+            if any(self._names_rollout(name, event.type_url, r) for r in suspects):
                 nack = RolloutNack(name, proxy.node_id, event.type_url, event.message)
                 for listener in self._nack_listeners:
                     listener(nack)

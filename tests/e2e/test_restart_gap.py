@@ -1,0 +1,254 @@
+"""A restart that outlasts a step: the restarted plane must wait for Envoy before it promotes.
+
+`aviary serve --state FILE --log-format json` serves one Envoy under unthrottled load (several
+clients, for a bounded time). A canary with ``steps: [50]`` and a 2 s interval starts; once its
+step has started (Envoy routes 50 %, the step's start persisted), the plane is killed with SIGKILL
+and kept down ~6 s: longer than the step's remaining time, so Envoy's reconnect backoff grows.
+Then it is started again with the same arguments and ``--reconnect-grace 30``.
+
+The step's time is up when the new process starts. Before the fix in the director
+(``expect_proxies``), a plane with no proxy connected had every gate open: it promoted at once and
+removed ``shop-v1`` while Envoy, reconnecting seconds later, still routed to it (503, ``no_cluster``).
+
+What must hold: no failed request and Envoy's ``no_cluster`` stays 0; in the new process's log the
+"proxy connected" line of Envoy precedes any transition to Promoting or Stable; and the rollout
+completes (100 % v2, ``shop-v1`` gone from Envoy). Timings go to ``tests/e2e/.results/restart_gap.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import _FAILED, EnvoyFactory, LoadgenFactory
+from tests.rig.backends import Backends
+from tests.rig.envoy import EnvoyProcess
+from tests.rig.ports import free_ports, port_open
+from tests.rig.process import ManagedProcess
+from tests.rig.waiting import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+NAME = "shop"
+HOST = "shop.example.com"
+NODE = "envoy-1"
+OLD, CANARY = f"{NAME}-v1", f"{NAME}-v2"
+CLIENTS = 4
+DOWNTIME = 6.0  # seconds the plane stays dead: longer than the 2 s step
+AVIARY = Path(sys.executable).parent / "aviary"
+RESULTS_FILE = Path(__file__).resolve().parent / ".results" / "restart_gap.json"
+TRANSITION = re.compile(rf"^rollout {NAME}: (\S+) -> (\S+) weight=(\d+)")
+
+
+class Plane:
+    """`aviary serve` subprocesses with the same arguments; every start is a new process and log."""
+
+    def __init__(self, workdir: Path, policies: Path, state: Path) -> None:
+        self.workdir = workdir
+        self.policies = policies
+        self.state = state
+        self.xds_port, self.admin_port, self.metrics_port = free_ports(3)
+        self.processes: list[ManagedProcess] = []
+
+    def start(self, *extra: str, timeout: float = 20.0) -> ManagedProcess:
+        args = [
+            str(AVIARY), "--log-format", "json", "serve",
+            "--policies", str(self.policies),
+            "--xds-address", f"127.0.0.1:{self.xds_port}",
+            "--admin-address", f"127.0.0.1:{self.admin_port}",
+            "--metrics-address", f"127.0.0.1:{self.metrics_port}",
+            "--state", str(self.state),
+            *extra,
+        ]  # fmt: skip
+        proc = ManagedProcess(f"aviary-{len(self.processes)}", args, self.workdir, env={"PYTHONUNBUFFERED": "1"})
+        self.processes.append(proc.start())
+
+        def listening() -> bool:
+            proc.ensure_alive()
+            return port_open(self.xds_port, timeout=0.2)
+
+        wait_until(listening, timeout, interval=0.02, what=f"aviary serve on xDS port {self.xds_port}")
+        return proc
+
+    @property
+    def current(self) -> ManagedProcess:
+        return self.processes[-1]
+
+    def entries(self, proc: ManagedProcess | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in (proc or self.current).log_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    out.append(entry)
+        return out
+
+    def proxy_connected(self, node: str) -> bool:
+        return any(e.get("message", "").startswith(f"proxy connected: node={node} ") for e in self.entries())
+
+    def stop(self) -> None:
+        for proc in self.processes:
+            proc.stop()
+
+    def describe(self) -> str:
+        return "\n".join(p.describe() for p in self.processes) or "aviary serve (never started)"
+
+
+def write_policy(policies: Path, port: int, version: str, endpoint: str, strategy: dict[str, Any] | None) -> None:
+    spec: dict[str, Any] = {
+        "listener": {"address": "127.0.0.1", "port": port},
+        "hosts": [HOST],
+        "version": version,
+        "endpoints": [endpoint],
+    }
+    if strategy:
+        spec["strategy"] = strategy
+    doc = {"apiVersion": "aviary.dev/v1", "kind": "Rollout", "metadata": {"name": NAME}, "spec": spec}
+    tmp = policies / f".{NAME}.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    tmp.replace(policies / f"{NAME}.yaml")
+
+
+def saved_status(state: Path) -> dict[str, Any] | None:
+    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=2.0)
+    try:
+        row = db.execute("SELECT status FROM rollouts WHERE name = ?", (NAME,)).fetchone()
+    finally:
+        db.close()
+    status: dict[str, Any] | None = json.loads(row[0]) if row else None
+    return status
+
+
+def no_cluster(envoy: EnvoyProcess) -> int:
+    return sum(v for k, v in envoy.stats().items() if k.endswith(".no_cluster"))
+
+
+def parse_ts(ts: str) -> float:
+    """The JsonFormatter's ``2026-01-01T12:00:00.123Z`` as epoch seconds."""
+    whole, _, millis = ts.rstrip("Z").partition(".")
+    return time.mktime(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) - time.timezone + int(millis or 0) / 1000
+
+
+def test_restart_longer_than_the_step_waits_for_envoy_before_promoting(
+    workdir: Path,
+    backends: Backends,
+    envoy_factory: EnvoyFactory,
+    loadgen_factory: LoadgenFactory,
+    request: pytest.FixtureRequest,
+) -> None:
+    backends.start(["v1", "v2"])
+    policies = workdir / "policies"
+    policies.mkdir()
+    plane = Plane(workdir / "aviary", policies, workdir / "state" / "aviary.db")
+    (port,) = free_ports(1)
+    route = f"route-127.0.0.1-{port}"
+    timings: dict[str, Any] = {"downtime_target_s": DOWNTIME}
+    try:
+        write_policy(policies, port, "v1", backends.address("v1"), None)
+        plane.start()
+        envoy = envoy_factory(plane.xds_port, node_id=NODE)
+        envoy.wait_ready()
+        envoy.wait_for_listener(port)
+
+        def weights() -> dict[str, int]:
+            return envoy.route_weights(route).get(NAME, {})
+
+        wait_until(lambda: weights() == {OLD: 100}, 10, what="Envoy at 100 % v1")
+        lg = loadgen_factory(f"127.0.0.1:{port}", HOST, clients=CLIENTS)  # no rate cap
+        lg.wait_for_requests(200)
+
+        write_policy(policies, port, "v2", backends.address("v2"), {"steps": [50], "interval": "2s"})
+        wait_until(lambda: weights() == {OLD: 50, CANARY: 50}, 15, interval=0.02, what="Envoy at 50 % v2")
+        wait_until(
+            lambda: (s := saved_status(plane.state)) is not None and s["weight"] == 50 and s["step_started_at"],
+            10,
+            interval=0.02,
+            what="the 50 % step started in the state file",
+        )
+        step_started_at = saved_status(plane.state)["step_started_at"]  # type: ignore[index]
+
+        killed_at = time.monotonic()
+        killed_wall = time.time()
+        plane.current.kill9()
+        wait_until(
+            lambda: envoy.stats().get("control_plane.connected_state") == 0, 10, interval=0.01,
+            what="Envoy to notice the dead plane",
+        )
+        timings["envoy_noticed_disconnect_s"] = time.monotonic() - killed_at
+        # Down for DOWNTIME s: the scenario, not a wait for something. Envoy keeps serving meanwhile.
+        while time.monotonic() - killed_at < DOWNTIME:
+            assert weights() == {OLD: 50, CANARY: 50}
+            time.sleep(0.1)
+        down_load = lg.snapshot()
+
+        restarted_at = time.monotonic()
+        restarted_wall = time.time()
+        proc = plane.start("--reconnect-grace", "30")
+        listening_at = time.monotonic()
+        timings["plane_down_s"] = listening_at - killed_at
+        timings["restart_to_listening_s"] = listening_at - restarted_at
+        timings["step_remaining_at_kill_s"] = max(0.0, step_started_at + 2.0 - killed_wall)
+        wait_until(lambda: plane.proxy_connected(NODE), 40, interval=0.02, what=f"{NODE} to reconnect")
+        reconnected_at = time.monotonic()
+        timings["listening_to_envoy_reconnected_s"] = reconnected_at - listening_at
+
+        def completed() -> bool:
+            return weights() == {CANARY: 100} and OLD not in envoy.cluster_names()
+
+        wait_until(completed, 40, interval=0.05, what=f"100 % v2 and {OLD} gone from Envoy")
+        timings["restart_to_completed_s"] = time.monotonic() - restarted_at
+        lg.wait_for_requests(200)
+        result = lg.stop()
+        dropped = no_cluster(envoy)
+        clusters = envoy.cluster_names()
+        saved = saved_status(plane.state)
+        entries = plane.entries(proc)
+    finally:
+        if request.node.stash.get(_FAILED, False):
+            print(f"\n===== {plane.describe()}")
+        plane.stop()
+
+    # The new process's log, in order: restored, waiting for envoy-1, envoy-1 connected, then promotion.
+    messages = [str(e.get("message", "")) for e in entries]
+    connected = next(i for i, m in enumerate(messages) if m.startswith(f"proxy connected: node={NODE} "))
+    transitions = [(i, match.groups()) for i, m in enumerate(messages) if (match := TRANSITION.match(m))]
+    promoting = [i for i, (_, to, _) in transitions if to in ("Promoting", "Stable")]
+    waiting = [m for m in messages if m.startswith("waiting up to 30s for 1 proxies to reconnect")]
+    evidence = "\n  ".join(f"{e.get('ts')} {e.get('logger')} {e.get('message')}" for e in entries[:60])
+    first_promotion = entries[promoting[0]] if promoting else None
+    if first_promotion is not None:
+        promoted = parse_ts(first_promotion["ts"])
+        timings["envoy_reconnected_to_promotion_s"] = promoted - parse_ts(entries[connected]["ts"])
+        timings["restart_to_promotion_s"] = promoted - restarted_wall
+    timings.update(
+        requests=result.total,
+        requests_while_down=down_load.total,
+        failed=result.failed,
+        by_status=result.by_status,
+        by_version=result.by_version,
+        no_cluster=dropped,
+        transitions_after_restart=[t for _, t in transitions],
+    )
+    print("\n[restart-gap] " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in timings.items()))
+    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_FILE.write_text(json.dumps(timings, indent=2, sort_keys=True) + "\n")
+
+    assert waiting, evidence
+    assert promoting, evidence
+    assert connected < promoting[0], f"promoted before {NODE} reconnected:\n  {evidence}"
+    assert result.failed == 0, (result.failures, result.by_status, evidence)
+    assert dropped == 0, evidence
+    assert clusters == {CANARY}, clusters
+    assert saved is not None and saved["phase"] == "Stable" and saved["stable"]["version"] == "v2", saved
+    assert timings["plane_down_s"] >= DOWNTIME
+    assert timings["listening_to_envoy_reconnected_s"] < 35 and timings["restart_to_completed_s"] < 40
