@@ -364,8 +364,10 @@ async def test_hostile_admin_calls_get_proper_statuses_and_the_plane_keeps_servi
 
 
 def test_nested_and_aliased_yaml_is_refused_before_loading() -> None:
-    """The admin Validate guard on its own: depth and alias expansion are bounded, plain files pass."""
-    from aviary.admin.service import _yaml_bomb
+    """The YAML guard on its own (files, git commits and Validate): depth and alias expansion are
+    bounded, plain files pass; and the loader reports a refused text as a policy error."""
+    from aviary.policy.loader import parse_policy_text
+    from aviary.policy.yaml_guard import yaml_bomb as _yaml_bomb
 
     assert _yaml_bomb(policy("shop", "v1")) is None
     assert _yaml_bomb(nested(10, "flow-list")) is None
@@ -374,3 +376,5 @@ def test_nested_and_aliased_yaml_is_refused_before_loading() -> None:
     assert "expands" in (_yaml_bomb(alias_bomb(9, 9, "endpoints")) or "")
     assert _yaml_bomb(alias_bomb(2, 3, "top")) is None
     assert _yaml_bomb("a: [") is None  # left to the loader, which says where
+    rollout, errors = parse_policy_text(alias_bomb(9, 9, "endpoints"), "bomb.yaml")
+    assert rollout is None and "expands" in str(errors[0])

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
-import yaml
 
 from aviary.admin import convert
 from aviary.admin.v1 import admin_pb2 as pb
 from aviary.admin.v1 import admin_pb2_grpc
 from aviary.discovery.proxy_status import ProxyStatus
-from aviary.policy.loader import WHOLE_FILE, parse_policy_text
+from aviary.policy.loader import parse_policy_text
 from aviary.policy.rollout_state import (
     Abort,
     AdminCommand,
@@ -38,7 +37,6 @@ from aviary.policy.rollout_state import (
     SetWeight,
     TransitionEvent,
 )
-from aviary.policy.schema import PolicyError
 from aviary.policy.source import PolicyState
 from aviary.runner import CommandRefused, RolloutRunner
 
@@ -48,47 +46,6 @@ log = logging.getLogger("aviary.admin")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 WATCH_BUFFER = 1000
-MAX_YAML_DEPTH = 64  # the policy schema nests a handful of levels
-MAX_YAML_NODES = 100_000  # counting every alias expanded: a "billion laughs" text is refused
-
-
-def _yaml_bomb(text: str) -> str | None:
-    """Why ``text`` must not be loaded (too deep, or aliases expanding too far), or None.
-
-    Runs on the event stream, which the parser produces without recursion and without building
-    anything: loading a deeply nested text overflows the recursive composer, and a few hundred
-    bytes of nested aliases expand to billions of nodes once validation messages print them.
-    """
-    sizes: dict[str, int] = {}
-    stack: list[tuple[int, str | None]] = [(0, None)]  # (nodes so far, anchor) per open collection
-    try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent):
-                count, anchor = stack[-1]
-                stack[-1] = (count + sizes.get(event.anchor or "", 1), anchor)
-            elif isinstance(event, yaml.ScalarEvent):
-                count, anchor = stack[-1]
-                stack[-1] = (count + 1, anchor)
-                if event.anchor:
-                    sizes[event.anchor] = 1
-            elif isinstance(event, yaml.CollectionStartEvent):
-                stack.append((1, event.anchor))
-                if len(stack) > MAX_YAML_DEPTH:
-                    return f"nested deeper than {MAX_YAML_DEPTH} levels"
-            elif isinstance(event, yaml.CollectionEndEvent):
-                size, anchor = stack.pop()
-                if anchor:
-                    sizes[anchor] = size
-                count, parent = stack[-1]
-                stack[-1] = (count + size, parent)
-            else:
-                continue
-            if stack[-1][0] > MAX_YAML_NODES:
-                return f"expands to more than {MAX_YAML_NODES} nodes (aliases included)"
-    except yaml.YAMLError:
-        return None  # parse_policy_text reports it, with line and column
-    return None
-
 Context = Any  # grpc.aio.ServicerContext; grpc ships no type information
 
 
@@ -193,14 +150,7 @@ class AdminService:
         return pb.ListProxiesResponse(proxies=[convert.proxy_message(p) for p in proxies])
 
     async def Validate(self, request: pb.ValidateRequest, context: Context) -> pb.ValidateResponse:
-        file = request.file or "<request>"
-        refused = _yaml_bomb(request.text)
-        if refused is not None:
-            return convert.validate_errors([PolicyError(file, WHOLE_FILE, f"invalid YAML: {refused}")])
-        try:
-            _, errors = parse_policy_text(request.text, file)
-        except (RecursionError, ValueError) as exc:  # e.g. an integer of more than 4300 digits
-            errors = [PolicyError(file, WHOLE_FILE, f"cannot be read: {exc}")]
+        _, errors = parse_policy_text(request.text, request.file or "<request>")
         return convert.validate_errors(errors)
 
     async def WatchRollouts(self, request: pb.WatchRolloutsRequest, context: Context) -> AsyncIterator[pb.RolloutEvent]:

@@ -26,6 +26,7 @@ from pydantic_core import ErrorDetails
 
 from aviary.policy import schema
 from aviary.policy.schema import FieldIssue, PolicyError, PolicySet, Rollout
+from aviary.policy.yaml_guard import yaml_bomb
 
 __all__ = ["LoadResult", "PolicyBook", "load_directory", "parse_policy_text", "validate_paths"]
 
@@ -53,10 +54,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def parse_policy_text(text: str, file: str) -> tuple[Rollout | None, list[PolicyError]]:
     """Parse one policy document; on failure return every problem found, never raise."""
+    refused = yaml_bomb(text)
+    if refused is not None:
+        return None, [PolicyError(file, WHOLE_FILE, f"invalid YAML: {refused}")]
     try:
         documents = [doc for doc in yaml.load_all(text, Loader=_UniqueKeyLoader) if doc is not None]
     except yaml.YAMLError as exc:
         return None, [PolicyError(file, WHOLE_FILE, _yaml_reason(exc))]
+    except (RecursionError, ValueError) as exc:  # e.g. an integer of more than 4300 digits
+        return None, [PolicyError(file, WHOLE_FILE, f"cannot be read: {exc}")]
     if not documents:
         return None, [PolicyError(file, WHOLE_FILE, "file is empty (expected one Rollout document)")]
     if len(documents) > 1:
@@ -70,6 +76,8 @@ def parse_policy_text(text: str, file: str) -> tuple[Rollout | None, list[Policy
         return Rollout.model_validate(document, by_alias=True, by_name=False), []
     except ValidationError as exc:
         details = exc.errors()
+    except (RecursionError, ValueError) as exc:
+        return None, [PolicyError(file, WHOLE_FILE, f"cannot be read: {exc}")]
     # "needs at least 1 item" next to the reason the only item was dropped is noise.
     inner = {tuple(error["loc"][:-1]) for error in details if error["loc"]}
     kept = [e for e in details if not (e["type"] == "too_short" and tuple(e["loc"]) in inner)]
