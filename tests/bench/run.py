@@ -59,13 +59,14 @@ async def bench_fanout(streams: int, changes: int = 15) -> dict[str, float]:
         assert line.strip() == b"ready", line
         acked = asyncio.Event()
         director.on_traffic_acked(lambda name, traffic: acked.set())
-        times = []
+        times, cpu = [], []
         for change in range(1, changes + 1):
             acked.clear()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             director.set_canary_weight("checkout", change)
             await asyncio.wait_for(acked.wait(), 120)
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
         client.stdin.close()
         await asyncio.wait_for(client.wait(), 60)
     finally:
@@ -75,7 +76,8 @@ async def bench_fanout(streams: int, changes: int = 15) -> dict[str, float]:
         await server.stop(0)
     ordered = sorted(times)
     return {"streams": streams, "median_ms": round(statistics.median(times) * 1000, 1),
-            "p90_ms": round(ordered[int(len(ordered) * 0.9) - 1] * 1000, 1)}
+            "p90_ms": round(ordered[int(len(ordered) * 0.9) - 1] * 1000, 1),
+            "server_cpu_ms_median": round(statistics.median(cpu) * 1000, 1)}
 
 
 async def main() -> None:

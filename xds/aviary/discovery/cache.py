@@ -60,9 +60,13 @@ class SnapshotCache:
             return False
         self._snapshots = MappingProxyType(new)
         self.generation += 1
+        changed_for: dict[str, bool] = {}  # node cluster -> did its snapshot change; once per cluster
         for watch in list(self._watches):
-            before = old[watch.node_cluster if watch.node_cluster in old else DEFAULT_GROUP]
-            if not self.snapshot_for(watch.node_cluster).equivalent(before):
+            cluster = watch.node_cluster
+            if cluster not in changed_for:
+                before = old[cluster if cluster in old else DEFAULT_GROUP]
+                changed_for[cluster] = not self.snapshot_for(cluster).equivalent(before)
+            if changed_for[cluster]:
                 watch.wake()
         return True
 

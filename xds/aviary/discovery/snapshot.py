@@ -88,14 +88,15 @@ class Snapshot:
 
     resources: Mapping[str, Mapping[str, Resource]]
     wildcard_versions: Mapping[str, str] = field(init=False)
+    type_versions: Mapping[str, str] = field(init=False)  # all resources of a type, named ones too
 
     def __post_init__(self) -> None:
         frozen = {t: MappingProxyType(dict(self.resources.get(t, {}))) for t in typeurls.PUSH_ORDER}
         object.__setattr__(self, "resources", MappingProxyType(frozen))
-        versions = {
-            t: set_version(r for r in items.values() if r.wildcard) for t, items in frozen.items()
-        }
-        object.__setattr__(self, "wildcard_versions", MappingProxyType(versions))
+        wildcard = {t: set_version(r for r in items.values() if r.wildcard) for t, items in frozen.items()}
+        object.__setattr__(self, "wildcard_versions", MappingProxyType(wildcard))
+        every = {t: set_version(items.values()) for t, items in frozen.items()}
+        object.__setattr__(self, "type_versions", MappingProxyType(every))
 
     @classmethod
     def of(cls, resources: Iterable[Resource]) -> Snapshot:
@@ -139,10 +140,7 @@ class Snapshot:
         return problems
 
     def equivalent(self, other: Snapshot) -> bool:
-        return all(
-            {n: r.version for n, r in self.items(t).items()} == {n: r.version for n, r in other.items(t).items()}
-            for t in typeurls.PUSH_ORDER
-        )
+        return self.type_versions == other.type_versions
 
 
 EMPTY = Snapshot.of(())

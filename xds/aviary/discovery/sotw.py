@@ -55,6 +55,7 @@ class _TypeState:
     last_version: str = ""
     last_sent: dict[str, str] | None = None
     last_sent_at: float = 0.0
+    checked: str = ""  # the type's snapshot version last compared: unchanged means nothing to send
 
 
 @dataclass(slots=True)
@@ -154,10 +155,14 @@ class SotwStream:
         names = names - {"*"}
         if (wildcard, names) != (state.wildcard, state.names) or state.last_nonce is None:
             state.wildcard, state.names = wildcard, names
+            state.checked = ""  # a new selection: compare it even if the snapshot did not change
             self.emit(SubscriptionChanged(self.stream_id, type_url, wildcard, names))
 
     def _respond(self, type_url: str, state: _TypeState, force: bool) -> bytes | None:
         snapshot = self.cache.snapshot_for(self.node_cluster)
+        if not force and state.checked == snapshot.type_versions[type_url]:
+            return None  # nothing of this type changed since we last looked
+        state.checked = snapshot.type_versions[type_url]
         selected = snapshot.select(type_url, state.names, state.wildcard)
         contents = {name: r.version for name, r in selected.items()}
         if not force and (contents == state.last_sent or (state.last_sent is None and not contents)):
