@@ -25,6 +25,7 @@ import yaml
 from aviary.admin.server import AdminConfig
 from aviary.app import ControlPlane
 from tests.conftest import ControlPlaneFactory, EnvoyFactory
+from tests.rig.admin_cli import cli_args, run_cli, write_token_file
 from tests.rig.backends import Backends
 from tests.rig.control_plane import RunningControlPlane
 from tests.rig.envoy import EnvoyProcess
@@ -72,13 +73,10 @@ class Stage:
         write_policy(self.policies, self.port, self.backends, version, steps)
 
     def cli_args(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "aviary", *args, "--admin", self.admin, "--token-file", str(self.token_file)]
+        return cli_args(self.admin, self.token_file, *args)
 
     def cli(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(self.cli_args(*args), capture_output=True, text=True, timeout=30, check=False)
-        if ok:
-            assert done.returncode == 0, f"aviary {' '.join(args)}: exit {done.returncode}\n{done.stderr}"
-        return done
+        return run_cli(self.admin, self.token_file, *args, ok=ok)
 
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--output", "json").stdout)
@@ -87,8 +85,7 @@ class Stage:
         return self.envoy.route_weights(f"route-127.0.0.1-{self.port}").get(NAME, {})
 
     def wait_envoy(self, weights: dict[str, int], timeout: float = 15.0) -> None:
-        wanted = {f"{NAME}-{version}": weight for version, weight in weights.items()}
-        wait_until(lambda: self.envoy_weights() == wanted, timeout, what=f"Envoy route weights {wanted}")
+        self.envoy.wait_rollout_weights(f"route-127.0.0.1-{self.port}", NAME, weights, timeout)
 
     def engine(self, fn: Any) -> Any:
         return self.plane.call(lambda p: fn(p.runner))
@@ -101,8 +98,7 @@ def stage(
     backends.start(["v1", "v2"])
     policies = workdir / "policies"
     policies.mkdir()
-    token_file = workdir / "admin-token"
-    token_file.write_text(TOKEN + "\n")
+    token_file = write_token_file(workdir / "admin-token", TOKEN)
 
     def with_admin(plane: ControlPlane) -> None:
         # The rig builds a ServeConfig without an admin API; add one before the plane serves.
@@ -195,8 +191,7 @@ def test_refused_calls_exit_non_zero_and_say_why(stage: Stage) -> None:
 
     wrong = stage.workdir / "wrong-token"
     wrong.write_text("guess")
-    args = [sys.executable, "-m", "aviary", "abort", NAME, "--admin", stage.admin, "--token-file", str(wrong)]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    done = run_cli(stage.admin, wrong, "abort", NAME, ok=False)
     assert (done.returncode, done.stderr.strip()) == (1, "aviary abort: authentication failed: invalid token")
     args = [sys.executable, "-m", "aviary", "abort", NAME, "--admin", stage.admin]
     env = {k: v for k, v in os.environ.items() if k != "AVIARY_TOKEN_FILE"}

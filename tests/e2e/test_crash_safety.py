@@ -19,7 +19,6 @@ import contextlib
 import itertools
 import json
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from tests.rig.envoy import EnvoyProcess
 from tests.rig.holding_proxy import HoldingProxy
 from tests.rig.loadgen import LoadGenerator, LoadResult
 from tests.rig.ports import free_ports, port_open
-from tests.rig.process import ManagedProcess
+from tests.rig.serve_process import AviaryServe, saved_rollout
 from tests.rig.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
@@ -49,90 +48,14 @@ OLD = f"{NAME}-v1"
 CLIENTS = 4
 RATE_PER_CLIENT = 25.0  # ~100 req/s in all: modest, leaves CPU for the plane on 2 cores
 RESULTS_FILE = Path(__file__).resolve().parent / ".results" / "crash_safety.json"
-AVIARY = Path(sys.executable).parent / "aviary"
 
 
-# ------------------------------------------------------------------------------ aviary serve
-
-
-class Plane:
-    """`aviary serve` as a subprocess; every start is a new process (and log) with the same args."""
-
-    def __init__(self, workdir: Path, policies: Path, state: Path) -> None:
-        self.workdir = workdir
-        self.policies = policies
-        self.state = state
-        self.xds_port, self.admin_port, self.metrics_port = free_ports(3)
-        self.processes: list[ManagedProcess] = []
-
-    def args(self, *extra: str) -> list[str]:
-        return [
-            str(AVIARY), "--log-format", "json", "serve",
-            "--policies", str(self.policies),
-            "--xds-address", f"127.0.0.1:{self.xds_port}",
-            "--admin-address", f"127.0.0.1:{self.admin_port}",
-            "--metrics-address", f"127.0.0.1:{self.metrics_port}",
-            "--state", str(self.state),
-            *extra,
-        ]  # fmt: skip
-
-    def spawn(self, *extra: str) -> ManagedProcess:
-        proc = ManagedProcess(
-            f"aviary-{len(self.processes)}", self.args(*extra), self.workdir, env={"PYTHONUNBUFFERED": "1"}
-        )
-        self.processes.append(proc)
-        return proc.start()
-
-    @property
-    def current(self) -> ManagedProcess:
-        return self.processes[-1]
-
-    def start(self, *extra: str, timeout: float = 20.0) -> ManagedProcess:
-        """Spawn and wait until the xDS port accepts connections (state loaded, policies applied)."""
-        proc = self.spawn(*extra)
-
-        def listening() -> bool:
-            proc.ensure_alive()
-            return port_open(self.xds_port, timeout=0.2)
-
-        wait_until(listening, timeout, interval=0.02, what=f"aviary serve on xDS port {self.xds_port}")
-        return proc
-
-    def log_entries(self, proc: ManagedProcess | None = None) -> list[dict[str, Any]]:
-        entries = []
-        for line in (proc or self.current).log_text().splitlines():
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if isinstance(entry, dict):
-                    entries.append(entry)
-        return entries
-
-    def proxy_connected(self, node: str, proc: ManagedProcess | None = None) -> bool:
-        """The plane's log says ``node`` opened a stream to this process."""
-        return any(e.get("message", "").startswith(f"proxy connected: node={node} ") for e in self.log_entries(proc))
-
-    def stop(self) -> None:
-        for proc in self.processes:
-            proc.stop()
-
-    def describe(self) -> str:
-        return "\n".join(p.describe() for p in self.processes) or "aviary serve (never started)"
-
-
-def saved_rollout(state: Path, name: str = NAME) -> dict[str, Any] | None:
-    """The persisted RolloutStatus (as JSON) of one rollout, read through a read-only connection."""
-    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=2.0)
-    try:
-        row = db.execute("SELECT status FROM rollouts WHERE name = ?", (name,)).fetchone()
-    finally:
-        db.close()
-    status: dict[str, Any] | None = json.loads(row[0]) if row else None
-    return status
+# ------------------------------------------------------------------------------ state file
 
 
 def saved_phase(state: Path) -> tuple[str, str, str | None, int] | None:
     """(phase, stable version, canary version, weight) from the state file."""
-    status = saved_rollout(state)
+    status = saved_rollout(state, NAME)
     if status is None:
         return None
     canary = status.get("canary")
@@ -199,7 +122,7 @@ class Stage:
     backends: Backends
     policies: Path
     state: Path
-    plane: Plane
+    plane: AviaryServe
     envoy: EnvoyProcess
     port: int
     timings: dict[str, Any] = field(default_factory=dict)
@@ -292,7 +215,7 @@ def stage(
     backends.start(["v1", "v2"])
     policies = workdir / "policies"
     policies.mkdir()
-    plane = Plane(workdir / "aviary", policies, workdir / "state" / "aviary.db")
+    plane = AviaryServe(workdir / "aviary", policies, workdir / "state" / "aviary.db")
     (port,) = free_ports(1)
     try:
         write_policy(policies, port, "v1", backends.address("v1"))
@@ -356,7 +279,7 @@ def test_kill_during_canary_step(stage: Stage, loadgen_factory: LoadgenFactory) 
         at_30 = time.monotonic() - started
         # Kill inside the step, once the step's start (every proxy ACKed 30 %) is persisted.
         wait_until(
-            lambda: (s := saved_rollout(stage.state)) is not None and s["weight"] == 30 and s["step_started_at"],
+            lambda: (s := saved_rollout(stage.state, NAME)) is not None and s["weight"] == 30 and s["step_started_at"],
             10,
             what="step 1 (30 %) started in the state file",
         )
@@ -492,7 +415,7 @@ def test_corrupt_state_file_is_refused_until_reset(workdir: Path, request: pytes
     state = workdir / "state" / "aviary.db"
     state.parent.mkdir()
     state.write_bytes(b"this is not an SQLite database\n" * 200)
-    plane = Plane(workdir / "aviary", policies, state)
+    plane = AviaryServe(workdir / "aviary", policies, state)
     try:
         started = time.monotonic()
         refused = plane.spawn()

@@ -67,8 +67,7 @@ class Stage:
         return self.envoy.route_weights(self.route).get(NAME, {})
 
     def wait_envoy_weights(self, weights: dict[str, int], timeout: float = 10.0) -> None:
-        wanted = {f"{NAME}-{v}": w for v, w in weights.items()}
-        wait_until(lambda: self.envoy_weights() == wanted, timeout, what=f"Envoy route weights {wanted}")
+        self.envoy.wait_rollout_weights(self.route, NAME, weights, timeout)
 
     def proxy(self, node_id: str = NODE) -> dict[str, Any]:
         """A plain copy of what the plane knows about one connected proxy (empty if none)."""

@@ -10,9 +10,7 @@ listener by host name: ``shop`` (the one that changes) and ``cart`` (the one tha
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,9 +27,11 @@ from aviary.discovery import typeurls
 from aviary.discovery.cache import DEFAULT_GROUP
 from aviary.discovery.snapshot import Snapshot
 from tests.conftest import ControlPlaneFactory, EnvoyFactory
+from tests.rig.admin_cli import run_cli, write_token_file
 from tests.rig.backends import Backends
 from tests.rig.control_plane import RunningControlPlane
 from tests.rig.envoy import EnvoyProcess
+from tests.rig.git_repo import GitRepo
 from tests.rig.ports import free_port
 from tests.rig.simple_http import HttpResponse, http_request
 from tests.rig.waiting import wait_until
@@ -43,41 +43,6 @@ SHOP, CART = "shop", "cart"
 HOSTS = {SHOP: "shop.example.com", CART: "cart.example.com"}
 GIT_POLL = 0.2
 DEADLINE = 15.0
-GIT_ENV = {
-    "GIT_CONFIG_GLOBAL": os.devnull,
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.com",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.com",
-}
-
-
-class PolicyRepo:
-    """The repository users push policies to (here: committed to directly)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.mkdir(parents=True)
-        self.git("init", "-q", "-b", "main")
-
-    def git(self, *args: str) -> str:
-        env = {**os.environ, **GIT_ENV}
-        done = subprocess.run(
-            ["git", *args], cwd=self.path, env=env, capture_output=True, text=True, check=True, timeout=30
-        )
-        return done.stdout.strip()
-
-    def commit(self, files: dict[str, str | None], message: str) -> str:
-        """Write (None: delete) files, commit them all, return the new commit's full SHA."""
-        for name, text in files.items():
-            if text is None:
-                (self.path / name).unlink()
-            else:
-                (self.path / name).write_text(text)
-        self.git("add", "-A")
-        self.git("commit", "-q", "-m", message)
-        return self.git("rev-parse", "HEAD")
 
 
 def rollout_yaml(
@@ -102,7 +67,7 @@ def route_clusters(snapshot: Snapshot, route: str) -> frozenset[str]:
 
 @dataclass
 class Stage:
-    repo: PolicyRepo
+    repo: GitRepo
     backends: Backends
     plane: RunningControlPlane
     envoy: EnvoyProcess
@@ -137,12 +102,8 @@ class Stage:
 
     # ---- the CLI -------------------------------------------------------------------------
     def cli(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "aviary", *args, "--admin", self.admin, "--token-file", str(self.token_file)]
-        env = {**os.environ, "COLUMNS": "200"}  # rich wraps at 80 columns when not on a terminal
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False, env=env)
-        if ok:
-            assert done.returncode == 0, f"aviary {' '.join(args)}: exit {done.returncode}\n{done.stderr}"
-        return done
+        # rich wraps at 80 columns when not on a terminal
+        return run_cli(self.admin, self.token_file, *args, ok=ok, env={"COLUMNS": "200"})
 
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "-o", "json").stdout)
@@ -154,9 +115,8 @@ class Stage:
 
     def wait_envoy(self, name: str, weights: dict[str, int], timeout: float = DEADLINE) -> float:
         """Wait for Envoy to route ``name`` with these version weights; return the seconds it took."""
-        wanted = {f"{name}-{version}": weight for version, weight in weights.items()}
         start = time.monotonic()
-        wait_until(lambda: self.weights(name) == wanted, timeout, interval=0.02, what=f"Envoy {name} weights {wanted}")
+        self.envoy.wait_rollout_weights(self.route, name, weights, timeout, interval=0.02)
         return time.monotonic() - start
 
     def get(self, name: str) -> HttpResponse:
@@ -179,12 +139,11 @@ def stage_factory(
     def make(prune: bool = False, steps: list[int] | None = None) -> Stage:
         backends.start(["v1", "v2", CART])
         port = free_port()
-        repo = PolicyRepo(workdir / "policy-repo")
+        repo = GitRepo(workdir / "policy-repo")
         shop = rollout_yaml(SHOP, port, "v1", backends.address("v1"), steps)
         cart = rollout_yaml(CART, port, "v1", backends.address(CART))
         first = repo.commit({f"{SHOP}.yaml": shop, f"{CART}.yaml": cart, "README.md": "policies\n"}, "shop and cart")
-        token_file = workdir / "admin-token"
-        token_file.write_text(TOKEN + "\n")
+        token_file = write_token_file(workdir / "admin-token", TOKEN)
         published: list[Snapshot] = []
 
         async def serve_from_git(plane: ControlPlane) -> None:

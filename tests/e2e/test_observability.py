@@ -19,17 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -41,9 +35,12 @@ from tests.conftest import _FAILED, ControlPlaneFactory, EnvoyFactory
 from tests.rig.backends import Backends
 from tests.rig.control_plane import RunningControlPlane
 from tests.rig.envoy import EnvoyProcess
+from tests.rig.fake_prometheus import Answer, FakePrometheus, vector_body
+from tests.rig.git_repo import GitRepo
 from tests.rig.loadgen import send_requests
 from tests.rig.ports import free_ports, port_open
 from tests.rig.process import ManagedProcess
+from tests.rig.serve_process import AVIARY
 from tests.rig.simple_http import http_request
 from tests.rig.waiting import async_wait_until, wait_until
 
@@ -53,7 +50,6 @@ NAME = "shop"
 HOST = "shop.example.com"
 NODE = "envoy-1"
 XDS_TYPES = ("LDS", "RDS", "CDS", "EDS")
-AVIARY = Path(sys.executable).parent / "aviary"
 
 # What the fake Prometheus answers: a query containing the key gets the value.
 REQUESTS = "envoy_cluster_upstream_rq_xx"  # the request count behind minRequests
@@ -90,53 +86,15 @@ def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
 # ------------------------------------------------------------------------------ fake Prometheus
 
 
-@dataclass
-class FakePrometheus:
-    """Answers GET /api/v1/query: a vector with the value of the first ANSWERS key in the query."""
-
-    server: ThreadingHTTPServer
-    queries: list[str] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-
 @pytest.fixture
 def fake_prometheus() -> Iterator[FakePrometheus]:
-    fake: FakePrometheus
+    """Answers each query with a vector holding the value of the first ANSWERS key in the query."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            parts = urlsplit(self.path)
-            if parts.path != "/api/v1/query":
-                self.send_error(404)
-                return
-            query = parse_qs(parts.query).get("query", [""])[0]
-            fake.queries.append(query)
-            result = [
-                {"metric": {}, "value": [1767225600.5, answer]} for key, answer in ANSWERS.items() if key in query
-            ][:1]
-            body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def respond(query: str) -> Answer:
+        return Answer(body=vector_body(*[answer for key, answer in ANSWERS.items() if key in query][:1]))
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    fake = FakePrometheus(server)
-    thread = threading.Thread(target=server.serve_forever, name="fake-prometheus", daemon=True)
-    thread.start()
-    try:
+    with FakePrometheus(respond=respond) as fake:
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 # ------------------------------------------------------------------------------ policies
@@ -354,33 +312,12 @@ def test_metrics_say_what_happened(stage: Stage, fake_prometheus: FakePrometheus
 
 # ------------------------------------------------------------------------------ 2. git commit info
 
-GIT_ENV = {
-    "GIT_CONFIG_GLOBAL": os.devnull,
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.com",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.com",
-}
-
-
-def git(repo: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["git", *args], cwd=repo, env={**os.environ, **GIT_ENV}, capture_output=True, text=True, check=True
-    )
-    return done.stdout.strip()
-
 
 async def test_git_commit_info_metric(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    (repo / f"{NAME}.yaml").write_text(rollout_doc(NAME, 10000, "v1", "127.0.0.1:8081", HOST))
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "shop v1")
-    sha = git(repo, "rev-parse", "HEAD")
+    repo = GitRepo(tmp_path / "repo")
+    sha = repo.commit({f"{NAME}.yaml": rollout_doc(NAME, 10000, "v1", "127.0.0.1:8081", HOST)}, "shop v1")
     config = ServeConfig(
-        str(repo), xds_address="127.0.0.1:0", metrics_address="127.0.0.1:0", state_dir=tmp_path / "state"
+        str(repo.path), xds_address="127.0.0.1:0", metrics_address="127.0.0.1:0", state_dir=tmp_path / "state"
     )
     plane = ControlPlane(config)
     await plane.start()

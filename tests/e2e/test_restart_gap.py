@@ -17,11 +17,8 @@ completes (100 % v2, ``shop-v1`` gone from Envoy). Timings go to ``tests/e2e/.re
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import sqlite3
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +29,8 @@ import yaml
 from tests.conftest import _FAILED, EnvoyFactory, LoadgenFactory
 from tests.rig.backends import Backends
 from tests.rig.envoy import EnvoyProcess
-from tests.rig.ports import free_ports, port_open
-from tests.rig.process import ManagedProcess
+from tests.rig.ports import free_ports
+from tests.rig.serve_process import AviaryServe, saved_rollout
 from tests.rig.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -44,63 +41,8 @@ NODE = "envoy-1"
 OLD, CANARY = f"{NAME}-v1", f"{NAME}-v2"
 CLIENTS = 4
 DOWNTIME = 6.0  # seconds the plane stays dead: longer than the 2 s step
-AVIARY = Path(sys.executable).parent / "aviary"
 RESULTS_FILE = Path(__file__).resolve().parent / ".results" / "restart_gap.json"
 TRANSITION = re.compile(rf"^rollout {NAME}: (\S+) -> (\S+) weight=(\d+)")
-
-
-class Plane:
-    """`aviary serve` subprocesses with the same arguments; every start is a new process and log."""
-
-    def __init__(self, workdir: Path, policies: Path, state: Path) -> None:
-        self.workdir = workdir
-        self.policies = policies
-        self.state = state
-        self.xds_port, self.admin_port, self.metrics_port = free_ports(3)
-        self.processes: list[ManagedProcess] = []
-
-    def start(self, *extra: str, timeout: float = 20.0) -> ManagedProcess:
-        args = [
-            str(AVIARY), "--log-format", "json", "serve",
-            "--policies", str(self.policies),
-            "--xds-address", f"127.0.0.1:{self.xds_port}",
-            "--admin-address", f"127.0.0.1:{self.admin_port}",
-            "--metrics-address", f"127.0.0.1:{self.metrics_port}",
-            "--state", str(self.state),
-            *extra,
-        ]  # fmt: skip
-        proc = ManagedProcess(f"aviary-{len(self.processes)}", args, self.workdir, env={"PYTHONUNBUFFERED": "1"})
-        self.processes.append(proc.start())
-
-        def listening() -> bool:
-            proc.ensure_alive()
-            return port_open(self.xds_port, timeout=0.2)
-
-        wait_until(listening, timeout, interval=0.02, what=f"aviary serve on xDS port {self.xds_port}")
-        return proc
-
-    @property
-    def current(self) -> ManagedProcess:
-        return self.processes[-1]
-
-    def entries(self, proc: ManagedProcess | None = None) -> list[dict[str, Any]]:
-        out = []
-        for line in (proc or self.current).log_text().splitlines():
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if isinstance(entry, dict):
-                    out.append(entry)
-        return out
-
-    def proxy_connected(self, node: str) -> bool:
-        return any(e.get("message", "").startswith(f"proxy connected: node={node} ") for e in self.entries())
-
-    def stop(self) -> None:
-        for proc in self.processes:
-            proc.stop()
-
-    def describe(self) -> str:
-        return "\n".join(p.describe() for p in self.processes) or "aviary serve (never started)"
 
 
 def write_policy(policies: Path, port: int, version: str, endpoint: str, strategy: dict[str, Any] | None) -> None:
@@ -116,16 +58,6 @@ def write_policy(policies: Path, port: int, version: str, endpoint: str, strateg
     tmp = policies / f".{NAME}.yaml.tmp"
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
     tmp.replace(policies / f"{NAME}.yaml")
-
-
-def saved_status(state: Path) -> dict[str, Any] | None:
-    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=2.0)
-    try:
-        row = db.execute("SELECT status FROM rollouts WHERE name = ?", (NAME,)).fetchone()
-    finally:
-        db.close()
-    status: dict[str, Any] | None = json.loads(row[0]) if row else None
-    return status
 
 
 def no_cluster(envoy: EnvoyProcess) -> int:
@@ -148,7 +80,7 @@ def test_restart_longer_than_the_step_waits_for_envoy_before_promoting(
     backends.start(["v1", "v2"])
     policies = workdir / "policies"
     policies.mkdir()
-    plane = Plane(workdir / "aviary", policies, workdir / "state" / "aviary.db")
+    plane = AviaryServe(workdir / "aviary", policies, workdir / "state" / "aviary.db")
     (port,) = free_ports(1)
     route = f"route-127.0.0.1-{port}"
     timings: dict[str, Any] = {"downtime_target_s": DOWNTIME}
@@ -169,12 +101,12 @@ def test_restart_longer_than_the_step_waits_for_envoy_before_promoting(
         write_policy(policies, port, "v2", backends.address("v2"), {"steps": [50], "interval": "2s"})
         wait_until(lambda: weights() == {OLD: 50, CANARY: 50}, 15, interval=0.02, what="Envoy at 50 % v2")
         wait_until(
-            lambda: (s := saved_status(plane.state)) is not None and s["weight"] == 50 and s["step_started_at"],
+            lambda: (s := saved_rollout(plane.state, NAME)) is not None and s["weight"] == 50 and s["step_started_at"],
             10,
             interval=0.02,
             what="the 50 % step started in the state file",
         )
-        step_started_at = saved_status(plane.state)["step_started_at"]  # type: ignore[index]
+        step_started_at = saved_rollout(plane.state, NAME)["step_started_at"]  # type: ignore[index]
 
         killed_at = time.monotonic()
         killed_wall = time.time()
@@ -210,8 +142,8 @@ def test_restart_longer_than_the_step_waits_for_envoy_before_promoting(
         result = lg.stop()
         dropped = no_cluster(envoy)
         clusters = envoy.cluster_names()
-        saved = saved_status(plane.state)
-        entries = plane.entries(proc)
+        saved = saved_rollout(plane.state, NAME)
+        entries = plane.log_entries(proc)
     finally:
         if request.node.stash.get(_FAILED, False):
             print(f"\n===== {plane.describe()}")

@@ -228,6 +228,19 @@ class EnvoyProcess:
             return out
         return {}
 
+    def wait_rollout_weights(
+        self, route: str, rollout: str, weights: dict[str, int], timeout: float, interval: float = 0.05
+    ) -> None:
+        """Wait until ``route`` splits the virtual host ``rollout`` as ``weights`` ({version: weight},
+        over the clusters ``<rollout>-<version>``)."""
+        wanted = {f"{rollout}-{version}": weight for version, weight in weights.items()}
+        wait_until(
+            lambda: self.route_weights(route).get(rollout, {}) == wanted,
+            timeout,
+            interval,
+            what=f"Envoy route weights {wanted}",
+        )
+
     def stats(self) -> dict[str, int]:
         """Counters and gauges from /stats?format=json (histograms and text readouts left out)."""
         data: dict[str, Any] = json.loads(self.admin_get("/stats?format=json"))

@@ -33,6 +33,7 @@ from aviary.admin.v1 import admin_pb2 as pb
 from aviary.app import ControlPlane, ServeConfig
 from aviary.discovery import typeurls
 from tests.rig.ads_client import AdsClient
+from tests.rig.policies import rollout_doc
 from tests.rig.waiting import async_wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -46,20 +47,7 @@ FUZZ_BUDGET = 20.0  # seconds of calls at most; the examples are drawn up front
 
 
 def policy(name: str, version: str) -> str:
-    return yaml.safe_dump(
-        {
-            "apiVersion": "aviary.dev/v1",
-            "kind": "Rollout",
-            "metadata": {"name": name},
-            "spec": {
-                "listener": {"address": "127.0.0.1", "port": 10000},
-                "hosts": [f"{name}.example.com"],
-                "version": version,
-                "endpoints": ["127.0.0.1:8081"],
-                "strategy": {"steps": [20, 50], "interval": "1h"},
-            },
-        }
-    )
+    return yaml.safe_dump(rollout_doc(name, version))
 
 
 # ------------------------------------------------------------------------------ strategies

@@ -30,6 +30,7 @@ from aviary.policy.schema import PolicySet
 from aviary.tls import ClientTls, ServerTls, TlsConfigError
 from tests.rig.ads_client import AdsClient
 from tests.rig.certs import Pki, make_pki
+from tests.rig.policies import rollout_doc
 from tests.rig.waiting import async_wait_until
 
 TOKEN = "s3cret-token"
@@ -37,18 +38,7 @@ Code = grpc.StatusCode
 
 
 def policy(name: str = "shop", version: str = "v1", steps: tuple[int, ...] = (20, 50)) -> dict[str, Any]:
-    return {
-        "apiVersion": "aviary.dev/v1",
-        "kind": "Rollout",
-        "metadata": {"name": name},
-        "spec": {
-            "listener": {"address": "127.0.0.1", "port": 10000},
-            "hosts": [f"{name}.example.com"],
-            "version": version,
-            "endpoints": ["127.0.0.1:8081"],
-            "strategy": {"steps": list(steps), "interval": "1h"},
-        },
-    }
+    return rollout_doc(name, version, steps)
 
 
 def apply(plane: ControlPlane, *docs: dict[str, Any]) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,72 +16,17 @@ from aviary.policy import git as git_module
 from aviary.policy.git import GitError, redact, run_git, validate_repository_url
 from aviary.policy.git_source import SHORT_SHA, GitPolicySource
 from aviary.policy.schema import PolicyError, PolicySet
+from tests.rig.git_repo import GitRepo
+from tests.rig.policies import rollout_text
+from tests.rig.policy_changes import PolicyRecorder, poll_until
 
 DEADLINE = 10.0
-GIT_ENV = {
-    "GIT_CONFIG_GLOBAL": os.devnull,
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.com",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.com",
-}
-
-
 def policy(name: str, version: str = "v1", host: str | None = None) -> str:
-    return (
-        "apiVersion: aviary.dev/v1\nkind: Rollout\n"
-        f"metadata: {{name: {name}}}\n"
-        f'spec: {{listener: {{port: 10000}}, hosts: ["{host or name + ".example.com"}"], version: {version}, '
-        'endpoints: ["127.0.0.1:8081"]}\n'
-    )
-
-
-class Remote:
-    """A non-bare repository standing in for the policy repository users push to."""
-
-    def __init__(self, path: Path, branch: str = "main") -> None:
-        self.path = path
-        path.mkdir(parents=True)
-        self.git("init", "-q", "-b", branch)
-
-    def git(self, *args: str) -> str:
-        env = {**os.environ, **GIT_ENV}
-        done = subprocess.run(["git", *args], cwd=self.path, env=env, capture_output=True, text=True, check=True)
-        return done.stdout.strip()
-
-    def commit(self, files: dict[str, str | None], message: str = "change") -> str:
-        """Write (or, for None, delete) files and commit them; return the new commit's SHA."""
-        for name, text in files.items():
-            target = self.path / name
-            if text is None:
-                target.unlink()
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(text)
-        self.git("add", "-A")
-        self.git("commit", "-q", "--allow-empty", "-m", message)
-        return self.git("rev-parse", "HEAD")
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.changes: asyncio.Queue[tuple[PolicySet, list[PolicyError]]] = asyncio.Queue()
-
-    async def __call__(self, policy_set: PolicySet, errors: list[PolicyError]) -> None:
-        await self.changes.put((policy_set, errors))
-
-    async def next(self) -> tuple[PolicySet, list[PolicyError]]:
-        return await asyncio.wait_for(self.changes.get(), DEADLINE)
+    return rollout_text(name, version, host or name + ".example.com")
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll with a deadline: for facts that have no event to wait on."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE
-    while not condition():
-        assert loop.time() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.01)
+    await poll_until(condition, DEADLINE, interval=0.01)
 
 
 @contextlib.asynccontextmanager
@@ -98,11 +41,11 @@ async def running(source: GitPolicySource) -> AsyncIterator[None]:
 
 
 @pytest.fixture
-def remote(tmp_path: Path) -> Remote:
-    return Remote(tmp_path / "remote")
+def remote(tmp_path: Path) -> GitRepo:
+    return GitRepo(tmp_path / "remote", allow_empty=True)
 
 
-def make_source(tmp_path: Path, remote: Remote, recorder: Recorder, **options: Any) -> GitPolicySource:
+def make_source(tmp_path: Path, remote: GitRepo, recorder: PolicyRecorder, **options: Any) -> GitPolicySource:
     # A long interval: every poll in these tests is triggered by reload().
     return GitPolicySource(str(remote.path), tmp_path / "state" / "git", recorder, poll_interval=3600, **options)
 
@@ -110,9 +53,9 @@ def make_source(tmp_path: Path, remote: Remote, recorder: Recorder, **options: A
 # ------------------------------------------------------------------------------------ applying
 
 
-async def test_valid_commit_applies_with_its_sha(tmp_path: Path, remote: Remote) -> None:
+async def test_valid_commit_applies_with_its_sha(tmp_path: Path, remote: GitRepo) -> None:
     sha = remote.commit({"checkout.yaml": policy("checkout"), "cart.yml": policy("cart"), "README.md": "hi"})
-    recorder = Recorder()
+    recorder = PolicyRecorder(DEADLINE)
     source = make_source(tmp_path, remote, recorder)
     policy_set = await source.load_once()
     assert policy_set.revision == sha
@@ -125,10 +68,10 @@ async def test_valid_commit_applies_with_its_sha(tmp_path: Path, remote: Remote)
 
 
 async def test_broken_commit_is_rejected_whole_and_the_fix_applies(
-    tmp_path: Path, remote: Remote, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, remote: GitRepo, caplog: pytest.LogCaptureFixture
 ) -> None:
     good = remote.commit({"checkout.yaml": policy("checkout")})
-    recorder = Recorder()
+    recorder = PolicyRecorder(DEADLINE)
     source = make_source(tmp_path, remote, recorder)
     serving = await source.load_once()
     caplog.set_level(logging.INFO, logger="aviary.policy")
@@ -156,9 +99,9 @@ async def test_broken_commit_is_rejected_whole_and_the_fix_applies(
         assert f"policy commit {fixed[:SHORT_SHA]} applied (2 rollouts)" in caplog.text
 
 
-async def test_version_bump_is_a_changed_spec(tmp_path: Path, remote: Remote) -> None:
+async def test_version_bump_is_a_changed_spec(tmp_path: Path, remote: GitRepo) -> None:
     remote.commit({"checkout.yaml": policy("checkout", version="v1")})
-    recorder = Recorder()
+    recorder = PolicyRecorder(DEADLINE)
     source = make_source(tmp_path, remote, recorder)
     before = await source.load_once()
     async with running(source):
@@ -171,9 +114,9 @@ async def test_version_bump_is_a_changed_spec(tmp_path: Path, remote: Remote) ->
     assert after.rollouts["checkout"].spec != before.rollouts["checkout"].spec
 
 
-async def test_removed_file_leaves_the_set(tmp_path: Path, remote: Remote) -> None:
+async def test_removed_file_leaves_the_set(tmp_path: Path, remote: GitRepo) -> None:
     remote.commit({"checkout.yaml": policy("checkout"), "cart.yaml": policy("cart")})
-    recorder = Recorder()
+    recorder = PolicyRecorder(DEADLINE)
     source = make_source(tmp_path, remote, recorder)
     await source.load_once()
     async with running(source):
@@ -183,9 +126,9 @@ async def test_removed_file_leaves_the_set(tmp_path: Path, remote: Remote) -> No
     assert errors == [] and policy_set.revision == removed and list(policy_set.rollouts) == ["checkout"]
 
 
-async def test_cross_file_conflict_rejects_the_commit(tmp_path: Path, remote: Remote) -> None:
+async def test_cross_file_conflict_rejects_the_commit(tmp_path: Path, remote: GitRepo) -> None:
     sha = remote.commit({"a.yaml": policy("checkout"), "b.yaml": policy("checkout", host="other.example.com")})
-    source = make_source(tmp_path, remote, Recorder())
+    source = make_source(tmp_path, remote, PolicyRecorder(DEADLINE))
     policy_set = await source.load_once()
     assert policy_set == PolicySet() and source.current.revision is None
     rejection = source.last_rejection
@@ -194,9 +137,9 @@ async def test_cross_file_conflict_rejects_the_commit(tmp_path: Path, remote: Re
     assert "already used by a.yaml" in rejection.errors[0].reason
 
 
-async def test_no_new_commit_means_no_callback(tmp_path: Path, remote: Remote) -> None:
+async def test_no_new_commit_means_no_callback(tmp_path: Path, remote: GitRepo) -> None:
     remote.commit({"checkout.yaml": policy("checkout")})
-    recorder = Recorder()
+    recorder = PolicyRecorder(DEADLINE)
     source = make_source(tmp_path, remote, recorder)
     await source.load_once()
     calls: list[list[str]] = []
@@ -219,10 +162,10 @@ async def test_no_new_commit_means_no_callback(tmp_path: Path, remote: Remote) -
 
 
 async def test_callback_exception_does_not_stop_polling(
-    tmp_path: Path, remote: Remote, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, remote: GitRepo, caplog: pytest.LogCaptureFixture
 ) -> None:
     remote.commit({"checkout.yaml": policy("checkout")})
-    recorder = Recorder()
+    recorder = PolicyRecorder(DEADLINE)
     failures = 0
 
     async def flaky(policy_set: PolicySet, errors: list[PolicyError]) -> None:
@@ -248,22 +191,22 @@ async def test_callback_exception_does_not_stop_polling(
 # ------------------------------------------------------------------------------- path and branch
 
 
-async def test_path_selects_a_folder_without_sub_folders(tmp_path: Path, remote: Remote) -> None:
+async def test_path_selects_a_folder_without_sub_folders(tmp_path: Path, remote: GitRepo) -> None:
     sha = remote.commit({
         "policies/checkout.yaml": policy("checkout"),
         "policies/archive/old.yaml": policy("old"),
         "policies/.hidden.yaml": policy("hidden"),
         "elsewhere.yaml": "not: [valid",
     })
-    source = make_source(tmp_path, remote, Recorder(), path="/policies/")
+    source = make_source(tmp_path, remote, PolicyRecorder(DEADLINE), path="/policies/")
     policy_set = await source.load_once()
     assert policy_set.revision == sha
     assert policy_set.files == {"checkout": "policies/checkout.yaml"}
 
 
-async def test_path_errors_name_the_file_in_the_repository(tmp_path: Path, remote: Remote) -> None:
+async def test_path_errors_name_the_file_in_the_repository(tmp_path: Path, remote: GitRepo) -> None:
     sha = remote.commit({"policies/checkout.yaml": policy("checkout").replace("endpoints", "endpionts")})
-    source = make_source(tmp_path, remote, Recorder(), path="policies")
+    source = make_source(tmp_path, remote, PolicyRecorder(DEADLINE), path="policies")
     await source.load_once()
     assert source.last_rejection is not None
     errors = source.last_rejection.errors
@@ -274,9 +217,9 @@ async def test_path_errors_name_the_file_in_the_repository(tmp_path: Path, remot
     ]
 
 
-async def test_missing_path_rejects_the_commit(tmp_path: Path, remote: Remote) -> None:
+async def test_missing_path_rejects_the_commit(tmp_path: Path, remote: GitRepo) -> None:
     sha = remote.commit({"checkout.yaml": policy("checkout")})
-    source = make_source(tmp_path, remote, Recorder(), path="policies")
+    source = make_source(tmp_path, remote, PolicyRecorder(DEADLINE), path="policies")
     assert await source.load_once() == PolicySet()
     assert source.last_rejection is not None
     assert source.last_rejection.errors == (
@@ -285,27 +228,27 @@ async def test_missing_path_rejects_the_commit(tmp_path: Path, remote: Remote) -
 
 
 @pytest.mark.parametrize("path", ["../outside", "a/../../b", "a:b", "a\nb"])
-def test_bad_paths_are_refused(tmp_path: Path, remote: Remote, path: str) -> None:
+def test_bad_paths_are_refused(tmp_path: Path, remote: GitRepo, path: str) -> None:
     with pytest.raises(ValueError, match="invalid policy path"):
-        make_source(tmp_path, remote, Recorder(), path=path)
+        make_source(tmp_path, remote, PolicyRecorder(DEADLINE), path=path)
 
 
 async def test_default_branch_is_the_remotes_head(tmp_path: Path) -> None:
-    remote = Remote(tmp_path / "remote", branch="trunk")
+    remote = GitRepo(tmp_path / "remote", branch="trunk", allow_empty=True)
     trunk = remote.commit({"checkout.yaml": policy("checkout")})
     remote.git("checkout", "-q", "-b", "feature")
     remote.commit({"checkout.yaml": policy("checkout", version="v9")})
     remote.git("checkout", "-q", "trunk")
-    policy_set = await make_source(tmp_path, remote, Recorder()).load_once()
+    policy_set = await make_source(tmp_path, remote, PolicyRecorder(DEADLINE)).load_once()
     assert policy_set.revision == trunk and policy_set.rollouts["checkout"].spec.version == "v1"
 
 
-async def test_branch_selection(tmp_path: Path, remote: Remote) -> None:
+async def test_branch_selection(tmp_path: Path, remote: GitRepo) -> None:
     remote.commit({"checkout.yaml": policy("checkout")})
     remote.git("checkout", "-q", "-b", "release/eu")
     eu = remote.commit({"checkout.yaml": policy("checkout", version="v2")})
     remote.git("checkout", "-q", "main")
-    recorder = Recorder()
+    recorder = PolicyRecorder(DEADLINE)
     source = make_source(tmp_path, remote, recorder, branch="release/eu")
     policy_set = await source.load_once()
     assert policy_set.revision == eu and policy_set.rollouts["checkout"].spec.version == "v2"
@@ -318,27 +261,27 @@ async def test_branch_selection(tmp_path: Path, remote: Remote) -> None:
     assert policy_set.revision == later and policy_set.rollouts["checkout"].spec.version == "v4"
 
 
-async def test_missing_branch_is_a_fetch_error(tmp_path: Path, remote: Remote) -> None:
+async def test_missing_branch_is_a_fetch_error(tmp_path: Path, remote: GitRepo) -> None:
     remote.commit({"checkout.yaml": policy("checkout")})
-    source = make_source(tmp_path, remote, Recorder(), branch="nope")
+    source = make_source(tmp_path, remote, PolicyRecorder(DEADLINE), branch="nope")
     assert await source.load_once() == PolicySet()
     assert source.fetch_error is not None and "branch 'nope' not found" in source.fetch_error
 
 
 @pytest.mark.parametrize("branch", ["", "-x", "a b", "a..b", "a:b", "a~1", "x.lock", "ext::x"])
-def test_bad_branch_names_are_refused(tmp_path: Path, remote: Remote, branch: str) -> None:
+def test_bad_branch_names_are_refused(tmp_path: Path, remote: GitRepo, branch: str) -> None:
     with pytest.raises(ValueError, match="invalid branch name"):
-        make_source(tmp_path, remote, Recorder(), branch=branch)
+        make_source(tmp_path, remote, PolicyRecorder(DEADLINE), branch=branch)
 
 
 # ------------------------------------------------------------------------------ failure and restart
 
 
 async def test_fetch_failure_keeps_serving_and_recovers(
-    tmp_path: Path, remote: Remote, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, remote: GitRepo, caplog: pytest.LogCaptureFixture
 ) -> None:
     good = remote.commit({"checkout.yaml": policy("checkout")})
-    recorder = Recorder()
+    recorder = PolicyRecorder(DEADLINE)
     source = make_source(tmp_path, remote, recorder)
     serving = await source.load_once()
     away = tmp_path / "away"
@@ -355,46 +298,46 @@ async def test_fetch_failure_keeps_serving_and_recovers(
     assert errors == [] and policy_set.revision == later and source.fetch_error is None
 
 
-async def test_restart_offline_serves_the_local_copy(tmp_path: Path, remote: Remote) -> None:
+async def test_restart_offline_serves_the_local_copy(tmp_path: Path, remote: GitRepo) -> None:
     sha = remote.commit({"checkout.yaml": policy("checkout")})
     url = remote.path.as_uri()  # file:// stays a valid URL once the repository is gone
-    await GitPolicySource(url, tmp_path / "git", Recorder()).load_once()
+    await GitPolicySource(url, tmp_path / "git", PolicyRecorder(DEADLINE)).load_once()
     shutil.rmtree(remote.path)
-    source = GitPolicySource(url, tmp_path / "git", Recorder())
+    source = GitPolicySource(url, tmp_path / "git", PolicyRecorder(DEADLINE))
     policy_set = await source.load_once()
     assert policy_set.revision == sha and list(policy_set.rollouts) == ["checkout"]
     assert source.fetch_error is not None
 
 
-async def test_restart_with_a_broken_head_serves_the_last_good_commit(tmp_path: Path, remote: Remote) -> None:
+async def test_restart_with_a_broken_head_serves_the_last_good_commit(tmp_path: Path, remote: GitRepo) -> None:
     good = remote.commit({"checkout.yaml": policy("checkout")})
-    await make_source(tmp_path, remote, Recorder()).load_once()
+    await make_source(tmp_path, remote, PolicyRecorder(DEADLINE)).load_once()
     bad = remote.commit({"checkout.yaml": "kind: [oops"})
-    source = make_source(tmp_path, remote, Recorder())
+    source = make_source(tmp_path, remote, PolicyRecorder(DEADLINE))
     policy_set = await source.load_once()
     assert policy_set.revision == good
     assert source.last_rejection is not None and source.last_rejection.sha == bad
 
 
-async def test_changed_repository_starts_a_new_working_copy(tmp_path: Path, remote: Remote) -> None:
+async def test_changed_repository_starts_a_new_working_copy(tmp_path: Path, remote: GitRepo) -> None:
     remote.commit({"checkout.yaml": policy("checkout")})
-    await make_source(tmp_path, remote, Recorder()).load_once()
-    other = Remote(tmp_path / "other")
+    await make_source(tmp_path, remote, PolicyRecorder(DEADLINE)).load_once()
+    other = GitRepo(tmp_path / "other", allow_empty=True)
     sha = other.commit({"cart.yaml": policy("cart")})
-    policy_set = await make_source(tmp_path, other, Recorder()).load_once()
+    policy_set = await make_source(tmp_path, other, PolicyRecorder(DEADLINE)).load_once()
     assert policy_set.revision == sha and list(policy_set.rollouts) == ["cart"]
 
 
-async def test_relative_workdir(tmp_path: Path, remote: Remote, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_relative_workdir(tmp_path: Path, remote: GitRepo, monkeypatch: pytest.MonkeyPatch) -> None:
     sha = remote.commit({"checkout.yaml": policy("checkout")})
     monkeypatch.chdir(tmp_path)
-    source = GitPolicySource(str(remote.path), Path("state/git"), Recorder())
+    source = GitPolicySource(str(remote.path), Path("state/git"), PolicyRecorder(DEADLINE))
     assert (await source.load_once()).revision == sha
     assert (tmp_path / "state" / "git" / "repo.git" / "HEAD").is_file()
 
 
-async def test_empty_remote_is_a_fetch_error(tmp_path: Path, remote: Remote) -> None:
-    source = make_source(tmp_path, remote, Recorder())
+async def test_empty_remote_is_a_fetch_error(tmp_path: Path, remote: GitRepo) -> None:
+    source = make_source(tmp_path, remote, PolicyRecorder(DEADLINE))
     assert await source.load_once() == PolicySet()
     assert source.fetch_error is not None and "no default branch" in source.fetch_error
 
@@ -456,14 +399,14 @@ def test_urls_rejected(url: str, reason: str) -> None:
 
 def test_source_validates_its_url(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must not start with '-'"):
-        GitPolicySource("--upload-pack=touch /tmp/x", tmp_path, Recorder())
+        GitPolicySource("--upload-pack=touch /tmp/x", tmp_path, PolicyRecorder(DEADLINE))
 
 
 # --------------------------------------------------------------------------------- the runner
 
 
 async def test_git_never_runs_through_a_shell(
-    tmp_path: Path, remote: Remote, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, remote: GitRepo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sha = remote.commit({"checkout.yaml": policy("checkout")})
     calls: list[tuple[Any, ...]] = []
@@ -478,7 +421,7 @@ async def test_git_never_runs_through_a_shell(
 
     monkeypatch.setattr(asyncio, "create_subprocess_shell", no_shell)
     monkeypatch.setattr(asyncio, "create_subprocess_exec", spy)
-    assert (await make_source(tmp_path, remote, Recorder()).load_once()).revision == sha
+    assert (await make_source(tmp_path, remote, PolicyRecorder(DEADLINE)).load_once()).revision == sha
     assert calls and all(call[0] == "git" and all(isinstance(arg, str) for arg in call) for call in calls)
     assert ("git", "ls-remote", "--symref", "--", str(remote.path.resolve()), "HEAD") in calls
 

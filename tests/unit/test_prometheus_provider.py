@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -21,6 +17,8 @@ from aviary.metrics.provider import MetricProvider, MetricProviderError, MetricQ
 from aviary.metrics.templates import render, request_count_query, template_query
 from aviary.policy.analysis import CheckOutcome
 from aviary.policy.schema import Analysis
+from tests.rig import fake_prometheus
+from tests.rig.fake_prometheus import Answer, vector_body
 from tests.rig.ports import free_port
 
 DATA = Path(__file__).parent / "data"
@@ -30,69 +28,19 @@ def fixture_body(name: str) -> bytes:
     return (DATA / f"prom_{name}.json").read_bytes()
 
 
-@dataclass
-class Answer:
-    status: int = 200
-    body: bytes = b""
-    delay: float = 0.0
-    content_type: str = "application/json"
-
-
-@dataclass
-class FakePrometheus:
+class FakePrometheus(fake_prometheus.FakePrometheus):
     """Answers GET /api/v1/query from ``answers`` (query -> Answer); unknown queries get an empty vector."""
 
-    url: str
-    answers: dict[str, Answer] = field(default_factory=dict)
-    queries: list[str] = field(default_factory=list)
-    default: Answer = field(default_factory=lambda: Answer(body=fixture_body("empty")))
-
     def answer(self, query: str, name: str | None = None, *, value: str | None = None, **kwargs: Any) -> None:
-        if value is not None:
-            body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
-                {"metric": {}, "value": [1767225600.5, value]}]}}).encode()
-        else:
-            body = fixture_body(name or "empty")
+        """Answer ``query`` with the fixture file ``prom_<name>.json``, or with one sample of ``value``."""
+        body = vector_body(value) if value is not None else fixture_body(name or "empty")
         self.answers[query] = Answer(body=body, **kwargs)
 
 
 @pytest.fixture
 def prometheus() -> Iterator[FakePrometheus]:
-    fake: FakePrometheus
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            parts = urlsplit(self.path)
-            if parts.path != "/api/v1/query":
-                self.send_error(404)
-                return
-            query = parse_qs(parts.query).get("query", [""])[0]
-            fake.queries.append(query)
-            answer = fake.answers.get(query, fake.default)
-            time.sleep(answer.delay)
-            try:
-                self.send_response(answer.status)
-                self.send_header("Content-Type", answer.content_type)
-                self.send_header("Content-Length", str(len(answer.body)))
-                self.end_headers()
-                self.wfile.write(answer.body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up (the timeout test)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.block_on_close = False
-    server.daemon_threads = True
-    fake = FakePrometheus(url=f"http://127.0.0.1:{server.server_address[1]}")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
+    with FakePrometheus(default=Answer(body=fixture_body("empty"))) as fake:
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # -------------------------------------------------------------------------------------- provider

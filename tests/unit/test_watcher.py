@@ -15,37 +15,18 @@ from aviary.policy import watcher as watcher_module
 from aviary.policy.loader import LoadResult, load_directory
 from aviary.policy.schema import PolicyError, PolicySet
 from aviary.policy.watcher import DirectoryWatcher
+from tests.rig.policies import rollout_text
+from tests.rig.policy_changes import PolicyRecorder, poll_until
 
 DEADLINE = 5.0
 
 
 def policy(name: str, version: str = "v1", host: str = "*") -> str:
-    return (
-        "apiVersion: aviary.dev/v1\nkind: Rollout\n"
-        f"metadata: {{name: {name}}}\n"
-        f'spec: {{listener: {{port: 10000}}, hosts: ["{host}"], version: {version}, '
-        'endpoints: ["127.0.0.1:8081"]}\n'
-    )
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.changes: asyncio.Queue[tuple[PolicySet, list[PolicyError]]] = asyncio.Queue()
-
-    async def __call__(self, policy_set: PolicySet, errors: list[PolicyError]) -> None:
-        await self.changes.put((policy_set, errors))
-
-    async def next(self) -> tuple[PolicySet, list[PolicyError]]:
-        return await asyncio.wait_for(self.changes.get(), DEADLINE)
+    return rollout_text(name, version, host)
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll with a deadline: for facts that have no event to wait on."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE
-    while not condition():
-        assert loop.time() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.005)
+    await poll_until(condition, DEADLINE, interval=0.005)
 
 
 class Turns:
@@ -86,8 +67,8 @@ async def running(watcher: DirectoryWatcher) -> AsyncIterator[asyncio.Task[None]
             await task
 
 
-def make(tmp_path: Path) -> tuple[DirectoryWatcher, Recorder]:
-    recorder = Recorder()
+def make(tmp_path: Path) -> tuple[DirectoryWatcher, PolicyRecorder]:
+    recorder = PolicyRecorder(DEADLINE)
     return DirectoryWatcher(tmp_path, recorder, poll_interval=0.01), recorder
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,14 +69,13 @@ def _serve(args: argparse.Namespace) -> int:
         except (StateError, AdminConfigError, TlsConfigError) as exc:
             print(f"aviary serve: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
-        await plane.start()
+        # Handlers first: a SIGTERM that arrives while starting still stops the plane cleanly.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        import signal
-
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
+            await plane.start()
             await stop.wait()
         finally:
             await plane.stop()

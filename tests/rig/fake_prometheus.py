@@ -1,0 +1,101 @@
+"""A tiny local HTTP server that answers like Prometheus's ``GET /api/v1/query``.
+
+What it answers is up to the test: by default the :class:`Answer` stored for the exact query in
+``answers`` (else ``default``, an empty vector), or whatever a ``respond(query)`` function returns.
+Every query asked is recorded in ``queries``; any other path gets 404.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+from urllib.parse import parse_qs, urlsplit
+
+SAMPLE_TIME = 1767225600.5  # the timestamp of every sample vector_body() writes
+
+
+@dataclass
+class Answer:
+    status: int = 200
+    body: bytes = b""
+    delay: float = 0.0  # seconds to wait before answering
+    content_type: str = "application/json"
+
+
+def vector_body(*values: str) -> bytes:
+    """A successful instant-query answer: a vector with one label-less sample per value."""
+    result = [{"metric": {}, "value": [SAMPLE_TIME, value]} for value in values]
+    return json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode()
+
+
+class FakePrometheus:
+    """Serves on a kernel-picked port of 127.0.0.1 from :meth:`start` (or ``with``) to :meth:`stop`."""
+
+    def __init__(self, default: Answer | None = None, respond: Callable[[str], Answer] | None = None) -> None:
+        self.answers: dict[str, Answer] = {}
+        self.default = default if default is not None else Answer(body=vector_body())
+        self.respond = respond if respond is not None else self.stored_answer
+        self.queries: list[str] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def stored_answer(self, query: str) -> Answer:
+        return self.answers.get(query, self.default)
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "not started"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> Self:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                if parts.path != "/api/v1/query":
+                    self.send_error(404)
+                    return
+                query = parse_qs(parts.query).get("query", [""])[0]
+                fake.queries.append(query)
+                answer = fake.respond(query)
+                time.sleep(answer.delay)
+                try:
+                    self.send_response(answer.status)
+                    self.send_header("Content-Type", answer.content_type)
+                    self.send_header("Content-Length", str(len(answer.body)))
+                    self.end_headers()
+                    self.wfile.write(answer.body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.block_on_close = False
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-prometheus", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
