@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from aviary.discovery import typeurls
@@ -393,6 +393,3 @@ def _route_of(traffic: DesiredTraffic) -> tuple[tuple[Backend, int], ...]:
 def _describe(traffic: DesiredTraffic) -> str:
     return ", ".join(f"{v}={w}%" for v, w in traffic.weights().items())
 
-
-def weights_by_cluster(name: str, weights: Mapping[str, int]) -> dict[str, int]:
-    return {cluster_name(name, version): weight for version, weight in weights.items()}

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from aviary.discovery import typeurls
 from aviary.discovery.proxy_events import (
     ProxyConnected,
     ProxyDisconnected,
@@ -110,9 +109,3 @@ class ProxyStatus:
     def get(self, stream_id: int) -> ProxyView | None:
         return self._proxies.get(stream_id)
 
-    def by_node(self, node_id: str) -> list[ProxyView]:
-        return [p for p in self._proxies.values() if p.node_id == node_id]
-
-    def describe(self, proxy: ProxyView) -> str:
-        acked = ", ".join(f"{typeurls.short_name(t)}={v}" for t, v in sorted(proxy.acked_versions.items()))
-        return f"{proxy.node_id} ({proxy.node_cluster}) from {proxy.peer}: {acked or 'nothing ACKed'}"

@@ -21,15 +21,6 @@ _NONCE = 5
 # google.protobuf.Any fields
 _ANY_TYPE_URL = 1
 _ANY_VALUE = 2
-# DeltaDiscoveryResponse / Resource fields (for the delta protocol)
-_DELTA_SYSTEM_VERSION = 1
-_DELTA_RESOURCES = 2
-_DELTA_TYPE_URL = 4
-_DELTA_NONCE = 5
-_DELTA_REMOVED = 6
-_RESOURCE_NAME = 3
-_RESOURCE_VERSION = 1
-_RESOURCE_RESOURCE = 2
 
 
 def varint(value: int) -> bytes:
@@ -57,16 +48,6 @@ def resources_entry(any_bytes: bytes) -> bytes:
     return length_delimited(_RESOURCES, any_bytes)
 
 
-def delta_resource_entry(name: str, version: str, any_bytes: bytes) -> bytes:
-    """One `resources` entry of a DeltaDiscoveryResponse (an envoy.service.discovery.v3.Resource)."""
-    resource = (
-        length_delimited(_RESOURCE_VERSION, version.encode())
-        + length_delimited(_RESOURCE_RESOURCE, any_bytes)
-        + length_delimited(_RESOURCE_NAME, name.encode())
-    )
-    return length_delimited(_DELTA_RESOURCES, resource)
-
-
 def discovery_response(version: str, type_url: str, nonce: str, entries: Iterable[bytes]) -> bytes:
     return (
         length_delimited(_VERSION_INFO, version.encode())
@@ -75,14 +56,3 @@ def discovery_response(version: str, type_url: str, nonce: str, entries: Iterabl
         + length_delimited(_NONCE, nonce.encode())
     )
 
-
-def delta_discovery_response(
-    system_version: str, type_url: str, nonce: str, entries: Iterable[bytes], removed: Iterable[str]
-) -> bytes:
-    return (
-        length_delimited(_DELTA_SYSTEM_VERSION, system_version.encode())
-        + b"".join(entries)
-        + length_delimited(_DELTA_TYPE_URL, type_url.encode())
-        + length_delimited(_DELTA_NONCE, nonce.encode())
-        + b"".join(length_delimited(_DELTA_REMOVED, name.encode()) for name in removed)
-    )
