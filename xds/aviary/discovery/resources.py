@@ -11,6 +11,7 @@ Naming (documented for users in README):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,10 @@ from aviary.traffic import Backend
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 ROUTER_FILTER = "envoy.filters.http.router"
 CONNECT_TIMEOUT_SECONDS = 2
+# Builders of resources that depend only on their (hashable, immutable) inputs are memoized: a
+# weight change re-encodes its route configurations and nothing else, and a cluster that several
+# proxy groups share is encoded once.
+BUILT_RESOURCES_KEPT = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +96,7 @@ def _http_connection_manager(stat_prefix: str, route_config: str) -> hcm_pb2.Htt
     )
 
 
+@functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
 def build_listener(listener: ListenerSpec) -> Resource:
     name = listener_name(listener)
     route = route_name(listener)
@@ -115,6 +121,7 @@ def build_listener(listener: ListenerSpec) -> Resource:
     return Resource.from_message(name, typeurls.LISTENER, message, references=(route,))
 
 
+@functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
 def build_api_listener(rollout: str) -> Resource:
     route = grpc_route_name(rollout)
     message = listener_pb2.Listener(
@@ -160,6 +167,7 @@ def build_route_configuration(name: str, rollouts: Sequence[PublishedRollout]) -
     return Resource.from_message(name, typeurls.ROUTE, message, references=references)
 
 
+@functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
 def build_grpc_route_configuration(rollout: PublishedRollout) -> Resource:
     name = grpc_route_name(rollout.name)
     message = route_pb2.RouteConfiguration(name=name, virtual_hosts=[_virtual_host(rollout, ["*"])])
@@ -191,7 +199,8 @@ def _load_assignment(name: str, backend: Backend) -> endpoint_pb2.ClusterLoadAss
     )
 
 
-def build_cluster(rollout: str, backend: Backend) -> list[Resource]:
+@functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
+def build_cluster(rollout: str, backend: Backend) -> tuple[Resource, ...]:
     """The cluster for one version, plus its load assignment when it is served over EDS."""
     name = cluster_name(rollout, backend.version)
     common = {
@@ -205,16 +214,16 @@ def build_cluster(rollout: str, backend: Backend) -> list[Resource]:
             eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads_source()),
             **common,
         )
-        return [
+        return (
             Resource.from_message(name, typeurls.CLUSTER, cluster, references=(name,)),
             Resource.from_message(name, typeurls.ENDPOINT, _load_assignment(name, backend)),
-        ]
+        )
     cluster = cluster_pb2.Cluster(
         type=cluster_pb2.Cluster.DiscoveryType.STRICT_DNS,
         load_assignment=_load_assignment(name, backend),
         **common,
     )
-    return [Resource.from_message(name, typeurls.CLUSTER, cluster)]
+    return (Resource.from_message(name, typeurls.CLUSTER, cluster),)
 
 
 def build_snapshot(rollouts: Iterable[PublishedRollout]) -> Snapshot:
