@@ -89,6 +89,11 @@ def stopped_for_restart(status: RolloutStatus, last_alive: float) -> tuple[Rollo
     return stopped, Resumption(elapsed, status.step_index, status.canary.version if status.canary else None)
 
 
+def _placement_of(rollout: Rollout) -> Placement:
+    spec = rollout.spec
+    return Placement(spec.listener, spec.hosts, spec.proxy_cluster)
+
+
 def _summary(status: RolloutStatus) -> str:
     canary = f", canary {status.canary.version} at {status.weight}%" if status.canary else ""
     return f"{status.phase.value}, stable {status.stable.version}{canary}"
@@ -327,21 +332,18 @@ class RolloutRunner:
         self._saved_revision[status.rollout] = revision
 
     def _publish(self, rollout: Rollout, traffic: DesiredTraffic) -> None:
-        spec = rollout.spec
-        placement = Placement(spec.listener, spec.hosts, spec.proxy_cluster)
+        placement = _placement_of(rollout)
         self._placements[rollout.name] = placement
         self._director.set_rollout(rollout.name, placement, traffic)
 
     def _execute(self, rollout: Rollout, actions: Iterable[Action]) -> None:
-        spec = rollout.spec
-        placement = Placement(spec.listener, spec.hosts, spec.proxy_cluster)
         traffic = None
         for action in actions:
             if isinstance(action, SetTraffic):
                 traffic = action.traffic
             elif isinstance(action, RecordEvent):
                 self._record(action.event)
-        if traffic is None and self._placements.get(rollout.name) != placement:
+        if traffic is None and self._placements.get(rollout.name) != _placement_of(rollout):
             # The file moved the rollout (listener, hosts) without changing its traffic.
             traffic = self._director.desired(rollout.name) or desired_traffic(self._status[rollout.name])
         if traffic is not None:
