@@ -203,3 +203,23 @@ async def test_first_request_without_node_is_refused(plane: Plane) -> None:
         await client.receive()
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "node" in (failure.value.details() or "")
+
+
+def test_an_ack_repeated_with_a_subscription_change_is_reported_once() -> None:
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    from aviary.discovery.proxy_events import ProxyEvent, ResourcesAcked
+    from aviary.discovery.sotw import SotwStream
+
+    cache, proxies = SnapshotCache(), ProxyStatus()
+    TrafficDirector(cache, proxies).set_rollout("checkout", Placement(LISTENER, ("*",)), DesiredTraffic(V1, V2, 10))
+    events: list[ProxyEvent] = []
+    stream = SotwStream(1, "peer", cache, events.append)
+    (data,) = stream.on_request(discovery_pb2.DiscoveryRequest(
+        type_url=typeurls.ENDPOINT, resource_names=["checkout-v1"], node=base_pb2.Node(id="n")))
+    response = discovery_pb2.DiscoveryResponse.FromString(data)
+    for names in (["checkout-v1"], ["checkout-v1", "checkout-v2"]):  # Envoy repeats the nonce
+        stream.on_request(discovery_pb2.DiscoveryRequest(
+            type_url=typeurls.ENDPOINT, resource_names=names, response_nonce=response.nonce))
+    assert sum(isinstance(e, ResourcesAcked) for e in events) == 1

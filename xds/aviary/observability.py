@@ -21,7 +21,6 @@ from prometheus_client.registry import Collector
 
 from aviary.discovery import typeurls
 from aviary.discovery.proxy_events import (
-    ProxyDisconnected,
     ProxyEvent,
     ResourcesAcked,
     ResourcesNacked,
@@ -59,11 +58,6 @@ class ControlPlaneMetrics:
             "aviary_policy_rejections", "Policy loads that had rejected files or commits", registry=self.registry
         )
         self.registry.register(_StateCollector(proxies, runner))
-        # (stream, type) -> the response last counted as ACKed / NACKed. A proxy repeats the last
-        # nonce (and a NACK's error) on every request until the next response, e.g. when its EDS
-        # or RDS subscription changes; each response counts once.
-        self._acked: dict[tuple[int, str], float] = {}
-        self._nacked: dict[tuple[int, str], str] = {}
         proxies.subscribe(self.on_proxy_event)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -73,20 +67,10 @@ class ControlPlaneMetrics:
             kind = typeurls.short_name(event.type_url)
             self._responses.labels(kind).inc()
             self._bytes.labels(kind).inc(event.size)
-        elif isinstance(event, ResourcesAcked):
-            if self._acked.get((event.stream_id, event.type_url)) == event.sent_at:
-                return
-            self._acked[event.stream_id, event.type_url] = event.sent_at
+        elif isinstance(event, ResourcesAcked):  # the streams report each response's ACK once
             self._push_ack.labels(typeurls.short_name(event.type_url)).observe(max(0.0, event.at - event.sent_at))
         elif isinstance(event, ResourcesNacked):
-            if self._nacked.get((event.stream_id, event.type_url)) == event.version:
-                return
-            self._nacked[event.stream_id, event.type_url] = event.version
             self._nacks.labels(typeurls.short_name(event.type_url)).inc()
-        elif isinstance(event, ProxyDisconnected):
-            for seen in (self._acked, self._nacked):
-                for key in [k for k in seen if k[0] == event.stream_id]:
-                    del seen[key]
 
     def policies_applied(self, errors: list[PolicyError]) -> None:
         self._reloads.inc()

@@ -4,7 +4,7 @@
 responses to write, so the rules below are tested without sockets:
 
 - a response carries a fresh nonce and the version of exactly what it contains;
-- ACK: the request echoes the latest nonce and has no error_detail;
+- ACK: the request echoes the latest nonce and has no error_detail (reported once per response);
 - NACK: the same with error_detail; it is reported once and the rejected content is not sent
   again: the next response for that type waits for different content (go-control-plane's
   resend loop, its issue #962, is what this avoids);
@@ -55,6 +55,7 @@ class _TypeState:
     last_version: str = ""
     last_sent: dict[str, str] | None = None
     last_sent_at: float = 0.0
+    answered_nonce: str | None = None  # the response whose ACK or NACK was already reported
     checked: str = ""  # the type's snapshot version last compared: unchanged means nothing to send
 
 
@@ -93,7 +94,10 @@ class SotwStream:
         if nonce and nonce != state.last_nonce:
             log.debug("stale nonce %s from %s for %s ignored", nonce, self.node_id, typeurls.short_name(type_url))
             return []
-        if nonce and state.last_sent is not None:
+        # A proxy repeats the latest nonce on every request until the next response (e.g. when its
+        # EDS or RDS subscription changes): the ACK or NACK of a response is reported once.
+        if nonce and state.last_sent is not None and nonce != state.answered_nonce:
+            state.answered_nonce = nonce
             if request.HasField("error_detail"):
                 self._nacked(type_url, state, request.error_detail.message)
             else:
