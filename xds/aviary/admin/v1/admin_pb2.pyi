@@ -14,24 +14,38 @@ class ListRolloutsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListRolloutsResponse(_message.Message):
-    __slots__ = ("rollouts", "policy")
+    __slots__ = ("rollouts", "policy", "health")
     ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
     policy: PolicySource
-    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., policy: _Optional[_Union[PolicySource, _Mapping]] = ...) -> None: ...
+    health: ControlPlaneHealth
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., policy: _Optional[_Union[PolicySource, _Mapping]] = ..., health: _Optional[_Union[ControlPlaneHealth, _Mapping]] = ...) -> None: ...
+
+class ControlPlaneHealth(_message.Message):
+    __slots__ = ("serving", "state_error", "problems")
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    STATE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    serving: bool
+    state_error: str
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, serving: _Optional[bool] = ..., state_error: _Optional[str] = ..., problems: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PolicySource(_message.Message):
-    __slots__ = ("source", "applied_commit", "rejected_commit", "errors")
+    __slots__ = ("source", "applied_commit", "rejected_commit", "errors", "fetch_error")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     APPLIED_COMMIT_FIELD_NUMBER: _ClassVar[int]
     REJECTED_COMMIT_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    FETCH_ERROR_FIELD_NUMBER: _ClassVar[int]
     source: str
     applied_commit: str
     rejected_commit: str
     errors: _containers.RepeatedCompositeFieldContainer[ValidateError]
-    def __init__(self, source: _Optional[str] = ..., applied_commit: _Optional[str] = ..., rejected_commit: _Optional[str] = ..., errors: _Optional[_Iterable[_Union[ValidateError, _Mapping]]] = ...) -> None: ...
+    fetch_error: str
+    def __init__(self, source: _Optional[str] = ..., applied_commit: _Optional[str] = ..., rejected_commit: _Optional[str] = ..., errors: _Optional[_Iterable[_Union[ValidateError, _Mapping]]] = ..., fetch_error: _Optional[str] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("name",)
@@ -112,7 +126,7 @@ class Override(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("name", "phase", "stable_version", "canary_version", "weight", "step", "steps", "seconds_in_step", "checks", "events", "git_commit", "overrides", "reason", "failed_version", "orphaned", "acked_weight")
+    __slots__ = ("name", "phase", "stable_version", "canary_version", "weight", "step", "steps", "seconds_in_step", "checks", "events", "git_commit", "overrides", "reason", "failed_version", "orphaned", "acked_weight", "envoy_rejected", "engine_error", "state_error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +143,9 @@ class Rollout(_message.Message):
     FAILED_VERSION_FIELD_NUMBER: _ClassVar[int]
     ORPHANED_FIELD_NUMBER: _ClassVar[int]
     ACKED_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ENVOY_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    STATE_ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     phase: str
     stable_version: str
@@ -145,7 +162,10 @@ class Rollout(_message.Message):
     failed_version: str
     orphaned: bool
     acked_weight: int
-    def __init__(self, name: _Optional[str] = ..., phase: _Optional[str] = ..., stable_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., weight: _Optional[int] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., seconds_in_step: _Optional[float] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., git_commit: _Optional[str] = ..., overrides: _Optional[_Iterable[_Union[Override, _Mapping]]] = ..., reason: _Optional[str] = ..., failed_version: _Optional[str] = ..., orphaned: _Optional[bool] = ..., acked_weight: _Optional[int] = ...) -> None: ...
+    envoy_rejected: str
+    engine_error: str
+    state_error: str
+    def __init__(self, name: _Optional[str] = ..., phase: _Optional[str] = ..., stable_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., weight: _Optional[int] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., seconds_in_step: _Optional[float] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., git_commit: _Optional[str] = ..., overrides: _Optional[_Iterable[_Union[Override, _Mapping]]] = ..., reason: _Optional[str] = ..., failed_version: _Optional[str] = ..., orphaned: _Optional[bool] = ..., acked_weight: _Optional[int] = ..., envoy_rejected: _Optional[str] = ..., engine_error: _Optional[str] = ..., state_error: _Optional[str] = ...) -> None: ...
 
 class ListProxiesRequest(_message.Message):
     __slots__ = ()
