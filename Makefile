@@ -37,7 +37,7 @@ lint: venv
 	$(BIN)/ruff check xds tests
 	$(BIN)/mypy
 
-bench: venv
+bench: venv prometheus
 	$(BIN)/python -m tests.bench.run
 
 clean:

@@ -5,6 +5,8 @@ Numbers go to stdout and tests/bench/results.json. Not a pass/fail test.
     rollout's weight changed (only route configurations encoded again); median of 20
   - fan-out: one weight change -> every one of N Envoy-like streams ACKed the new route
     (N = 100 and 1,000 streams in a separate client process; median and p90 of 15 changes)
+  - reaction through a real Envoy and Prometheus (tests/bench/reaction.py): a failing canary's first
+    500 -> weight 0 at Envoy, and a healthy canary's write -> 100 % at Envoy (the README quotes these)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from aviary.discovery.resources import (
 from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
 from aviary.policy.schema import Endpoint, ListenerSpec
 from aviary.traffic import Backend, DesiredTraffic
+from tests.bench.reaction import bench_reaction
 
 REPO = Path(__file__).resolve().parents[2]
 LISTENER = ListenerSpec(address="0.0.0.0", port=10000)
@@ -104,6 +107,8 @@ async def main() -> None:
         result = await bench_fanout(streams)
         results[f"fanout_{streams}"] = result
         print(f"weight change -> all {streams} streams ACKed:", result, flush=True)
+    results["reaction"] = await asyncio.to_thread(bench_reaction)
+    print("reaction through real Envoy and Prometheus:", results["reaction"], flush=True)
     (REPO / "tests" / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
