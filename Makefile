@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTO_SRC := protos/aviary/admin/v1/admin.proto
 
-.PHONY: venv test unit e2e lint typecheck protos bench prometheus clean
+.PHONY: venv test unit e2e lint typecheck protos bench prometheus clean demo demo-rollback
 
 venv: $(STAMP)
 
@@ -34,8 +34,16 @@ e2e: venv prometheus
 	$(BIN)/pytest -q tests/e2e
 
 lint: venv
-	$(BIN)/ruff check xds tests
+	$(BIN)/ruff check xds tests deploy
 	$(BIN)/mypy
+
+# A live canary through a real Envoy and Prometheus, all on 127.0.0.1 (DEMO_ARGS=--free-ports if ports are taken).
+demo: venv prometheus
+	$(BIN)/python deploy/demo/demo.py $(DEMO_ARGS)
+
+# The same with a v2 that fails ~20 % of requests: the automatic rollback.
+demo-rollback: venv prometheus
+	$(BIN)/python deploy/demo/demo.py --rollback $(DEMO_ARGS)
 
 bench: venv prometheus
 	$(BIN)/python -m tests.bench.run

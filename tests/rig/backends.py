@@ -1,4 +1,4 @@
-"""Python side of backend_server.py: HTTP backends (one port per version) in one subprocess."""
+"""Python side of deploy/demo/backend.py: HTTP backends (one port per version) in one subprocess."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.rig.process import ManagedProcess
 from tests.rig.simple_http import http_request
 from tests.rig.waiting import wait_until
 
-SERVER_SCRIPT = Path(__file__).with_name("backend_server.py")
+SERVER_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "demo" / "backend.py"
 
 
 class Backends:

@@ -1,4 +1,4 @@
-"""HTTP/1.1 test backends: one process, one port per version (run with sys.executable).
+"""HTTP/1.1 demo backends (used by `make demo` and the tests): one process, one port per version.
 
 Every request on a version port gets 200, body = version, header ``x-version: <version>``,
 unless the port's behaviour says otherwise (error_rate -> 500, latency_ms -> added delay).
@@ -9,7 +9,7 @@ Control port (loopback):
   POST /behaviour?port=P&error_rate=0.3&latency_ms=800  (either parameter may be left out)
   GET  /counts                                        -> JSON {port: requests served}
 
-Usage: backend_server.py --ports-file FILE VERSION[=PORT] ...   (PORT 0 or missing: kernel picks)
+Usage: python deploy/demo/backend.py --ports-file FILE VERSION[=PORT] ...   (PORT 0 or missing: kernel picks)
 The ports file ({"control": p, "versions": {version: port}}) is written once every port listens.
 """
 

@@ -1,0 +1,442 @@
+"""`make demo` and `make demo-rollback`: a live canary through a real Envoy, from nothing.
+
+Starts, all on 127.0.0.1: two demo backends (v1 and v2, `deploy/demo/backend.py`), Prometheus with
+`deploy/prometheus/prometheus.yml`, Envoy with `deploy/envoy/bootstrap.yaml`, and `aviary serve` on a
+git repository made in a temporary directory from `policies/demo/`. It sends steady traffic through
+Envoy, commits the version bump to v2, shows the canary live (the `aviary watch` view) until it is
+decided, and prints a summary: time per step, check values, requests sent and failed. With
+`--rollback`, v2 fails about 20 % of its requests and the summary says how long it took from the
+first failed request to 0 % at Envoy.
+
+Ctrl-C stops everything it started. Without a terminal (`CI=true`, or stdout not a tty) it prints
+plain progress lines. Exit status: 0 when the canary ended as expected (promoted; rolled back with
+`--rollback`), 1 otherwise, 2 when something it needs is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from rich.console import Console
+from rich.live import Live
+
+from aviary.admin import render
+from aviary.admin.v1 import admin_pb2 as pb
+from aviary.admin.v1 import admin_pb2_grpc
+from aviary.discovery.resources import cluster_name, route_name
+from aviary.policy.schema import ListenerSpec
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+POLICY = REPO / "policies" / "demo" / "shop.yaml"
+ROLLOUT = "shop"
+HOST = "shop.example.com"
+PORTS = {"listener": 10000, "envoy-admin": 9901, "xds": 18000, "admin": 18001, "metrics": 18002,
+         "prometheus": 9090, "v1": 8081, "v2": 8082}  # fmt: skip
+REQUESTS_PER_SECOND = 50
+
+
+class DemoError(Exception):
+    """Something the demo needs is missing or did not start; the message says what to do."""
+
+
+# ------------------------------------------------------------------------------------ processes
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def choose_ports(free: bool) -> dict[str, int]:
+    if free:
+        return {name: _free_port() for name in PORTS}
+    busy = [f"{name} {port}" for name, port in PORTS.items() if not _port_free(port)]
+    if busy:
+        raise DemoError(f"ports in use on 127.0.0.1: {', '.join(busy)} (stop what uses them, or pass --free-ports)")
+    return dict(PORTS)
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)  # pacing of the poll
+    raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _http_get(port: int, path: str, host: str | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": host} if host else {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _answers(port: int, path: str) -> bool:
+    try:
+        return _http_get(port, path)[0] == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class Processes:
+    """Every process the demo started, stopped (TERM, then KILL) in reverse order."""
+
+    logs: Path
+    started: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str | Path]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("wb")
+        process = subprocess.Popen(  # our own binaries, no shell
+            [str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the demo only; it stops these in order
+        )
+        self.started.append((name, process))
+        return process
+
+    def check_alive(self) -> None:
+        for name, process in self.started:
+            if process.poll() is not None:
+                raise DemoError(f"{name} exited with status {process.returncode}; see {self.logs / (name + '.log')}")
+
+    def stop_all(self) -> None:
+        for _, process in reversed(self.started):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for _, process in reversed(self.started):
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _prometheus_binary() -> str:
+    found = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
+    if found is None:
+        raise DemoError("prometheus is missing: run 'make demo' (it installs it as root) or 'sudo apt-get install "
+                        "prometheus'")
+    return found
+
+
+def envoy_bootstrap(ports: dict[str, int]) -> dict[str, Any]:
+    """deploy/envoy/bootstrap.yaml with the demo's admin and xDS ports."""
+    bootstrap: dict[str, Any] = yaml.safe_load((REPO / "deploy" / "envoy" / "bootstrap.yaml").read_text())
+    bootstrap["admin"]["address"]["socket_address"]["port_value"] = ports["envoy-admin"]
+    for cluster in bootstrap["static_resources"]["clusters"]:
+        if cluster["name"] == "xds_cluster":
+            for group in cluster["load_assignment"]["endpoints"]:
+                for endpoint in group["lb_endpoints"]:
+                    endpoint["endpoint"]["address"]["socket_address"]["port_value"] = ports["xds"]
+    return bootstrap
+
+
+def prometheus_config(ports: dict[str, int]) -> dict[str, Any]:
+    """deploy/prometheus/prometheus.yml, scraping the demo's Envoy and Aviary."""
+    config: dict[str, Any] = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = {"envoy": f"127.0.0.1:{ports['envoy-admin']}", "aviary": f"127.0.0.1:{ports['metrics']}"}
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+    return config
+
+
+def policy(ports: dict[str, int], version: str) -> dict[str, Any]:
+    """policies/demo/shop.yaml at ``version``, on the demo's ports."""
+    doc: dict[str, Any] = yaml.safe_load(POLICY.read_text())
+    doc["spec"]["listener"]["port"] = ports["listener"]
+    doc["spec"]["version"] = version
+    doc["spec"]["endpoints"] = [f"127.0.0.1:{ports[version]}"]
+    return doc
+
+
+class PolicyRepository:
+    """The git repository `aviary serve` follows: the user's policy repo, in miniature."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir()
+        self._git("init", "-q", "-b", "main")
+
+    def _git(self, *args: str) -> None:
+        env = {**os.environ, "GIT_AUTHOR_NAME": "demo", "GIT_AUTHOR_EMAIL": "demo@localhost",
+               "GIT_COMMITTER_NAME": "demo", "GIT_COMMITTER_EMAIL": "demo@localhost"}  # fmt: skip
+        subprocess.run(["git", *args], cwd=self.path, env=env, check=True, capture_output=True)
+
+    def commit(self, doc: dict[str, Any], message: str) -> None:
+        (self.path / "shop.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        self._git("add", "shop.yaml")
+        self._git("commit", "-q", "-m", message)
+
+
+# ------------------------------------------------------------------------------------ traffic
+
+
+@dataclass
+class Traffic:
+    """Steady requests through Envoy from a few threads; counts per version and failures."""
+
+    port: int
+    sent: int = 0
+    failed: int = 0
+    by_version: dict[str, int] = field(default_factory=dict)
+    first_failure_at: float | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self, clients: int = 4) -> Traffic:
+        for i in range(clients):
+            thread = threading.Thread(target=self._client, name=f"traffic-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _client(self) -> None:
+        pause = len(self._threads or [None]) / REQUESTS_PER_SECOND
+        while not self._stop.is_set():
+            version, ok = "-", False
+            try:
+                status, body = _http_get(self.port, "/", HOST)
+                ok = status == 200
+                version = body.decode(errors="replace").strip() if ok else f"HTTP {status}"
+            except OSError as exc:
+                version = type(exc).__name__
+            with self._lock:
+                self.sent += 1
+                if ok:
+                    self.by_version[version] = self.by_version.get(version, 0) + 1
+                else:
+                    self.failed += 1
+                    self.first_failure_at = self.first_failure_at or time.time()
+            self._stop.wait(pause)  # the request rate, not synchronisation
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(5)
+
+
+def envoy_canary_weight(envoy_admin: int, listener_port: int) -> int | None:
+    """The canary's weight in Envoy's own route configuration (None before Envoy has the route)."""
+    try:
+        status, body = _http_get(envoy_admin, "/config_dump?resource=dynamic_route_configs")
+        configs = json.loads(body).get("configs", []) if status == 200 else []
+    except (OSError, ValueError):  # not up yet, or busy
+        return None
+    route = route_name(ListenerSpec(address="127.0.0.1", port=listener_port))
+    for config in configs:
+        rc = config.get("route_config", {})
+        if rc.get("name") != route:
+            continue
+        for vhost in rc.get("virtual_hosts", []):
+            if vhost.get("name") == ROLLOUT:
+                action = vhost["routes"][0].get("route", {})
+                weights = {c["name"]: int(c.get("weight", 0)) for c in action.get("weighted_clusters", {})
+                           .get("clusters", [])} or {action.get("cluster", ""): 100}  # fmt: skip
+                return weights.get(cluster_name(ROLLOUT, "v2"), 0)
+    return None
+
+
+# ------------------------------------------------------------------------------------ the demo
+
+
+@dataclass
+class Demo:
+    ports: dict[str, int]
+    rollback: bool
+    work: Path
+    console: Console
+    live: bool
+    processes: Processes = field(init=False)
+    admin: admin_pb2_grpc.AdminStub = field(init=False)
+    envoy_weights: list[tuple[float, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        (self.work / "logs").mkdir(parents=True)
+        self.processes = Processes(self.work / "logs")
+
+    def say(self, line: str) -> None:
+        self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    def start(self) -> PolicyRepository:
+        p = self.ports
+        self.say(f"[demo] working directory {self.work} (logs in {self.work / 'logs'})")
+        self.processes.start("backends", [sys.executable, REPO / "deploy" / "demo" / "backend.py", "--ports-file",
+                                          self.work / "backends.json", f"v1={p['v1']}", f"v2={p['v2']}"])
+        _wait(lambda: (self.work / "backends.json").exists(), 15, "the demo backends")
+        if self.rollback:
+            control = json.loads((self.work / "backends.json").read_text())["control"]
+            conn = http.client.HTTPConnection("127.0.0.1", control, timeout=5)
+            conn.request("POST", f"/behaviour?port={p['v2']}&error_rate=0.2")
+            conn.getresponse().read()
+            self.say("[demo] v2 will fail 20 % of its requests")
+        repo = PolicyRepository(self.work / "policies")
+        repo.commit(policy(p, "v1"), "shop v1")
+        (self.work / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(p)))
+        self.processes.start("prometheus", [
+            _prometheus_binary(), f"--config.file={self.work / 'prometheus.yml'}",
+            f"--storage.tsdb.path={self.work / 'prometheus-data'}", f"--web.listen-address=127.0.0.1:{p['prometheus']}",
+        ])  # fmt: skip
+        self.processes.start("aviary", [
+            VENV_BIN / "aviary", "serve", "--policies", repo.path, "--git-poll", "1",
+            "--state-dir", self.work / "state", "--xds-address", f"127.0.0.1:{p['xds']}",
+            "--admin-address", f"127.0.0.1:{p['admin']}", "--metrics-address", f"127.0.0.1:{p['metrics']}",
+            "--prometheus-url", f"http://127.0.0.1:{p['prometheus']}",
+        ])  # fmt: skip
+        (self.work / "envoy.yaml").write_text(yaml.safe_dump(envoy_bootstrap(p)))
+        self.processes.start("envoy", [
+            VENV_BIN / "envoy", "-c", self.work / "envoy.yaml", "--concurrency", "1", "--disable-hot-restart",
+            "-l", "warning",
+        ])  # fmt: skip
+        _wait(lambda: self._check() and _answers(p["prometheus"], "/-/ready"), 30, "Prometheus")
+        _wait(lambda: self._check() and envoy_canary_weight(p["envoy-admin"], p["listener"]) == 0, 30,
+              "Envoy to get its routes from Aviary")
+        self.admin = admin_pb2_grpc.AdminStub(grpc.insecure_channel(f"127.0.0.1:{p['admin']}"))  # type: ignore[no-untyped-call]
+        self.say(f"[demo] Envoy serves shop v1 on http://127.0.0.1:{p['listener']}/ (Host: {HOST}); "
+                 f"admin API 127.0.0.1:{p['admin']}, Prometheus http://127.0.0.1:{p['prometheus']}")
+        return repo
+
+    def _check(self) -> bool:
+        self.processes.check_alive()
+        return True
+
+    def rollout(self) -> pb.Rollout:
+        rollout: pb.Rollout = self.admin.GetRollout(pb.GetRolloutRequest(name=ROLLOUT), timeout=5)
+        return rollout
+
+    def follow(self, traffic: Traffic, timeout: float) -> pb.Rollout:
+        """Show the canary until it is decided and Envoy serves the decision."""
+        deadline = time.monotonic() + timeout
+        recent: deque[pb.RolloutEvent] = deque(maxlen=8)
+        seen_events = 0
+        last_line = ""
+        view = Live(console=self.console, auto_refresh=False) if self.live else contextlib.nullcontext()
+        with view as live:
+            while time.monotonic() < deadline:
+                self.processes.check_alive()
+                rollout = self.rollout()
+                weight = envoy_canary_weight(self.ports["envoy-admin"], self.ports["listener"])
+                if weight is not None and (not self.envoy_weights or self.envoy_weights[-1][1] != weight):
+                    self.envoy_weights.append((time.time(), weight))
+                events = list(rollout.events)
+                recent.extend(events[seen_events:] if seen_events <= len(events) else events)
+                seen_events = len(events)
+                if isinstance(live, Live):
+                    live.update(render.watch_view({ROLLOUT: rollout}, recent), refresh=True)
+                else:
+                    line = f"[demo] {render.rollout_line(rollout)}; Envoy canary weight {weight}%"
+                    if line != last_line:
+                        self.say(f"{line}; requests {traffic.sent}, failed {traffic.failed}")
+                        last_line = line
+                promoted = rollout.phase == "Stable" and rollout.stable_version == "v2" and weight == 100
+                if promoted or (rollout.phase == "RolledBack" and weight == 0):
+                    return rollout
+                time.sleep(0.25)  # refresh rate of the view
+        raise DemoError(f"the canary was not decided within {timeout:.0f}s: {render.rollout_line(self.rollout())}")
+
+    def summary(self, rollout: pb.Rollout, traffic: Traffic, bumped_at: float) -> list[str]:
+        lines = [f"[demo] result: {render.rollout_line(rollout)}"]
+        events = [e for e in rollout.events if e.time.ToNanoseconds() / 1e9 >= bumped_at]
+        times = [e.time.ToNanoseconds() / 1e9 for e in events]
+        for event, at, ends in zip(events, times, [*times[1:], None], strict=True):
+            if event.to_phase == "Progressing" and ends is not None:
+                lines.append(f"[demo]   canary at {event.weight:3d}%: {ends - at:5.1f} s")
+        if times:
+            lines.append(f"[demo]   {rollout.phase} {times[-1] - bumped_at:.1f} s after the v2 commit")
+        for check in rollout.checks or (rollout.events[-1].checks if rollout.events else []):
+            value = f"{check.value:.4g}" if check.HasField("value") else "-"
+            lines.append(f"[demo]   check {check.name}: {check.outcome} (value {value}) {check.reason}".rstrip())
+        versions = ", ".join(f"{v} {n}" for v, n in sorted(traffic.by_version.items()))
+        lines.append(f"[demo] requests sent {traffic.sent}, failed {traffic.failed} ({versions})")
+        if self.rollback and traffic.first_failure_at is not None:
+            zero = next((at for at, w in self.envoy_weights if w == 0 and at >= traffic.first_failure_at), None)
+            if zero is not None:
+                lines.append(f"[demo] first failed request -> canary at 0 % in Envoy: "
+                             f"{zero - traffic.first_failure_at:.2f} s")
+        return lines
+
+    def run(self) -> int:
+        repo = self.start()
+        traffic = Traffic(self.ports["listener"]).start()
+        try:
+            _wait(lambda: traffic.by_version.get("v1", 0) >= 50, 20, "traffic to flow through Envoy")
+            bumped_at = time.time()
+            repo.commit(policy(self.ports, "v2"), "shop v2")
+            self.say("[demo] committed shop v2 to the policy repository: the canary starts")
+            rollout = self.follow(traffic, timeout=120)
+            time.sleep(1.0)  # a last second of traffic on the decided route, for the counts
+        finally:
+            traffic.stop()
+        for line in self.summary(rollout, traffic, bumped_at):
+            self.say(line)
+        expected = "RolledBack" if self.rollback else "Stable"
+        if rollout.phase != expected:
+            self.say(f"[demo] expected {expected}, got {rollout.phase}")
+            return 1
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--rollback", action="store_true", help="v2 fails ~20%% of requests: watch it roll back")
+    parser.add_argument("--free-ports", action="store_true",
+                        help="pick free ports instead of the documented ones "
+                             "(10000, 9901, 18000-18002, 9090, 8081-8082)")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, state) afterwards")
+    args = parser.parse_args(argv)
+    live = sys.stdout.isatty() and not os.environ.get("CI")
+    console = Console(highlight=False) if live else Console(highlight=False, width=1000, force_terminal=False)
+    work = Path(tempfile.mkdtemp(prefix="aviary-demo-"))
+    demo: Demo | None = None
+    try:
+        demo = Demo(choose_ports(args.free_ports), args.rollback, work, console, live)
+        return demo.run()
+    except DemoError as exc:
+        print(f"make demo: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\n[demo] interrupted: stopping everything it started", file=sys.stderr)
+        return 130
+    finally:
+        if demo is not None:
+            demo.processes.stop_all()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

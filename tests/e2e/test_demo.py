@@ -1,0 +1,44 @@
+"""`make demo` and `make demo-rollback` as a new user runs them, without a terminal (smoke tests).
+
+Each starts its own backends, Prometheus, Envoy and `aviary serve` on free ports and stops them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_make(target: str) -> str:
+    result = subprocess.run(
+        ["make", "--no-print-directory", target, "DEMO_ARGS=--free-ports"],
+        cwd=REPO, env={**os.environ, "CI": "true"}, capture_output=True, text=True, timeout=200,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    print(output)
+    return output
+
+
+def test_make_demo_promotes_v2_through_envoy() -> None:
+    output = run_make("demo")
+    assert "[demo] result: shop: Stable, stable v2" in output
+    for weight in (10, 30, 60):
+        assert re.search(rf"canary at +{weight}%: +\d+\.\d s", output), output
+    sent, failed = map(int, re.search(r"requests sent (\d+), failed (\d+)", output).groups())  # type: ignore[union-attr]
+    assert sent > 100 and failed == 0, output
+
+
+def test_make_demo_rollback_rolls_back_and_times_it() -> None:
+    output = run_make("demo-rollback")
+    assert "[demo] result: shop: RolledBack, stable v1" in output
+    assert "check success: Fail" in output
+    assert re.search(r"first failed request -> canary at 0 % in Envoy: \d+\.\d\d s", output), output
