@@ -151,14 +151,14 @@ class Backends:
         return response(404, b"not found", req.keep_alive)
 
 
-async def main(ports_file: Path, specs: list[str]) -> None:
+async def main(ports_file: Path, specs: list[str], host: str = "127.0.0.1") -> None:
     backends = Backends()
     servers: list[asyncio.Server] = []
     ports: dict[str, int] = {}
 
     async def listen(port: int) -> int:
         server = await asyncio.start_server(
-            backends.serve_connection, "127.0.0.1", port, limit=MAX_HEADER_BYTES, backlog=1024
+            backends.serve_connection, host, port, limit=MAX_HEADER_BYTES, backlog=1024
         )
         servers.append(server)
         return int(server.sockets[0].getsockname()[1])
@@ -190,6 +190,7 @@ async def main(ports_file: Path, specs: list[str]) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--ports-file", type=Path, required=True)
+    ap.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 in a container)")
     ap.add_argument("versions", nargs="+", help="VERSION or VERSION=PORT")
     a = ap.parse_args()
-    asyncio.run(main(a.ports_file, a.versions))
+    asyncio.run(main(a.ports_file, a.versions, a.host))
