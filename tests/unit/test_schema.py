@@ -200,7 +200,7 @@ REJECTIONS: list[tuple[str, Any, str, str]] = [
     ("spec.strategy.steps", [], "spec.strategy.steps", "at least one weight step"),
     ("spec.strategy.steps", [{"pause": {}}], "spec.strategy.steps", "at least one weight step"),
     ("spec.strategy.steps", [0], "spec.strategy.steps[0]", "between 1 and 99"),
-    ("spec.strategy.steps", [5, 100], "spec.strategy.steps[1]", "between 1 and 99"),
+    ("spec.strategy.steps", [5, 120], "spec.strategy.steps[1]", "between 1 and 99"),
     ("spec.strategy.steps", [5, True], "spec.strategy.steps[1]", "expected a weight"),
     ("spec.strategy.steps", [5, 20, 20], "spec.strategy.steps[2]", "must exceed the previous weight (20)"),
     ("spec.strategy.steps", [50, {"pause": {}}, 10], "spec.strategy.steps[2]", "previous weight (50)"),
@@ -266,3 +266,21 @@ def test_all_problems_are_reported_at_once() -> None:
     doc["metadata"]["name"] = "BAD"
     _, errors = parse(doc)
     assert sorted(e.field for e in errors) == ["metadata.name", "spec.listener.port", "spec.version"]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "fix"),
+    [("http://10.0.0.8:8080", "drop the scheme 'http://', write '10.0.0.8:8080'"),
+     ("https://api.internal:443/", "drop the scheme 'https://', write 'api.internal:443'")],
+)
+def test_an_endpoint_with_a_scheme_says_to_drop_it(endpoint: str, fix: str) -> None:
+    _, errors = parse(with_change("spec.endpoints", [endpoint]))
+    assert len(errors) == 1 and errors[0].field == "spec.endpoints[0]", errors
+    assert fix in errors[0].reason and "IPv6" not in errors[0].reason
+
+
+def test_a_last_step_of_100_says_promotion_follows_the_last_step() -> None:
+    _, errors = parse(with_change("spec.strategy.steps", [10, 50, 100]))
+    assert [(e.field, e.reason) for e in errors] == [
+        ("spec.strategy.steps[2]", "100 is not a step: promotion to 100 % follows the last step, so remove it")
+    ]

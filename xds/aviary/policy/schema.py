@@ -142,6 +142,9 @@ class Endpoint(BaseModel):
                 return data
             raise ValueError(f"expected 'host:port', got {data!r}")
         text = data.strip()
+        scheme, found, rest = text.partition("://")
+        if found:
+            raise ValueError(f"invalid endpoint {data!r}: drop the scheme '{scheme}://', write {rest.rstrip('/')!r}")
         if text.startswith("["):
             host, sep, port = text[1:].partition("]:")
             if ":" not in host:
@@ -209,6 +212,8 @@ def _parse_step(value: Any) -> int | Pause:
     if isinstance(value, Pause):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
+        if value == 100:
+            raise ValueError("100 is not a step: promotion to 100 % follows the last step, so remove it")
         if not 1 <= value <= 99:
             raise ValueError(f"a weight step must be between 1 and 99 percent, got {value}")
         return value
