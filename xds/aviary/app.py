@@ -1,7 +1,7 @@
 """Wires one control plane together: policy source -> rollouts -> director -> cache -> streams.
 
 Nothing here decides weights or speaks xDS; it owns lifetimes (start, stop, signals) and hands
-values from one stage to the next, in the one direction drawn in ARCHITECTURE.md.
+values from one stage to the next, in one direction (docs/CONTRACTS.md draws it).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Envoy 1.40 exports (no ``_total`` suffix) ``envoy_cluster_upstream_rq_xx{envoy_cluster_name,
 envoy_response_code_class}`` and the ``envoy_cluster_upstream_rq_time`` histogram (milliseconds).
-Traps the queries are written around (see FACTS.md):
+Traps the queries are written around:
 
 - A code-class series exists only after the first response of that class, so the 5xx count is
   ``(... or vector(0))`` and success is computed as ``100 * (1 - 5xx / all)``: counting non-5xx
