@@ -396,7 +396,7 @@ def test_pause_step_without_duration_waits_for_resume() -> None:
     status = run.tick(30)
     assert (status.phase, status.hold, status.step_index, status.weight) == (Phase.PAUSED, Hold.STEP, 1, 10)
     assert status.step_started_at == run.now  # same weight, already ACKed
-    assert status.paused_reason == "pause step 2 until Resume"
+    assert status.paused_reason == "pause step 2 until Resume: waiting for `aviary resume` (next step) or `aviary promote`"
     assert traffic(run.actions) == []
     assert next_wakeup(run.spec, status) is None
     assert run.tick(10_000).phase is Phase.PAUSED
@@ -520,6 +520,18 @@ def test_rolled_back_then_stable_named_again() -> None:
     run.send(Abort())
     status = run.observe(make_spec("v1"))
     assert (status.phase, status.failed_version) == (Phase.STABLE, None)
+
+
+def test_stable_again_shows_no_check_values_of_the_canary_that_failed() -> None:
+    run = run_with()
+    run.canary_running()
+    run.now += 5
+    run.checks(FAIL)
+    run.now += 5
+    rolled_back = run.checks(FAIL)
+    assert rolled_back.last_checks == results(FAIL)  # why it rolled back: kept while RolledBack
+    status = run.observe(make_spec("v1"))
+    assert (status.phase, status.last_checks, status.last_check_at) == (Phase.STABLE, (), None)
 
 
 def test_canary_endpoint_change_republishes_without_restarting() -> None:

@@ -196,8 +196,8 @@ class _Machine:
         return after
 
     def stable(self, status: RolloutStatus, stable: Backend, reason: str) -> RolloutStatus:
-        after = RolloutStatus(status.rollout, Phase.STABLE, stable, last_checks=status.last_checks,
-                              last_check_at=status.last_check_at)
+        # No check values carried over: they judged a canary that is gone (the events keep them).
+        after = RolloutStatus(status.rollout, Phase.STABLE, stable)
         return self.record(status, after, reason)
 
     def start_canary(self, status: RolloutStatus, reason: str) -> RolloutStatus:
@@ -217,7 +217,8 @@ class _Machine:
         weight = step_weight(self.spec, index)
         current = steps[index]
         if isinstance(current, Pause):
-            until = f"for {format_duration(current.duration)}" if current.duration else "until Resume"
+            until = (f"for {format_duration(current.duration)}" if current.duration
+                     else "until Resume: waiting for `aviary resume` (next step) or `aviary promote`")
             phase, hold, paused = Phase.PAUSED, Hold.STEP, f"pause step {index + 1} {until}"
         else:
             phase, hold, paused = Phase.PROGRESSING, None, None
