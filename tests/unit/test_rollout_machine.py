@@ -396,7 +396,9 @@ def test_pause_step_without_duration_waits_for_resume() -> None:
     status = run.tick(30)
     assert (status.phase, status.hold, status.step_index, status.weight) == (Phase.PAUSED, Hold.STEP, 1, 10)
     assert status.step_started_at == run.now  # same weight, already ACKed
-    assert status.paused_reason == "pause step 2 until Resume: waiting for `aviary resume` (next step) or `aviary promote`"
+    assert status.paused_reason == (
+        "pause step 2 until Resume: waiting for `aviary resume` (next step) or `aviary promote`"
+    )
     assert traffic(run.actions) == []
     assert next_wakeup(run.spec, status) is None
     assert run.tick(10_000).phase is Phase.PAUSED
