@@ -29,6 +29,7 @@ from aviary.discovery.resources import (
     build_grpc_route_configuration,
     build_listener,
     build_snapshot,
+    cluster_name,
 )
 from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
 from aviary.policy.schema import Endpoint, ListenerSpec
@@ -43,7 +44,7 @@ V2 = Backend("v2", (Endpoint.model_validate("10.0.0.2:8080"),))
 
 def bench_snapshot_build() -> dict[str, float]:
     rollouts = [
-        PublishedRollout(f"svc-{i}", LISTENER, (f"svc-{i}.example.com",), ((V1, 90), (V2, 10)), (V1, V2))
+        PublishedRollout.of(f"svc-{i}", LISTENER, (f"svc-{i}.example.com",), ((V1, 90), (V2, 10)), (V1, V2))
         for i in range(200)
     ]
     cold, weight_change = [], []
@@ -54,7 +55,8 @@ def bench_snapshot_build() -> dict[str, float]:
         snapshot = build_snapshot(rollouts)
         cold.append(time.perf_counter() - start)
         # One rollout's weight moves: only its route configurations are encoded again.
-        changed = [*rollouts[:-1], replace(rollouts[-1], route=((V1, 80 - i), (V2, 20 + i)))]
+        changed = [*rollouts[:-1], replace(rollouts[-1], route=((cluster_name(rollouts[-1].name, "v1"), 80 - i),
+                                                    (cluster_name(rollouts[-1].name, "v2"), 20 + i)))]
         start = time.perf_counter()
         build_snapshot(changed)
         weight_change.append(time.perf_counter() - start)

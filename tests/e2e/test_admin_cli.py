@@ -31,6 +31,7 @@ from tests.rig.control_plane import RunningControlPlane
 from tests.rig.envoy import EnvoyProcess
 from tests.rig.ports import free_port
 from tests.rig.process import ManagedProcess
+from tests.rig.serve_process import AVIARY, AviaryServe
 from tests.rig.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -123,14 +124,17 @@ def start_canary(stage: Stage, steps: tuple[int, ...] = (20, 50)) -> None:
 
 def test_every_command_changes_what_envoy_serves(stage: Stage) -> None:
     start_canary(stage)
-    (shop,) = stage.cli_json("status")
+    (shop,) = stage.cli_json("status")["rollouts"]
     assert (shop["name"], shop["phase"], shop["stable_version"], shop["canary_version"]) == (
         NAME, "Progressing", "v1", "v2"
     )
-    assert (shop["weight"], shop["step"], shop["steps"]) == (20, 0, 2)
+    assert (shop["weight"], shop["step"], shop["steps"], shop["step_weight"]) == (20, 1, 2, 20)  # 1-based, as the text
+    assert "1/2" in stage.cli("status").stdout
 
-    # set-weight: a manual weight, automation paused
-    assert "weight set to 40% by admin" in stage.cli("set-weight", NAME, "40").stdout
+    # set-weight: a manual weight, automation paused; it says where resume goes
+    said = stage.cli("set-weight", NAME, "40").stdout.splitlines()
+    assert "weight set to 40% by admin" in said[0]
+    assert said[1:] == ["automation paused; `aviary resume` returns to step 1's weight 20%"]
     stage.wait_envoy({"v1": 60, "v2": 40})
     detail = stage.cli_json("status", NAME)
     assert detail["phase"] == "Paused"
@@ -148,7 +152,7 @@ def test_every_command_changes_what_envoy_serves(stage: Stage) -> None:
         10, what="the engine to read the new steps",
     )
     assert stage.engine(lambda r: r.status(NAME).weight) == 20
-    assert stage.envoy_weights() == {f"{NAME}-v1": 80, f"{NAME}-v2": 20}
+    assert stage.envoy_weights() == {f"{NAME}_v1": 80, f"{NAME}_v2": 20}
     # ... until resume, which restarts the step with the file's weight
     stage.cli("resume", NAME)
     stage.wait_envoy({"v1": 70, "v2": 30})
@@ -198,7 +202,7 @@ def test_refused_calls_exit_non_zero_and_say_why(stage: Stage) -> None:
     done = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False, env=env)
     assert done.returncode == 1
     assert done.stderr.startswith("aviary abort: authentication failed: missing token")
-    assert stage.envoy_weights() == {f"{NAME}-v1": 80, f"{NAME}-v2": 20}  # nothing was applied
+    assert stage.envoy_weights() == {f"{NAME}_v1": 80, f"{NAME}_v2": 20}  # nothing was applied
 
     # validate --remote: the server checks the files and applies nothing.
     bad = stage.workdir / "bad.yaml"
@@ -214,7 +218,7 @@ def test_refused_calls_exit_non_zero_and_say_why(stage: Stage) -> None:
         capture_output=True, text=True, timeout=30, check=False, env=env,
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)[0]["weight"] == 20
+    assert json.loads(done.stdout)["rollouts"][0]["weight"] == 20
 
 
 def watcher(stage: Stage, name: str, *args: str) -> ManagedProcess:
@@ -237,9 +241,16 @@ def test_watch_follows_changes_and_stops_cleanly_on_ctrl_c(stage: Stage) -> None
         stage.cli("set-weight", NAME, "45")
         stage.wait_envoy({"v1": 55, "v2": 45})
 
+        def lines() -> list[dict[str, Any]]:
+            return [json.loads(line) for line in json_watch.log_text().splitlines() if line.startswith("{")]
+
         def events() -> list[dict[str, Any]]:
-            lines = json_watch.log_text().splitlines()
-            return [json.loads(line) for line in lines if line.startswith("{")]
+            return [line for line in lines() if "rollout" in line]
+
+        # First the rollout as it was when the watch began (a Rollout: "name"), then events ("rollout").
+        first = lines()[0]
+        assert (first["name"], first["phase"], first["weight"], first["step"]) == (NAME, "Progressing", 20, 1)
+        assert "rollout" not in lines()[0] and all("name" not in line for line in lines()[1:])
 
         acked = wait_until(
             lambda: [e for e in events() if "ACKed" in e["reason"] and e["weight"] == 45], 10, what="the ACK event"
@@ -253,3 +264,82 @@ def test_watch_follows_changes_and_stops_cleanly_on_ctrl_c(stage: Stage) -> None
             assert "Traceback" not in process.log_text(), process.describe()
     view = live_watch.log_text()
     assert "shop" in view and "45%" in view and "weight set to 45% by admin" in view
+
+
+# ---- `aviary serve` as a process: what it refuses, and what its signals say -------------------
+
+
+def measured_policy(policies: Path, port: int, backends: Backends, version: str) -> Path:
+    """The policy of `write_policy` plus an analysis that names no Prometheus (checkEvery 1h: no check
+    round runs during the test, so an accepted canary just stays at its first step)."""
+    write_policy(policies, port, backends, version, (20, 50))
+    path = policies / f"{NAME}.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["analysis"] = {
+        "checkEvery": "1h", "inconclusiveLimit": 0,
+        "metrics": [{"name": "success", "template": "request-success-rate", "min": 99}],
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def messages(serve: AviaryServe, proc: ManagedProcess) -> list[str]:
+    return [f"{e.get('level')}: {e.get('message')}" for e in serve.log_entries(proc)]
+
+
+def test_serve_refuses_analysis_without_prometheus_and_logs_its_signals(
+    workdir: Path, backends: Backends, envoy_factory: EnvoyFactory
+) -> None:
+    """Before: `aviary serve` without --prometheus-url took such a file, started the canary (20 % at
+    Envoy) and rolled it back as "inconclusive" with no check rows and no log line; signals left no
+    line in the log. Now the file is refused like an invalid one (status and the log say why, v1
+    keeps all the traffic at Envoy), `validate --remote` says the same, and each signal is logged."""
+    backends.start(["v1", "v2"])
+    policies = workdir / "policies"
+    policies.mkdir()
+    port = free_port()
+    write_policy(policies, port, backends, "v1", (20, 50))
+    serve = AviaryServe(workdir / "aviary", policies, workdir / "state.db")
+    try:
+        first = serve.start()
+        envoy = envoy_factory(serve.xds_port)
+        envoy.wait_ready()
+        route = f"route-127.0.0.1-{port}"
+        envoy.wait_rollout_weights(route, NAME, {"v1": 100}, 15)
+
+        path = measured_policy(policies, port, backends, "v2")
+        line = f"{path}: spec.analysis.prometheus: analysis needs a Prometheus: set analysis.prometheus or pass " \
+               "--prometheus-url"
+        policy = wait_until(lambda: (p := serve.cli_json("status")["policy"])["errors"] and p, 15,
+                            what="status to show the refused file")
+        assert [f"{e['file']}: {e['field']}: {e['reason']}" for e in policy["errors"]] == [line]
+        assert f"error: policy refused: {line}" in messages(serve, first)
+        # The running version keeps serving: no canary was started, Envoy still sends everything to v1.
+        shop = serve.cli_json("status", NAME)
+        assert (shop["phase"], shop["stable_version"], shop["canary_version"]) == ("Stable", "v1", ""), shop
+        assert envoy.route_weights(route)[NAME] == {f"{NAME}_v1": 100}
+        assert line in serve.cli("status").stdout.replace("\n", "")  # the text too (wrapped at COLUMNS)
+
+        # validate --remote: the server checks with its own (absent) --prometheus-url
+        remote = subprocess.run(
+            [str(AVIARY), "validate", "--remote", str(path), "--admin", f"127.0.0.1:{serve.admin_port}"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )
+        assert (remote.returncode, remote.stdout.strip()) == (1, line), remote.stderr
+
+        first.send_signal(signal.SIGHUP)
+        wait_until(lambda: "info: reloading policies (SIGHUP)" in messages(serve, first), 10, what="the SIGHUP line")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(15) == 0, first.describe()
+        said = messages(serve, first)
+        assert said.count("info: shutting down (SIGTERM), grace period 1s") == 1, said[-5:]
+
+        # With a Prometheus for the server the same file is valid: the canary starts.
+        second = serve.start("--prometheus-url", f"http://127.0.0.1:{free_port()}")
+        envoy.wait_rollout_weights(route, NAME, {"v1": 80, "v2": 20}, 15)
+        assert serve.cli_json("status")["policy"]["errors"] == []
+        second.send_signal(signal.SIGINT)
+        assert second.wait(15) == 0, second.describe()
+        assert "info: shutting down (SIGINT), grace period 1s" in messages(serve, second)
+    finally:
+        serve.stop()

@@ -1,7 +1,18 @@
-"""2,000 ADS streams connecting and disconnecting in a loop: nothing leaks in the server.
+"""2,000 ADS streams connecting and disconnecting in a loop: nothing leaks in the server, and the
+server fails none of them.
 
 The churning client is a separate process (tests/rig/ads_churn.py) so that the server's memory
 and asyncio tasks are measured alone. Duration: AVIARY_CHURN_SECONDS (default 60).
+
+Which side failed (measured, 2 cores, grpcio 1.85), before the fix: the server. grpc core queues
+a new call until the aio server picks it up and, past ``grpc.server.max_pending_requests`` (default
+1,000; hard limit 3,000), rejects new ones: with 2,000 streams starting at once, 3-5 % of starts
+got RST_STREAM(NO_ERROR) after a CANCELLED status from the server (its trace shows the stream's
+HEADERS, then the cancel; its handler never ran), and grpcio's client raised INTERNAL "Internal
+error from Core" or CANCELLED on the first write. Not HTTP/2 MAX_CONCURRENT_STREAMS: the rate was
+the same on 1, 8 or 64 client channels, 100 or 1,000 concurrent starts never failed, and raising
+only the pending limits took it to 0 (0 of 72,000). The client still retries a failed start, and
+counts it: the test asserts 0 start retries, 0 failed streams and 0 streams broken or refused.
 """
 
 from __future__ import annotations
@@ -85,10 +96,17 @@ async def test_stream_churn_returns_to_baseline(tmp_path: Path) -> None:
     results = REPO / "tests" / "e2e" / ".results"
     results.mkdir(exist_ok=True)
     (results / "churn.json").write_text(json.dumps(report, indent=2))
-    # The server never failed a stream; grpcio's client side reports a rare CANCELLED under this
-    # churn (2 in 106,000 seen), which is bounded here rather than hidden.
-    assert service.broken_streams == 0
-    total = int(result["streams_ok"]) + int(result["streams_failed"])
-    assert int(result["streams_failed"]) <= total // 10_000, result
+    ok, failed, failures, retries = (result[k] for k in ("streams_ok", "streams_failed", "failures", "start_retries"))
+    assert isinstance(ok, int) and isinstance(failed, int) and isinstance(retries, int), result
+    assert isinstance(failures, dict), result
+    total = ok + failed
+    print(
+        f"[churn] {total} streams in {result['seconds']} s: server broke {service.broken_streams}, refused "
+        f"{service.refused_streams}; failed streams {failed} {failures}; client start retries {retries} "
+        f"({100 * retries / max(1, total):.2f} % of streams; {result['start_retry_reasons']})"
+    )
+    assert service.broken_streams == 0 and service.refused_streams == 0, report
+    assert failed == 0 and failures == {}, report
+    assert retries == 0, report  # a failed start is the server's pending-call limit again
     assert after_tasks == baseline_tasks
     assert after_rss - baseline_rss < RSS_GROWTH_LIMIT_MB

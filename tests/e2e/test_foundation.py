@@ -182,7 +182,7 @@ def test_version_change_in_policy_file_under_load(stage: Stage, loadgen_factory:
 
     wait_until(all_fresh_requests_on_v2, 15, interval=0.02, what="every fresh request answered by v2")
     on_v2 = time.monotonic() - t0
-    wait_until(lambda: f"{NAME}-v1" not in stage.envoy.cluster_names(), 15, interval=0.02, what=f"{NAME}-v1 removed")
+    wait_until(lambda: f"{NAME}_v1" not in stage.envoy.cluster_names(), 15, interval=0.02, what=f"{NAME}_v1 removed")
     v1_gone = time.monotonic() - t0
     gone_at = time.time()
     clusters = stage.envoy.cluster_names()
@@ -198,7 +198,7 @@ def test_version_change_in_policy_file_under_load(stage: Stage, loadgen_factory:
     after_settled = result.minus(settled)
 
     print(
-        f"\npolicy v1 -> v2 (watcher poll 0.2 s): 100 % v2 after {on_v2:.2f} s, {NAME}-v1 gone from Envoy after "
+        f"\npolicy v1 -> v2 (watcher poll 0.2 s): 100 % v2 after {on_v2:.2f} s, {NAME}_v1 gone from Envoy after "
         f"{v1_gone:.2f} s; Envoy clusters {sorted(clusters)}"
         f"\nloadgen {result.total} requests {result.by_version}, failed {result.failed}; "
         f"after the old cluster was gone {after_settled}; probes {probes}"
@@ -207,8 +207,8 @@ def test_version_change_in_policy_file_under_load(stage: Stage, loadgen_factory:
     assert result.failed == 0, (result.failures, _envoy_5xx(stage.envoy))
     assert probes["failed"] == 0, (probes, _envoy_5xx(stage.envoy))
     assert _envoy_5xx(stage.envoy) == {}
-    assert clusters == {f"{NAME}-v2"}
-    assert stage.envoy_weights() == {f"{NAME}-v2": 100}
+    assert clusters == {f"{NAME}_v2"}
+    assert stage.envoy_weights() == {f"{NAME}_v2": 100}
     assert after_settled.get("v1", 0) == 0 and after_settled["v2"] >= 100, after_settled
 
 
@@ -299,7 +299,7 @@ def test_control_plane_restart_under_load(stage: Stage, loadgen_factory: Loadgen
         f"\nroute version before {before['version_info']} after {after['version_info']}"
     )
     assert result.failed == 0, (result.failures, _envoy_5xx(stage.envoy))
-    assert stage.envoy_weights() == {f"{NAME}-v1": 70, f"{NAME}-v2": 30}
+    assert stage.envoy_weights() == {f"{NAME}_v1": 70, f"{NAME}_v2": 30}
     assert stage.cp.call(lambda p: p.director.desired(NAME)) == traffic  # nothing in the new plane undid it
     assert before["version_info"] == after["version_info"] or before["route_config"] == after["route_config"]
     assert before["route_config"] == after["route_config"]

@@ -10,6 +10,7 @@ listener by host name: ``shop`` (the one that changes) and ``cart`` (the one tha
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 import time
@@ -25,7 +26,9 @@ from aviary.admin.server import AdminConfig
 from aviary.app import ControlPlane, ServeConfig
 from aviary.discovery import typeurls
 from aviary.discovery.cache import DEFAULT_GROUP
+from aviary.discovery.resources import cluster_name
 from aviary.discovery.snapshot import Snapshot
+from aviary.policy.git_source import STALE_LOCK_AGE
 from tests.conftest import ControlPlaneFactory, EnvoyFactory
 from tests.rig.admin_cli import run_cli, write_token_file
 from tests.rig.backends import Backends
@@ -192,7 +195,7 @@ def test_a_valid_commit_applies_and_status_names_it(stage_factory: StageFactory)
     stage.assert_serves(SHOP, "v1")
     stage.assert_serves(CART, CART)
 
-    listing = stage.cli_json("status")
+    listing = stage.cli_json("status")["rollouts"]
     assert [(r["name"], r["phase"], r["stable_version"], r["git_commit"]) for r in listing] == [
         (CART, "Stable", "v1", sha), (SHOP, "Stable", "v1", sha)
     ]
@@ -231,14 +234,14 @@ def test_a_broken_commit_is_refused_and_the_applied_one_keeps_serving(stage_fact
     assert f"applied commit {good[:12]}" in text
     assert f"rejected commit {broken[:12]} (the applied one keeps serving):" in text
     assert f"  {broken[:7]}:{SHOP}.yaml: spec.strategy.steps[1]: weight 20 must exceed the previous weight (50)" in text
-    listing = stage.cli_json("status")
+    listing = stage.cli_json("status")["rollouts"]
     assert [(r["name"], r["phase"], r["canary_version"], r["git_commit"]) for r in listing] == [
         (CART, "Stable", "", good), (SHOP, "Stable", "", good)
     ]
 
     # Envoy: nothing was pushed, the route is unchanged, requests still succeed.
     assert stage.plane.call(lambda p: p.cache.generation) == generation
-    assert stage.weights(SHOP) == {f"{SHOP}-v1": 100}
+    assert stage.weights(SHOP) == {f"{SHOP}_v1": 100}
     stage.assert_serves(SHOP, "v1")
     stage.assert_serves(CART, CART)
 
@@ -251,7 +254,7 @@ def test_a_broken_commit_is_refused_and_the_applied_one_keeps_serving(stage_fact
     assert f"applied commit {fixed[:12]}" in text
     assert "rejected" not in text and broken[:7] not in text
     assert stage.cli_json("status", SHOP)["git_commit"] == fixed
-    assert stage.weights(SHOP) == {f"{SHOP}-v1": 100}
+    assert stage.weights(SHOP) == {f"{SHOP}_v1": 100}
     stage.assert_serves(SHOP, "v1")
 
 
@@ -260,13 +263,13 @@ def test_a_committed_version_bump_starts_a_canary(stage_factory: StageFactory) -
     bump = stage.repo.commit({f"{SHOP}.yaml": stage.policy(SHOP, "v2", [20, 50])}, "shop v2")
     stage.reload()
     stage.wait_envoy(SHOP, {"v1": 80, "v2": 20})
-    assert stage.weights(CART) == {f"{CART}-v1": 100}
+    assert stage.weights(CART) == {f"{CART}_v1": 100}
 
     shop = stage.cli_json("status", SHOP)
     assert (shop["phase"], shop["stable_version"], shop["canary_version"], shop["weight"]) == (
         "Progressing", "v1", "v2", 20
     )
-    assert (shop["step"], shop["steps"], shop["git_commit"]) == (0, 2, bump)
+    assert (shop["step"], shop["steps"], shop["git_commit"]) == (1, 2, bump)  # 1-based, like "1/2" below
     text = stage.cli("status").stdout
     assert f"applied commit {bump[:12]}" in text
     (row,) = [line.split() for line in text.splitlines() if line.startswith(SHOP)]
@@ -281,15 +284,15 @@ def test_a_removed_file_keeps_serving_as_orphaned_without_prune(stage_factory: S
     removal = stage.repo.commit({f"{CART}.yaml": None}, "remove cart")
     stage.wait_applied(removal)
 
-    assert stage.weights(CART) == {f"{CART}-v1": 100}
-    assert f"{CART}-v1" in stage.envoy.cluster_names()
+    assert stage.weights(CART) == {f"{CART}_v1": 100}
+    assert f"{CART}_v1" in stage.envoy.cluster_names()
     stage.assert_serves(CART, CART)
     stage.assert_serves(SHOP, "v1")
 
     cart = stage.cli_json("status", CART)
     assert (cart["phase"], cart["stable_version"], cart["orphaned"]) == ("Stable", "v1", True)
     assert stage.cli_json("status", SHOP)["orphaned"] is False
-    assert [r["name"] for r in stage.cli_json("status")] == [CART, SHOP]
+    assert [r["name"] for r in stage.cli_json("status")["rollouts"]] == [CART, SHOP]
     assert "orphaned    its policy file is gone; it keeps serving" in stage.cli("status", CART).stdout
     assert f"applied commit {removal[:12]}" in stage.cli("status").stdout
 
@@ -334,7 +337,7 @@ def test_a_removed_file_is_pruned_make_before_break_with_prune(stage_factory: St
         removal = stage.repo.commit({f"{CART}.yaml": None}, "remove cart")
         stage.reload()
         wait_until(lambda: stage.weights(CART) is None, DEADLINE, what="cart's virtual host to go")
-        wait_until(lambda: f"{CART}-v1" not in stage.envoy.cluster_names(), DEADLINE, what="cart's cluster to go")
+        wait_until(lambda: f"{CART}_v1" not in stage.envoy.cluster_names(), DEADLINE, what="cart's cluster to go")
         wait_until(lambda: cart.statuses.count(404) >= 20, DEADLINE, what="20 requests to cart after it went")
     assert (shop.errors, set(shop.statuses)) == ([], {200})  # shop never noticed
     # cart was served until its virtual host went, then Envoy had no route for it: never a 503
@@ -346,16 +349,65 @@ def test_a_removed_file_is_pruned_make_before_break_with_prune(stage_factory: St
     # In the control plane: the route let go of cart's cluster in an earlier snapshot than the one
     # that removed the cluster (the director waits for Envoy's ACK of that route in between).
     history = [
-        (f"{CART}-v1" in route_clusters(s, stage.route), f"{CART}-v1" in s.items(typeurls.CLUSTER))
+        (f"{CART}_v1" in route_clusters(s, stage.route), f"{CART}_v1" in s.items(typeurls.CLUSTER))
         for s in stage.published[before - 1 :]
-    ]  # (route names cart-v1, cluster cart-v1 exists), per snapshot
+    ]  # (route names cart_v1, cluster cart_v1 exists), per snapshot
     assert history[0] == (True, True) and history[-1] == (False, False), history
     assert (False, True) in history and (True, False) not in history, history
 
-    assert stage.weights(SHOP) == {f"{SHOP}-v1": 100}
-    assert [r["name"] for r in stage.cli_json("status")] == [SHOP]
+    assert stage.weights(SHOP) == {f"{SHOP}_v1": 100}
+    assert [r["name"] for r in stage.cli_json("status")["rollouts"]] == [SHOP]
     gone = stage.cli("status", CART, ok=False)
     assert (gone.returncode, gone.stderr.strip()) == (
         1, f"aviary status: not found: no rollout named '{CART}' (known: {SHOP})"
     )
     assert f"applied commit {removal[:12]}" in stage.cli("status").stdout
+
+
+def test_a_stale_git_lock_heals_and_fetch_errors_show_in_status(stage_factory: StageFactory) -> None:
+    stage = stage_factory(steps=[30, 60])
+    working_copy = stage.repo.path.parent / "aviary-state" / "git" / "repo.git"
+
+    # What a git killed mid-fetch leaves behind: the lock of the ref it was updating. Before the fix,
+    # every later fetch failed on it and no commit ever reached Envoy again.
+    lock = working_copy / "refs" / "remotes" / "origin" / "main.lock"
+    assert lock.parent.is_dir()
+    lock.write_text("")
+    committed = time.monotonic()
+    bump = stage.repo.commit({f"{SHOP}.yaml": stage.policy(SHOP, "v2", [30, 60])}, "shop v2")
+    stage.wait_envoy(SHOP, {"v1": 70, "v2": 30}, timeout=3 * STALE_LOCK_AGE)
+    healed = time.monotonic() - committed
+    print(f"stale ref lock: commit -> Envoy route in {healed:.1f}s (lock removed once {STALE_LOCK_AGE:g}s old)")
+    assert not lock.exists()
+    assert stage.cli_json("status", SHOP)["git_commit"] == bump
+    assert stage.cli_json("status")["policy"]["fetch_error"] == ""
+
+    # The remote goes away: status (text and JSON), the admin API and the metrics say so.
+    away = stage.repo.path.with_name("policy-repo-away")
+    stage.repo.path.rename(away)
+
+    def failing() -> bool:
+        stage.reload()
+        return stage.policy_state().fetch_error is not None
+
+    wait_until(failing, DEADLINE, what="the fetch error")
+    text = stage.cli("status").stdout
+    (line,) = [line for line in text.splitlines() if line.startswith("git fetch failing since ")]
+    print(f"aviary status: {line}")
+    assert re.fullmatch(r"git fetch failing since \d\d:\d\d:\d\d: git ls-remote: '.*policy-repo' does not appear "
+                        r"to be a git repository", line), line
+    assert f"applied commit {bump[:12]}" in text  # still serving the last commit
+    fetch_error = stage.cli_json("status")["policy"]["fetch_error"]
+    assert re.fullmatch(r"since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: git ls-remote: .*", fetch_error), fetch_error
+    registry = stage.plane.call(lambda p: p.metrics.registry)
+    assert registry.get_sample_value("aviary_policy_fetch_failing") == 1.0
+    assert (registry.get_sample_value("aviary_policy_fetch_failures_total") or 0) >= 1
+    assert stage.weights(SHOP) == {cluster_name(SHOP, "v1"): 70, cluster_name(SHOP, "v2"): 30}
+
+    # It comes back: the error clears and the next commit applies.
+    away.rename(stage.repo.path)
+    fixed = stage.repo.commit({f"{SHOP}.yaml": stage.policy(SHOP, "v2", [40, 60])}, "shop v2, 40 % first")
+    stage.wait_applied(fixed)
+    assert stage.cli_json("status")["policy"]["fetch_error"] == ""
+    assert "fetch failing" not in stage.cli("status").stdout
+    assert registry.get_sample_value("aviary_policy_fetch_failing") == 0.0

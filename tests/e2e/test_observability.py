@@ -162,7 +162,7 @@ def stage(
     envoy.wait_ready()
     envoy.wait_for_listener(port)
     stage = Stage(policies, backends, plane, envoy, port, metrics_port)
-    wait_until(lambda: stage.weights() == {f"{NAME}-v1": 100}, 10, what="Envoy routes 100 % to v1")
+    wait_until(lambda: stage.weights() == {f"{NAME}_v1": 100}, 10, what="Envoy routes 100 % to v1")
     return stage
 
 
@@ -230,8 +230,8 @@ def test_metrics_say_what_happened(stage: Stage, fake_prometheus: FakePrometheus
             if n == "aviary_check_result" and dict(k)["check"] == check and dict(k)["rollout"] == NAME
         }
         assert results == {"pass": 1.0, "inconclusive": 0.0, "fail": 0.0}, (check, results)
-    assert any("test_latency_ms" in q and f"{NAME}-v2" in q for q in fake_prometheus.queries), fake_prometheus.queries
-    assert stage.weights() == {f"{NAME}-v1": 80, f"{NAME}-v2": 20}
+    assert any("test_latency_ms" in q and f"{NAME}_v2" in q for q in fake_prometheus.queries), fake_prometheus.queries
+    assert stage.weights() == {f"{NAME}_v1": 80, f"{NAME}_v2": 20}
     assert sum(by_label(canary, "aviary_xds_nacks_total", "type").values()) == 0
     more = by_label(canary, "aviary_xds_responses_total", "type")
     assert more["RDS"] > responses["RDS"] and more["CDS"] > responses["CDS"], (responses, more)
@@ -257,7 +257,7 @@ def test_metrics_say_what_happened(stage: Stage, fake_prometheus: FakePrometheus
         # Unrelated changes afterwards (shop resumed: 60 %, then its next pause step) are pushed and
         # ACKed; the NACKed listener is not sent again.
         assert stage.plane.call(lambda p: p.runner.command(NAME, Resume())).weight == 60
-        wait_until(lambda: stage.weights() == {f"{NAME}-v1": 40, f"{NAME}-v2": 60}, 10, what="Envoy at 60 % v2")
+        wait_until(lambda: stage.weights() == {f"{NAME}_v1": 40, f"{NAME}_v2": 60}, 10, what="Envoy at 60 % v2")
 
         def paused_at_step_4() -> Samples | None:
             s = stage.scrape()

@@ -8,11 +8,13 @@ Then it is started again with the same arguments and ``--reconnect-grace 30``.
 
 The step's time is up when the new process starts. Before the fix in the director
 (``expect_proxies``), a plane with no proxy connected had every gate open: it promoted at once and
-removed ``shop-v1`` while Envoy, reconnecting seconds later, still routed to it (503, ``no_cluster``).
+removed ``shop_v1`` while Envoy, reconnecting seconds later, still routed to it (503, ``no_cluster``).
 
-What must hold: no failed request and Envoy's ``no_cluster`` stays 0; in the new process's log the
-"proxy connected" line of Envoy precedes any transition to Promoting or Stable; and the rollout
-completes (100 % v2, ``shop-v1`` gone from Envoy). Timings go to ``tests/e2e/.results/restart_gap.json``.
+What must hold: no failed request and Envoy's ``no_cluster`` stays 0; Envoy itself took the restored
+50 % route from the new process (its RDS ``update_success`` counter rose after the restart while its
+route still said 50/50) before the promotion's route reached it; in the new process's log, Envoy's
+"proxy connected" line precedes any transition to Promoting or Stable; and the rollout completes
+(100 % v2, ``shop_v1`` gone from Envoy). Timings go to ``tests/e2e/.results/restart_gap.json``.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from typing import Any
 import pytest
 import yaml
 
+from aviary.discovery.resources import cluster_name
 from tests.conftest import _FAILED, EnvoyFactory, LoadgenFactory
 from tests.rig.backends import Backends
 from tests.rig.envoy import EnvoyProcess
+from tests.rig.envoy_sampler import EnvoySample, EnvoySampler
 from tests.rig.ports import free_ports
 from tests.rig.serve_process import AviaryServe, saved_rollout
 from tests.rig.waiting import wait_until
@@ -38,11 +42,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 NAME = "shop"
 HOST = "shop.example.com"
 NODE = "envoy-1"
-OLD, CANARY = f"{NAME}-v1", f"{NAME}-v2"
+OLD, CANARY = cluster_name(NAME, "v1"), cluster_name(NAME, "v2")
 CLIENTS = 4
 DOWNTIME = 6.0  # seconds the plane stays dead: longer than the 2 s step
 RESULTS_FILE = Path(__file__).resolve().parent / ".results" / "restart_gap.json"
 TRANSITION = re.compile(rf"^rollout {NAME}: (\S+) -> (\S+) weight=(\d+)")
+RDS_SUCCESS = r"\.rds\.route-.*\.update_success$"  # Envoy's counter of RDS updates it accepted
 
 
 def write_policy(policies: Path, port: int, version: str, endpoint: str, strategy: dict[str, Any] | None) -> None:
@@ -58,6 +63,10 @@ def write_policy(policies: Path, port: int, version: str, endpoint: str, strateg
     tmp = policies / f".{NAME}.yaml.tmp"
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
     tmp.replace(policies / f"{NAME}.yaml")
+
+
+def rds_successes(sample: EnvoySample) -> int:
+    return sum(sample.stats.values())
 
 
 def no_cluster(envoy: EnvoyProcess) -> int:
@@ -84,6 +93,7 @@ def test_restart_longer_than_the_step_waits_for_envoy_before_promoting(
     (port,) = free_ports(1)
     route = f"route-127.0.0.1-{port}"
     timings: dict[str, Any] = {"downtime_target_s": DOWNTIME}
+    sampler: EnvoySampler | None = None
     try:
         write_policy(policies, port, "v1", backends.address("v1"), None)
         plane.start()
@@ -95,6 +105,8 @@ def test_restart_longer_than_the_step_waits_for_envoy_before_promoting(
             return envoy.route_weights(route).get(NAME, {})
 
         wait_until(lambda: weights() == {OLD: 100}, 10, what="Envoy at 100 % v1")
+        # Envoy's RDS counter for the route, read before the route in each sample.
+        sampler = EnvoySampler(envoy, route, NAME, stats_filter=RDS_SUCCESS).start()
         lg = loadgen_factory(f"127.0.0.1:{port}", HOST, clients=CLIENTS)  # no rate cap
         lg.wait_for_requests(200)
 
@@ -107,6 +119,8 @@ def test_restart_longer_than_the_step_waits_for_envoy_before_promoting(
             what="the 50 % step started in the state file",
         )
         step_started_at = saved_rollout(plane.state, NAME)["step_started_at"]  # type: ignore[index]
+        seen_half = sampler.first_at
+        wait_until(lambda: seen_half(CANARY, 50), 5, interval=0.01, what="a sample of Envoy at 50 % before the kill")
 
         killed_at = time.monotonic()
         killed_wall = time.time()
@@ -145,6 +159,8 @@ def test_restart_longer_than_the_step_waits_for_envoy_before_promoting(
         saved = saved_rollout(plane.state, NAME)
         entries = plane.log_entries(proc)
     finally:
+        if sampler is not None:
+            sampler.stop()
         if request.node.stash.get(_FAILED, False):
             print(f"\n===== {plane.describe()}")
         plane.stop()
@@ -161,6 +177,22 @@ def test_restart_longer_than_the_step_waits_for_envoy_before_promoting(
         promoted = parse_ts(first_promotion["ts"])
         timings["envoy_reconnected_to_promotion_s"] = promoted - parse_ts(entries[connected]["ts"])
         timings["restart_to_promotion_s"] = promoted - restarted_wall
+    assert sampler is not None
+    half = {OLD: 50, CANARY: 50}
+    samples = list(sampler.samples)
+    before_kill = [x for x in samples if x.at < killed_wall]
+    after_restart = [x for x in samples if x.at >= restarted_wall]
+    promoted_at = next((x.at for x in after_restart if x.weights.get(CANARY) == 100), None)
+    assert before_kill and before_kill[-1].weights == half and promoted_at is not None, sampler.changes(CANARY)
+    accepted_before_kill = rds_successes(before_kill[-1])
+    # A sample reads the counter first and the route second: a higher count next to a 50/50 route
+    # is an RDS update Envoy accepted from the new process while it still routed 50/50.
+    reacked = [
+        x for x in after_restart
+        if x.at < promoted_at and x.weights == half and rds_successes(x) > accepted_before_kill
+    ]  # fmt: skip
+    timings["envoy_rds_accepted_before_kill"] = accepted_before_kill
+    timings["envoy_reacked_to_promotion_route_s"] = promoted_at - reacked[0].at if reacked else None
     timings.update(
         requests=result.total,
         requests_while_down=down_load.total,
@@ -177,6 +209,7 @@ def test_restart_longer_than_the_step_waits_for_envoy_before_promoting(
 
     assert waiting, evidence
     assert promoting, evidence
+    assert reacked, [(round(x.at - restarted_wall, 3), x.weights, x.stats) for x in after_restart[:80]]
     assert connected < promoting[0], f"promoted before {NODE} reconnected:\n  {evidence}"
     assert result.failed == 0, (result.failures, result.by_status, evidence)
     assert dropped == 0, evidence

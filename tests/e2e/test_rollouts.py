@@ -303,11 +303,11 @@ def canary_factory(rig: Rig, backends: Backends, loadgen_factory: LoadgenFactory
         route = route_name(ListenerSpec(address="127.0.0.1", port=port))
         write_rollout(rig, name, port, "v1", [backends.address("v1")])
         wait_until(
-            lambda: _merged(rig.envoy.route_weights(route)) == {f"{name}-v1": 100} and port_open(port),
+            lambda: _merged(rig.envoy.route_weights(route)) == {f"{name}_v1": 100} and port_open(port),
             15,
-            what=f"envoy to route 127.0.0.1:{port} to {name}-v1",
+            what=f"envoy to route 127.0.0.1:{port} to {name}_v1",
         )
-        watch = stack.enter_context(WeightWatch(rig.envoy, route, f"{name}-v2"))
+        watch = stack.enter_context(WeightWatch(rig.envoy, route, f"{name}_v2"))
         canary = Canary(rig, name, backends, port, watch)
         if load:
             canary.load = loadgen_factory(f"127.0.0.1:{port}", HOST, CLIENTS, RATE_PER_CLIENT)
@@ -370,8 +370,8 @@ def test_healthy_canary_is_promoted_step_by_step_without_a_failed_request(
     assert all(c.outcome is CheckOutcome.PASS for e in advanced for c in e.checks), story
 
     # Envoy: 100 % to v2 and the v1 cluster gone once nothing routes to it.
-    canary.wait_for_route({"healthy-v2": 100})
-    wait_until(lambda: "healthy-v1" not in rig.envoy.cluster_names(), 10, what="cluster healthy-v1 to leave envoy")
+    canary.wait_for_route({"healthy_v2": 100})
+    wait_until(lambda: "healthy_v1" not in rig.envoy.cluster_names(), 10, what="cluster healthy_v1 to leave envoy")
     assert canary.load is not None
     assert set(_next_requests(canary.load)) == {"v2"}
     result = canary.load.stop()
@@ -565,7 +565,7 @@ def test_prometheus_outage_holds_the_step_then_the_rollout_carries_on(
     status = canary.wait_until_settled(60)
     story = rig.story(canary.name)
     assert status.phase is Phase.STABLE and status.stable.version == "v2", story
-    canary.wait_for_route({"outage-v2": 100})
+    canary.wait_for_route({"outage_v2": 100})
     assert canary.watch.canary_weights()[1:] == [20, 50, 100], canary.watch.describe()
     promoted_at = canary.transition_at(lambda e: e.to_phase is Phase.STABLE and e.stable_version == "v2")
     assert canary.load is not None

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from aviary.discovery.resources import cluster_name
 from tests.rig.ports import free_port, port_open
 from tests.rig.process import ManagedProcess
 from tests.rig.simple_http import http_request
@@ -17,7 +18,7 @@ from tests.rig.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BOOTSTRAP_SOTW = REPO_ROOT / "deploy" / "envoy" / "bootstrap.yaml"
-BOOTSTRAP_DELTA = REPO_ROOT / "deploy" / "envoy" / "bootstrap-delta.yaml"
+BOOTSTRAP_DELTA = Path(__file__).with_name("bootstrap-delta.yaml")  # test asset: the server speaks no delta yet
 
 # Warnings every Envoy run prints; not worth reporting.
 _LOG_NOISE = ("no configured limit to the number of allowed active downstream", "caught ENVOY_SIGTERM")
@@ -232,8 +233,8 @@ class EnvoyProcess:
         self, route: str, rollout: str, weights: dict[str, int], timeout: float, interval: float = 0.05
     ) -> None:
         """Wait until ``route`` splits the virtual host ``rollout`` as ``weights`` ({version: weight},
-        over the clusters ``<rollout>-<version>``)."""
-        wanted = {f"{rollout}-{version}": weight for version, weight in weights.items()}
+        over the clusters ``cluster_name(rollout, version)``)."""
+        wanted = {cluster_name(rollout, version): weight for version, weight in weights.items()}
         wait_until(
             lambda: self.route_weights(route).get(rollout, {}) == wanted,
             timeout,

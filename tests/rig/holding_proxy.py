@@ -1,6 +1,6 @@
 """A fake ADS proxy that subscribes like Envoy but withholds one ACK: the route that drops a cluster.
 
-``HoldingProxy(xds_port, hold_until_route_drops="shop-v1", route="route-127.0.0.1-10000")`` runs
+``HoldingProxy(xds_port, hold_until_route_drops="shop_v1", route="route-127.0.0.1-10000")`` runs
 tests/rig/ads_client.AdsClient on its own asyncio loop thread. It subscribes to wildcard CDS, to
 EDS for every cluster it is sent and to RDS for ``route``; it ACKs every CDS and EDS response and
 every RDS response whose route configuration still names the held cluster. The first route that
@@ -72,6 +72,7 @@ class HoldingProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._task: asyncio.Task[None] | None = None
+        self._client: AdsClient | None = None  # the current session's stream
 
     # ---- reads (any thread) -----------------------------------------------------------------
     def stats(self) -> HoldingStats:
@@ -145,6 +146,7 @@ class HoldingProxy:
 
     async def _session(self) -> None:
         client = AdsClient(self.xds_port, self.node_id, self.node_cluster)
+        self._client = client
         try:
             client.send(typeurls.CLUSTER)  # wildcard CDS, with the node
             eds_names: list[str] = []
@@ -172,17 +174,31 @@ class HoldingProxy:
                     client.ack(response, eds_names)
                     self._count_ack(response.type_url)
                 elif response.type_url == typeurls.ROUTE:
-                    clusters = route_clusters(response)
-                    with self._lock:
-                        self._stats.last_route_clusters = clusters
-                        held = self._stats.held_routes > 0 or self.held_cluster not in clusters
-                        if held:
-                            self._stats.held_routes += 1
-                            if self._stats.held_at is None:
-                                self._stats.held_at = time.time()
-                    if not held:
-                        client.ack(response, [self.route])
-                        self._count_ack(response.type_url)
+                    self._on_route(client, response)
         finally:
+            self._client = None
             with contextlib.suppress(BaseException):
                 await client.close()
+
+    def _hold(self, response: discovery_pb2.DiscoveryResponse, clusters: set[str]) -> bool:
+        """Whether to withhold the ACK of this route response (here: once it no longer names the held
+        cluster, and from then on); subclasses decide otherwise."""
+        return self._stats.held_routes > 0 or self.held_cluster not in clusters
+
+    def _on_route(self, client: AdsClient, response: discovery_pb2.DiscoveryResponse) -> None:
+        clusters = route_clusters(response)
+        with self._lock:
+            self._stats.last_route_clusters = clusters
+            held = self._hold(response, clusters)
+            if held:
+                self._stats.held_routes += 1
+                if self._stats.held_at is None:
+                    self._stats.held_at = time.time()
+        if held:
+            self._held_response(response)
+        else:
+            client.ack(response, [self.route])
+            self._count_ack(response.type_url)
+
+    def _held_response(self, response: discovery_pb2.DiscoveryResponse) -> None:
+        """A response whose ACK is withheld (kept by subclasses that release it later)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,19 @@ class AviaryServe:
     def proxy_connected(self, node: str, proc: ManagedProcess | None = None) -> bool:
         """The log of ``proc`` (default: the current process) says ``node`` opened a stream to it."""
         return any(e.get("message", "").startswith(f"proxy connected: node={node} ") for e in self.log_entries(proc))
+
+    def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run ``aviary <args> --admin <this plane's admin address>`` (loopback: no token); exit 0 asserted."""
+        done = subprocess.run(
+            [str(AVIARY), *args, "--admin", f"127.0.0.1:{self.admin_port}"],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, f"aviary {' '.join(args)}: exit {done.returncode}\n{done.stderr}"
+        return done
+
+    def cli_json(self, *args: str) -> Any:
+        """``aviary <args> -o json`` against this plane, parsed."""
+        return json.loads(self.cli(*args, "-o", "json").stdout)
 
     def stop(self) -> None:
         for proc in self.processes:

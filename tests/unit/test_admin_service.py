@@ -75,7 +75,7 @@ async def plane_factory(tmp_path: Path) -> AsyncIterator[PlaneFactory]:
         policies.mkdir()
         (policies / "shop.yaml").write_text(yaml.safe_dump(policy()))
         config = ServeConfig(
-            policies, "127.0.0.1:0", admin=admin or AdminConfig("127.0.0.1:0"), xds_tls=xds_tls
+            policies, xds_address="127.0.0.1:0", admin=admin or AdminConfig("127.0.0.1:0"), xds_tls=xds_tls
         )
         plane = ControlPlane(config)
         await plane.start()
@@ -110,7 +110,9 @@ async def refused(call: Awaitable[object]) -> AdminError:
 async def test_list_and_get_a_stable_rollout(client: AdminClient) -> None:
     (shop,) = await client.list_rollouts()
     assert (shop.name, shop.phase, shop.stable_version, shop.canary_version) == ("shop", "Stable", "v1", "")
-    assert (shop.weight, shop.steps, shop.acked_weight) == (0, 2, -1)
+    assert (shop.weight, shop.steps) == (0, 2)
+    # No canary: no step, no weight a proxy ACKed (absent, not a -1 sentinel)
+    assert not shop.HasField("step") and not shop.HasField("acked_weight") and not shop.HasField("step_weight")
     assert shop.events[0].reason == "first sight: version v1 is stable"
     assert shop.events[0].to_phase == "Stable" and shop.events[0].from_phase == ""
     again = await client.get_rollout("shop")
@@ -121,7 +123,7 @@ async def test_get_a_canary_shows_weight_step_and_time_in_step(plane: ControlPla
     apply(plane, policy(version="v2"))
     shop = await client.get_rollout("shop")
     assert (shop.phase, shop.stable_version, shop.canary_version) == ("Progressing", "v1", "v2")
-    assert (shop.weight, shop.step, shop.steps, shop.acked_weight) == (20, 0, 2, 20)
+    assert (shop.weight, shop.step, shop.steps, shop.acked_weight, shop.step_weight) == (20, 1, 2, 20, 20)  # 1-based
     assert shop.seconds_in_step >= 0.0
     assert "step 1 started" in shop.reason
     assert [e.to_phase for e in shop.events] == ["Stable", "Progressing", "Progressing"]
@@ -277,7 +279,7 @@ async def test_watch_streams_transitions_and_unsubscribes_on_cancel(plane: Contr
     ]
     first = events[0]
     assert first is not None
-    assert (first.rollout, first.stable_version, first.canary_version, first.step) == ("shop", "v1", "v2", 0)
+    assert (first.rollout, first.stable_version, first.canary_version, first.step) == ("shop", "v1", "v2", 1)
     assert len(plane.runner._listeners) == listeners_before + 1
     await stream.aclose()
     await async_wait_until(
@@ -386,7 +388,7 @@ async def test_without_a_token_file_loopback_needs_no_token(plane_factory: Plane
 @pytest.mark.parametrize("address", ["0.0.0.0:18001", "[::]:0", "10.1.2.3:18001", "admin.example.com:18001", ":0"])
 async def test_exposed_address_without_token_is_refused_at_start_up(tmp_path: Path, address: str) -> None:
     with pytest.raises(AdminConfigError, match="without --admin-token-file"):
-        ControlPlane(ServeConfig(tmp_path, "127.0.0.1:0", admin=AdminConfig(address)))
+        ControlPlane(ServeConfig(tmp_path, xds_address="127.0.0.1:0", admin=AdminConfig(address)))
 
 
 def test_loopback_addresses() -> None:
@@ -400,7 +402,8 @@ async def test_empty_token_file_is_refused_at_start_up(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.write_text("\n")
     with pytest.raises(AdminConfigError, match="is empty"):
-        ControlPlane(ServeConfig(tmp_path, "127.0.0.1:0", admin=AdminConfig("127.0.0.1:0", token_file=empty)))
+        admin = AdminConfig("127.0.0.1:0", token_file=empty)
+        ControlPlane(ServeConfig(tmp_path, xds_address="127.0.0.1:0", admin=admin))
 
 
 # ---- TLS ---------------------------------------------------------------------------------------
@@ -433,11 +436,11 @@ async def test_mtls_admin_requires_a_client_certificate(plane_factory: PlaneFact
 async def test_tls_files_that_cannot_be_read_fail_at_start_up(tmp_path: Path, pki: Pki) -> None:
     missing = ServerTls(tmp_path / "missing.pem", pki.server_key)
     with pytest.raises(TlsConfigError, match=r"TLS certificate .*missing\.pem"):
-        ControlPlane(ServeConfig(tmp_path, "127.0.0.1:0", xds_tls=missing))
+        ControlPlane(ServeConfig(tmp_path, xds_address="127.0.0.1:0", xds_tls=missing))
     not_pem = tmp_path / "cert.txt"
     not_pem.write_text("hello")
     with pytest.raises(TlsConfigError, match="not a PEM file"):
-        ControlPlane(ServeConfig(tmp_path, "127.0.0.1:0", xds_tls=ServerTls(not_pem, pki.server_key)))
+        ControlPlane(ServeConfig(tmp_path, xds_address="127.0.0.1:0", xds_tls=ServerTls(not_pem, pki.server_key)))
 
 
 async def test_mtls_xds(plane_factory: PlaneFactory, pki: Pki) -> None:

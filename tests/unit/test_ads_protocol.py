@@ -1,9 +1,16 @@
-"""SotW ADS protocol rules, through a real grpc.aio server and an in-process client."""
+"""SotW ADS protocol rules, through a real grpc.aio server and an in-process client.
+
+"Nothing more was sent" is asserted on the server's own count of responses per stream and type
+(its ``ResponseSent`` events), read once the request or snapshot change in question has been
+handled: a stream computes every response to a request (or to a snapshot change) in one
+synchronous call and reports each before writing any, so the count is final at that point.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import pytest
@@ -13,6 +20,7 @@ from envoy.config.route.v3 import route_pb2
 from aviary.discovery import typeurls
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.director import Placement, TrafficDirector
+from aviary.discovery.proxy_events import ProxyConnected, ProxyEvent, ResponseSent, SubscriptionChanged
 from aviary.discovery.proxy_status import ProxyStatus
 from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
 from aviary.policy.schema import Endpoint, ListenerSpec
@@ -33,11 +41,28 @@ class Plane:
     director: TrafficDirector
     port: int
     clients: list[AdsClient]
+    sent: Counter[tuple[str, str]] = field(default_factory=Counter)  # (node id, short type) -> responses
+    subscriptions: Counter[tuple[str, str]] = field(default_factory=Counter)  # subscription changes seen
+    nodes: dict[int, str] = field(default_factory=dict)  # stream id -> node id
 
     def client(self, node_id: str = "node-a", node_cluster: str = "edge") -> AdsClient:
         client = AdsClient(self.port, node_id, node_cluster)
         self.clients.append(client)
         return client
+
+    def record(self, event: ProxyEvent) -> None:
+        """The server's events, counted per node and type, then handed to ProxyStatus as usual."""
+        if isinstance(event, ProxyConnected):
+            self.nodes[event.stream_id] = event.node_id
+        elif isinstance(event, ResponseSent):
+            self.sent[self.nodes[event.stream_id], typeurls.short_name(event.type_url)] += 1
+        elif isinstance(event, SubscriptionChanged):
+            self.subscriptions[self.nodes[event.stream_id], typeurls.short_name(event.type_url)] += 1
+        self.proxies.apply(event)
+
+    def responses(self, node_id: str = "node-a") -> dict[str, int]:
+        """Responses the server has sent to ``node_id`` so far, by short type name."""
+        return {t: n for (node, t), n in self.sent.items() if node == node_id}
 
 
 @pytest.fixture
@@ -45,8 +70,8 @@ async def plane() -> AsyncIterator[Plane]:
     cache, proxies = SnapshotCache(), ProxyStatus()
     director = TrafficDirector(cache, proxies)
     director.set_rollout("checkout", Placement(LISTENER, ("*",)), DesiredTraffic(V1))
-    server, port = await start_xds_server("127.0.0.1:0", AggregatedDiscoveryService(cache, proxies.apply))
-    state = Plane(cache, proxies, director, port, [])
+    state = Plane(cache, proxies, director, 0, [])
+    server, state.port = await start_xds_server("127.0.0.1:0", AggregatedDiscoveryService(cache, state.record))
     try:
         yield state
     finally:
@@ -89,14 +114,14 @@ async def test_wildcard_cds_is_answered_and_ack_is_recorded(plane: Plane) -> Non
     response = await client.receive()
     assert response.type_url == typeurls.CLUSTER
     assert response.nonce and response.version_info
-    assert _names(response) == ["checkout-v1"]
+    assert _names(response) == ["checkout_v1"]
     client.ack(response)
     await async_wait_until(
         lambda: any(p.acked_versions.get(typeurls.CLUSTER) == response.version_info for p in plane.proxies),
         5,
         what="ACK recorded",
     )
-    await client.expect_silence()  # ACK of current content: nothing new to send
+    assert plane.responses() == {"CDS": 1}  # the ACK (handled) of current content made nothing new to send
 
 
 async def test_nack_is_recorded_and_not_resent_until_a_newer_version(plane: Plane) -> None:
@@ -106,7 +131,7 @@ async def test_nack_is_recorded_and_not_resent_until_a_newer_version(plane: Plan
     await _acked(plane, client, first)
     plane.director.set_desired_traffic("checkout", DesiredTraffic(V1, V2, 0))
     second = await client.receive()
-    assert sorted(_names(second)) == ["checkout-v1", "checkout-v2"]
+    assert sorted(_names(second)) == ["checkout_v1", "checkout_v2"]
     client.nack(second, "bad cluster")
     await async_wait_until(
         lambda: any(p.last_nack is not None for p in plane.proxies), 5, what="NACK recorded"
@@ -116,11 +141,11 @@ async def test_nack_is_recorded_and_not_resent_until_a_newer_version(plane: Plan
     assert proxy.last_nack.message == "bad cluster"
     assert proxy.last_nack.version == second.version_info
     assert proxy.acked_versions[typeurls.CLUSTER] == first.version_info  # still on its last good state
-    await client.expect_silence()  # no resend loop of the rejected version
+    assert plane.responses() == {"CDS": 2}  # the NACK (handled) made no resend of the rejected version
     v3 = Backend("v3", (Endpoint.model_validate("127.0.0.1:9003"),))
     plane.director.set_desired_traffic("checkout", DesiredTraffic(V1, v3, 0))
     third = await client.receive()
-    assert sorted(_names(third)) == ["checkout-v1", "checkout-v3"]
+    assert sorted(_names(third)) == ["checkout_v1", "checkout_v3"]
     assert third.version_info not in (first.version_info, second.version_info)
 
 
@@ -143,7 +168,8 @@ async def test_stale_nonce_is_ignored(plane: Plane) -> None:
 async def test_named_subscription_to_missing_resource_is_sent_when_it_appears(plane: Plane) -> None:
     client = plane.client()
     client.send(typeurls.ROUTE, ["route-127.0.0.1-10001"])
-    await client.expect_silence()
+    await async_wait_until(lambda: plane.subscriptions["node-a", "RDS"], 5, what="the RDS subscription handled")
+    assert plane.responses() == {}  # nothing to send for a name that does not exist yet
     plane.director.set_rollout(
         "payments", Placement(ListenerSpec(address="127.0.0.1", port=10001), ("*",)), DesiredTraffic(V1)
     )
@@ -164,23 +190,25 @@ async def test_sends_only_on_change(plane: Plane) -> None:
                                DesiredTraffic(V1))
     update = await client.receive()
     assert update.type_url == typeurls.CLUSTER
-    client.ack(update)
-    await client.expect_silence()
+    assert plane.responses() == {"RDS": 1, "CDS": 2}  # the change's responses, all reported before the first
+    await _acked(plane, client, update)
+    assert plane.responses() == {"RDS": 1, "CDS": 2}
     # A weight change is one RDS update and nothing else.
     plane.director.set_desired_traffic("checkout", DesiredTraffic(V1, V2, 0))
     cds = await client.receive()
     assert cds.type_url == typeurls.CLUSTER
     client.ack(cds)
-    client.send(typeurls.ENDPOINT, ["checkout-v1", "checkout-v2"])  # as Envoy does for new clusters
+    client.send(typeurls.ENDPOINT, ["checkout_v1", "checkout_v2"])  # as Envoy does for new clusters
     eds = await client.receive()
-    client.ack(eds, ["checkout-v1", "checkout-v2"])
+    client.ack(eds, ["checkout_v1", "checkout_v2"])
     rds = await client.receive()
     assert rds.type_url == typeurls.ROUTE
     client.ack(rds, [ROUTE])
+    sent_before = plane.responses()
     plane.director.set_canary_weight("checkout", 30)
     only = await client.receive()
     assert only.type_url == typeurls.ROUTE
-    await client.expect_silence()
+    assert plane.responses() == {**sent_before, "RDS": sent_before["RDS"] + 1}  # one RDS response, nothing else
 
 
 async def test_proxy_cluster_groups_see_only_their_rollouts(plane: Plane) -> None:
@@ -192,8 +220,8 @@ async def test_proxy_cluster_groups_see_only_their_rollouts(plane: Plane) -> Non
     edge, mesh = plane.client("edge-1", "edge"), plane.client("mesh-1", "mesh")
     edge.send(typeurls.CLUSTER)
     mesh.send(typeurls.CLUSTER)
-    assert sorted(_names(await edge.receive())) == ["checkout-v1"]
-    assert sorted(_names(await mesh.receive())) == ["checkout-v1", "internal-v1"]
+    assert sorted(_names(await edge.receive())) == ["checkout_v1"]
+    assert sorted(_names(await mesh.receive())) == ["checkout_v1", "internal_v1"]
 
 
 async def test_first_request_without_node_is_refused(plane: Plane) -> None:
@@ -209,7 +237,7 @@ def test_an_ack_repeated_with_a_subscription_change_is_reported_once() -> None:
     from envoy.config.core.v3 import base_pb2
     from envoy.service.discovery.v3 import discovery_pb2
 
-    from aviary.discovery.proxy_events import ProxyEvent, ResourcesAcked
+    from aviary.discovery.proxy_events import ResourcesAcked
     from aviary.discovery.sotw import SotwStream
 
     cache, proxies = SnapshotCache(), ProxyStatus()
@@ -217,9 +245,9 @@ def test_an_ack_repeated_with_a_subscription_change_is_reported_once() -> None:
     events: list[ProxyEvent] = []
     stream = SotwStream(1, "peer", cache, events.append)
     (data,) = stream.on_request(discovery_pb2.DiscoveryRequest(
-        type_url=typeurls.ENDPOINT, resource_names=["checkout-v1"], node=base_pb2.Node(id="n")))
+        type_url=typeurls.ENDPOINT, resource_names=["checkout_v1"], node=base_pb2.Node(id="n")))
     response = discovery_pb2.DiscoveryResponse.FromString(data)
-    for names in (["checkout-v1"], ["checkout-v1", "checkout-v2"]):  # Envoy repeats the nonce
+    for names in (["checkout_v1"], ["checkout_v1", "checkout_v2"]):  # Envoy repeats the nonce
         stream.on_request(discovery_pb2.DiscoveryRequest(
             type_url=typeurls.ENDPOINT, resource_names=names, response_nonce=response.nonce))
     assert sum(isinstance(e, ResourcesAcked) for e in events) == 1

@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import shutil
+import subprocess
+import time
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from aviary.admin.convert import policy_message
+from aviary.admin.render import as_json, policy_summary
+from aviary.discovery.cache import SnapshotCache
+from aviary.discovery.director import TrafficDirector
+from aviary.discovery.proxy_status import ProxyStatus
+from aviary.observability import ControlPlaneMetrics
 from aviary.policy import git as git_module
 from aviary.policy.git import GitError, redact, run_git, validate_repository_url
-from aviary.policy.git_source import SHORT_SHA, GitPolicySource
+from aviary.policy.git_source import SHORT_SHA, GitPolicySource, stale_locks
 from aviary.policy.schema import PolicyError, PolicySet
+from aviary.policy.source import PolicyState
+from aviary.runner import RolloutRunner
 from tests.rig.git_repo import GitRepo
 from tests.rig.policies import rollout_text
 from tests.rig.policy_changes import PolicyRecorder, poll_until
@@ -298,6 +311,97 @@ async def test_fetch_failure_keeps_serving_and_recovers(
     assert errors == [] and policy_set.revision == later and source.fetch_error is None
 
 
+async def test_fetch_failure_is_counted_with_its_start(tmp_path: Path, remote: GitRepo) -> None:
+    remote.commit({"checkout.yaml": policy("checkout")})
+    source = make_source(tmp_path, remote, PolicyRecorder(DEADLINE))
+    await source.load_once()
+    assert (source.fetch_error, source.fetch_failing_since, source.fetch_failures) == (None, None, 0)
+    remote.path.rename(tmp_path / "away")
+    before = time.time()
+    async with running(source):
+        source.reload()
+        await wait_until(lambda: source.fetch_failures == 1)
+        since = source.fetch_failing_since
+        assert since is not None and before <= since <= time.time()
+        source.reload()
+        await wait_until(lambda: source.fetch_failures == 2)
+        assert source.fetch_failing_since == since  # the start of this run of failures, not the latest
+        # One line, the git subcommand first, without git's advice paragraphs.
+        assert source.fetch_error is not None and "\n" not in source.fetch_error
+        assert source.fetch_error.startswith("git ls-remote: ")
+        assert "does not appear to be a git repository" in source.fetch_error
+        (tmp_path / "away").rename(remote.path)
+        source.reload()
+        await wait_until(lambda: source.fetch_error is None)
+    assert source.fetch_failing_since is None and source.fetch_failures == 2
+
+
+def working_copy(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "git" / "repo.git"
+
+
+async def test_a_stale_ref_lock_is_removed_and_the_commit_applies(
+    tmp_path: Path, remote: GitRepo, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What a git killed in the middle of a fetch leaves: the lock of the ref it was updating.
+    remote.commit({"checkout.yaml": policy("checkout")})
+    recorder = PolicyRecorder(DEADLINE)
+    source = make_source(tmp_path, remote, recorder, stale_lock_age=30)
+    await source.load_once()
+    lock = working_copy(tmp_path) / "refs" / "remotes" / "origin" / "main.lock"
+    lock.write_text("")
+    later = remote.commit({"checkout.yaml": policy("checkout", version="v2")})
+    caplog.set_level(logging.INFO, logger="aviary.policy")
+    async with running(source):
+        # A lock younger than stale_lock_age could belong to a git at work: it stays, the fetch fails.
+        source.reload()
+        await wait_until(lambda: source.fetch_error is not None)
+        assert "cannot lock ref 'refs/remotes/origin/main'" in (source.fetch_error or "")
+        assert lock.exists() and source.current.revision != later
+        # Once it is old, the next poll removes it and fetches at once.
+        os.utime(lock, (time.time() - 60, time.time() - 60))
+        source.reload()
+        policy_set, errors = await recorder.next()
+    assert errors == [] and policy_set.revision == later
+    assert not lock.exists() and source.fetch_error is None and source.fetch_failing_since is None
+    assert f"removed stale git lock {lock} (60s old" in caplog.text
+    assert "works again" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["index.lock", "config.lock", "packed-refs.lock", "shallow.lock", "HEAD.lock",
+                                  "refs/heads/main.lock", "refs/aviary/good/0123456789abcdef.lock"])
+def test_stale_locks_finds_every_git_lock_file(tmp_path: Path, name: str) -> None:
+    repository = tmp_path / "repo.git"
+    (repository / "refs" / "heads").mkdir(parents=True)
+    old, young = repository / name, repository / "refs" / "young.lock"
+    old.parent.mkdir(parents=True, exist_ok=True)
+    for path in (old, young, repository / "refs" / "heads" / "main"):
+        path.write_text("")
+    os.utime(old, (time.time() - 10, time.time() - 10))
+    assert [path for path, _ in stale_locks(repository, 5.0)] == [old]
+    assert old.exists()  # only looked
+    ((path, age),) = stale_locks(repository, 5.0, remove=True)
+    assert path == old and 9 < age < 60
+    assert not old.exists() and young.exists() and (repository / "refs" / "heads" / "main").exists()
+
+
+def test_locks_stay_while_a_process_works_in_the_repository(tmp_path: Path) -> None:
+    # A git left running by a killed Aviary would work there: its locks are not stale, however old.
+    repository = tmp_path / "repo.git"
+    repository.mkdir()
+    lock = repository / "index.lock"
+    lock.write_text("")
+    os.utime(lock, (time.time() - 600, time.time() - 600))
+    worker = subprocess.Popen(["sleep", "60"], cwd=repository)
+    try:
+        assert stale_locks(repository, 5.0, remove=True) == []
+    finally:
+        worker.kill()
+        worker.wait()
+    assert lock.exists()
+    assert [path for path, _ in stale_locks(repository, 5.0, remove=True)] == [lock]
+
+
 async def test_restart_offline_serves_the_local_copy(tmp_path: Path, remote: GitRepo) -> None:
     sha = remote.commit({"checkout.yaml": policy("checkout")})
     url = remote.path.as_uri()  # file:// stays a valid URL once the repository is gone
@@ -340,6 +444,34 @@ async def test_empty_remote_is_a_fetch_error(tmp_path: Path, remote: GitRepo) ->
     source = make_source(tmp_path, remote, PolicyRecorder(DEADLINE))
     assert await source.load_once() == PolicySet()
     assert source.fetch_error is not None and "no default branch" in source.fetch_error
+
+
+# ------------------------------------------------------------------------- shown in status and metrics
+
+
+def test_a_fetch_error_is_shown_with_its_start_in_local_time() -> None:
+    since = 1780000000.0  # 2026-05-28T20:26:40Z
+    state = PolicyState("file:///srv/p.git", applied_commit="a" * 40, fetch_error="git fetch: cannot lock ref 'x'",
+                        fetch_failing_since=since, fetch_failures=3)
+    message = policy_message(state)
+    assert message.fetch_error == "since 2026-05-28T20:26:40Z: git fetch: cannot lock ref 'x'"
+    local = datetime.fromtimestamp(since).strftime("%H:%M:%S")
+    text = policy_summary(message).plain
+    assert text.splitlines()[-1] == f"git fetch failing since {local}: git fetch: cannot lock ref 'x'"
+    assert json.loads(as_json(message))["fetch_error"] == message.fetch_error
+    healthy = policy_message(PolicyState("file:///srv/p.git", applied_commit="a" * 40))
+    assert healthy.fetch_error == "" and "fetch" not in policy_summary(healthy).plain
+
+
+def test_fetch_failures_are_metrics() -> None:
+    state = [PolicyState("repo")]
+    metrics = ControlPlaneMetrics(ProxyStatus(), RolloutRunner(TrafficDirector(SnapshotCache(), ProxyStatus())))
+    metrics.observe_policy_source(lambda: state[0])
+    assert metrics.registry.get_sample_value("aviary_policy_fetch_failing") == 0.0
+    assert metrics.registry.get_sample_value("aviary_policy_fetch_failures_total") == 0.0
+    state[0] = PolicyState("repo", fetch_error="git ls-remote: boom", fetch_failing_since=1.0, fetch_failures=2)
+    assert metrics.registry.get_sample_value("aviary_policy_fetch_failing") == 1.0
+    assert metrics.registry.get_sample_value("aviary_policy_fetch_failures_total") == 2.0
 
 
 # --------------------------------------------------------------------------------------- URLs
@@ -466,7 +598,51 @@ async def test_git_timeout_kills_the_process(tmp_path: Path, monkeypatch: pytest
     assert processes and processes[0].returncode is not None
 
 
+def test_git_error_short_is_one_line() -> None:
+    lock_failure = GitError(
+        ["git", "fetch", "-q", "--", "/srv/p.git", "+refs/heads/main:refs/remotes/origin/main"],
+        "error: cannot lock ref 'refs/remotes/origin/main': Unable to create '/w/main.lock': File exists.\n\n"
+        "Another git process seems to be running in this repository, e.g.\nan editor opened by 'git commit'.",
+        1,
+    )
+    assert lock_failure.short == ("git fetch: cannot lock ref 'refs/remotes/origin/main': "
+                                  "Unable to create '/w/main.lock': File exists.")
+    timed_out = GitError(["git", "ls-remote", "--", "x"], "timed out after 60s")
+    assert timed_out.short == "git ls-remote: timed out after 60s"
+    assert GitError(["git", "fetch"], "", 128).short == "git fetch: exit 128"
+
+
 def test_redact_hides_url_passwords() -> None:
     assert redact("fetch https://bot:s3cret@git.example.com/p.git") == "fetch https://bot:***@git.example.com/p.git"
     error = GitError(["git", "fetch", "https://bot:s3cret@h/p"], "fatal: https://bot:s3cret@h/p denied", 128)
     assert "s3cret" not in str(error)
+
+
+# ---- a git that leaves a helper behind ------------------------------------------------------------
+# `git fetch` runs helpers (upload-pack, ssh, remote-https) that inherit its output pipes. Killing git
+# alone left them holding the pipes, and asyncio waits for every pipe to close: stopping the control
+# plane during a fetch waited for the helper (a teardown once hung 15 s), and a 1 s timeout took 20 s.
+# An alias runs a shell, whose sleep inherits the pipes; the marker file says the helper is running.
+SLOW_HELPER = ["-c", "alias.slow=!touch helper-started && sleep 30", "slow"]
+
+
+async def test_cancelling_git_also_stops_the_helpers_it_started(tmp_path: Path) -> None:
+    await run_git(["init", "-q"], tmp_path, 10)
+    task = asyncio.create_task(run_git(SLOW_HELPER, tmp_path, 60))
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "helper-started").exists():
+        assert time.monotonic() < deadline, "git never started its helper"
+        await asyncio.sleep(0.01)  # polling the marker
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < 5  # before: the helper's 30 s
+
+
+async def test_a_git_timeout_is_kept_even_when_a_helper_holds_its_output(tmp_path: Path) -> None:
+    await run_git(["init", "-q"], tmp_path, 10)
+    started = time.monotonic()
+    with pytest.raises(GitError, match="timed out after 1s"):
+        await run_git(SLOW_HELPER, tmp_path, 1)
+    assert time.monotonic() - started < 5  # before: the helper's 30 s

@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from aviary.policy.loader import LoadResult, PolicyBook, load_directory, parse_policy_text, validate_paths
-from aviary.policy.schema import PolicyError
+from aviary.discovery.resources import cluster_name
+from aviary.policy.loader import (
+    LoadResult,
+    PolicyBook,
+    load_directory,
+    orphan_conflicts,
+    parse_policy_text,
+    validate_paths,
+)
+from aviary.policy.schema import PolicyError, PolicySet, Rollout
 
 
 def policy(name: str, hosts: tuple[str, ...] = ("*",), port: int = 10000, version: str = "v1") -> str:
@@ -128,14 +136,19 @@ def test_non_utf8_file(tmp_path: Path) -> None:
     assert len(result.files[str(tmp_path / "a.yaml")]) == 64
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read anything")
 def test_unreadable_file(tmp_path: Path) -> None:
+    """Mode 000 stops anyone but root; as root (CI), a policy file that is a link to
+    /proc/self/mem: a regular file to stat, whose read at offset 0 fails (EIO) for root too."""
     path = tmp_path / "a.yaml"
-    path.write_text(policy("a"))
-    path.chmod(0)
+    if os.geteuid() == 0:
+        path.symlink_to("/proc/self/mem")
+        assert path.is_file()
+    else:
+        path.write_text(policy("a"))
+        path.chmod(0)
     result = load_directory(tmp_path)
     assert fields(result.errors) == [("a.yaml", "-")]
-    assert "cannot read" in result.errors[0].reason
+    assert "cannot read file: " in result.errors[0].reason
     assert str(path) in result.files
 
 
@@ -174,6 +187,20 @@ def test_wildcards_do_not_conflict_with_exact_hosts(tmp_path: Path) -> None:
     write(tmp_path, "b.yaml", policy("b", ("*.shop.com",)))
     write(tmp_path, "c.yaml", policy("c", ("a.shop.com",)))
     assert load_directory(tmp_path).errors == []
+
+
+def test_validate_blames_the_newer_file_as_the_running_server_does(tmp_path: Path) -> None:
+    """z.yaml serves; a.yaml, added later, claims its host: the server refuses a.yaml, the newcomer.
+    `aviary validate` used to blame the lexically later file (z.yaml) instead."""
+    serving = write(tmp_path, "z.yaml", policy("z", ("shop.com",)))
+    os.utime(serving, ns=(1_000_000_000, 1_000_000_000))
+    book = PolicyBook()
+    book.apply(load_directory(tmp_path))
+    write(tmp_path, "a.yaml", policy("a", ("shop.com",)))
+    _, server_errors = book.apply(load_directory(tmp_path))
+    assert fields(server_errors) == [("a.yaml", "spec.hosts[0]")]
+    assert fields(validate_paths([tmp_path])) == [("a.yaml", "spec.hosts[0]")]
+    assert fields(PolicyBook().apply(load_directory(tmp_path))[1]) == [("a.yaml", "spec.hosts[0]")]  # fresh start
 
 
 def test_losers_still_count_as_valid_on_their_own(tmp_path: Path) -> None:
@@ -368,3 +395,53 @@ def test_validate_all_good(tmp_path: Path) -> None:
     write(tmp_path, "a.yaml", policy("a", ("a.com",)))
     write(tmp_path, "b.yaml", policy("b", ("b.com",)))
     assert validate_paths([tmp_path]) == []
+
+
+# ----------------------------------------------------------------- orphans and cluster names
+
+
+def _parsed(name: str, hosts: tuple[str, ...], version: str = "v1", port: int = 10000) -> Rollout:
+    rollout, errors = parse_policy_text(policy(name, hosts, port, version), f"{name}.yaml")
+    assert rollout is not None, errors
+    return rollout
+
+
+def test_a_host_still_served_by_an_orphan_is_refused_with_file_field_and_orphan() -> None:
+    renamed = _parsed("r40b", ("a.example.com", "SHOP.example.com"))
+    policy_set = PolicySet(rollouts={"r40b": renamed}, files={"r40b": "policies/r40b.yaml"})
+    errors = orphan_conflicts(policy_set, {"r40": _parsed("r40", ("shop.example.com",))})
+    assert [(e.file, e.field) for e in errors] == [("policies/r40b.yaml", "spec.hosts[1]")]
+    assert errors[0].reason == (
+        "host 'SHOP.example.com' on listener 0.0.0.0:10000 is still served by orphaned rollout r40 "
+        "(its policy file was removed; restart with --prune to drop it)"
+    )
+
+
+def test_an_orphan_on_another_listener_or_host_is_no_conflict() -> None:
+    policy_set = PolicySet(rollouts={"b": _parsed("b", ("shop.example.com",), port=10001)}, files={"b": "b.yaml"})
+    assert orphan_conflicts(policy_set, {"a": _parsed("a", ("shop.example.com",))}) == []
+    policy_set = PolicySet(rollouts={"b": _parsed("b", ("b.example.com",))}, files={"b": "b.yaml"})
+    assert orphan_conflicts(policy_set, {"a": _parsed("a", ("a.example.com",))}) == []
+
+
+def test_names_that_used_to_collide_as_clusters_are_valid_and_distinct(tmp_path: Path) -> None:
+    # `shop` at `eu-v1` and `shop-eu` at `v1` were both the cluster `shop-eu-v1`: Envoy got a
+    # duplicate resource. Cluster names are injective now, so both files are valid together.
+    write(tmp_path, "shop.yaml", policy("shop", ("a.example.com",), version="eu-v1"))
+    write(tmp_path, "shop-eu.yaml", policy("shop-eu", ("b.example.com",), version="v1"))
+    assert validate_paths([tmp_path]) == []
+    assert cluster_name("shop", "eu-v1") != cluster_name("shop-eu", "v1")
+
+
+def test_a_file_over_the_size_limit_is_refused_before_parsing(tmp_path: Path) -> None:
+    """Files, git commits and Validate share the limit: 1 MiB is some 20,000 hosts of one rollout."""
+    from aviary.policy.loader import MAX_POLICY_BYTES
+
+    padding = "#" + "é" * (MAX_POLICY_BYTES // 2) + "\n"  # 2 bytes per character: just over the limit
+    (tmp_path / "a.yaml").write_text(policy("a") + padding)
+    result = load_directory(tmp_path)
+    size = len((tmp_path / "a.yaml").read_bytes())
+    assert [(e.field, e.reason) for e in result.errors] == [
+        ("-", f"file is {size:,} bytes; the limit is {MAX_POLICY_BYTES:,} bytes")
+    ]
+    assert parse_policy_text(policy("a") + "#" + "x" * (MAX_POLICY_BYTES - len(policy("a")) - 2) + "\n", "b")[0]

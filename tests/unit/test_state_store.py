@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -125,6 +129,7 @@ def test_migration_from_version_1_keeps_rollouts(tmp_path: Path) -> None:
     store.close()
     db = sqlite3.connect(path)  # back to the version 1 layout, as an older Aviary left it
     db.execute("DROP TABLE meta")
+    db.execute("DROP TABLE published")
     db.execute("PRAGMA user_version = 1")
     db.commit()
     db.close()
@@ -143,3 +148,50 @@ def test_restored_step_clock_stops_until_the_weight_is_acked_again() -> None:
     assert stopped.step_checked_at is None and stopped.step_outcome is None
     assert stopped.weight == 30
     assert resumption is not None and resumption.elapsed == 20.0
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """``path`` read-only for this process: a read-only bind mount over it as root (mode bits do not
+    stop root), mode 0444 otherwise."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        try:
+            yield
+        finally:
+            path.chmod(0o644)
+        return
+    mounted = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:  # a container without CAP_SYS_ADMIN
+        pytest.skip(f"root, but cannot bind-mount here: {mounted.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_read_only_state_file_is_refused_with_the_os_error(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = StateStore(path)
+    store.save(CANARY, ROLLOUT)
+    store.close()  # checkpoints: nothing left in -wal
+    reason = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
+    with read_only(path), pytest.raises(StateError, match=rf"state\.db cannot be used: {reason}$"):
+        StateStore(path)
+    assert StateStore(path).load()["checkout"].status == CANARY  # writable again: all there
+
+
+def test_a_read_only_state_directory_is_refused_with_the_os_error(tmp_path: Path) -> None:
+    """SQLite needs to create -wal and -shm next to the file: a read-only directory is refused at
+    start, naming the file and the OS error, not at the first save."""
+    directory = tmp_path / "state"
+    store = StateStore(directory / "state.db")
+    store.save(CANARY, ROLLOUT)
+    store.close()
+    with read_only(directory), pytest.raises(StateError) as refused:
+        StateStore(directory / "state.db")
+    assert str(refused.value).startswith(f"state file {directory / 'state.db'} cannot be used: ")
+    reasons = ("Read-only file system", "Permission denied", "not writable")
+    assert any(why in str(refused.value) for why in reasons), refused.value
+    assert StateStore(directory / "state.db").load()["checkout"].status == CANARY

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from aviary.policy import watcher as watcher_module
-from aviary.policy.loader import LoadResult, load_directory
+from aviary.policy.loader import LoadResult
 from aviary.policy.schema import PolicyError, PolicySet
 from aviary.policy.watcher import DirectoryWatcher
+from aviary.policy.workers import PolicyWorkers
 from tests.rig.policies import rollout_text
 from tests.rig.policy_changes import PolicyRecorder, poll_until
 
@@ -41,12 +42,14 @@ class Turns:
             self.scans += 1
             return scan(directory)
 
-        def counting_load(directory: Path) -> LoadResult:
+        load = PolicyWorkers.load_directory  # the watcher loads in a worker process
+
+        async def counting_load(workers: PolicyWorkers, directory: Path) -> LoadResult:
             self.loads += 1
-            return load_directory(directory)
+            return await load(workers, directory)
 
         monkeypatch.setattr(watcher_module, "_fingerprint", counting_scan)
-        monkeypatch.setattr(watcher_module, "load_directory", counting_load)
+        monkeypatch.setattr(PolicyWorkers, "load_directory", counting_load)
 
     async def after_next_load(self) -> None:
         """Wait until a load happened and the loop turn holding it is over (a later scan ran)."""
@@ -205,3 +208,18 @@ async def test_missing_directory_keeps_serving(tmp_path: Path) -> None:
         policy_set, errors = await recorder.next()
         assert policy_set.rollouts == before.rollouts
         assert [e.file for e in errors] == [str(directory)]
+
+
+def test_a_swapped_in_file_with_the_same_size_and_mtime_is_a_change(tmp_path: Path) -> None:
+    """git-sync swaps a symlink to a new checkout; a policy file there can have the old one's size and
+    modification time (only the version's digit differs). Before, the fingerprint missed the swap."""
+    for worktree, version in (("one", "v1"), ("two", "v2")):
+        (tmp_path / worktree).mkdir()
+        path = tmp_path / worktree / "shop.yaml"
+        path.write_text(f"version: {version}\n")
+        os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    (tmp_path / "current").symlink_to("one")
+    before = watcher_module._fingerprint(tmp_path / "current")
+    (tmp_path / "next").symlink_to("two")
+    os.rename(tmp_path / "next", tmp_path / "current")
+    assert watcher_module._fingerprint(tmp_path / "current") != before

@@ -36,7 +36,7 @@ type_urls = st.one_of(
     st.sampled_from(["", "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret", "bogus"]),
     st.text(max_size=40),
 )
-names = st.lists(st.one_of(st.text(max_size=30), st.sampled_from(["*", "checkout-v1", "route-127.0.0.1-10000"])),
+names = st.lists(st.one_of(st.text(max_size=30), st.sampled_from(["*", "checkout_v1", "route-127.0.0.1-10000"])),
                  max_size=20)
 nonces = st.one_of(st.just(""), st.text(max_size=12), st.integers(0, 50).map(str))
 nodes = st.one_of(

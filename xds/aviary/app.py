@@ -12,7 +12,9 @@ import logging
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 import grpc
@@ -27,20 +29,25 @@ from aviary.observability import ControlPlaneMetrics
 from aviary.policy.git import redact
 from aviary.policy.git_source import GitPolicySource, is_git_repository
 from aviary.policy.schema import PolicyError, PolicySet
+from aviary.policy.server_rules import refuse_unserviceable
 from aviary.policy.source import PolicyState
 from aviary.policy.watcher import DirectoryWatcher
-from aviary.runner import RolloutRunner
-from aviary.store.sqlite import StateStore
+from aviary.runner import EngineHealth, RolloutRunner
+from aviary.store.sqlite import StateStore, StateWriteError
 from aviary.tls import ServerTls, server_credentials
 
 log = logging.getLogger("aviary")
 
 HEARTBEAT_SECONDS = 1.0
+RESTART_SECONDS = 1.0  # a long-lived task that ended is started again after this
+HEALTH_POLL_SECONDS = 0.2  # how soon the gRPC health service follows the engine's health
+STOP_GRACE_SECONDS = 1.0  # calls in flight may finish within this at shutdown; then they are cancelled
 
 
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
     policies: Path | str  # a directory, or a git repository (URL or local path)
+    _: KW_ONLY  # everything else by name: a positional address once landed in git_branch
     git_branch: str | None = None  # default: the remote's default branch
     git_path: str = ""  # sub-folder of the repository holding the policy files
     git_poll: float = 10.0
@@ -72,7 +79,9 @@ class ControlPlane:
         self.metrics = ControlPlaneMetrics(self.proxies, self.runner)
         self.metrics_port = 0
         self.watcher = self._policy_source(config)
-        self.policy_errors: list[PolicyError] = []
+        self.policy_errors: list[PolicyError] = []  # before the collector below reads policy_state()
+        self.unserviceable: list[PolicyError] = []  # valid files this server cannot run (server_rules)
+        self.metrics.observe_policy_source(self.policy_state)
         self.xds_port = 0
         # -- TLS and admin API: bad files, or an exposed admin address without a token, fail here
         self._xds_credentials = server_credentials(config.xds_tls) if config.xds_tls else None
@@ -82,6 +91,8 @@ class ControlPlane:
         self._admin: AdminServer | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._down: set[str] = set()  # supervised tasks that ended and wait for their restart
+        self.restarts: Counter[str] = Counter()
 
     def _policy_source(self, config: ServeConfig) -> DirectoryWatcher | GitPolicySource:
         if not is_git_repository(config.policies):
@@ -100,8 +111,11 @@ class ControlPlane:
                 source=redact(str(self.config.policies)),
                 applied_commit=source.current.revision,
                 rejected_commit=rejection.sha if rejection else None,
-                errors=tuple(rejection.errors) if rejection else (),
+                errors=(tuple(rejection.errors) if rejection else ()) + tuple(self.unserviceable)
+                + tuple(self.runner.refusals()),
                 fetch_error=source.fetch_error,
+                fetch_failing_since=source.fetch_failing_since,
+                fetch_failures=source.fetch_failures,
             )
         return PolicyState(source=str(self.config.policies), errors=tuple(self.policy_errors))
 
@@ -129,19 +143,30 @@ class ControlPlane:
             self.config.xds_address, self.ads, self._xds_credentials
         )
         log.info("xDS (ADS) listening on %s", self.config.xds_address.rsplit(":", 1)[0] + f":{self.xds_port}")
-        self._tasks.append(asyncio.create_task(self.watcher.run(), name="policy-watcher"))
-        self._tasks.append(asyncio.create_task(self.runner.run(), name="rollout-engine"))
+        self._tasks.append(asyncio.create_task(self._supervised("policy watcher", self.watcher.run),
+                                               name="policy-watcher"))
+        self._tasks.append(asyncio.create_task(self._supervised("rollout engine", self.runner.run),
+                                               name="rollout-engine"))
         if self.store is not None:
-            self._tasks.append(asyncio.create_task(self._keep_alive(self.store), name="state-heartbeat"))
+            store = self.store
+            self._tasks.append(asyncio.create_task(self._supervised("state heartbeat", lambda: self._keep_alive(store)),
+                                                   name="state-heartbeat"))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, self.watcher.reload)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_on_sighup)
         if self.config.admin is not None:
-            service = AdminService(self.runner, self.proxies, self.policy_state)
+            service = AdminService(self.runner, self.proxies, self.policy_state, health=self.health,
+                                   default_prometheus=self.config.prometheus_url)
             self._admin = await start_admin_server(self.config.admin, service)
             self.admin_port = self._admin.port
+            self._tasks.append(asyncio.create_task(self._report_health(self._admin), name="health-report"))
 
-    async def stop(self, grace: float = 1.0) -> None:
+    def _reload_on_sighup(self) -> None:
+        """One line per SIGHUP: an operator who sent it sees it arrived (the reload logs only changes)."""
+        log.info("reloading policies (SIGHUP)")
+        self.watcher.reload()
+
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGHUP)
@@ -155,6 +180,7 @@ class ControlPlane:
                 await task
         self._tasks.clear()
         if self._server is not None:
+            self.ads.close()  # streams end cleanly; proxies keep their config and reconnect later
             await self._server.stop(grace)
             self._server = None
         self.metrics.stop()
@@ -163,16 +189,76 @@ class ControlPlane:
             self.store = None
 
     async def _keep_alive(self, store: StateStore) -> None:
-        """Once a second: when we were last alive and whom we served, for the next restart."""
+        """Once a second: when we were last alive and whom we served, for the next restart.
+
+        A write that fails (disk full, read-only) is logged when it starts failing and when it
+        works again, and counts against the state's health; the heartbeat goes on either way.
+        """
+        writes = self.runner.state_writes
         while True:
-            store.mark_alive(time.time(), (proxy.node_id for proxy in self.proxies))
+            try:
+                served = {proxy.node_id for proxy in self.proxies} | self.director.awaited_proxies()
+                store.mark_alive(time.time(), served)
+            except StateWriteError as exc:
+                if writes.failed("heartbeat", str(exc)):
+                    log.error("state heartbeat not saved: %s; a restart now would credit steps with less time "
+                              "than they ran", exc)
+            else:
+                if writes.succeeded("heartbeat"):
+                    log.info("state heartbeat saved again")
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
+    async def _supervised(self, what: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run a long-lived task; if it ever ends (it should not), log why and start it again."""
+        while True:
+            self._down.discard(what)
+            try:
+                await run()
+                log.error("%s ended by itself; starting it again in %.0fs", what, RESTART_SECONDS)
+            except Exception:
+                log.exception("%s failed; starting it again in %.0fs", what, RESTART_SECONDS)
+            self._down.add(what)
+            self.restarts[what] += 1
+            await asyncio.sleep(RESTART_SECONDS)
+
+    def health(self) -> EngineHealth:
+        """The engine's health, and any long-lived task that is down (between a failure and its restart)."""
+        engine = self.runner.health()
+        if not self._down:
+            return engine
+        down = tuple(f"{what} is not running (restarting)" for what in sorted(self._down))
+        return EngineHealth(False, engine.state_error, down + engine.problems)
+
+    async def _report_health(self, admin: AdminServer) -> None:
+        """Keep the gRPC health service in step with ``health()``: NOT_SERVING while the engine cannot
+        make progress (a task down, or the state cannot be written)."""
+        serving = True  # as the admin server starts
+        while True:
+            health = self.health()
+            if health.serving != serving:
+                serving = health.serving
+                why = "; ".join(filter(None, (health.state_error, *health.problems)))
+                if serving:
+                    log.info("health: SERVING")
+                else:
+                    log.error("health: NOT_SERVING: %s", why)
+                await admin.set_serving(serving)
+            await asyncio.sleep(HEALTH_POLL_SECONDS)
+
     async def apply_policies(self, policy_set: PolicySet, errors: list[PolicyError]) -> None:
-        """Hand the policy files that are valid now to the rollout engine."""
-        self.policy_errors = list(errors)
-        self.metrics.policies_applied(errors)
-        self.runner.apply_policies(policy_set)
+        """Hand the policy files that are valid now to the rollout engine.
+
+        First the rules of this server (aviary.policy.server_rules: analysis needs a Prometheus): a
+        file that breaks one is refused like an invalid file, its running version keeps serving.
+        """
+        policy_set, unserviceable = refuse_unserviceable(policy_set, self.config.prometheus_url, self.runner.rollout)
+        for error in unserviceable:
+            if error not in self.unserviceable:
+                log.error("policy refused: %s", error)
+        self.unserviceable = unserviceable
+        refused = self.runner.apply_policies(policy_set)  # hosts an orphaned rollout still serves
+        self.policy_errors = list(errors) + unserviceable + refused
+        self.metrics.policies_applied(self.policy_errors)
 
     async def __aenter__(self) -> ControlPlane:
         await self.start()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
+import logging
 import os
 import signal
 import sys
@@ -14,12 +16,19 @@ from aviary import logs
 from aviary.admin.commands import add_admin_commands
 from aviary.admin.options import add_serve_options, serve_settings
 from aviary.admin.server import AdminConfigError
-from aviary.app import ControlPlane, ServeConfig
+from aviary.app import STOP_GRACE_SECONDS, ControlPlane, ServeConfig
+from aviary.flags import Parser, duration
+from aviary.listen import ListenError, check_can_listen
+from aviary.policy.duration import format_duration
 from aviary.policy.git import validate_repository_url
 from aviary.policy.git_source import is_git_repository
-from aviary.policy.loader import validate_paths
+from aviary.policy.loader import load_paths
+from aviary.policy.server_rules import needs_prometheus
+from aviary.store.lock import LockError, LockHeld, ProcessLock
 from aviary.store.sqlite import StateError
 from aviary.tls import TlsConfigError
+
+log = logging.getLogger("aviary")
 
 
 def default_state_dir() -> Path:
@@ -63,6 +72,30 @@ def _serve(args: argparse.Namespace) -> int:
         **admin_and_tls,
     )
 
+    # Refusals that touch nothing come first: a busy port, then the git working copy's lock. The
+    # state file's lock is taken by StateStore, before it reads, writes or resets anything.
+    try:
+        _check_addresses(config)
+    except ListenError as exc:
+        print(f"aviary serve: {_LISTEN_FLAGS[exc.role]} {exc}", file=sys.stderr)
+        return 2
+    git_lock = None
+    if not isinstance(policies, Path):
+        git_dir = state_dir / "git"
+        try:
+            git_lock = ProcessLock.acquire(git_dir, state_dir / "git.lock")
+        except LockHeld as held:
+            print(
+                f"aviary serve: git working copy {git_dir} is in use by another aviary serve ({held.holder}); "
+                "stop it or use another --state-dir",
+                file=sys.stderr,
+            )
+            return 2
+        except LockError as exc:
+            print(f"aviary serve: --state-dir {state_dir}: cannot open lock file {exc.lock_file}: {exc.reason}",
+                  file=sys.stderr)
+            return 2
+
     async def run() -> None:
         try:
             plane = ControlPlane(config)
@@ -72,48 +105,85 @@ def _serve(args: argparse.Namespace) -> int:
         # Handlers first: a SIGTERM that arrives while starting still stops the plane cleanly.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def shut_down(sig: signal.Signals) -> None:
+            if not stop.is_set():  # one line, however often it is sent
+                log.info("shutting down (%s), grace period %s", sig.name, format_duration(STOP_GRACE_SECONDS))
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, shut_down, sig)
         try:
             await plane.start()
             await stop.wait()
+        except ListenError as exc:  # taken between the check above and now
+            print(f"aviary serve: {_LISTEN_FLAGS[exc.role]} {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         finally:
-            await plane.stop()
+            await plane.stop(STOP_GRACE_SECONDS)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        if git_lock is not None:
+            git_lock.release()
     return 0
 
 
+_LISTEN_FLAGS = {"xds": "--xds-address", "admin": "--admin-address", "metrics": "--metrics-address"}
+
+
+def _check_addresses(config: ServeConfig) -> None:
+    """ListenError for the first address that cannot be bound now (before any state is touched)."""
+    check_can_listen("xds", config.xds_address)
+    if config.admin is not None:
+        check_can_listen("admin", config.admin.address)
+    if config.metrics_address:
+        check_can_listen("metrics", config.metrics_address)
+
+
 def _validate(args: argparse.Namespace) -> int:
-    errors = validate_paths([Path(p) for p in args.paths])
+    """The files on their own and together, then against the server they are for (--prometheus-url)."""
+    result = load_paths([Path(p) for p in args.paths])
+    errors = list(result.errors)
+    for file, rollout in sorted(result.valid.items()):
+        if (error := needs_prometheus(rollout, file, args.prometheus_url)) is not None:
+            errors.append(error)
     for error in errors:
         print(error)
     if errors:
         return 1
-    print(f"{len(args.paths)} path(s) valid")
+    print(f"{len(result.files)} file(s) valid")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aviary", description="Envoy xDS control plane for canary releases")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser = Parser(prog="aviary", description="Envoy xDS control plane for canary releases")
+    parser.add_argument("--version", action="version", version=f"aviary {package_version()}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="least severe log lines written")
     parser.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the xDS control plane")
+    serve = commands.add_parser("serve", help="run the xDS control plane", description="Run the xDS control plane.")
     # Also accepted after `serve`, where operators look for them.
-    serve.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--log-format", default=argparse.SUPPRESS, choices=["text", "json"])
+    serve.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"],
+                       help="as before the command (default: info)")
+    serve.add_argument("--log-format", default=argparse.SUPPRESS, choices=["text", "json"],
+                       help="as before the command (default: text)")
     serve.add_argument(
         "--policies", required=True,
         help="directory of policy files, or a git repository (URL, or local path to a repository)",
     )
     serve.add_argument("--git-branch", default=None, help="branch to follow (default: the remote's default)")
-    serve.add_argument("--git-path", default="", help="sub-folder of the repository with the policy files")
-    serve.add_argument("--git-poll", type=float, default=10.0, metavar="SECONDS", help="how often to fetch")
+    serve.add_argument("--git-path", default="", help="sub-folder of the repository with the policy files "
+                                                      "(default: its top)")
+    serve.add_argument("--git-poll", type=duration(), default="10s", metavar="DURATION",
+                       help="how often to ask the repository for new commits, e.g. 10s, 1m")
     serve.add_argument("--xds-address", default="127.0.0.1:18000", help="HOST:PORT for the ADS gRPC server")
     serve.add_argument(
-        "--prometheus-url", default=None, help="Prometheus for analysis checks whose policy names none"
+        "--prometheus-url", default=None,
+        help="Prometheus for analysis checks whose policy names none (default: none; such policies are refused)",
     )
     serve.add_argument(
         "--metrics-address", default="127.0.0.1:18002", help="HOST:PORT for Prometheus /metrics ('' to disable)"
@@ -124,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--reset-state", action="store_true", help="discard the state file and start fresh (on purpose)"
     )
     serve.add_argument(
-        "--reconnect-grace", type=float, default=30.0, metavar="SECONDS",
-        help="after a restart, how long rollouts wait for the proxies served before to reconnect",
+        "--reconnect-grace", type=duration(allow_zero=True), default="30s", metavar="DURATION",
+        help="after a restart, how long rollouts wait for the proxies served before to reconnect (0: not at all)",
     )
     serve.add_argument(
         "--prune", action="store_true", help="remove rollouts whose policy file is gone (default: keep, orphaned)"
@@ -133,11 +203,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_options(serve)  # --admin-address, --admin-token-file, --admin-tls-*, --xds-tls-*
     serve.set_defaults(func=_serve)
 
-    validate = commands.add_parser("validate", help="check policy files; one 'file: field: reason' per problem")
+    validate = commands.add_parser(
+        "validate", help="check policy files; one 'file: field: reason' per problem",
+        description="Check policy files; one 'file: field: reason' line per problem.",
+    )
     validate.add_argument("paths", nargs="+", help="policy files or directories")
+    validate.add_argument(
+        "--prometheus-url", default=None,
+        help="the Prometheus `aviary serve --prometheus-url` will have: analysis without analysis.prometheus "
+             "needs one (default: none; ignored with --remote, where the server's own applies)",
+    )
     validate.set_defaults(func=_validate)
     add_admin_commands(commands, validate)  # status, watch, pause, ..., proxies; validate --remote
     return parser
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml), "unknown" when run from a bare checkout."""
+    try:
+        return importlib.metadata.version("aviary")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

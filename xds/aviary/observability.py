@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram as PromHistogram
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -27,9 +27,11 @@ from aviary.discovery.proxy_events import (
     ResponseSent,
 )
 from aviary.discovery.proxy_status import ProxyStatus
+from aviary.listen import ListenError, split_address
 from aviary.policy.analysis import CheckOutcome
 from aviary.policy.rollout_state import Phase
 from aviary.policy.schema import PolicyError
+from aviary.policy.source import PolicyState
 from aviary.runner import RolloutRunner
 
 PUSH_ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -77,10 +79,23 @@ class ControlPlaneMetrics:
         if errors:
             self._rejections.inc()
 
+    def observe_policy_source(self, state: Callable[[], PolicyState]) -> None:
+        """Export the policy source's fetch health (git), read from ``state()`` at scrape time."""
+        self.registry.register(_PolicySourceCollector(state))
+
     def serve(self, address: str) -> int:
-        """Serve /metrics on HOST:PORT (port 0 picks one); returns the bound port."""
-        host, _, port = address.rpartition(":")
-        self._server, self._thread = start_http_server(int(port), host.strip("[]"), registry=self.registry)
+        """Serve /metrics on HOST:PORT (port 0 picks one); returns the bound port.
+
+        ``http.server`` sets SO_REUSEADDR only (no SO_REUSEPORT), so a busy port fails to bind:
+        that is a ``ListenError`` here.
+        """
+        try:
+            host, port = split_address(address)
+            self._server, self._thread = start_http_server(port, host, registry=self.registry)
+        except ValueError as exc:
+            raise ListenError("metrics", address, str(exc)) from None
+        except OSError as exc:
+            raise ListenError("metrics", address, (exc.strerror or str(exc)).lower()) from None
         return int(self._server.server_port)
 
     def stop(self) -> None:
@@ -132,3 +147,36 @@ class _StateCollector(Collector):
         if self._runner.revision:
             commit.add_metric([self._runner.revision], {})
         yield commit
+
+        engine_errors = CounterMetricFamily(
+            "aviary_engine_errors", "Errors the rollout engine hit and carried on after, by rollout", labels=["rollout"]
+        )
+        for name, count in sorted(self._runner.engine_error_counts().items()):
+            engine_errors.add_metric([name], count)
+        yield engine_errors
+        writes = self._runner.state_writes
+        yield GaugeMetricFamily(
+            "aviary_state_writable",
+            "1 while writes to the state file succeed; 0 while one fails (disk full, read-only): steps away "
+            "from stable wait for it",
+            value=1.0 if writes.writable else 0.0,
+        )
+        yield CounterMetricFamily(
+            "aviary_state_write_errors", "Writes to the state file that failed, retries included",
+            value=writes.errors_total,
+        )
+
+
+class _PolicySourceCollector(Collector):
+    """Whether the git remote can be reached, read when scraped (0 for a directory of files)."""
+
+    def __init__(self, state: Callable[[], PolicyState]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._state()
+        yield GaugeMetricFamily("aviary_policy_fetch_failing",
+                                "1 while the policy repository cannot be fetched (see aviary status)",
+                                value=1.0 if state.fetch_error else 0.0)
+        yield CounterMetricFamily("aviary_policy_fetch_failures", "Policy polls that could not fetch the repository",
+                                  value=state.fetch_failures)

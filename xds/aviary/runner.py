@@ -8,6 +8,24 @@ from timers held in memory, so a restarted loop continues from whatever status i
 
 Everything runs on one event loop task; callbacks from the director only enqueue events, so the
 engine never re-enters itself.
+
+Faults never end the loop. An exception while handling an event, a wake-up or a check round is
+logged (with its traceback, once per distinct error), counted, shown on the rollout
+(``engine_error``) until the rollout next steps successfully, and the rollout's wake-ups back off
+by ``RETRY_SECONDS``. A save that fails (disk full, read-only state file) fails safe:
+
+- a move away from stable (a step up, a promotion, a new canary, a new stable version) is not
+  carried out: status and traffic stay as they were, and it is tried again every ``RETRY_SECONDS``
+  (a check round whose pass would step up is dropped and taken again; an admin command gets
+  ``NotSaved``);
+- a move toward stable (a rollback, an abort, a lower weight) or one that changes no traffic (an
+  ACK, a check count) is carried out at once and saved later, every ``RETRY_SECONDS`` until it is.
+  Should the process die before that save, the restart restores the last saved (higher) weight;
+  that is the price of never holding back a rollback for want of disk space. The restored step
+  waits for its ACK and a fresh passing round (``stopped_for_restart``) and the failure counters
+  are kept, so a canary that failed fails its next round again and is rolled back again;
+- a policy file that could not be applied stays pending (not recorded as applied) and is applied
+  on a later retry.
 """
 
 from __future__ import annotations
@@ -15,16 +33,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from aviary.discovery.director import Placement, RolloutNack, TrafficDirector
+from aviary.discovery.director import Placement, PublishedState, RolloutNack, TrafficDirector
 from aviary.discovery.resources import cluster_name
-from aviary.metrics.checks import run_checks
+from aviary.metrics.checks import check_round
 from aviary.metrics.prometheus import PrometheusProvider
 from aviary.metrics.provider import MetricProvider
+from aviary.policy.analysis import CheckOutcome, CheckResult
+from aviary.policy.loader import orphan_conflicts
 from aviary.policy.rollout import (
     Action,
     ChecksCompleted,
@@ -43,13 +64,15 @@ from aviary.policy.rollout import (
     next_wakeup,
     step,
 )
-from aviary.policy.schema import PolicySet, Rollout
-from aviary.store.sqlite import SavedRollout, StateStore
+from aviary.policy.schema import PolicyError, PolicySet, Rollout
+from aviary.store.sqlite import SavedPublished, SavedRollout, StateStore, StateWriteError
+from aviary.store.writes import StateWrites
 from aviary.traffic import DesiredTraffic
 
 log = logging.getLogger("aviary.engine")
 
 EVENT_HISTORY = 200
+RETRY_SECONDS = 1.0  # how often a failed save, a pending policy or a failing rollout is tried again
 ProviderFactory = Callable[[str], MetricProvider]
 Clock = Callable[[], float]
 
@@ -61,6 +84,44 @@ class CommandRefused(Exception):
 
     def __str__(self) -> str:
         return f"{self.rollout}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class NotSaved(Exception):
+    """A move away from stable was not carried out because it could not be saved; ``error`` names
+    the state file and the OS error. Nothing changed; the engine tries it again by itself."""
+
+    rollout: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.rollout}: {self.error}"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineHealth:
+    """Whether the engine can make progress, for the health service and ``aviary status``."""
+
+    serving: bool
+    state_error: str | None = None
+    problems: tuple[str, ...] = ()
+
+
+_WRITE_ERRORS = (StateWriteError, sqlite3.Error, OSError)
+
+
+def moves_away_from_stable(before: RolloutStatus | None, after: RolloutStatus) -> bool:
+    """True when ``after`` gives a version other than ``before``'s stable one more traffic than
+    ``before`` did, or names a version ``before`` did not route to at all (a new canary, even at
+    0 %, or a new stable version). A rollback, an abort or a lower weight is not; neither is the
+    end of a promotion (the canary already had 100 %). First sight counts as a move away."""
+    if before is None:
+        return True
+    old = desired_traffic(before).weights()
+    return any(
+        version != before.stable.version and (version not in old or weight > old[version])
+        for version, weight in desired_traffic(after).weights().items()
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +189,21 @@ class RolloutRunner:
         self._inbox: asyncio.Queue[tuple[str, Event]] = asyncio.Queue()
         self._checks: dict[str, asyncio.Task[None]] = {}
         self._listeners: list[Callable[[TransitionEvent], None]] = []
+        # -- faults: what could not be saved or applied yet, and what failed
+        self.state_writes = StateWrites()
+        self._pending: dict[str, tuple[Rollout, str | None]] = {}  # policy seen, not applied yet
+        self._unsaved: dict[str, list[TransitionEvent]] = {}  # carried out, not saved yet (and its events)
+        self._undeleted: set[str] = set()  # pruned, not deleted from the state file yet
+        self._held_until: dict[str, float] = {}  # no wake-up before this (a held step, a failing rollout)
+        self._retry_at: float | None = None
+        self._engine_errors: dict[str, str] = {}
+        self._provider_trouble: dict[str, str] = {}  # rollout -> why its provider fails (logged once)
+        self._engine_error_counts: Counter[str] = Counter()
         director.on_traffic_acked(self._on_traffic_acked)
         director.on_nack(self._on_nack)
+        director.on_published(self._on_published)
+        self._refused: list[PolicyError] = []  # policies refused against orphans, from the last apply
+        self._published_unsaved: set[str] = set()
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -170,6 +244,29 @@ class RolloutRunner:
         """The git commit of the policies applied last (None for a directory)."""
         return self._revision
 
+    def engine_error(self, name: str) -> str | None:
+        """The last error the engine hit on this rollout; None once it stepped successfully."""
+        return self._engine_errors.get(name)
+
+    def engine_error_counts(self) -> dict[str, int]:
+        """Errors the engine hit, by rollout ("" for the loop itself), since start."""
+        return dict(self._engine_error_counts)
+
+    def state_error(self, name: str) -> str | None:
+        """Why this rollout's latest decision (or a move it holds back) is not saved; None if saved."""
+        return self.state_writes.error(_writer(name))
+
+    def pending(self) -> list[str]:
+        """Rollouts whose latest policy file is not applied yet (it is retried)."""
+        return sorted(self._pending)
+
+    def health(self) -> EngineHealth:
+        """Serving while every write succeeds; the problems, one line each, for status."""
+        problems = [f"rollout {name}: {error}" for name, error in sorted(self._engine_errors.items())]
+        problems += [f"rollout {name}: policy change not applied yet, retrying" for name in sorted(self._pending)]
+        state_error = self.state_writes.state_error
+        return EngineHealth(self.state_writes.writable, state_error, tuple(problems))
+
     # ---- restart -------------------------------------------------------------------------
 
     def restore(self, saved: Mapping[str, SavedRollout], last_alive: float | None = None) -> None:
@@ -179,7 +276,11 @@ class RolloutRunner:
         sent an older weight than they have. A running step waits for the proxies to ACK that weight
         again, then continues with the time it had already spent; its analysis starts afresh.
         """
+        published = self._store.load_published() if self._store is not None else {}
         for name, entry in saved.items():
+            if name in published:  # clusters a proxy's route may still name, retiring ones included
+                state = published[name]
+                self._director.restore_published(name, PublishedState(state.route, state.clusters))
             status, resumption = stopped_for_restart(entry.status, max(entry.saved_at, last_alive or 0.0))
             if resumption is not None:
                 self._resuming[name] = resumption
@@ -192,32 +293,105 @@ class RolloutRunner:
 
     # ---- inputs --------------------------------------------------------------------------
 
-    def apply_policies(self, policy_set: PolicySet) -> None:
-        """A new set of valid policy files: observe each spec; removed ones orphan or prune."""
+    def apply_policies(self, policy_set: PolicySet) -> list[PolicyError]:
+        """A new set of valid policy files: observe each spec; removed ones orphan or prune.
+
+        Returns the policies refused because an orphaned rollout still serves one of their hosts
+        (`refusals()` keeps them): publishing both would put the host twice in one route
+        configuration, which Envoy rejects as a whole, freezing every rollout on that listener. A
+        refused file that was serving keeps its previous version. A rename therefore needs the old
+        rollout gone: run with --prune (then a rename in one commit works), or restart with --prune.
+        Everything is handed to the director as one batch, so a host moved from one file to another
+        in one commit is never published twice.
+        """
         self._revision = policy_set.revision
-        for name in sorted(set(self._rollouts) - set(policy_set.rollouts)):
-            if self._prune:
-                log.info("rollout %s removed from policies; pruning it", name)
-                self._forget(name)
-            elif name not in self._orphaned:
-                log.warning("rollout %s removed from policies; it keeps serving as orphaned (no --prune)", name)
-                self._orphaned.add(name)
-        for name, rollout in sorted(policy_set.rollouts.items()):
-            self._orphaned.discard(name)
-            self._applied_revision[name] = policy_set.revision
-            previous = self._rollouts.get(name)
-            self._rollouts[name] = rollout
-            if previous is None or previous.spec != rollout.spec or name not in self._status:
-                self.handle(name, SpecObserved(rollout.spec))
-            elif self._store is not None and self._saved_revision.get(name) != self._applied_revision[name]:
-                self._save(self._status[name], [])
+        with self._director.batch():
+            for name in sorted(set(self._rollouts) - set(policy_set.rollouts)):
+                if self._prune:
+                    log.info("rollout %s removed from policies; pruning it", name)
+                    self._forget(name)
+                elif name not in self._orphaned:
+                    log.warning("rollout %s removed from policies; it keeps serving as orphaned (no --prune)", name)
+                    self._orphaned.add(name)
+            orphans = {name: self._rollouts[name] for name in self._orphaned if name not in policy_set.rollouts}
+            kept: dict[str, Rollout] = {}  # refused, so their previous version keeps its hosts: check again
+            refused: list[PolicyError] = []
+            refused_names: set[str] = set()
+            while True:
+                errors = orphan_conflicts(policy_set, orphans, kept)
+                files = {error.file for error in errors}
+                names = {name for name, file in policy_set.files.items() if file in files} - refused_names
+                refused += [error for error in errors if error not in refused]
+                refused_names |= names
+                newly = {name: self._rollouts[name] for name in names if name in self._rollouts}
+                if not newly:
+                    break
+                kept.update(newly)
+            if refused != self._refused:
+                for error in refused:
+                    log.error("policy refused: %s", error)
+            self._refused = refused
+            for name in set(self._pending) - set(policy_set.rollouts):
+                del self._pending[name]  # gone again before it could be applied
+            for name, rollout in sorted(policy_set.rollouts.items()):
+                if name in refused_names:
+                    self._pending.pop(name, None)
+                    continue
+                self._orphaned.discard(name)
+                self._pending[name] = (rollout, policy_set.revision)
+            self._apply_pending()
+        return list(refused)
+
+    def envoy_weights(self, name: str) -> dict[str, int] | None:
+        """Version -> weight the proxies ACKed for this rollout (None: unknown); see the director."""
+        return self._director.envoy_weights(name)
+
+    def refusals(self) -> list[PolicyError]:
+        """Policies the last apply refused because an orphaned rollout still serves their hosts."""
+        return list(self._refused)
+
+    def blocked(self, name: str) -> str | None:
+        """Why Envoy does not get this rollout's latest content: a NACK that froze its resources
+        ("Envoy rejected route ..."), or content the director held back because Envoy would reject
+        it. None when Envoy has been sent what status shows."""
+        rejected = self._director.rejected(name)
+        held = self._director.blocked(name)
+        if held is not None:
+            held = f"not published (Envoy would reject it): {held}"
+        return "; ".join(r for r in (rejected, held) if r) or None
+
+    def _apply_pending(self) -> None:
+        """Apply each policy not applied yet; one that cannot be (not saved, an error) stays pending."""
+        for name, (rollout, revision) in sorted(self._pending.items()):
+            try:
+                self._apply_policy(rollout, revision)
+            except NotSaved:
+                continue  # counted and shown where the save failed
+            except Exception as exc:
+                self._engine_failed(name, exc, "applying its policy file")
+                continue
+            del self._pending[name]
+        if self._pending:
+            self._schedule_retry()
+
+    def _apply_policy(self, rollout: Rollout, revision: str | None) -> None:
+        name = rollout.name
+        previous = self._rollouts.get(name)
+        if previous is None or previous.spec != rollout.spec or name not in self._status:
+            self._step(rollout, revision, SpecObserved(rollout.spec))
+            return
+        self._rollouts[name] = rollout
+        self._applied_revision[name] = revision
+        if self._store is not None and self._saved_revision.get(name) != revision:
+            self._save_later_if_failed(name)
 
     def submit(self, name: str, event: Event) -> None:
         """Queue an event for the loop (safe from callbacks that run inside the engine)."""
         self._inbox.put_nowait((name, event))
 
     def command(self, name: str, event: Event) -> RolloutStatus:
-        """Apply an admin command now; raise CommandRefused with the engine's reason if refused."""
+        """Apply an admin command now; raise CommandRefused with the engine's reason if refused, or
+        NotSaved when it moves away from stable and cannot be saved (then nothing changed)."""
         if name not in self._rollouts:
             raise KeyError(name)
         actions = self.handle(name, event)
@@ -227,73 +401,150 @@ class RolloutRunner:
         return self._status[name]
 
     def handle(self, name: str, event: Event) -> list[Action]:
-        """One step of the engine for one rollout, with its actions carried out."""
+        """One step of the engine for one rollout, with its actions carried out.
+
+        Raises NotSaved, with nothing changed, when the step moves away from stable and cannot be
+        saved; the loop tries it again (see the module docstring).
+        """
         rollout = self._rollouts.get(name)
         if rollout is None:
             return []  # an ACK or check result for a rollout removed meanwhile
-        now = self._clock()
-        status, actions = step(rollout.spec, self._status.get(name), event, now, rollout=name)
-        status = self._credit_restored_step(name, status)
-        if status != self._status.get(name):
+        return self._step(rollout, self._applied_revision.get(name), event)
+
+    def _step(self, rollout: Rollout, revision: str | None, event: Event) -> list[Action]:
+        """Step ``rollout`` as of ``revision``; both count as applied only once this succeeds."""
+        name = rollout.name
+        previous = self._status.get(name)
+        status, actions = step(rollout.spec, previous, event, self._clock(), rollout=name)
+        status, resumed = self._credit_restored_step(name, status)
+        if status != previous:
             # Persist before anything is pushed: after a crash we must not serve an older weight.
-            self._save(status, [a.event for a in actions if isinstance(a, RecordEvent)])
+            events = [a.event for a in actions if isinstance(a, RecordEvent)]
+            self._save_or_hold(previous, status, rollout, revision, events)
+        if resumed:
+            del self._resuming[name]
+        self._rollouts[name] = rollout
+        self._applied_revision[name] = revision
         self._status[name] = status
+        self._engine_recovered(name)
         self._execute(rollout, actions)
         return actions
 
-    def _credit_restored_step(self, name: str, status: RolloutStatus) -> RolloutStatus:
-        """Once a restored step's weight is ACKed again, count the time it ran before the restart."""
+    def _credit_restored_step(self, name: str, status: RolloutStatus) -> tuple[RolloutStatus, bool]:
+        """Once a restored step's weight is ACKed again, count the time it ran before the restart.
+        True: the resumption is used up (dropped once the step is carried out)."""
         resumption = self._resuming.get(name)
         if resumption is None:
-            return status
+            return status, False
         canary = status.canary.version if status.canary else None
         if (canary, status.step_index) != (resumption.canary_version, resumption.step_index):
-            del self._resuming[name]  # another step or canary now: nothing to carry over
-        elif status.step_started_at is not None:
-            del self._resuming[name]
-            return replace(status, step_started_at=status.step_started_at - resumption.elapsed)
-        return status
+            return status, True  # another step or canary now: nothing to carry over
+        if status.step_started_at is not None:
+            return replace(status, step_started_at=status.step_started_at - resumption.elapsed), True
+        return status, False
 
     # ---- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
         try:
             while True:
-                timeout = self._until_next_wakeup()
-                with contextlib.suppress(TimeoutError):
-                    name, event = await asyncio.wait_for(self._inbox.get(), timeout)
-                    self.handle(name, event)
-                    while not self._inbox.empty():
-                        name, event = self._inbox.get_nowait()
-                        self.handle(name, event)
-                self._wake_due()
+                try:
+                    timeout = self._until_next_wakeup()
+                    with contextlib.suppress(TimeoutError):
+                        name, event = await asyncio.wait_for(self._inbox.get(), timeout)
+                        self._handle_safely(name, event)
+                        self.process_queued()
+                    self._wake_due()
+                except Exception as exc:  # a bug outside any one rollout: log it, pause, go on
+                    self._engine_failed("", exc, "the engine loop")
+                    await asyncio.sleep(RETRY_SECONDS)
         finally:
             for task in self._checks.values():
                 task.cancel()
             self._checks.clear()
 
+    def process_queued(self) -> None:
+        """Handle every event queued so far, as the loop does (for driving the runner by hand)."""
+        while not self._inbox.empty():
+            name, event = self._inbox.get_nowait()
+            self._handle_safely(name, event)
+
+    def _handle_safely(self, name: str, event: Event) -> None:
+        try:
+            self.handle(name, event)
+        except NotSaved:
+            pass  # counted and shown where the save failed; the move is tried again
+        except Exception as exc:
+            self._engine_failed(name, exc, f"handling {type(event).__name__}")
+
     def _until_next_wakeup(self) -> float | None:
         now = self._clock()
         times = [
-            wake
+            max(wake, self._held_until.get(name, wake))
             for name, status in self._status.items()
             if name not in self._checks and (wake := next_wakeup(self._rollouts[name].spec, status)) is not None
         ]
+        if self._retry_at is not None:
+            times.append(self._retry_at)
         return max(0.0, min(times) - now) if times else None
 
     def _wake_due(self) -> None:
         now = self._clock()
+        if self._retry_at is not None and now >= self._retry_at:
+            self.retry()
         for name, status in list(self._status.items()):
-            if name in self._checks:
-                continue  # its result arrives through the inbox
-            spec = self._rollouts[name].spec
-            wake = next_wakeup(spec, status)
-            if wake is None or wake > now:
-                continue
-            if checks_due(spec, status, now):
-                self._start_checks(name, status)
-            else:
-                self.handle(name, Tick(now))
+            if name in self._checks or self._held_until.get(name, now) > now:
+                continue  # its result arrives through the inbox; or it backs off after a failure
+            try:
+                spec = self._rollouts[name].spec
+                wake = next_wakeup(spec, status)
+                if wake is None or wake > now:
+                    continue
+                if checks_due(spec, status, now):
+                    self._start_checks(name, status)
+                else:
+                    self.handle(name, Tick(now))
+            except NotSaved:
+                pass
+            except Exception as exc:
+                self._engine_failed(name, exc, "a wake-up")
+
+    def retry(self) -> None:
+        """Try again what failed: saves of decisions already carried out (and of rollouts whose
+        moves wait for a save), deletions of pruned rollouts, policies not applied yet. The loop
+        calls this every ``RETRY_SECONDS`` while anything is left."""
+        self._retry_at = None
+        for name in sorted(self._undeleted):
+            self._delete(name)
+        waiting = {w.removeprefix("rollout ") for w in self.state_writes.failing() if w.startswith("rollout ")}
+        for name in sorted((set(self._unsaved) | waiting) & set(self._status)):
+            if self._save_later_if_failed(name):
+                self._held_until.pop(name, None)  # a step held back for the save may go now
+        self._apply_pending()
+
+    def _schedule_retry(self) -> None:
+        if self._retry_at is None:
+            self._retry_at = self._clock() + RETRY_SECONDS
+            self._inbox.put_nowait(("", Tick(self._retry_at)))  # wake the loop to re-plan its timeout
+
+    # ---- faults --------------------------------------------------------------------------
+
+    def _engine_failed(self, name: str, exc: BaseException, during: str) -> None:
+        """Log (with the traceback, once per distinct error), count and show an engine error; the
+        rollout's wake-ups back off, so a persistent error is retried, not spun on."""
+        text = f"{type(exc).__name__}: {exc}"
+        self._engine_error_counts[name] += 1
+        if self._engine_errors.get(name) != text:
+            log.error("rollout %s: engine error while %s: %s", name or "-", during, text, exc_info=exc)
+        self._engine_errors[name] = text
+        if name:
+            self._held_until[name] = self._clock() + RETRY_SECONDS
+            self._schedule_retry()
+
+    def _engine_recovered(self, name: str) -> None:
+        if self._engine_errors.pop(name, None) is not None:
+            log.info("rollout %s: the engine steps it again", name)
+            self._held_until.pop(name, None)
 
     def _start_checks(self, name: str, status: RolloutStatus) -> None:
         spec = self._rollouts[name].spec
@@ -312,24 +563,106 @@ class RolloutRunner:
 
         async def round_of_checks() -> None:
             try:
-                results = await run_checks(
-                    provider, analysis, cluster_name(name, canary_version), cluster_name(name, status.stable.version)
+                # Stamped with when its queries ran (its start), not when the answers came back.
+                started, results = await check_round(
+                    provider, analysis, cluster_name(name, canary_version), cluster_name(name, status.stable.version),
+                    self._clock,
                 )
-                self.submit(name, ChecksCompleted(results, self._clock(), canary_version))
+                self._report_provider_trouble(name, provider, results)
+                self.submit(name, ChecksCompleted(results, started, canary_version))
+            except Exception as exc:  # not a check's outcome (those are results): a fault of ours
+                self._engine_failed(name, exc, "a check round")
             finally:
                 self._checks.pop(name, None)
 
         self._checks[name] = asyncio.create_task(round_of_checks(), name=f"checks-{name}")
 
+    def _report_provider_trouble(self, name: str, provider: MetricProvider, results: Iterable[CheckResult]) -> None:
+        """Log once per rollout when its metrics provider starts failing (or the cause changes), and
+        once when it answers again: status shows every round, the log only the changes."""
+        source = repr(provider)
+        cause = next((r.reason for r in results if r.outcome is CheckOutcome.INCONCLUSIVE and source in r.reason),
+                     None)
+        previous = self._provider_trouble.get(name)
+        if cause == previous:
+            return
+        if cause is not None:
+            log.warning("rollout %s: checks inconclusive: %s", name, cause)
+            self._provider_trouble[name] = cause
+        else:
+            log.info("rollout %s: %s answers again", name, source)
+            del self._provider_trouble[name]
+
     # ---- actions and callbacks -----------------------------------------------------------
 
-    def _save(self, status: RolloutStatus, events: list[TransitionEvent]) -> None:
+    def _save_or_hold(
+        self,
+        previous: RolloutStatus | None,
+        status: RolloutStatus,
+        rollout: Rollout,
+        revision: str | None,
+        events: list[TransitionEvent],
+    ) -> None:
+        """Save a new status before it is carried out. When that fails: raise NotSaved for a move
+        away from stable (nothing happens; retried after RETRY_SECONDS), or let any other move go
+        ahead and keep it, with its events, to be saved by ``retry``."""
+        name = status.rollout
+        try:
+            self._write(status, rollout, revision, events)
+        except _WRITE_ERRORS as exc:
+            away = moves_away_from_stable(previous, status)
+            held = "waits for the save" if away else "carried out, its save is retried"
+            error = self._write_failed(name, exc, f"{_summary(status)} {held}")
+            if away:
+                self._held_until[name] = self._clock() + RETRY_SECONDS
+                self._schedule_retry()
+                raise NotSaved(name, error) from exc
+            self._unsaved.setdefault(name, []).extend(events)
+            self._schedule_retry()
+
+    def _save_later_if_failed(self, name: str) -> bool:
+        """Save the current status of ``name`` (with events not saved yet); True when saved."""
+        try:
+            self._write(self._status[name], self._rollouts[name], self._applied_revision.get(name), [])
+        except _WRITE_ERRORS as exc:
+            self._write_failed(name, exc, f"{_summary(self._status[name])} not saved yet")
+            self._schedule_retry()
+            return False
+        return True
+
+    def _write(self, status: RolloutStatus, rollout: Rollout, revision: str | None,
+               events: list[TransitionEvent]) -> None:
+        """One save; on success, whatever was waiting to be saved for this rollout is saved too."""
+        name = status.rollout
         if self._store is None:
             return
-        rollout = self._rollouts[status.rollout]
-        revision = self._applied_revision.get(status.rollout)
-        self._store.save(status, rollout, events, revision)
-        self._saved_revision[status.rollout] = revision
+        self._store.save(status, rollout, [*self._unsaved.get(name, ()), *events], revision)
+        self._saved_revision[name] = revision
+        if self._unsaved.pop(name, None) is not None or self.state_writes.error(_writer(name)):
+            log.info("rollout %s: saved again: %s", name, _summary(status))
+        self.state_writes.succeeded(_writer(name))
+
+    def _write_failed(self, name: str, exc: BaseException, what: str) -> str:
+        """Count a failed write and log it once per rollout and error; returns the error text."""
+        error = str(exc)
+        if not isinstance(exc, StateWriteError):
+            error = f"state file {getattr(self._store, 'path', '?')} cannot be written: {exc}"
+        if self.state_writes.failed(_writer(name), error):
+            log.error("rollout %s: %s: %s", name, what, error)
+        return error
+
+    def _delete(self, name: str) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.delete(name)
+        except _WRITE_ERRORS as exc:
+            self._undeleted.add(name)
+            self._write_failed(name, exc, "pruned, its deletion from the state file is retried")
+            self._schedule_retry()
+            return
+        self._undeleted.discard(name)
+        self.state_writes.forget(_writer(name))
 
     def _publish(self, rollout: Rollout, traffic: DesiredTraffic) -> None:
         placement = _placement_of(rollout)
@@ -363,7 +696,10 @@ class RolloutRunner:
             f" checks: {checks}" if checks else "",
         )
         for listener in list(self._listeners):  # a listener may unsubscribe meanwhile
-            listener(event)
+            try:
+                listener(event)
+            except Exception:  # a watcher's fault must not stop the traffic change behind it
+                log.exception("rollout %s: a transition listener failed", event.rollout)
 
     def _on_traffic_acked(self, name: str, traffic: DesiredTraffic) -> None:
         version = traffic.canary.version if traffic.canary else traffic.stable.version
@@ -371,12 +707,30 @@ class RolloutRunner:
         self.submit(name, WeightAcked(version, weight, self._clock()))
 
     def _on_nack(self, nack: RolloutNack) -> None:
+        # The engine ignores a NACK once there is no canary, so a NACK of the snapshot that carries
+        # the rollback itself (or of a later one still holding the rejected content) ends there.
         self.submit(nack.rollout, ProxyNacked(nack.node_id, nack.message))
+
+    def _on_published(self, name: str, state: PublishedState | None) -> None:
+        """Persist what the director published, so a restart keeps clusters routes still name."""
+        if self._store is None:
+            return
+        try:
+            saved = None if state is None else SavedPublished(state.route, state.clusters)
+            self._store.save_published(name, saved)
+        except _WRITE_ERRORS as exc:
+            if name not in self._published_unsaved:  # once per failing spell, not once per publish
+                log.warning("rollout %s: published state not saved (a restart keeps what was saved before): %s",
+                            name, exc)
+            self._published_unsaved.add(name)
+        else:
+            self._published_unsaved.discard(name)
 
     def _forget(self, name: str) -> None:
         self._orphaned.discard(name)
-        if self._store is not None:
-            self._store.delete(name)
+        self._delete(name)  # a failed delete is retried; a restart meanwhile prunes it again
+        for faults in (self._unsaved, self._held_until, self._engine_errors, self._pending):
+            faults.pop(name, None)
         self._rollouts.pop(name, None)
         self._status.pop(name, None)
         self._placements.pop(name, None)
@@ -384,3 +738,8 @@ class RolloutRunner:
         if task is not None:
             task.cancel()
         self._director.remove_rollout(name)
+
+
+def _writer(name: str) -> str:
+    """The name a rollout's saves go by in ``StateWrites``."""
+    return f"rollout {name}"

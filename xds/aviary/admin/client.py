@@ -43,14 +43,15 @@ _WHAT = {
 class AdminError(Exception):
     """A refused or failed admin call. ``str()`` reads e.g. ``not found: no rollout named 'x'``."""
 
-    def __init__(self, code: grpc.StatusCode, detail: str, address: str) -> None:
+    def __init__(self, code: grpc.StatusCode, detail: str, address: str, refused: bool = False) -> None:
         super().__init__(code, detail, address)
         self.code = code
         self.detail = detail
         self.address = address
+        self.refused = refused  # the server answered (e.g. UNAVAILABLE: its state cannot be written)
 
     def __str__(self) -> str:
-        if self.code is grpc.StatusCode.UNAVAILABLE:
+        if self.code is grpc.StatusCode.UNAVAILABLE and not self.refused:
             return f"cannot reach the admin API at {self.address}: {self.detail}"
         what = _WHAT.get(self.code, self.code.name.lower().replace("_", " "))
         return f"{what}: {self.detail}"
@@ -89,7 +90,8 @@ class AdminClient:
         await self._channel.close()
 
     def _error(self, exc: grpc.aio.AioRpcError) -> AdminError:
-        return AdminError(exc.code(), exc.details() or "", self.config.address)
+        refused = any(key == "aviary-refused" for key, _ in exc.trailing_metadata() or ())
+        return AdminError(exc.code(), exc.details() or "", self.config.address, refused)
 
     async def _call(self, method: str, request: Any) -> Any:
         try:

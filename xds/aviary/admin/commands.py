@@ -27,6 +27,8 @@ from aviary.admin.auth import AuthConfigError
 from aviary.admin.client import COMMANDS, AdminClient, AdminError, ClientConfig
 from aviary.admin.server import DEFAULT_ADMIN_ADDRESS
 from aviary.admin.v1 import admin_pb2 as pb
+from aviary.flags import duration
+from aviary.policy.loader import policy_files
 from aviary.tls import ClientTls, TlsConfigError
 
 __all__ = ["add_admin_commands", "client_config"]
@@ -102,9 +104,11 @@ async def _status(client: AdminClient, args: argparse.Namespace, console: Consol
         print(render.as_json(rollout)) if _json(args) else console.print(render.rollout_detail(rollout))
     else:
         overview = await client.overview()
-        if _json(args):
-            print(render.as_json(overview.rollouts))
+        if _json(args):  # the whole answer: rollouts, policy source (fetch errors), control-plane health
+            print(render.as_json(overview))
         else:
+            if (health := render.health_line(overview.health)) is not None:
+                console.print(health, soft_wrap=True)  # first, one line: what keeps it from working
             console.print(render.rollouts_table(overview.rollouts))
             console.print(render.policy_summary(overview.policy))
     return 0
@@ -126,11 +130,15 @@ async def _command(client: AdminClient, args: argparse.Namespace, console: Conso
 
 
 async def _set_weight(client: AdminClient, args: argparse.Namespace, console: Console) -> int:
-    return _report(await client.set_weight(args.name, args.percent), args)
+    rollout = await client.set_weight(args.name, args.percent)
+    _report(rollout, args)
+    if not _json(args) and (hint := render.resume_hint(rollout)):
+        print(hint)
+    return 0
 
 
 async def _validate_remote(client: AdminClient, args: argparse.Namespace, console: Console) -> int:
-    files = [f for p in map(Path, args.paths) for f in (sorted(p.glob("*.y*ml")) if p.is_dir() else [p])]
+    files = [f for p in map(Path, args.paths) for f in (policy_files(p) if p.is_dir() else [p])]
     errors: list[pb.ValidateError] = []
     for file in files:
         try:
@@ -151,7 +159,8 @@ async def _validate_remote(client: AdminClient, args: argparse.Namespace, consol
 
 async def _watch(client: AdminClient, args: argparse.Namespace, console: Console) -> int:
     """Until Ctrl-C (or SIGTERM): events as they arrive; the listing is re-read every --refresh seconds
-    for the values no transition carries (check rounds, time in step)."""
+    for the values no transition carries (check rounds, time in step). With ``-o json``: one line per
+    rollout's current state, then one line per event."""
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
@@ -180,6 +189,9 @@ async def _watch_until_cancelled(client: AdminClient, args: argparse.Namespace, 
     target = args.name or "all rollouts"
     print(f"watching {target} on {client.config.address} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     if _json(args):
+        # First where each rollout is now (objects with "name"), then what happens (with "rollout").
+        for _, rollout in sorted((await _listing(client, args.name)).items()):
+            print(render.as_json(rollout), flush=True)
         async for event in stream:
             if event is not None:
                 print(render.as_json(event), flush=True)
@@ -223,8 +235,10 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-ca", metavar="FILE", help="CA that signed the server's certificate (enables TLS)")
     group.add_argument("--tls-cert", metavar="FILE", help="client certificate, for a server that requires mTLS")
     group.add_argument("--tls-key", metavar="FILE", help="key of --tls-cert")
-    group.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="per call (default 10)")
-    group.add_argument("--output", "-o", choices=["text", "json"], default="text", help="json: for scripts")
+    group.add_argument("--timeout", type=duration(), default="10s", metavar="DURATION",
+                       help="how long one call may take, e.g. 10s, 500ms")
+    group.add_argument("--output", "-o", choices=["text", "json"], default="text",
+                       help="json: for scripts, one object per line for watch")
 
 
 def add_admin_commands(commands: Any, validate: argparse.ArgumentParser | None = None) -> None:
@@ -241,8 +255,8 @@ def add_admin_commands(commands: Any, validate: argparse.ArgumentParser | None =
     status.add_argument("name", nargs="?", help="one rollout, in detail")
     watch = add("watch", _watch, "follow rollouts live as they change (Ctrl-C to stop)")
     watch.add_argument("name", nargs="?", help="only this rollout")
-    watch.add_argument("--refresh", type=float, default=2.0, metavar="SECONDS",
-                       help="re-read check values and time in step this often (default 2)")
+    watch.add_argument("--refresh", type=duration(), default="2s", metavar="DURATION",
+                       help="re-read check values and time in step this often, e.g. 1s")
     for verb in COMMANDS:
         add(verb, _command, _HELP[verb]).add_argument("name", help="rollout name")
     set_weight = add("set-weight", _set_weight, "set the canary weight by hand; automation pauses until resume")

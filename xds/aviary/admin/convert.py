@@ -7,7 +7,7 @@ turns them into wall-clock timestamps for the wire. Proxy connect and NACK times
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -15,15 +15,18 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aviary.admin.v1 import admin_pb2 as pb
 from aviary.discovery.proxy_status import ProxyView
 from aviary.policy.analysis import CheckResult
+from aviary.policy.rollout_machine import step_weight
 from aviary.policy.rollout_state import Hold, RolloutStatus, TransitionEvent
 from aviary.policy.schema import PolicyError, RolloutSpec
 from aviary.policy.source import PolicyState
+from aviary.runner import EngineHealth
 
 __all__ = [
     "RECENT_EVENTS",
     "WallClock",
     "check_message",
     "event_message",
+    "health_message",
     "proxy_message",
     "rollout_message",
     "validate_errors",
@@ -78,7 +81,7 @@ def event_message(event: TransitionEvent, clock: WallClock) -> pb.RolloutEvent:
         weight=event.weight,
         stable_version=event.stable_version,
         canary_version=event.canary_version or "",
-        step=event.step_index,
+        step=event.step_index + 1 if event.canary_version else None,  # 1-based, as status shows it
         reason=event.reason,
         checks=[check_message(check) for check in event.checks],
     )
@@ -99,16 +102,25 @@ def rollout_message(
     clock: WallClock,
     git_commit: str | None = None,
     orphaned: bool = False,
+    engine_error: str | None = None,
+    state_error: str | None = None,
+    envoy_rejected: str | None = None,
+    envoy_weights: Mapping[str, int] | None = None,
 ) -> pb.Rollout:
+    """``envoy_weights`` (version -> weight the proxies ACKed) sets ``acked_weight`` for a rollback
+    still in flight: the failed canary's weight at Envoy, until the proxies ACK the rollback."""
     steps = len(spec.strategy.steps) if spec is not None and spec.strategy is not None else 0
     started = status.step_started_at
+    acked = status.acked_weight
+    if status.canary is None and status.failed_version and envoy_weights is not None:
+        acked = envoy_weights.get(status.failed_version, 0)
     return pb.Rollout(
         name=status.rollout,
         phase=status.phase.value,
         stable_version=status.stable.version,
         canary_version=status.canary.version if status.canary else "",
         weight=status.weight,
-        step=status.step_index,
+        step=min(status.step_index + 1, steps) if status.canary is not None and steps else None,  # 1-based
         steps=steps,
         seconds_in_step=max(0.0, clock.monotonic - started) if started is not None else 0.0,
         checks=[check_message(check) for check in status.last_checks],
@@ -118,7 +130,17 @@ def rollout_message(
         reason=status.reason,
         failed_version=status.failed_version or "",
         orphaned=orphaned,
-        acked_weight=-1 if status.acked_weight is None else status.acked_weight,
+        acked_weight=acked,  # None: absent, not known yet
+        engine_error=engine_error or "",
+        state_error=state_error or "",
+        envoy_rejected=envoy_rejected or "",
+        step_weight=step_weight(spec, status.step_index) if spec is not None and status.canary is not None else None,
+    )
+
+
+def health_message(health: EngineHealth) -> pb.ControlPlaneHealth:
+    return pb.ControlPlaneHealth(
+        serving=health.serving, state_error=health.state_error or "", problems=list(health.problems)
     )
 
 
@@ -150,4 +172,16 @@ def policy_message(state: PolicyState) -> pb.PolicySource:
         applied_commit=state.applied_commit or "",
         rejected_commit=state.rejected_commit or "",
         errors=[pb.ValidateError(file=e.file, field=e.field, reason=e.reason) for e in state.errors],
+        fetch_error=fetch_error_text(state.fetch_error, state.fetch_failing_since),
     )
+
+
+def fetch_error_text(error: str | None, since: float | None) -> str:
+    """``PolicySource.fetch_error``: ``since 2026-12-01T16:02:11Z: <one-line error>``, "" when fetching
+    works. The start is in the text (UTC) because the field is a string; ``render`` shows it in
+    local time."""
+    if not error:
+        return ""
+    if since is None:
+        return error
+    return f"since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since))}: {error}"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -21,7 +22,9 @@ __all__ = [
     "as_json",
     "checks_summary",
     "event_line",
+    "health_line",
     "proxies_table",
+    "resume_hint",
     "rollout_detail",
     "rollout_line",
     "rollouts_table",
@@ -58,9 +61,9 @@ def _phase(phase: str) -> Text:
 
 
 def _step(rollout: pb.Rollout | pb.RolloutEvent, steps: int) -> str:
-    if not rollout.canary_version or not steps:
+    if not rollout.canary_version or not steps or not rollout.HasField("step"):
         return "-"
-    return f"{min(rollout.step + 1, steps)}/{steps}"
+    return f"{min(rollout.step, steps)}/{steps}"
 
 
 def _weight(rollout: pb.Rollout | pb.RolloutEvent) -> str:
@@ -99,15 +102,22 @@ def _thresholds(check: pb.CheckResult) -> str:
 def event_line(event: pb.RolloutEvent) -> str:
     when = event.time.ToDatetime(tzinfo=UTC).astimezone().strftime("%H:%M:%S")
     source = event.from_phase or "-"
-    return f"{when} {event.rollout}: {source} -> {event.to_phase} weight {event.weight}%: {event.reason}"
+    traffic = (f"canary {event.canary_version} at {event.weight}%" if event.canary_version
+               else f"all traffic to {event.stable_version}")
+    return f"{when} {event.rollout}: {source} -> {event.to_phase}, {traffic}: {event.reason}"
 
 
 def rollout_detail(r: pb.Rollout) -> Group:
     parts: list[RenderableType] = [rollouts_table([r])]
     facts = Table.grid(padding=(0, 2))
     facts.add_row("reason", r.reason or "-")
+    envoy = envoy_lag(r)
+    if envoy:
+        facts.add_row(Text("at envoy", style="bold yellow"), Text(envoy, style="yellow"))
+    if r.envoy_rejected:
+        facts.add_row(Text("envoy rejected", style="bold red"), Text(r.envoy_rejected, style="red"))
     if r.canary_version:
-        acked = "not yet" if r.acked_weight < 0 else f"{r.acked_weight}%"
+        acked = f"{r.acked_weight}%" if r.HasField("acked_weight") else "not yet"
         facts.add_row("acked weight", acked)
         facts.add_row("time in step", f"{r.seconds_in_step:.0f}s" if r.seconds_in_step else "not started")
     for override in r.overrides:
@@ -118,6 +128,10 @@ def rollout_detail(r: pb.Rollout) -> Group:
         facts.add_row("git commit", r.git_commit)
     if r.orphaned:
         facts.add_row("orphaned", "its policy file is gone; it keeps serving")
+    if r.state_error:
+        facts.add_row(Text("not saved", style="bold red"), Text(f"{r.state_error} (retrying)", style="red"))
+    if r.engine_error:
+        facts.add_row(Text("engine error", style="bold red"), Text(r.engine_error, style="red"))
     parts += [Text(""), facts]
     if r.checks:
         checks = Table("CHECK", "OUTCOME", "VALUE", "STABLE", "THRESHOLDS", "REASON", box=None, pad_edge=False)
@@ -132,9 +146,50 @@ def rollout_detail(r: pb.Rollout) -> Group:
     return Group(*parts)
 
 
+def envoy_lag(r: pb.Rollout) -> str:
+    """What status says versus what the proxies ACKed, when they differ: status follows Envoy."""
+    if r.canary_version and r.HasField("acked_weight") and r.acked_weight != r.weight:
+        return f"weight {r.weight} % desired, Envoy still at {r.acked_weight} % (waiting for ACK)"
+    if not r.canary_version and r.failed_version and r.acked_weight > 0:
+        return (f"rolling back: weight 0 % desired, Envoy still at {r.acked_weight} % on {r.failed_version} "
+                "(waiting for ACK)")
+    return ""
+
+
 def rollout_line(r: pb.Rollout) -> str:
     canary = f", canary {r.canary_version} at {r.weight}%" if r.canary_version else ""
-    return f"{r.name}: {r.phase}, stable {r.stable_version}{canary}: {r.reason}"
+    line = f"{r.name}: {r.phase}, stable {r.stable_version}{canary}: {r.reason}"
+    if envoy_lag(r):
+        line += f" ({envoy_lag(r)})"
+    if r.envoy_rejected:
+        line += f" ({r.envoy_rejected})"
+    if r.state_error:
+        line += f" (NOT SAVED yet, retrying: {r.state_error})"
+    return line
+
+
+def resume_hint(r: pb.Rollout) -> str | None:
+    """After set-weight: what ``aviary resume`` will do (the step's own weight, not the manual one)."""
+    if not r.canary_version or not r.HasField("step") or not r.HasField("step_weight"):
+        return None
+    return f"automation paused; `aviary resume` returns to step {r.step}'s weight {r.step_weight}%"
+
+
+def health_line(health: pb.ControlPlaneHealth) -> Text | None:
+    """What keeps the control plane from working, in bold red, for the top of ``aviary status``;
+    None when nothing does."""
+    if health.serving and not health.state_error and not health.problems:
+        return None
+    if health.state_error:
+        text = Text(f"STATE NOT SAVED: {health.state_error}; rollbacks still reach the proxies, "
+                    "steps away from stable wait until it can be written", style="bold red")
+    elif not health.serving:
+        text = Text("ENGINE NOT SERVING: rollouts do not progress", style="bold red")
+    else:
+        text = Text("engine problems:", style="bold red")
+    for problem in health.problems:
+        text.append(f"\n  {problem}", style="red")
+    return text
 
 
 def proxies_table(proxies: Iterable[pb.Proxy]) -> Table:
@@ -169,7 +224,10 @@ def apply_event(rollout: pb.Rollout | None, event: pb.RolloutEvent) -> pb.Rollou
     updated.name = event.rollout
     updated.phase = event.to_phase
     updated.weight = event.weight
-    updated.step = event.step
+    if event.HasField("step"):
+        updated.step = event.step
+    else:
+        updated.ClearField("step")
     updated.stable_version = event.stable_version
     updated.canary_version = event.canary_version
     updated.reason = event.reason
@@ -191,4 +249,18 @@ def policy_summary(policy: pb.PolicySource) -> Text:
         text.append("\nrejected files (their last good version keeps serving):", style="bold red")
     for error in policy.errors:
         text.append(f"\n  {error.file}: {error.field}: {error.reason}", style="red")
+    if policy.fetch_error:
+        text.append(f"\n{fetch_failure_line(policy.fetch_error)}", style="bold red")
     return text
+
+
+_FETCH_SINCE = re.compile(r"^since (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ): (.*)$", re.DOTALL)
+
+
+def fetch_failure_line(fetch_error: str) -> str:
+    """``git fetch failing since 16:02:11: <error>`` (local time) from ``PolicySource.fetch_error``."""
+    match = _FETCH_SINCE.match(fetch_error)
+    if match is None:
+        return f"git fetch failing: {fetch_error}"
+    since = datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).astimezone()
+    return f"git fetch failing since {since.strftime('%H:%M:%S')}: {match.group(2)}"

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aviary.admin.auth import AuthConfigError, TokenAuth, read_token
 from aviary.admin.service import SERVICE_NAME, AdminService
+from aviary.listen import ListenError, check_can_listen, grpc_options
 from aviary.tls import ServerTls, TlsConfigError, server_credentials
 
 __all__ = [
@@ -89,10 +90,18 @@ class AdminServer:
     health: health.aio.HealthServicer
     service: AdminService
 
+    async def set_serving(self, serving: bool) -> None:
+        """Report whether the control plane can make progress (the server and the Admin service):
+        NOT_SERVING while the engine cannot (see ``ControlPlane.health``)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
         self.service.close()
         await self.server.stop(grace)
+        await self.service.stop_workers()  # once no call can start another validation
 
 
 async def start_admin_server(config: AdminConfig, service: AdminService) -> AdminServer:
@@ -102,19 +111,26 @@ async def start_admin_server(config: AdminConfig, service: AdminService) -> Admi
         credentials = server_credentials(config.tls) if config.tls is not None else None
     except TlsConfigError as exc:
         raise AdminConfigError(str(exc)) from exc
-    server = grpc.aio.server(interceptors=[TokenAuth(token)] if token is not None else None)
+    # SO_REUSEPORT off: a second instance on this address must fail, not share the admin calls.
+    server = grpc.aio.server(
+        interceptors=[TokenAuth(token)] if token is not None else None, options=grpc_options(reuse_port=False)
+    )
     service.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    if credentials is None:
-        port = server.add_insecure_port(config.address)
-    else:
-        port = server.add_secure_port(config.address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(config.address)
+        else:
+            port = server.add_secure_port(config.address, credentials)
+    except RuntimeError:  # grpcio's "Failed to bind"; the OS error went to its log only
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen for the admin API on {config.address}")
+        check_can_listen("admin", config.address)  # raises with the OS error if it can name one
+        raise ListenError("admin", config.address, "cannot listen")
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await server.start()

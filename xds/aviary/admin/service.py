@@ -6,9 +6,17 @@ Errors leave as gRPC status codes with a message a person can act on:
 - NOT_FOUND: no rollout of that name;
 - FAILED_PRECONDITION: the engine refused the command as the rollout is now (its reason, e.g.
   ``shop: no canary: rollout is Stable``);
-- RESOURCE_EXHAUSTED: a WatchRollouts client that fell ``WATCH_BUFFER`` events behind.
+- UNAVAILABLE: a command that moves away from stable (promote, a higher weight, resume, retry)
+  while the state file cannot be written: ``state file X cannot be written: <OS error>; the
+  command was not applied``. Abort and lower weights still apply (``Rollout.state_error`` says
+  the save is pending);
+- RESOURCE_EXHAUSTED: a WatchRollouts client that fell ``WATCH_BUFFER`` events behind; a
+  Validate while ``MAX_PENDING`` others run or wait;
+- INVALID_ARGUMENT also for a Validate text over ``MAX_POLICY_BYTES``; DEADLINE_EXCEEDED for one
+  whose check ran over its time limit (its worker is killed); UNAVAILABLE when a worker died.
 
-Everything runs on the control plane's event loop, so runner calls need no locking.
+Everything runs on the control plane's event loop, so runner calls need no locking; Validate's
+parsing alone runs in worker processes (``aviary.policy.workers``).
 """
 
 from __future__ import annotations
@@ -25,7 +33,6 @@ from aviary.admin import convert
 from aviary.admin.v1 import admin_pb2 as pb
 from aviary.admin.v1 import admin_pb2_grpc
 from aviary.discovery.proxy_status import ProxyStatus
-from aviary.policy.loader import parse_policy_text
 from aviary.policy.rollout_state import (
     Abort,
     AdminCommand,
@@ -38,7 +45,8 @@ from aviary.policy.rollout_state import (
     TransitionEvent,
 )
 from aviary.policy.source import PolicyState
-from aviary.runner import CommandRefused, RolloutRunner
+from aviary.policy.workers import PolicyWorkers, TextTooLarge, ValidationBusy, ValidationTimedOut, WorkerFailed
+from aviary.runner import CommandRefused, EngineHealth, NotSaved, RolloutRunner
 
 __all__ = ["SERVICE_NAME", "WATCH_BUFFER", "AdminService"]
 
@@ -46,6 +54,7 @@ log = logging.getLogger("aviary.admin")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 WATCH_BUFFER = 1000
+SERVER_REFUSED = "aviary-refused"  # trailing metadata on an UNAVAILABLE the server chose to send
 Context = Any  # grpc.aio.ServicerContext; grpc ships no type information
 
 
@@ -78,16 +87,26 @@ class AdminService:
         runner: RolloutRunner,
         proxies: ProxyStatus,
         policy_state: Callable[[], PolicyState] | None = None,
+        validation: PolicyWorkers | None = None,
+        health: Callable[[], EngineHealth] | None = None,
+        default_prometheus: str | None = None,
     ) -> None:
         self._runner = runner
+        self._default_prometheus = default_prometheus  # `aviary serve --prometheus-url`, for Validate
+        self._health = health if health is not None else runner.health
         self._proxies = proxies
         self._policy_state = policy_state
         self._watches: set[asyncio.Queue[TransitionEvent | _End]] = set()
+        self._validation = validation if validation is not None else PolicyWorkers()
 
     def close(self) -> None:
         """End every open watch with UNAVAILABLE (the server is stopping)."""
         for queue in self._watches:
             queue.put_nowait(_End(grpc.StatusCode.UNAVAILABLE, "the control plane is shutting down"))
+
+    async def stop_workers(self) -> None:
+        """Stop the validation worker processes (after the server stopped taking calls)."""
+        await self._validation.close()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         admin_pb2_grpc.add_AdminServicer_to_server(self, server)  # type: ignore[no-untyped-call]  # generated
@@ -107,6 +126,10 @@ class AdminService:
             clock or self._clock(),
             git_commit=self._runner.applied_revision(status.rollout),
             orphaned=self._runner.orphaned(name),
+            engine_error=self._runner.engine_error(name),
+            state_error=self._runner.state_error(name),
+            envoy_rejected=self._runner.blocked(name),
+            envoy_weights=self._runner.envoy_weights(name),
         )
 
     async def _known(self, name: str, context: Context) -> RolloutStatus:
@@ -130,6 +153,9 @@ class AdminService:
             await _abort(context, grpc.StatusCode.NOT_FOUND, self._not_found(name))
         except CommandRefused as refused:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(refused))
+        except NotSaved as not_saved:
+            context.set_trailing_metadata(((SERVER_REFUSED, "state-not-writable"),))  # not a lost connection
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"{not_saved.error}; the command was not applied")
         return self._message(status)
 
     # ---- reads ---------------------------------------------------------------------------
@@ -140,6 +166,7 @@ class AdminService:
         response = pb.ListRolloutsResponse(rollouts=[self._message(statuses[n], clock) for n in sorted(statuses)])
         if self._policy_state is not None:
             response.policy.CopyFrom(convert.policy_message(self._policy_state()))
+        response.health.CopyFrom(convert.health_message(self._health()))
         return response
 
     async def GetRollout(self, request: pb.GetRolloutRequest, context: Context) -> pb.Rollout:
@@ -150,7 +177,21 @@ class AdminService:
         return pb.ListProxiesResponse(proxies=[convert.proxy_message(p) for p in proxies])
 
     async def Validate(self, request: pb.ValidateRequest, context: Context) -> pb.ValidateResponse:
-        _, errors = parse_policy_text(request.text, request.file or "<request>")
+        """Checked in a worker process (``PolicyWorkers``): a large text never holds the event loop.
+        Against this server's flags too: analysis needs this server's --prometheus-url or its own."""
+        try:
+            errors = await self._validation.validate(
+                request.text, request.file or "<request>", self._default_prometheus
+            )
+        except TextTooLarge as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ValidationBusy as exc:
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ValidationTimedOut as exc:
+            await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except WorkerFailed as exc:
+            context.set_trailing_metadata(((SERVER_REFUSED, "validation-worker"),))  # not a lost connection
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
         return convert.validate_errors(errors)
 
     async def WatchRollouts(self, request: pb.WatchRolloutsRequest, context: Context) -> AsyncIterator[pb.RolloutEvent]:

@@ -12,6 +12,13 @@ of the proxies that serve the rollout:
    has ACKed the route that no longer names it; then the cluster is removed.
 
 With no proxy connected every gate is open and all three happen in one call.
+
+Nothing is published that Envoy must reject (`resources.render` checks each group's snapshot):
+a rollout whose content would break a rule is held at what was last published for it, the others
+move on, and `blocked(name)` says why (logged at ERROR once per reason). A NACK is blamed on the
+rollouts whose part of the rejected resource changed since the version that proxy last ACKed (for
+a route configuration: their virtual host), shown by `rejected(name)` until that proxy ACKs a later
+version of that type.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from aviary.discovery import typeurls
@@ -36,19 +44,26 @@ from aviary.discovery.proxy_events import (
 from aviary.discovery.proxy_status import ProxyStatus, ProxyView
 from aviary.discovery.resources import (
     PublishedRollout,
-    build_snapshot,
     cluster_name,
     grpc_route_name,
     listener_name,
+    render,
     route_name,
 )
-from aviary.discovery.snapshot import Snapshot
+from aviary.discovery.snapshot import EMPTY, Snapshot
 from aviary.policy.schema import ListenerSpec
 from aviary.traffic import Backend, DesiredTraffic
 
 log = logging.getLogger("aviary.director")
 
 MAX_PASSES = 8
+ROUTE_VERSIONS_KEPT = 4096  # virtual hosts of published route versions, to blame a NACK by
+_KIND = {
+    typeurls.LISTENER: "listener",
+    typeurls.ROUTE: "route",
+    typeurls.CLUSTER: "cluster",
+    typeurls.ENDPOINT: "endpoints of cluster",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +77,18 @@ class Placement:
 
 @dataclass(slots=True)
 class _Published:
-    route: tuple[tuple[Backend, int], ...]
-    clusters: dict[str, Backend] = field(default_factory=dict)  # version -> backend
+    route: tuple[tuple[str, int], ...]  # cluster name -> weight
+    clusters: dict[str, Backend] = field(default_factory=dict)  # cluster name -> backend
+    handover: tuple[tuple[str, int], ...] = ()  # being removed: its last route, while a successor warms up
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedState:
+    """What the director published for one rollout: to persist, so that a restart keeps every
+    cluster a proxy's route may still name (retiring ones, ones under an older naming)."""
+
+    route: tuple[tuple[str, int], ...]
+    clusters: tuple[tuple[str, Backend], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +99,16 @@ class RolloutNack:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Rejection:
+    stream_id: int
+    type_url: str
+    text: str
+
+
 AckListener = Callable[[str, DesiredTraffic], None]
 NackListener = Callable[[RolloutNack], None]
+PublishedListener = Callable[[str, PublishedState | None], None]
 
 
 class TrafficDirector:
@@ -94,6 +127,14 @@ class TrafficDirector:
         self._expected_until = 0.0
         self._ack_listeners: list[AckListener] = []
         self._nack_listeners: list[NackListener] = []
+        self._published_listeners: list[PublishedListener] = []
+        self._reported: dict[str, PublishedState] = {}  # last state handed to published listeners
+        self._good: dict[str, dict[str, PublishedRollout]] = {}  # group -> what is published per rollout
+        self._blocked: dict[str, str] = {}  # rollout -> why its latest content is not published
+        self._rejected: dict[str, _Rejection] = {}  # rollout -> the NACK that froze its resources
+        self._route_parts: OrderedDict[str, dict[str, str]] = OrderedDict()  # route version -> vhost digests
+        self._route_weights: OrderedDict[str, dict[str, dict[str, int]]] = OrderedDict()  # -> vhost -> split
+        self._batching = 0
         proxies.subscribe(self._on_proxy_event)
 
     # ---- inputs -------------------------------------------------------------------------
@@ -111,7 +152,7 @@ class TrafficDirector:
         if self._desired.get(name) != traffic:
             log.info("rollout %s: desired %s", name, _describe(traffic))
         self._desired[name] = traffic
-        self.reconcile()
+        self._reconcile_unless_batching()
 
     def set_canary_weight(self, name: str, weight: int) -> None:
         """Convenience over set_desired_traffic for a rollout that already has a canary."""
@@ -126,9 +167,33 @@ class TrafficDirector:
         if published is None:
             self._placements.pop(name, None)
         else:
-            published.route = ()
+            published.handover, published.route = published.route, ()
             self._removing.add(name)
-        self.reconcile()
+        self._reconcile_unless_batching()
+
+    def restore_published(self, name: str, state: PublishedState) -> None:
+        """After a restart: what the previous process had published for this rollout (call before
+        `set_rollout`). Its route stays until the current clusters are ACKed, and clusters no longer
+        wanted retire only once no route a proxy ACKed names them, as in any change."""
+        self._published[name] = _Published(state.route, dict(state.clusters))
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Apply several changes as one: nothing is published until the block ends.
+
+        A host that moves from one rollout to another in one policy commit must not be published
+        half-way (the old rollout still has it, the new one has it too: a duplicate domain)."""
+        self._batching += 1
+        try:
+            yield
+        finally:
+            self._batching -= 1
+            if not self._batching:
+                self.reconcile()
+
+    def _reconcile_unless_batching(self) -> None:
+        if not self._batching:
+            self.reconcile()
 
     def expect_proxies(self, node_ids: Iterable[str], grace: float) -> None:
         """After a restart: keep every gate closed until these proxies are back, or `grace` s pass.
@@ -146,6 +211,15 @@ class TrafficDirector:
         with contextlib.suppress(RuntimeError):  # no running loop: the deadline is checked lazily
             asyncio.get_running_loop().call_later(grace, self.reconcile)
 
+    def awaited_proxies(self) -> frozenset[str]:
+        """Proxies served before the restart that are not back yet (empty once the grace is over).
+
+        The heartbeat saves them with the connected ones: a crash just after a restart, before they
+        reconnected, must not make the next start forget to wait for them.
+        """
+        self._awaiting_reconnect()
+        return frozenset(self._expected)
+
     def _awaiting_reconnect(self) -> bool:
         if not self._expected:
             return False
@@ -153,7 +227,10 @@ class TrafficDirector:
         # requests has subscribed to some types and not yet to the others, and the gates count a
         # type a proxy does not subscribe to as done: on its first EDS or LDS request the route
         # would move and the old cluster go before the proxy had applied anything.
-        self._expected -= {proxy.node_id for proxy in self._proxies if proxy.acked}
+        # It must also have asked for its routes: Envoy asks in the order CDS, EDS, LDS, RDS, and
+        # one that ACKed clusters but has not yet named a route still routes by the one it had (the
+        # gates count a route it does not subscribe to as done, and would retire what it names).
+        self._expected -= {proxy.node_id for proxy in self._proxies if proxy.acked and _asked_for_routes(proxy)}
         if self._expected and time.monotonic() >= self._expected_until:
             log.warning("proxies did not reconnect within the grace period: %s", ", ".join(sorted(self._expected)))
             self._expected.clear()
@@ -168,6 +245,10 @@ class TrafficDirector:
     def on_nack(self, listener: NackListener) -> None:
         self._nack_listeners.append(listener)
 
+    def on_published(self, listener: PublishedListener) -> None:
+        """`listener(rollout, state)` when what is published for a rollout changes (None: gone)."""
+        self._published_listeners.append(listener)
+
     # ---- reads --------------------------------------------------------------------------
 
     def desired(self, name: str) -> DesiredTraffic | None:
@@ -181,8 +262,20 @@ class TrafficDirector:
         return sorted(self._placements)
 
     def published_route(self, name: str) -> dict[str, int]:
+        """Version -> weight of the route the director decided on (see `blocked` for whether it
+        could be published)."""
         published = self._published.get(name)
-        return {b.version: w for b, w in published.route} if published else {}
+        return {published.clusters[c].version: w for c, w in published.route} if published else {}
+
+    def blocked(self, name: str) -> str | None:
+        """Why this rollout's latest content is held back (Envoy would reject it), or None."""
+        return self._blocked.get(name)
+
+    def rejected(self, name: str) -> str | None:
+        """"Envoy rejected route X (node N): reason" while a proxy's NACK freezes this rollout's
+        resources; None once that proxy ACKed a later version of that type."""
+        rejection = self._rejected.get(name)
+        return rejection.text if rejection else None
 
     # ---- the make-before-break loop -----------------------------------------------------
 
@@ -197,12 +290,12 @@ class TrafficDirector:
     def _settled(self, name: str) -> bool:
         """Published exactly as desired, nothing retiring, and the ACK of it reported."""
         desired, published = self._desired[name], self._published.get(name)
-        if published is None:
+        if published is None or name in self._blocked:
             return False
-        wanted = _route_of(desired)
+        wanted = _route_of(name, desired)
         return (
             published.route == wanted
-            and published.clusters.keys() == {b.version for b, _ in wanted}
+            and published.clusters.keys() == {c for c, _ in wanted}
             and self._acked.get(name) == desired
         )
 
@@ -214,19 +307,17 @@ class TrafficDirector:
                 del self._published[name], self._placements[name]
         for name, desired in self._desired.items():
             published = self._published.get(name)
-            wanted = _route_of(desired)
-            if published is None:
-                published = self._published[name] = _Published(route=wanted)
-            for backend, _ in wanted:
-                published.clusters[backend.version] = backend  # new, or new endpoints (EDS update)
-            if published.route != wanted and all(
-                self._cluster_ready(name, backend) for backend, _ in wanted
-            ):
+            wanted = _route_of(name, desired)
+            if published is None:  # taking a host over: no virtual host until its clusters are ACKed
+                published = self._published[name] = _Published(route=() if self._takes_over(name) else wanted)
+            for backend in _backends(desired):
+                published.clusters[cluster_name(name, backend.version)] = backend  # new, or new endpoints
+            if published.route != wanted and all(self._cluster_ready(name, cluster) for cluster, _ in wanted):
                 published.route = wanted
             retiring = self._retiring(name)
             if retiring and self._route_acked(name, without=retiring):
-                for version in [v for v in published.clusters if cluster_name(name, v) in retiring]:
-                    del published.clusters[version]
+                for cluster in retiring:
+                    del published.clusters[cluster]
         return self._publish()
 
     def _publish(self) -> bool:
@@ -245,20 +336,158 @@ class TrafficDirector:
         ]
         if model == self._built:
             return False
-        snapshots: dict[str, Snapshot] = {group: build_snapshot(members) for group, members in model}
-        self._cache.publish(snapshots)
         self._built = model
+        snapshots: dict[str, Snapshot] = {}
+        blocked: dict[str, str] = {}
+        for group, members in model:
+            snapshot, held = self._checked(group, members)
+            blocked.update(held)
+            snapshots[group] = snapshot
+        for name, reason in sorted(blocked.items()):
+            if self._blocked.get(name) != reason:
+                log.error("rollout %s: not published, Envoy would reject it: %s", name, reason)
+        for name in sorted(self._blocked.keys() - blocked.keys()):
+            log.info("rollout %s: published again", name)
+        self._blocked = blocked
+        self._cache.publish(snapshots)
+        for snapshot in snapshots.values():
+            self._remember_routes(snapshot)
+        self._report_published()
         return True
+
+    def _checked(self, group: str, members: tuple[PublishedRollout, ...]) -> tuple[Snapshot, dict[str, str]]:
+        """The group's snapshot to publish, and the rollouts held at their last published content.
+
+        A rollout is blamed for a violation when its content changed since it was last published
+        (so a running rollout is never held back by a newcomer that conflicts with it); when every
+        party changed (nothing published yet), the lexically first is spared. A held rollout keeps
+        what was last published for it, or is left out if nothing was. A violation no rollout can
+        be blamed for keeps the group's current snapshot as it is.
+        """
+        good = self._good.get(group, {})
+        current = {r.name: r for r in members}
+        held: dict[str, str] = {}
+        for _ in range(len(members) + 1):
+            rendered = render(current.values())
+            if rendered.snapshot is not None:
+                self._good[group] = dict(current)
+                self._remember_weights(rendered.snapshot, current.values())
+                return rendered.snapshot, held
+            newly: dict[str, str] = {}
+            for violation in rendered.violations:
+                parties = sorted(n for n in violation.rollouts if n in current and n not in held)
+                changed = [n for n in parties if good.get(n) != current[n]]
+                if len(changed) == len(parties) > 1:
+                    changed = changed[1:]
+                for name in changed or parties:
+                    newly.setdefault(name, violation.reason)
+            if not newly:
+                break
+            held.update(newly)
+            for name in newly:
+                if name in good:
+                    current[name] = good[name]
+                else:
+                    del current[name]
+        reasons = "; ".join(v.reason for v in render(current.values()).violations)
+        log.error("proxy group %r: snapshot not published, Envoy would reject it: %s", group or "default", reasons)
+        for member in members:
+            held.setdefault(member.name, reasons)
+        return self._cache.snapshots.get(group, EMPTY), held
+
+    def _report_published(self) -> None:
+        """Tell listeners (the state store) what each rollout now has published."""
+        if not self._published_listeners:
+            return
+        states = {
+            name: PublishedState(published.route, tuple(sorted(published.clusters.items())))
+            for name, published in self._published.items()
+        }
+        changes: list[tuple[str, PublishedState | None]] = [
+            (name, state) for name, state in sorted(states.items()) if self._reported.get(name) != state
+        ]
+        changes += [(name, None) for name in sorted(self._reported.keys() - states.keys())]
+        self._reported = states
+        for name, maybe in changes:
+            for listener in self._published_listeners:
+                listener(name, maybe)
+
+    def _remember_weights(self, snapshot: Snapshot, members: Iterable[PublishedRollout]) -> None:
+        """Version -> weight of each virtual host, per route version: what a proxy that ACKed that
+        version serves (`envoy_weights`)."""
+        routes = snapshot.items(typeurls.ROUTE)
+        for member in members:
+            resource = routes.get(route_name(member.listener))
+            if resource is None or not member.route:
+                continue
+            clusters = dict(member.clusters)
+            split = {clusters[c].version if c in clusters else c: w for c, w in member.route}
+            self._route_weights.setdefault(resource.version, {})[member.name] = split
+            self._route_weights.move_to_end(resource.version)
+        while len(self._route_weights) > ROUTE_VERSIONS_KEPT:
+            self._route_weights.popitem(last=False)
+
+    def envoy_weights(self, name: str) -> dict[str, int] | None:
+        """Version -> weight that the serving proxies ACKed for this rollout, None when unknown (no
+        proxy, or a version this process did not publish). When proxies differ, the one that lags
+        (differs from what is published now) is reported: status shows what is still served."""
+        placement = self._placements.get(name)
+        if placement is None:
+            return None
+        route = route_name(placement.listener)
+        current = self.published_route(name)
+        seen: dict[str, int] | None = None
+        for proxy, _ in self._serving(name):
+            version = proxy.acked_version_of(typeurls.ROUTE, route)
+            split = self._route_weights.get(version, {}).get(name) if version is not None else None
+            if split is None:
+                continue
+            if split != current:
+                return split
+            seen = split
+        return seen
+
+    def _remember_routes(self, snapshot: Snapshot) -> None:
+        for resource in snapshot.items(typeurls.ROUTE).values():
+            if resource.version in self._route_parts:
+                self._route_parts.move_to_end(resource.version)
+                continue
+            self._route_parts[resource.version] = dict(resource.parts)
+            if len(self._route_parts) > ROUTE_VERSIONS_KEPT:
+                self._route_parts.popitem(last=False)
 
     def _published_rollout(self, name: str) -> PublishedRollout:
         placement = self._placements[name]
         published = self._published[name]
+        route = published.route
+        if name in self._removing and self._succeeded_by_a_newcomer(name):
+            route = published.handover
         return PublishedRollout(
             name=name,
             listener=placement.listener,
             hosts=placement.hosts,
-            route=published.route,
-            clusters=tuple(published.clusters[v] for v in sorted(published.clusters)),
+            route=route,
+            clusters=tuple(sorted(published.clusters.items())),
+        )
+
+    def _takes_over(self, name: str) -> bool:
+        """A new rollout claims a host that a rollout being removed still serves (a rename)."""
+        return any(self._shares_a_host(name, other) for other in self._removing)
+
+    def _shares_a_host(self, name: str, other: str) -> bool:
+        mine, theirs = self._placements[name], self._placements[other]
+        return mine.listener.key == theirs.listener.key and bool(
+            {h.casefold() for h in mine.hosts} & {h.casefold() for h in theirs.hosts}
+        )
+
+    def _succeeded_by_a_newcomer(self, name: str) -> bool:
+        """A rollout being removed keeps serving its hosts while a rollout taking one of them over
+        (a rename) has no virtual host yet: the host is handed over in one route update, never
+        left to 404 or routed to clusters Envoy has not warmed."""
+        return any(
+            not published.route and self._shares_a_host(name, other)
+            for other, published in self._published.items()
+            if other != name and other not in self._removing
         )
 
     def _serving(self, name: str) -> Iterable[tuple[ProxyView, Snapshot]]:
@@ -269,10 +498,9 @@ class TrafficDirector:
             if placement.proxy_cluster is None or placement.proxy_cluster == group:
                 yield proxy, self._cache.snapshot_for(proxy.node_cluster)
 
-    def _cluster_ready(self, name: str, backend: Backend) -> bool:
+    def _cluster_ready(self, name: str, cluster: str) -> bool:
         if self._awaiting_reconnect():
             return False
-        cluster = cluster_name(name, backend.version)
         return all(cluster_acked(proxy, snapshot, cluster) for proxy, snapshot in self._serving(name))
 
     def _route_acked(self, name: str, without: frozenset[str] = frozenset()) -> bool:
@@ -292,15 +520,15 @@ class TrafficDirector:
         )
 
     def _cluster_names(self, name: str) -> frozenset[str]:
-        return frozenset(cluster_name(name, version) for version in self._published[name].clusters)
+        return frozenset(self._published[name].clusters)
 
     def _route_names(self, name: str) -> tuple[str, str]:
         return route_name(self._placements[name].listener), grpc_route_name(name)
 
     def _retiring(self, name: str) -> frozenset[str]:
         published, desired = self._published[name], self._desired[name]
-        keep = {b.version for b, _ in published.route} | {b.version for b, _ in _route_of(desired)}
-        return frozenset(cluster_name(name, v) for v in published.clusters if v not in keep)
+        keep = {c for c, _ in published.route} | {c for c, _ in _route_of(name, desired)}
+        return frozenset(c for c in published.clusters if c not in keep)
 
     def _holds_up(self, proxy: ProxyView) -> bool:
         """Whether this proxy is what an unsettled rollout waits for at its current stage."""
@@ -311,13 +539,15 @@ class TrafficDirector:
             if published is None or placement.proxy_cluster not in (None, group):
                 continue
             if name in self._removing:
+                if self._succeeded_by_a_newcomer(name):
+                    continue  # it waits for the newcomer's clusters, held up (or not) by that rollout
                 routes, clusters = self._route_names(name), self._cluster_names(name)
                 if not route_acked(proxy, snapshot, routes, clusters, missing_ok=True):
                     return True
                 continue
-            wanted = _route_of(self._desired[name])
+            wanted = _route_of(name, self._desired[name])
             if published.route != wanted:
-                ready = all(cluster_acked(proxy, snapshot, cluster_name(name, b.version)) for b, _ in wanted)
+                ready = all(cluster_acked(proxy, snapshot, cluster) for cluster, _ in wanted)
             else:
                 ready = route_acked(proxy, snapshot, self._route_names(name), self._retiring(name))
             if not ready:
@@ -327,7 +557,9 @@ class TrafficDirector:
     def _notify_acked(self) -> None:
         for name, desired in self._desired.items():
             published = self._published.get(name)
-            if published is None or published.route != _route_of(desired) or not self._route_acked(name):
+            if name in self._blocked or published is None or published.route != _route_of(name, desired):
+                continue
+            if not self._route_acked(name):
                 continue
             if self._acked.get(name) == desired:
                 continue
@@ -338,6 +570,8 @@ class TrafficDirector:
     def _on_proxy_event(self, event: ProxyEvent) -> None:
         if isinstance(event, ResourcesNacked):
             self._report_nack(event)
+        elif isinstance(event, ResourcesAcked | ProxyDisconnected) and self._rejected:
+            self._clear_rejections(event)
         # Only while something waits for proxies, and only on what can open a gate: an ACK, a proxy
         # leaving, a subscription narrowing. A full pass runs once the last proxy that held things
         # up has moved on; until then each event re-checks only its own proxy.
@@ -353,6 +587,16 @@ class TrafficDirector:
         if not self._waiting:
             self.reconcile()
 
+    def _clear_rejections(self, event: ResourcesAcked | ProxyDisconnected) -> None:
+        """A later version of the type ACKed by the proxy that rejected it (or that proxy gone)
+        supersedes the rejection."""
+        for name, rejection in list(self._rejected.items()):
+            if rejection.stream_id != event.stream_id:
+                continue
+            if isinstance(event, ProxyDisconnected) or rejection.type_url == event.type_url:
+                del self._rejected[name]
+                log.info("rollout %s: %s superseded", name, rejection.text)
+
     def _report_nack(self, event: ResourcesNacked) -> None:
         proxy = self._proxies.get(event.stream_id)
         if proxy is None:
@@ -360,16 +604,35 @@ class TrafficDirector:
         # A State-of-the-World response carries every resource of its type (all listeners, all
         # clusters), so the rejected ones are among those that differ from what the proxy ACKed
         # last; blaming all of them would roll back every canary for one rollout's bad listener.
+        # A route configuration is shared by the rollouts of a listener: only those whose virtual
+        # host differs from the proxy's last ACKed version of it are blamed.
         suspects = [
             resource
             for resource, version in event.resources.items()
             if proxy.acked_version_of(event.type_url, resource) != version
         ] or list(event.resources)
-        for name in self._placements:
-            if any(self._names_rollout(name, event.type_url, r) for r in suspects):
-                nack = RolloutNack(name, proxy.node_id, event.type_url, event.message)
-                for listener in self._nack_listeners:
-                    listener(nack)
+        blamed: dict[str, str] = {}
+        for resource in suspects:
+            for name in self._owners(proxy, event.type_url, resource, event.resources[resource]):
+                blamed.setdefault(name, resource)
+        for name, resource in sorted(blamed.items()):
+            text = f"Envoy rejected {_KIND.get(event.type_url, event.type_url)} {resource} (node {proxy.node_id}): "
+            self._rejected[name] = _Rejection(event.stream_id, event.type_url, text + event.message)
+            nack = RolloutNack(name, proxy.node_id, event.type_url, event.message)
+            for listener in self._nack_listeners:
+                listener(nack)
+
+    def _owners(self, proxy: ProxyView, type_url: str, resource: str, version: str) -> list[str]:
+        """The rollouts a rejected resource (at `version`) is blamed on."""
+        names = [name for name in self._placements if self._names_rollout(name, type_url, resource)]
+        if type_url != typeurls.ROUTE:
+            return names
+        rejected = self._route_parts.get(version)
+        acked_version = proxy.acked_version_of(type_url, resource)
+        accepted = self._route_parts.get(acked_version) if acked_version is not None else {}
+        if rejected is None or accepted is None:
+            return names  # a version this process did not publish: blame every rollout on it
+        return [name for name in names if name in rejected and accepted.get(name) != rejected[name]]
 
     def _names_rollout(self, name: str, type_url: str, resource: str) -> bool:
         """Whether a resource a proxy rejected belongs to this rollout."""
@@ -378,18 +641,29 @@ class TrafficDirector:
             return resource in (route_name(placement.listener), grpc_route_name(name))
         if type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
             published = self._published.get(name)
-            return published is not None and resource in {cluster_name(name, v) for v in published.clusters}
+            return published is not None and resource in published.clusters
         if type_url == typeurls.LISTENER:
             return resource in (name, listener_name(placement.listener))
         return False
 
 
-def _route_of(traffic: DesiredTraffic) -> tuple[tuple[Backend, int], ...]:
+def _asked_for_routes(proxy: ProxyView) -> bool:
+    """A proxy that asked for clusters has asked for routes too (one that does not route, has not)."""
+    return typeurls.ROUTE in proxy.subscriptions or typeurls.CLUSTER not in proxy.subscriptions
+
+
+def _backends(traffic: DesiredTraffic) -> tuple[Backend, ...]:
+    return (traffic.stable,) if traffic.canary is None else (traffic.stable, traffic.canary)
+
+
+def _route_of(name: str, traffic: DesiredTraffic) -> tuple[tuple[str, int], ...]:
     if traffic.canary is None:
-        return ((traffic.stable, 100),)
-    return ((traffic.stable, 100 - traffic.canary_weight), (traffic.canary, traffic.canary_weight))
+        return ((cluster_name(name, traffic.stable.version), 100),)
+    return (
+        (cluster_name(name, traffic.stable.version), 100 - traffic.canary_weight),
+        (cluster_name(name, traffic.canary.version), traffic.canary_weight),
+    )
 
 
 def _describe(traffic: DesiredTraffic) -> str:
     return ", ".join(f"{v}={w}%" for v, w in traffic.weights().items())
-

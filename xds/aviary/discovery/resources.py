@@ -1,8 +1,12 @@
 """The only module that knows Envoy's types: published traffic in, xDS resources out.
 
 Naming (documented for users in README):
-- cluster `<rollout>-<version>`: one per version; EDS when every endpoint is an IP address, STRICT_DNS
-  (endpoints inline, re-resolved by Envoy) when any endpoint is a host name;
+- cluster `<rollout>_<version>`: one per version; EDS when every endpoint is an IP address, STRICT_DNS
+  (endpoints inline, re-resolved by Envoy) when any endpoint is a host name. `_` appears in neither a
+  rollout name (a DNS label) nor a version (`[a-z0-9][a-z0-9.-]*`), so the name is injective: `shop`
+  at `eu-v1` and `shop-eu` at `v1` are `shop_eu-v1` and `shop-eu_v1`. Releases up to state schema 2 used `-`
+  (`legacy_cluster_name`), which collided; such clusters appear only while an upgraded control plane
+  retires what the previous one published;
 - listener `listener-<address>-<port>` and route configuration `route-<address>-<port>`: rollouts that
   share an address:port are virtual hosts of one listener and one route configuration;
 - listener `<rollout>` with an `api_listener` and route configuration `grpc-<rollout>`: what a
@@ -25,7 +29,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from aviary.discovery import typeurls
-from aviary.discovery.snapshot import Resource, Snapshot
+from aviary.discovery.snapshot import Resource, Snapshot, digest
 from aviary.policy.schema import ListenerSpec
 from aviary.traffic import Backend
 
@@ -38,24 +42,52 @@ CONNECT_TIMEOUT_SECONDS = 2
 BUILT_RESOURCES_KEPT = 8192
 
 
+CLUSTER_SEPARATOR = "_"
+
+
+def cluster_name(rollout: str, version: str) -> str:
+    """The one cluster name of a rollout's version; see the module docstring for why `_`."""
+    return f"{rollout}{CLUSTER_SEPARATOR}{version}"
+
+
+def legacy_cluster_name(rollout: str, version: str) -> str:
+    """The name releases up to state schema 2 gave that cluster (not injective); only to retire such clusters."""
+    return f"{rollout}-{version}"
+
+
 @dataclass(frozen=True, slots=True)
 class PublishedRollout:
     """What one rollout contributes to a snapshot at one moment of a make-before-break sequence.
 
-    `route` is what its virtual host routes to (backend, weight); `clusters` are the backends whose
-    clusters exist, a superset of the route's: a new backend appears here first, an old one stays
-    until every proxy has stopped routing to it.
+    `route` is what its virtual host routes to (cluster name, weight); `clusters` are the clusters
+    that exist (name, backend), a superset of the route's: a new backend appears here first, an old
+    one stays until every proxy has stopped routing to it. Names are explicit because one version
+    can have two: its current name and, while an upgrade retires it, its legacy one.
     """
 
     name: str
     listener: ListenerSpec
     hosts: tuple[str, ...]
-    route: tuple[tuple[Backend, int], ...]
-    clusters: tuple[Backend, ...]
+    route: tuple[tuple[str, int], ...]
+    clusters: tuple[tuple[str, Backend], ...]
 
-
-def cluster_name(rollout: str, version: str) -> str:
-    return f"{rollout}-{version}"
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        listener: ListenerSpec,
+        hosts: tuple[str, ...],
+        route: Iterable[tuple[Backend, int]],
+        clusters: Iterable[Backend],
+    ) -> PublishedRollout:
+        """The usual case: every cluster under its current name."""
+        return cls(
+            name,
+            listener,
+            hosts,
+            tuple((cluster_name(name, backend.version), weight) for backend, weight in route),
+            tuple((cluster_name(name, backend.version), backend) for backend in clusters),
+        )
 
 
 def _address_part(address: str) -> str:
@@ -131,17 +163,16 @@ def build_api_listener(rollout: str) -> Resource:
     return Resource.from_message(rollout, typeurls.LISTENER, message, wildcard=False, references=(route,))
 
 
-def _weighted_route(rollout: str, route: Sequence[tuple[Backend, int]]) -> route_components_pb2.Route:
+def _weighted_route(route: Sequence[tuple[str, int]]) -> route_components_pb2.Route:
     return route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix="/"),
         route=route_components_pb2.RouteAction(
             weighted_clusters=route_components_pb2.WeightedCluster(
                 clusters=[
                     route_components_pb2.WeightedCluster.ClusterWeight(
-                        name=cluster_name(rollout, backend.version),
-                        weight=wrappers_pb2.UInt32Value(value=weight),
+                        name=cluster, weight=wrappers_pb2.UInt32Value(value=weight)
                     )
-                    for backend, weight in route
+                    for cluster, weight in route
                 ]
             )
         ),
@@ -150,28 +181,35 @@ def _weighted_route(rollout: str, route: Sequence[tuple[Backend, int]]) -> route
 
 def _virtual_host(rollout: PublishedRollout, domains: Sequence[str]) -> route_components_pb2.VirtualHost:
     return route_components_pb2.VirtualHost(
-        name=rollout.name, domains=list(domains), routes=[_weighted_route(rollout.name, rollout.route)]
+        name=rollout.name, domains=list(domains), routes=[_weighted_route(rollout.route)]
     )
 
 
 def _route_clusters(rollout: PublishedRollout) -> list[str]:
-    return [cluster_name(rollout.name, backend.version) for backend, _ in rollout.route]
+    return [cluster for cluster, _ in rollout.route]
+
+
+def _parts(virtual_hosts: Iterable[route_components_pb2.VirtualHost]) -> list[tuple[str, str]]:
+    """(virtual host name, digest of its bytes): what a NACK of the route is blamed by."""
+    return [(vh.name, digest(vh.SerializeToString(deterministic=True))) for vh in virtual_hosts]
 
 
 def build_route_configuration(name: str, rollouts: Sequence[PublishedRollout]) -> Resource:
     ordered = sorted(rollouts, key=lambda r: r.name)
-    message = route_pb2.RouteConfiguration(
-        name=name, virtual_hosts=[_virtual_host(r, r.hosts) for r in ordered]
-    )
+    virtual_hosts = [_virtual_host(r, r.hosts) for r in ordered]
+    message = route_pb2.RouteConfiguration(name=name, virtual_hosts=virtual_hosts)
     references = [c for r in ordered for c in _route_clusters(r)]
-    return Resource.from_message(name, typeurls.ROUTE, message, references=references)
+    return Resource.from_message(name, typeurls.ROUTE, message, references=references, parts=_parts(virtual_hosts))
 
 
 @functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
 def build_grpc_route_configuration(rollout: PublishedRollout) -> Resource:
     name = grpc_route_name(rollout.name)
-    message = route_pb2.RouteConfiguration(name=name, virtual_hosts=[_virtual_host(rollout, ["*"])])
-    return Resource.from_message(name, typeurls.ROUTE, message, references=_route_clusters(rollout))
+    virtual_hosts = [_virtual_host(rollout, ["*"])]
+    message = route_pb2.RouteConfiguration(name=name, virtual_hosts=virtual_hosts)
+    return Resource.from_message(
+        name, typeurls.ROUTE, message, references=_route_clusters(rollout), parts=_parts(virtual_hosts)
+    )
 
 
 def _load_assignment(name: str, backend: Backend) -> endpoint_pb2.ClusterLoadAssignment:
@@ -200,9 +238,8 @@ def _load_assignment(name: str, backend: Backend) -> endpoint_pb2.ClusterLoadAss
 
 
 @functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
-def build_cluster(rollout: str, backend: Backend) -> tuple[Resource, ...]:
-    """The cluster for one version, plus its load assignment when it is served over EDS."""
-    name = cluster_name(rollout, backend.version)
+def build_cluster(name: str, backend: Backend) -> tuple[Resource, ...]:
+    """The cluster `name` for one version, plus its load assignment when it is served over EDS."""
     common = {
         "name": name,
         "connect_timeout": duration_pb2.Duration(seconds=CONNECT_TIMEOUT_SECONDS),
@@ -226,25 +263,146 @@ def build_cluster(rollout: str, backend: Backend) -> tuple[Resource, ...]:
     return (Resource.from_message(name, typeurls.CLUSTER, cluster),)
 
 
-def build_snapshot(rollouts: Iterable[PublishedRollout]) -> Snapshot:
-    """One group's snapshot: listeners, routes, clusters and endpoints for these rollouts."""
-    rollouts = list(rollouts)
-    resources: list[Resource] = []
+def _resources(rollouts: Iterable[PublishedRollout]) -> list[tuple[str, Resource]]:
+    """Every resource of these rollouts, with the rollout it comes from ("" for shared ones)."""
+    resources: list[tuple[str, Resource]] = []
     by_listener: dict[str, list[PublishedRollout]] = {}
     listeners: dict[str, ListenerSpec] = {}
     for rollout in rollouts:
+        for name, backend in rollout.clusters:
+            resources.extend((rollout.name, r) for r in build_cluster(name, backend))
         if not rollout.route:  # being removed: only its clusters remain, until proxies let go
-            for backend in rollout.clusters:
-                resources.extend(build_cluster(rollout.name, backend))
             continue
         by_listener.setdefault(rollout.listener.key, []).append(rollout)
         listeners[rollout.listener.key] = rollout.listener
-        resources.append(build_api_listener(rollout.name))
-        resources.append(build_grpc_route_configuration(rollout))
-        for backend in rollout.clusters:
-            resources.extend(build_cluster(rollout.name, backend))
+        resources.append((rollout.name, build_api_listener(rollout.name)))
+        resources.append((rollout.name, build_grpc_route_configuration(rollout)))
     for key, members in by_listener.items():
         listener = listeners[key]
-        resources.append(build_listener(listener))
-        resources.append(build_route_configuration(route_name(listener), members))
-    return Snapshot.of(resources)
+        resources.append(("", build_listener(listener)))
+        resources.append(("", build_route_configuration(route_name(listener), members)))
+    return resources
+
+
+def build_snapshot(rollouts: Iterable[PublishedRollout]) -> Snapshot:
+    """One group's snapshot: listeners, routes, clusters and endpoints for these rollouts.
+
+    Raises ValueError on two different resources of one name; `render` reports that instead.
+    """
+    return Snapshot.of(resource for _, resource in _resources(rollouts))
+
+
+# ---- what Envoy would reject ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """One rule Envoy enforces that a snapshot breaks, and the rollouts whose content breaks it."""
+
+    reason: str
+    rollouts: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A snapshot, or (when `violations` is not empty) None: it must not be published."""
+
+    snapshot: Snapshot | None
+    violations: tuple[Violation, ...]
+
+
+def render(rollouts: Iterable[PublishedRollout]) -> Rendered:
+    """`build_snapshot`, checked against what Envoy rejects (`violations`) before anyone sees it."""
+    owned = _resources(rollouts)
+    found: list[Violation] = []
+    kept: dict[tuple[str, str], tuple[str, Resource]] = {}
+    for owner, resource in owned:
+        key = (resource.type_url, resource.name)
+        first = kept.setdefault(key, (owner, resource))
+        if first[1].version != resource.version:
+            kind = typeurls.short_name(resource.type_url)
+            found.append(Violation(f"two different {kind} resources are both named {resource.name!r}",
+                                   frozenset(o for o in (first[0], owner) if o)))
+    snapshot = Snapshot.of(resource for _, resource in kept.values())
+    found.extend(violations(snapshot))
+    return Rendered(None if found else snapshot, tuple(found))
+
+
+def _domain_problem(domain: str) -> str | None:
+    """Envoy's own check of a domain (a header value: no NUL, CR or LF). A `*` anywhere but at the
+    start or the end is not an error to Envoy, only an exact match that never matches."""
+    if any(c in domain for c in "\0\r\n"):
+        return f"domain {domain!r} contains NUL, CR or LF"
+    return None
+
+
+def violations(snapshot: Snapshot) -> list[Violation]:
+    """Every rule Envoy would NACK this snapshot for, as far as our builders can break them.
+
+    Reads the route configurations back from their bytes (an independent check of the builders):
+    domains unique across the virtual hosts of one route configuration (case-insensitively, as
+    Envoy compares them: "Only unique values for domains are permitted"; which makes a second `*`
+    an error too), at least one well-formed domain per virtual host, unique virtual host names,
+    weighted clusters with a positive total and clusters that exist; then every reference between
+    types (`Snapshot.inconsistencies`). Rollouts are named by their virtual hosts (a virtual host is
+    named after its rollout).
+    """
+    found: list[Violation] = []
+    clusters = snapshot.items(typeurls.CLUSTER)
+    for resource in snapshot.items(typeurls.ROUTE).values():
+        own, named = _route_violations(resource)
+        found.extend(own)
+        for vhost, cluster in named:
+            if cluster not in clusters:
+                found.append(Violation(f"route {resource.name}: virtual host {vhost} names missing cluster "
+                                       f"{cluster!r}", frozenset({vhost})))
+    found.extend(Violation(problem, frozenset()) for problem in snapshot.inconsistencies()
+                 if not problem.startswith("RDS "))  # a route's missing cluster is blamed above
+    return found
+
+
+@functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
+def _route_violations(resource: Resource) -> tuple[tuple[Violation, ...], tuple[tuple[str, str], ...]]:
+    """What one route configuration breaks on its own, and the (virtual host, cluster) it names.
+    Route configurations are immutable and most survive a change: each version is read once."""
+    config = _decode_route(resource)
+    route = resource.name
+    found: list[Violation] = []
+    named: list[tuple[str, str]] = []
+    domains: dict[str, str] = {}
+    names: set[str] = set()
+    for vh in config.virtual_hosts:
+        if vh.name in names:
+            found.append(Violation(f"route {route}: two virtual hosts named {vh.name!r}", frozenset({vh.name})))
+        names.add(vh.name)
+        seen_here: set[str] = set()
+        if not vh.domains:
+            found.append(Violation(f"route {route}: virtual host {vh.name} has no domain", frozenset({vh.name})))
+        for domain in vh.domains:
+            problem = _domain_problem(domain)
+            if problem is not None:
+                found.append(Violation(f"route {route}: virtual host {vh.name}: {problem}", frozenset({vh.name})))
+            other = domains.setdefault(domain.lower(), vh.name)
+            if other != vh.name or domain.lower() in seen_here:
+                found.append(Violation(
+                    f"route {route}: domain {domain!r} is served twice (virtual hosts {other} and {vh.name});"
+                    " Envoy permits only unique domains",
+                    frozenset({other, vh.name}),
+                ))
+            seen_here.add(domain.lower())
+        for r in vh.routes:
+            weighted = r.route.weighted_clusters.clusters
+            if r.route.HasField("weighted_clusters") and sum(c.weight.value for c in weighted) == 0:
+                found.append(Violation(f"route {route}: virtual host {vh.name}: weights add up to 0",
+                                       frozenset({vh.name})))
+            named.extend((vh.name, c.name) for c in weighted)
+            if r.route.cluster:
+                named.append((vh.name, r.route.cluster))
+    return tuple(found), tuple(named)
+
+
+def _decode_route(resource: Resource) -> route_pb2.RouteConfiguration:
+    any_message = any_pb2.Any.FromString(resource.any_bytes)
+    config = route_pb2.RouteConfiguration()
+    any_message.Unpack(config)
+    return config

@@ -17,6 +17,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.proxy_events import ProxyDisconnected, ProxyEvent
 from aviary.discovery.sotw import SotwStream, StreamError
+from aviary.listen import ListenError, check_can_listen, grpc_options
 
 log = logging.getLogger("aviary.xds")
 
@@ -25,9 +26,51 @@ ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 _WAKE = object()
 _END = object()
 
+# grpc core queues a new call until the (single-threaded) aio server picks it up, and past
+# ``grpc.server.max_pending_requests`` (default 1,000) it rejects new calls at random, all of them
+# past the hard limit (default 3,000). Proxies reconnecting at once after a restart, or 2,000 ADS
+# streams starting together (tests/e2e/test_churn.py), overflowed the defaults: 3-5 % of stream
+# starts were reset by this server (RST_STREAM after a CANCELLED status) while its handlers never
+# saw them. The queue holds calls that have only sent their headers: cheap to keep.
+MAX_PENDING_STREAMS = 20_000
+
 
 def _identity(data: bytes) -> bytes:
     return data
+
+
+class UnimplementedMethods(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc ships no types
+    """Registered after the ADS handler, so it sees only methods this server does not serve.
+
+    It answers UNIMPLEMENTED as grpc would, but first logs the method and the peer, once per
+    (method, peer host): an Envoy whose bootstrap says ``api_type: DELTA_GRPC`` retries such a call
+    forever and stays in PRE_INITIALIZING, and without this line the server gives no hint why.
+    """
+
+    _MAX_LOGGED = 1024  # distinct (method, host) pairs remembered; a client inventing names cannot grow it
+
+    def __init__(self) -> None:
+        self._logged: set[tuple[str, str]] = set()
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+
+        async def refuse(requests: object, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+            peer = context.peer()
+            key = (method, peer.rsplit(":", 1)[0])  # "ipv4:10.0.0.5:41234": the port changes per connection
+            if key not in self._logged and len(self._logged) < self._MAX_LOGGED:
+                self._logged.add(key)
+                log.warning("unimplemented RPC %s from %s: %s", method, peer, _unimplemented_hint(method))
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {method}")
+
+        # Stream-stream fits every call shape; no deserializer: the request is never read.
+        return grpc.stream_stream_rpc_method_handler(refuse)
+
+
+def _unimplemented_hint(method: str) -> str:
+    if method == f"/{ADS_SERVICE}/DeltaAggregatedResources":
+        return "delta xDS is not supported: set dynamic_resources.ads_config.api_type to GRPC in the Envoy bootstrap"
+    return f"this server serves only /{ADS_SERVICE}/StreamAggregatedResources (State-of-the-World ADS)"
 
 
 class AggregatedDiscoveryService:
@@ -38,6 +81,18 @@ class AggregatedDiscoveryService:
         self.open_streams = 0
         self.refused_streams = 0  # ended with INVALID_ARGUMENT for a protocol violation
         self.broken_streams = 0  # ended by an unexpected error in this server: a bug
+        self._inboxes: set[asyncio.Queue[object]] = set()
+        self._closing = False
+
+    def close(self) -> None:
+        """End every stream cleanly (status OK) and refuse new ones: call before stopping the server.
+
+        grpc's own stop cancels the handlers still running after its grace period, and logs each
+        cancelled one as an unhandled exception with a traceback; ended here, there is none left.
+        """
+        self._closing = True
+        for inbox in self._inboxes:
+            inbox.put_nowait(_END)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -56,8 +111,11 @@ class AggregatedDiscoveryService:
         requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, bytes],
     ) -> None:
+        if self._closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the control plane is shutting down")
         stream = SotwStream(next(self._stream_ids), context.peer(), self._cache, self._emit)
         inbox: asyncio.Queue[object] = asyncio.Queue()
+        self._inboxes.add(inbox)
         wake_pending = False
 
         def wake() -> None:
@@ -100,6 +158,7 @@ class AggregatedDiscoveryService:
             raise
         finally:
             self.open_streams -= 1
+            self._inboxes.discard(inbox)
             reader.cancel()
             if watch is not None:
                 self._cache.cancel(watch)
@@ -124,22 +183,36 @@ async def start_xds_server(
     address: str,
     service: AggregatedDiscoveryService,
     credentials: grpc.ServerCredentials | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
-    """Start serving ADS on `address`; returns the server and the bound port (for port 0)."""
+    """Start serving ADS on `address`; returns the server and the bound port (for port 0).
+
+    A busy address is a ``ListenError``: SO_REUSEPORT is off unless ``reuse_port`` (one instance
+    sharing the port among its own processes), so a second control plane cannot start silently
+    and split the proxies with the first (``aviary.listen``).
+    """
     server = grpc.aio.server(
         options=[
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.server.max_pending_requests", MAX_PENDING_STREAMS),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_STREAMS),
+            *grpc_options(reuse_port),
         ]
     )
-    server.add_generic_rpc_handlers((service.handler(),))
-    port = (
-        server.add_insecure_port(address)
-        if credentials is None
-        else server.add_secure_port(address, credentials)
-    )
+    server.add_generic_rpc_handlers((service.handler(), UnimplementedMethods()))  # the fallback last
+    try:
+        port = (
+            server.add_insecure_port(address)
+            if credentials is None
+            else server.add_secure_port(address, credentials)
+        )
+    except RuntimeError:  # grpcio's "Failed to bind"; the OS error went to its log only
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen for xDS on {address}")
+        check_can_listen("xds", address)  # raises with the OS error if it can name one
+        raise ListenError("xds", address, "cannot listen")
     await server.start()
     return server, port

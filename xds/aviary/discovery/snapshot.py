@@ -23,7 +23,8 @@ from google.protobuf.message import Message
 from aviary.discovery import typeurls, wire
 
 
-def _digest(*parts: bytes) -> str:
+def digest(*parts: bytes) -> str:
+    """A short content hash: resource versions, and the digests of a resource's `parts`."""
     h = hashlib.blake2b(digest_size=8)
     for part in parts:
         h.update(part)
@@ -38,6 +39,9 @@ class Resource:
     meant for proxyless gRPC clients (`api_listener`) are only sent to those who name them.
     `references` are the names, in the next type down, this resource needs to be useful
     (listener -> route configuration, route -> clusters, EDS cluster -> load assignment).
+    `parts` are (name, digest) of the independent pieces of a resource shared by several owners
+    (the virtual hosts of a route configuration), so that when a proxy rejects the resource, the
+    piece that changed since the version it accepted can be told from those that did not.
     """
 
     name: str
@@ -47,6 +51,7 @@ class Resource:
     entry: bytes
     wildcard: bool = True
     references: frozenset[str] = frozenset()
+    parts: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_message(
@@ -57,17 +62,19 @@ class Resource:
         *,
         wildcard: bool = True,
         references: Iterable[str] = (),
+        parts: Iterable[tuple[str, str]] = (),
     ) -> Resource:
         value = message.SerializeToString(deterministic=True)
         any_bytes = wire.encode_any(type_url, value)
         return cls(
             name=name,
             type_url=type_url,
-            version=_digest(value),
+            version=digest(value),
             any_bytes=any_bytes,
             entry=wire.resources_entry(any_bytes),
             wildcard=wildcard,
             references=frozenset(references),
+            parts=tuple(parts),
         )
 
 

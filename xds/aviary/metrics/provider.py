@@ -30,6 +30,11 @@ class MetricProvider(Protocol):
     Returns None when the query matched no series (no data), the value otherwise, NaN included
     (``0/0``, a histogram without samples): the judge turns both into INCONCLUSIVE. Raises
     ``MetricProviderError`` when the backend cannot answer; never anything else.
+
+    ``timeout`` (seconds, derived from the analysis' ``checkEvery``) is how long the caller waits:
+    a provider gives up by then (a shorter limit of its own may apply) and names the timeout in its
+    error, and must not let abandoned queries pile up (threads, connections) while the backend hangs.
+    ``repr(provider)`` names the backend in messages.
     """
 
-    async def query_scalar(self, promql: str) -> float | None: ...
+    async def query_scalar(self, promql: str, timeout: float) -> float | None: ...

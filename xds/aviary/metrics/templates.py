@@ -50,7 +50,7 @@ def promql_duration(seconds: float) -> str:
 
 
 def _label(value: str) -> str:
-    """A PromQL string literal body (cluster names are [a-z0-9.-], but never trust that blindly)."""
+    """A PromQL string literal body (cluster names are [a-z0-9._-], but never trust that blindly)."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["format_duration", "parse_duration"]
+__all__ = ["format_duration", "parse_duration", "parse_flag_duration"]
 
 # Units largest first: a compound duration must list them in this order, each at most once, so that
 # "30s1m" (almost certainly a typo) is rejected instead of silently meaning 90 seconds.
@@ -35,6 +35,33 @@ def parse_duration(value: str | int | float) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"duration must be greater than zero, got {value!r}")
     return seconds
+
+
+def parse_flag_duration(text: str, *, allow_zero: bool = False) -> float:
+    """A command-line duration in seconds: "10s", "1m30s", "500ms", or a bare number of seconds ("10").
+
+    Unlike policy files, a bare number is accepted: ``--git-poll 10`` meant seconds before flags took
+    units, and scripts written then keep working. ``allow_zero`` for flags where 0 means "not at all".
+    The ``ValueError`` reads ``invalid duration 'abc': <reason>``, ready to follow the flag's name.
+    """
+    stripped = text.strip()
+    try:
+        seconds = float(stripped)
+    except ValueError:
+        try:
+            seconds = _parse_text(stripped)
+        except ValueError as exc:
+            raise ValueError(f"invalid duration {text!r}: {_flag_reason(str(exc))}") from None
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        bound = "zero or more" if allow_zero else "greater than zero"
+        raise ValueError(f"invalid duration {text!r}: must be {bound}")
+    return seconds
+
+
+def _flag_reason(message: str) -> str:
+    if "largest to smallest" in message:
+        return "units must go from largest to smallest, each once"
+    return 'expected a number of seconds or a duration such as "500ms", "10s", "2m", "1h" or "1m30s"'
 
 
 def _parse_text(text: str) -> float:

@@ -19,13 +19,17 @@ and git's stderr, with any password in a URL replaced by ``***``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
 __all__ = ["GitError", "redact", "run_git", "run_git_bytes", "validate_repository_url"]
+
+KILL_WAIT_SECONDS = 5.0  # after SIGKILL of the group, how long to wait for the exit to be reported
 
 _ALLOWED_SCHEMES = ("https", "http", "ssh", "file")
 _EXPECTED = "expected https://, http://, ssh://, file://, user@host:path or an existing local path"
@@ -51,6 +55,18 @@ class GitError(Exception):
         status = "timed out or could not start" if returncode is None else f"exit {returncode}"
         detail = f": {self.stderr}" if self.stderr else ""
         super().__init__(f"{' '.join(self.command)} failed ({status}){detail}")
+
+    @property
+    def short(self) -> str:
+        """One line for status displays: the git subcommand and git's first message, without the
+        ``fatal:``/``error:`` prefix or the advice paragraphs git adds (the log has the full text)."""
+        verb = next((arg for arg in self.command[1:] if not arg.startswith("-")), "git")
+        first = next((line.strip() for line in self.stderr.splitlines() if line.strip()), "")
+        for prefix in ("fatal: ", "error: "):
+            first = first.removeprefix(prefix)
+        if not first:
+            first = "timed out or could not start" if self.returncode is None else f"exit {self.returncode}"
+        return f"git {verb}: {first}"
 
 
 def redact(text: str) -> str:
@@ -89,6 +105,7 @@ async def run_git_bytes(args: Sequence[str], cwd: Path, timeout: float, stdin: b
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group: the helpers git starts go with it
         )
     except OSError as exc:
         raise GitError(command, f"cannot start git: {exc.strerror or exc}") from exc
@@ -98,11 +115,23 @@ async def run_git_bytes(args: Sequence[str], cwd: Path, timeout: float, stdin: b
         raise GitError(command, f"timed out after {timeout:g}s") from None
     finally:
         if process.returncode is None:  # timed out or cancelled: never leave git running
-            process.kill()
-            await asyncio.shield(process.wait())
+            await asyncio.shield(_kill_group(process))
     if process.returncode != 0:
         raise GitError(command, stderr.decode("utf-8", "replace"), process.returncode)
     return stdout
+
+
+async def _kill_group(process: asyncio.subprocess.Process) -> None:
+    """Kill git and every helper it started (fetch runs upload-pack, ssh, remote-https...).
+
+    Killing git alone is not enough: a helper that inherited git's stdout keeps the pipe open, and
+    asyncio reports the exit only once every pipe is closed, so a stop or a timeout would wait for
+    that helper to finish on its own (seen: 20 s for a 1 s timeout).
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(process.wait(), KILL_WAIT_SECONDS)
 
 
 async def run_git(args: Sequence[str], cwd: Path, timeout: float) -> str:

@@ -14,7 +14,15 @@ and ``on_change(policy_set, errors)``), with a commit instead of a directory sca
 - Errors name the commit in ``PolicyError.file`` as ``<short sha>:<path in repository>``, e.g.
   ``abc1234:policies/checkout.yaml``: exactly what ``git show`` takes to print the file.
 - A failed fetch (network, credentials) is logged and retried on the next poll; what is serving
-  stays. At start-up without a reachable remote, the local copy of the branch is used.
+  stays. At start-up without a reachable remote, the local copy of the branch is used. While it
+  fails, ``fetch_error`` (one line), ``fetch_failing_since`` and ``fetch_failures`` say so, for
+  status and metrics; a WARNING is logged when it starts (or its reason changes), an INFO when
+  it clears.
+- A ``*.lock`` file left in the working copy by a git that was killed (a crash, an OOM kill, a
+  timeout of ours) would make every later fetch fail. Our own git commands run one at a time under
+  ``_lock``, so when one fails, any lock older than ``stale_lock_age`` seconds that no running
+  process can own (no process has its working directory inside the repository) is stale: it is
+  removed with a WARNING naming it and the poll is retried at once.
 - The working copy is a bare repository at ``<workdir>/repo.git``. It remembers the last applied
   commit (``refs/aviary/good/...``), so a restart while the branch head is broken serves that
   commit again rather than nothing.
@@ -26,23 +34,32 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 from aviary.policy.git import GitError, redact, run_git, run_git_bytes, validate_repository_url
 from aviary.policy.loader import LoadResult, PolicyBook, parse_policy_text
 from aviary.policy.schema import PolicyError, PolicySet, Rollout
 from aviary.policy.watcher import OnChange
+from aviary.policy.workers import Parsed, PolicyWorkers, WorkerFailed
 
-__all__ = ["SHORT_SHA", "GitPolicySource", "Rejection"]
+__all__ = ["SHORT_SHA", "STALE_LOCK_AGE", "GitPolicySource", "Rejection", "stale_locks"]
 
 logger = logging.getLogger("aviary.policy")
+_T = TypeVar("_T")
 
 SHORT_SHA = 7
 """Length of the commit prefix in error file names and log lines."""
+
+STALE_LOCK_AGE = 5.0
+"""Seconds after which a git lock file nobody can be holding is removed. Git holds its locks for
+milliseconds (a ref update, a config write); a few seconds leaves room for a slow disk."""
 
 _WHOLE_FILE = "-"
 _SUFFIXES = (".yaml", ".yml")
@@ -80,6 +97,7 @@ class GitPolicySource:
         path: str = "",
         poll_interval: float = 10.0,
         git_timeout: float = 60.0,
+        stale_lock_age: float = STALE_LOCK_AGE,
     ) -> None:
         self._url = validate_repository_url(repository)
         if branch is not None and (not branch or _BAD_BRANCH.search(branch)):
@@ -91,16 +109,21 @@ class GitPolicySource:
         self._on_change = on_change
         self._poll_interval = poll_interval
         self._timeout = git_timeout
+        self._stale_lock_age = stale_lock_age
         identity = hashlib.sha256(f"{branch or ''}\0{self._path}".encode()).hexdigest()[:16]
         self._good_ref = f"refs/aviary/good/{identity}"
         self._reload = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._workers = PolicyWorkers(workers=1)  # parsing a commit's files never blocks the event loop
+        self._in_worker = False  # at start-up nothing is served yet: a thread is quicker than a new worker
         self._ready = False
         self._current = PolicySet()
         self._seen: str | None = None
         self._default: str | None = None
         self._last_rejection: Rejection | None = None
         self._fetch_error: str | None = None
+        self._fetch_failing_since: float | None = None
+        self._fetch_failures = 0
 
     @property
     def current(self) -> PolicySet:
@@ -113,8 +136,18 @@ class GitPolicySource:
 
     @property
     def fetch_error(self) -> str | None:
-        """Why the last poll could not reach the branch head; None when it could."""
+        """Why the last poll could not reach the branch head (one line); None when it could."""
         return self._fetch_error
+
+    @property
+    def fetch_failing_since(self) -> float | None:
+        """Unix time of the first failed poll of the current run of failures; None when it works."""
+        return self._fetch_failing_since
+
+    @property
+    def fetch_failures(self) -> int:
+        """Polls that could not reach the branch head since start (a counter, for metrics)."""
+        return self._fetch_failures
 
     def reload(self) -> None:
         """Poll now instead of waiting for the interval (SIGHUP)."""
@@ -138,29 +171,35 @@ class GitPolicySource:
             return self._current
 
     async def run(self) -> None:
-        while True:
-            self._reload.clear()
-            try:
-                async with self._lock:
-                    await self._poll(notify=True, offline_ok=False)
-            except Exception:
-                logger.exception("policy poll of %s failed", redact(self._url))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reload.wait(), timeout=self._poll_interval)
+        self._in_worker = True  # serving now: a parse must not hold up the event loop
+        try:
+            while True:
+                self._reload.clear()
+                try:
+                    async with self._lock:
+                        await self._poll(notify=True, offline_ok=False)
+                except Exception:
+                    logger.exception("policy poll of %s failed", redact(self._url))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._reload.wait(), timeout=self._poll_interval)
+        finally:  # cancelled at stop: the worker process goes too
+            await asyncio.shield(self._workers.close())
 
     # ------------------------------------------------------------------------------------ polling
 
     async def _poll(self, *, notify: bool, offline_ok: bool) -> str | None:
         """Bring the branch head in and apply it if it is new; return its SHA (None if unknown)."""
         try:
-            await self._ensure_repository()
-            head = await self._fetch_head()
+            head = await self._unlocking(self._reach_head)
         except (GitError, _Unavailable, OSError) as exc:
-            message = str(exc)
+            message = exc.short if isinstance(exc, GitError) else str(exc)
             if message != self._fetch_error:
                 logger.warning("policy fetch from %s failed, retrying every %gs: %s",
-                               redact(self._url), self._poll_interval, message)
+                               redact(self._url), self._poll_interval, exc)
             self._fetch_error = message
+            self._fetch_failures += 1
+            if self._fetch_failing_since is None:
+                self._fetch_failing_since = time.time()
             if not offline_ok or not self._ready:
                 return None
             local = await self._local_head()
@@ -169,14 +208,34 @@ class GitPolicySource:
             head = local
         else:
             if self._fetch_error is not None:
-                logger.info("policy fetch from %s works again", redact(self._url))
+                failed_for = time.time() - (self._fetch_failing_since or time.time())
+                logger.info("policy fetch from %s works again (it failed for %.0fs)", redact(self._url), failed_for)
             self._fetch_error = None
+            self._fetch_failing_since = None
         if head != self._seen:
             try:
                 await self._apply(head, notify=notify)
             except (GitError, OSError) as exc:  # the working copy itself is in trouble: retry next poll
                 logger.warning("cannot read policy commit %s: %s", head[:SHORT_SHA], exc)
         return head
+
+    async def _reach_head(self) -> str:
+        await self._ensure_repository()
+        return await self._fetch_head()
+
+    async def _unlocking(self, action: Callable[[], Awaitable[_T]]) -> _T:
+        """``action()``; if git fails and stale lock files are found and removed, ``action()`` again
+        at once (once). Called with ``_lock`` held, so no git command of ours is running meanwhile."""
+        try:
+            return await action()
+        except GitError:
+            removed = await asyncio.to_thread(stale_locks, self._repo, self._stale_lock_age, True)
+            if not removed:
+                raise
+            for path, age in removed:
+                logger.warning("removed stale git lock %s (%.0fs old, left by a git process that did not "
+                               "finish); retrying now", path, age)
+        return await action()
 
     async def _ensure_repository(self) -> None:
         if self._ready:
@@ -246,7 +305,7 @@ class GitPolicySource:
         self._last_rejection = None
         logger.info("policy commit %s applied (%d rollouts)", short, len(policy_set.rollouts))
         try:
-            await self._git(["update-ref", self._good_ref, sha])
+            await self._unlocking(lambda: self._git(["update-ref", self._good_ref, sha]))
         except (GitError, OSError) as exc:
             logger.warning("could not record %s as the last good policy commit: %s", short, exc)
         if notify:
@@ -282,14 +341,14 @@ class GitPolicySource:
             else:
                 blobs[file] = blob_id.decode("ascii")
         contents = await self._read_blobs(list(blobs.values()))
-        valid: dict[str, Rollout] = {}
+        texts: dict[str, str] = {}
         for file, oid in sorted(blobs.items()):
             try:
-                text = contents[oid].decode("utf-8")
+                texts[file] = contents[oid].decode("utf-8")
             except UnicodeDecodeError as exc:
                 errors.append(PolicyError(file, _WHOLE_FILE, f"not UTF-8 text: {exc.reason} at byte {exc.start}"))
-                continue
-            rollout, parse_errors = parse_policy_text(text, file)
+        valid: dict[str, Rollout] = {}
+        for file, (rollout, parse_errors) in sorted((await self._parse(texts)).items()):
             errors.extend(parse_errors)
             if rollout is not None:
                 valid[file] = rollout
@@ -299,6 +358,15 @@ class GitPolicySource:
         if book_errors:
             return PolicySet(), [PolicyError(f"{short}:{e.file}", e.field, e.reason) for e in book_errors]
         return PolicySet(policy_set.rollouts, policy_set.files, revision=sha), []
+
+    async def _parse(self, texts: dict[str, str]) -> dict[str, Parsed]:
+        """Parse and validate in a worker process: a large policy set would hold the GIL for seconds."""
+        if self._in_worker and texts:
+            try:
+                return await self._workers.parse_texts(texts)
+            except WorkerFailed as exc:  # a thread, which holds the GIL at times, beats no load
+                logger.warning("policy worker unavailable (%s); parsing in a thread", exc)
+        return await asyncio.to_thread(lambda: {f: parse_policy_text(t, f) for f, t in texts.items()})
 
     async def _read_blobs(self, oids: list[str]) -> dict[str, bytes]:
         """Contents of many blobs from one ``git cat-file --batch``."""
@@ -329,6 +397,56 @@ class GitPolicySource:
             return (await self._git(args)).strip() or None
         except GitError:
             return None
+
+
+def stale_locks(repository: Path, min_age: float, remove: bool = False) -> list[tuple[Path, float]]:
+    """Git lock files (``*.lock``: ``index.lock``, ``config.lock``, ``packed-refs.lock``,
+    ``shallow.lock``, ``refs/**.lock``, ...) under ``repository`` older than ``min_age`` seconds,
+    with their age; removed when ``remove``.
+
+    None is reported while any process has its working directory inside the repository: that
+    could be a git still at work (ours run there; one left over from a killed Aviary would too).
+    The caller makes sure no git command of its own is running.
+    """
+    now = time.time()
+    old: list[tuple[Path, float]] = []
+    for folder, _, names in os.walk(repository):
+        for name in names:
+            if name.endswith(".lock"):
+                path = Path(folder) / name
+                with contextlib.suppress(FileNotFoundError):  # its owner finished meanwhile
+                    if (age := now - path.lstat().st_mtime) >= min_age:
+                        old.append((path, age))
+    if not old or _processes_inside(repository):
+        return []
+    found: list[tuple[Path, float]] = []
+    for path, age in old:
+        if remove:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+        found.append((path, age))
+    return found
+
+
+def _processes_inside(repository: Path) -> bool:
+    """Whether a process (other than this one) works inside ``repository``; False where /proc
+    cannot tell (the age of the lock is the only guard then)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return False
+    inside = str(repository.resolve())
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:  # gone meanwhile, or another user's: not ours
+            continue
+        if cwd == inside or cwd.startswith(inside + os.sep):
+            return True
+    return False
 
 
 def _default_branch(listing: str) -> tuple[str | None, str | None]:

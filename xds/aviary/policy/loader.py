@@ -13,9 +13,10 @@ Three layers, each usable on its own:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,21 @@ from aviary.policy import schema
 from aviary.policy.schema import FieldIssue, PolicyError, PolicySet, Rollout
 from aviary.policy.yaml_guard import yaml_bomb
 
-__all__ = ["LoadResult", "PolicyBook", "load_directory", "parse_policy_text", "validate_paths"]
+__all__ = [
+    "MAX_POLICY_BYTES",
+    "LoadResult",
+    "PolicyBook",
+    "load_directory",
+    "load_paths",
+    "parse_policy_text",
+    "validate_paths",
+]
 
 WHOLE_FILE = "-"
 _SUFFIXES = (".yaml", ".yml")
+# One Rollout per file: 1 MiB is some 20,000 hosts, and takes about 1.5 s to parse and validate.
+# Files, git commits and the admin API's Validate are all held to it (Validate refuses before parsing).
+MAX_POLICY_BYTES = 1024 * 1024
 
 
 # ------------------------------------------------------------------------------------- one file
@@ -54,6 +66,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def parse_policy_text(text: str, file: str) -> tuple[Rollout | None, list[PolicyError]]:
     """Parse one policy document; on failure return every problem found, never raise."""
+    if len(text) * 4 > MAX_POLICY_BYTES and (size := len(text.encode("utf-8", "surrogatepass"))) > MAX_POLICY_BYTES:
+        return None, [PolicyError(file, WHOLE_FILE, f"file is {size:,} bytes; the limit is {MAX_POLICY_BYTES:,} bytes")]
     refused = yaml_bomb(text)
     if refused is not None:
         return None, [PolicyError(file, WHOLE_FILE, f"invalid YAML: {refused}")]
@@ -149,9 +163,10 @@ def _translate(file: str, error: ErrorDetails) -> PolicyError:
 class LoadResult:
     """One look at a policy directory.
 
-    ``rollouts`` and ``errors`` are the stateless verdict (cross-file conflicts: lexically first file
-    wins). ``valid`` keeps every rollout that was valid on its own, including conflict losers,
-    because ``PolicyBook`` resolves conflicts differently: in favour of what already serves.
+    ``rollouts`` and ``errors`` are the stateless verdict (cross-file conflicts: the older file wins,
+    by modification time, then name, so the file blamed is the one a running server refuses: the
+    newcomer). ``valid`` keeps every rollout that was valid on its own, including conflict losers,
+    because ``PolicyBook`` resolves conflicts in favour of what already serves.
     ``listed`` is False when the directory itself could not be read, so nothing can be concluded
     about which files went away.
     """
@@ -161,13 +176,19 @@ class LoadResult:
     files: dict[str, str]
     valid: dict[str, Rollout] = field(default_factory=dict)
     listed: bool = True
+    modified: dict[str, int] = field(default_factory=dict)  # file -> mtime (ns); git blobs have none
+
+    def claim_order(self, file: str) -> tuple[int, str]:
+        """Among newcomers, the older file claims first (then the lexically first)."""
+        return self.modified.get(file, 0), file
 
     def file_errors(self) -> list[PolicyError]:
         """Errors of files that are broken on their own (not cross-file conflicts)."""
         return [error for error in self.errors if error.file not in self.valid]
 
 
-def _policy_files(directory: Path) -> list[Path]:
+def policy_files(directory: Path) -> list[Path]:
+    """Which files in ``directory`` are policy files: the one rule, for the server and both validates."""
     return sorted(
         entry
         for entry in directory.iterdir()
@@ -193,9 +214,12 @@ def _read(path: Path) -> tuple[str | None, str, list[PolicyError]]:
 def _load_files(paths: Iterable[Path], errors: list[PolicyError]) -> LoadResult:
     files: dict[str, str] = {}
     valid: dict[str, Rollout] = {}
+    modified: dict[str, int] = {}
     for path in paths:
         text, digest, read_errors = _read(path)
         files[str(path)] = digest
+        with contextlib.suppress(OSError):
+            modified[str(path)] = path.stat().st_mtime_ns
         errors.extend(read_errors)
         if text is None:
             continue
@@ -203,19 +227,21 @@ def _load_files(paths: Iterable[Path], errors: list[PolicyError]) -> LoadResult:
         errors.extend(parse_errors)
         if rollout is not None:
             valid[str(path)] = rollout
+    result = LoadResult({}, errors, files, valid, modified=modified)
     claims = _Claims()
-    for file in sorted(valid):
+    for file in sorted(valid, key=result.claim_order):
         conflicts = claims.conflicts(file, valid[file])
         errors.extend(conflicts)
         if not conflicts:
             claims.add(file, valid[file])
-    return LoadResult(claims.rollouts(), errors, files, valid)
+    result.rollouts.update(claims.rollouts())
+    return result
 
 
 def load_directory(path: Path) -> LoadResult:
     """Load ``*.yaml``/``*.yml`` directly inside ``path`` (no hidden files, no subdirectories)."""
     try:
-        paths = _policy_files(path)
+        paths = policy_files(path)
     except OSError as exc:
         error = PolicyError(str(path), WHOLE_FILE, f"cannot read directory: {exc.strerror or exc}")
         return LoadResult({}, [error], {}, listed=False)
@@ -224,11 +250,16 @@ def load_directory(path: Path) -> LoadResult:
 
 def validate_paths(paths: Sequence[Path]) -> list[PolicyError]:
     """Check files and/or directories together, as ``aviary validate PATH...`` does."""
+    return load_paths(paths).errors
+
+
+def load_paths(paths: Sequence[Path]) -> LoadResult:
+    """Files and/or directories loaded together: ``validate_paths`` with the valid rollouts too."""
     errors: list[PolicyError] = []
     selected: dict[Path, Path] = {}
     for path in paths:
         try:
-            found = _policy_files(path) if path.is_dir() else [path] if path.exists() else None
+            found = policy_files(path) if path.is_dir() else [path] if path.exists() else None
         except OSError as exc:
             errors.append(PolicyError(str(path), WHOLE_FILE, f"cannot read directory: {exc.strerror or exc}"))
             continue
@@ -237,7 +268,7 @@ def validate_paths(paths: Sequence[Path]) -> list[PolicyError]:
             continue
         for file in found:
             selected.setdefault(file.resolve(), file)
-    return _load_files(selected.values(), errors).errors
+    return _load_files(selected.values(), errors)
 
 
 # ---------------------------------------------------------------------------------- cross-file
@@ -252,20 +283,20 @@ class _Claims:
         self._hosts: dict[tuple[str, str], str] = {}
 
     @staticmethod
-    def _host_keys(rollout: Rollout) -> list[tuple[str, str]]:
+    def host_keys(rollout: Rollout) -> list[tuple[str, str]]:
         return [(rollout.spec.listener.key, host.casefold()) for host in rollout.spec.hosts]
 
     def add(self, file: str, rollout: Rollout) -> None:
         self._by_file[file] = rollout
         self._names[rollout.name] = file
-        for key in self._host_keys(rollout):
+        for key in self.host_keys(rollout):
             self._hosts[key] = file
 
     def remove(self, file: str) -> Rollout | None:
         rollout = self._by_file.pop(file, None)
         if rollout is not None:
             del self._names[rollout.name]
-            for key in self._host_keys(rollout):
+            for key in self.host_keys(rollout):
                 del self._hosts[key]
         return rollout
 
@@ -276,7 +307,7 @@ class _Claims:
         if owner is not None and owner != file:
             reason = f"rollout name {rollout.name!r} is already used by {owner}"
             errors.append(PolicyError(file, "metadata.name", reason))
-        for index, key in enumerate(self._host_keys(rollout)):
+        for index, key in enumerate(self.host_keys(rollout)):
             owner = self._hosts.get(key)
             if owner is not None and owner != file:
                 other = self._by_file[owner].name
@@ -299,6 +330,36 @@ class _Claims:
             rollouts={name: rollout for name, (rollout, _) in entries.items()},
             files={name: file for name, (_, file) in entries.items()},
         )
+
+
+def orphan_conflicts(
+    policy_set: PolicySet, orphans: Mapping[str, Rollout], kept: Mapping[str, Rollout] | None = None
+) -> list[PolicyError]:
+    """Hosts of `policy_set` that an orphaned rollout (its file removed, kept serving without
+    --prune) still serves on the same listener: Envoy rejects a route configuration that carries a
+    domain twice, and would then take no change for any rollout on that listener. `kept` are
+    rollouts whose new version was refused and whose previous version therefore keeps serving."""
+    served: dict[tuple[str, str], str] = {}
+    for name, orphan in sorted(orphans.items()):
+        for key in _Claims.host_keys(orphan):
+            served.setdefault(key, f"orphaned rollout {name} (its policy file was removed; restart with --prune "
+                                   "to drop it)")
+    for name, previous in sorted((kept or {}).items()):
+        for key in _Claims.host_keys(previous):
+            served.setdefault(key, f"rollout {name} (its new version is refused, so its previous version keeps "
+                                   "serving)")
+    errors: list[PolicyError] = []
+    for name, rollout in sorted(policy_set.rollouts.items()):
+        if name in (kept or {}):
+            continue
+        file = policy_set.files.get(name, name)
+        for index, key in enumerate(_Claims.host_keys(rollout)):
+            holder = served.get(key)
+            if holder is None:
+                continue
+            reason = f"host {rollout.spec.hosts[index]!r} on listener {key[0]} is still served by {holder}"
+            errors.append(PolicyError(file, f"spec.hosts[{index}]", reason))
+    return errors
 
 
 class PolicyBook:
@@ -328,7 +389,7 @@ class PolicyBook:
         serving = claims.serving()
         changed = [f for f in sorted(result.valid) if serving.get(f) != result.valid[f]]
         # Files already serving go first so a newcomer cannot grab what they are about to release.
-        pending = sorted(changed, key=lambda f: (f not in serving, f))
+        pending = sorted(changed, key=lambda f: (f not in serving, *result.claim_order(f)))
         progress = True
         while pending and progress:
             progress = False

@@ -13,4 +13,6 @@ class PolicyState:
     applied_commit: str | None = None
     rejected_commit: str | None = None
     errors: tuple[PolicyError, ...] = ()
-    fetch_error: str | None = None
+    fetch_error: str | None = None  # git: why the branch head cannot be reached (one line)
+    fetch_failing_since: float | None = None  # git: Unix time of the first failure of this run
+    fetch_failures: int = 0  # git: failed polls since start
