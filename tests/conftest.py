@@ -13,6 +13,7 @@ from typing import Protocol
 import pytest
 
 from tests.rig.backends import Backends
+from tests.rig.containers import in_runtime, runtime
 from tests.rig.control_plane import RunningControlPlane
 from tests.rig.envoy import EnvoyProcess
 from tests.rig.grpc_backend import GrpcBackends
@@ -25,6 +26,11 @@ class _Describable(Protocol):
 
 
 _FAILED = pytest.StashKey[bool]()
+
+
+def pytest_report_header() -> str:
+    """Where the Envoy and Prometheus fixtures run (tests/rig/containers.py)."""
+    return f"aviary rig: {runtime().reason}"
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -88,7 +94,8 @@ def envoy_factory(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Env
         delta: bool = False,
         start: bool = True,
     ) -> EnvoyProcess:
-        envoy = EnvoyProcess(workdir / f"envoy-{len(made)}", xds_port, node_id, node_cluster, delta)
+        # A local process, or a container with AVIARY_TEST_DOCKER=1 and a Docker engine (tests/rig/containers.py).
+        envoy = in_runtime(EnvoyProcess(workdir / f"envoy-{len(made)}", xds_port, node_id, node_cluster, delta))
         made.append(envoy)
         return envoy.start() if start else envoy
 
@@ -110,7 +117,7 @@ def prometheus_factory(workdir: Path, request: pytest.FixtureRequest) -> Iterato
     made: list[PrometheusProcess] = []
 
     def make(scrape_targets: list[str], scrape_interval: str = "1s", start: bool = True) -> PrometheusProcess:
-        prom = PrometheusProcess(workdir / f"prometheus-{len(made)}", scrape_targets, scrape_interval)
+        prom = in_runtime(PrometheusProcess(workdir / f"prometheus-{len(made)}", scrape_targets, scrape_interval))
         made.append(prom)
         return prom.start() if start else prom
 
