@@ -46,7 +46,7 @@ OLD, CANARY = cluster_name(NAME, "v1"), cluster_name(NAME, "v2")
 CLIENTS = 4
 DOWNTIME = 6.0  # seconds the plane stays dead: longer than the 2 s step
 RESULTS_FILE = Path(__file__).resolve().parent / ".results" / "restart_gap.json"
-TRANSITION = re.compile(rf"^rollout {NAME}: (\S+) -> (\S+) weight=(\d+)")
+TRANSITION = re.compile(rf"^rollout {NAME}: (\S+) -> (\S+), ")
 RDS_SUCCESS = r"\.rds\.route-.*\.update_success$"  # Envoy's counter of RDS updates it accepted
 
 
@@ -169,7 +169,7 @@ def test_restart_longer_than_the_step_waits_for_envoy_before_promoting(
     messages = [str(e.get("message", "")) for e in entries]
     connected = next(i for i, m in enumerate(messages) if m.startswith(f"proxy connected: node={NODE} "))
     transitions = [(i, match.groups()) for i, m in enumerate(messages) if (match := TRANSITION.match(m))]
-    promoting = [i for i, (_, to, _) in transitions if to in ("Promoting", "Stable")]
+    promoting = [i for i, (_, to) in transitions if to in ("Promoting", "Stable")]
     waiting = [m for m in messages if m.startswith("waiting up to 30s for 1 proxies to reconnect")]
     evidence = "\n  ".join(f"{e.get('ts')} {e.get('logger')} {e.get('message')}" for e in entries[:60])
     first_promotion = entries[promoting[0]] if promoting else None

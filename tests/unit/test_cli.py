@@ -7,6 +7,7 @@ import argparse
 import importlib.metadata
 import io
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from aviary.cli import build_parser, main
 from aviary.policy.loader import parse_policy_text
 from aviary.policy.schema import PolicySet, Rollout
 from aviary.policy.server_rules import PROMETHEUS_NEEDED, needs_prometheus, refuse_unserviceable
+from aviary.store.sqlite import StateStore
 from tests.rig.policies import rollout_doc
 
 # ---- durations -----------------------------------------------------------------------------
@@ -249,3 +251,23 @@ def test_validate_counts_policy_files_like_the_server(tmp_path: Path, capsys: py
     (tmp_path / "README.md").write_text("not a policy\n")
     assert main(["validate", str(tmp_path)]) == 0
     assert capsys.readouterr().out == "2 file(s) valid\n"
+
+
+def test_serve_on_a_state_file_with_an_undecodable_row_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The row is only read while starting (after the file opened fine): that used to end in a
+    traceback and exit status 1."""
+    state = tmp_path / "state.db"
+    StateStore(state).close()
+    with sqlite3.connect(state) as db:
+        db.execute("INSERT INTO meta (key, value) VALUES ('alive', 'not json')")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    argv = ["serve", "--policies", str(policies), "--state", str(state), "--state-dir", str(tmp_path),
+            "--xds-address", "127.0.0.1:0", "--admin-address", "", "--metrics-address", ""]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"aviary serve: state file {state} is not usable") and err.count("\n") == 1, err

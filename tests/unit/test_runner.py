@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.director import TrafficDirector
 from aviary.discovery.proxy_status import ProxyStatus
@@ -36,3 +40,15 @@ def test_a_restored_step_does_not_run_until_its_weight_is_acked_again() -> None:
     now[0] = 2010.0 + 41.0
     runner.handle("checkout", Tick(now[0]))
     assert runner.status("checkout").weight == 60  # type: ignore[union-attr]
+
+
+def test_transition_log_lines_label_the_canary_weight(caplog: pytest.LogCaptureFixture) -> None:
+    """A promotion's last line said "Promoting -> Stable weight=0": read as "no traffic"."""
+    now = [2000.0]
+    runner = RolloutRunner(TrafficDirector(SnapshotCache(), ProxyStatus()), clock=lambda: now[0])
+    promoting = RolloutStatus("checkout", Phase.PROMOTING, V1, V2, weight=100)
+    runner.restore({"checkout": SavedRollout(promoting, ROLLOUT, 1020.0, None, ())}, last_alive=1020.0)
+    with caplog.at_level(logging.INFO, logger="aviary.engine"):
+        runner.handle("checkout", WeightAcked("v2", 100, now[0]))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rollout checkout: Promoting")]
+    assert len(lines) == 1 and lines[0].startswith("rollout checkout: Promoting -> Stable, all traffic to v2: "), lines

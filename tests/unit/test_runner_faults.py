@@ -58,13 +58,16 @@ class FlakyStore:
     def __init__(self) -> None:
         self.full = False
         self.saved: dict[str, RolloutStatus] = {}
+        self.saved_rollouts: dict[str, Rollout] = {}
         self.events: list[TransitionEvent] = []
+        self.published: dict[str, object] = {}
         self.failed_writes = 0
 
     def save(self, status: RolloutStatus, rollout: Rollout, events: Sequence[TransitionEvent] = (),
              git_commit: str | None = None) -> None:
         self._check()
         self.saved[status.rollout] = status
+        self.saved_rollouts[status.rollout] = rollout
         self.events.extend(events)
 
     def delete(self, name: str) -> None:
@@ -76,6 +79,7 @@ class FlakyStore:
 
     def save_published(self, name: str, published: object) -> None:
         self._check()
+        self.published[name] = published
 
     def _check(self) -> None:
         if self.full:
@@ -404,3 +408,32 @@ async def test_the_engine_task_is_restarted_when_it_fails(
         assert plane.health().serving
     finally:
         await plane.stop(0)
+
+
+def test_what_was_published_during_a_full_disk_is_saved_once_it_frees(stage: Stage) -> None:
+    """Before: the saved route stayed 80/20 after an abort on a full disk (only the status was
+    re-saved), so a restart sent reconnecting proxies the aborted canary's 20 % again."""
+    stage.canary_at_first_step()
+    stage.store.full = True
+    stage.runner.command("shop", Abort())
+    assert stage.envoy_weight() is None  # the rollback reached the director at once
+    assert not stage.runner.health().serving
+    stage.store.full = False
+    stage.now += runner_module.RETRY_SECONDS
+    stage.runner.retry()
+    saved = stage.store.published["shop"]
+    assert [weight for _, weight in saved.route] == [100], saved  # type: ignore[attr-defined]
+    assert stage.runner.health().serving
+
+
+def test_an_edited_host_is_saved_even_when_the_status_does_not_change(stage: Stage) -> None:
+    """An orphan restored after a restart must serve the hosts its file had last, not older ones."""
+    stage.apply("v1")
+    moved = rollout("v1").model_copy(deep=True)
+    spec = moved.spec.model_copy(update={"hosts": ("moved.example.com",)})
+    moved = moved.model_copy(update={"spec": spec})
+    saves = len(stage.store.saved)
+    stage.runner.apply_policies(PolicySet({"shop": moved}))
+    stage.runner.process_queued()
+    assert stage.runner.rollout("shop") == moved and saves == len(stage.store.saved)
+    assert stage.store.saved_rollouts["shop"].spec.hosts == ("moved.example.com",)

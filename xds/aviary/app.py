@@ -159,7 +159,9 @@ class ControlPlane:
                                    default_prometheus=self.config.prometheus_url)
             self._admin = await start_admin_server(self.config.admin, service)
             self.admin_port = self._admin.port
-            self._tasks.append(asyncio.create_task(self._report_health(self._admin), name="health-report"))
+            admin = self._admin
+            health_report = self._supervised("health report", lambda: self._report_health(admin))
+            self._tasks.append(asyncio.create_task(health_report, name="health-report"))
 
     def _reload_on_sighup(self) -> None:
         """One line per SIGHUP: an operator who sent it sees it arrived (the reload logs only changes)."""
@@ -173,6 +175,7 @@ class ControlPlane:
         if self._admin is not None:
             await self._admin.stop(grace)
             self._admin = None
+        self.director.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -119,6 +119,9 @@ def _serve(args: argparse.Namespace) -> int:
         except ListenError as exc:  # taken between the check above and now
             print(f"aviary serve: {_LISTEN_FLAGS[exc.role]} {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        except StateError as exc:  # a saved row that cannot be decoded, found while loading
+            print(f"aviary serve: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         finally:
             await plane.stop(STOP_GRACE_SECONDS)
 

@@ -72,6 +72,7 @@ from aviary.traffic import DesiredTraffic
 log = logging.getLogger("aviary.engine")
 
 EVENT_HISTORY = 200
+LOOP = ""  # the key of errors of the engine loop itself, outside any one rollout
 RETRY_SECONDS = 1.0  # how often a failed save, a pending policy or a failing rollout is tried again
 ProviderFactory = Callable[[str], MetricProvider]
 Clock = Callable[[], float]
@@ -262,7 +263,8 @@ class RolloutRunner:
 
     def health(self) -> EngineHealth:
         """Serving while every write succeeds; the problems, one line each, for status."""
-        problems = [f"rollout {name}: {error}" for name, error in sorted(self._engine_errors.items())]
+        problems = [f"{'engine loop' if name == LOOP else f'rollout {name}'}: {error}"
+                    for name, error in sorted(self._engine_errors.items())]
         problems += [f"rollout {name}: policy change not applied yet, retrying" for name in sorted(self._pending)]
         state_error = self.state_writes.state_error
         return EngineHealth(self.state_writes.writable, state_error, tuple(problems))
@@ -277,6 +279,11 @@ class RolloutRunner:
         again, then continues with the time it had already spent; its analysis starts afresh.
         """
         published = self._store.load_published() if self._store is not None else {}
+        with self._director.batch():  # one publish for all, not one partial snapshot per rollout
+            self._restore_each(saved, published, last_alive)
+
+    def _restore_each(self, saved: Mapping[str, SavedRollout], published: Mapping[str, SavedPublished],
+                      last_alive: float | None) -> None:
         for name, entry in saved.items():
             if name in published:  # clusters a proxy's route may still name, retiring ones included
                 state = published[name]
@@ -417,8 +424,10 @@ class RolloutRunner:
         previous = self._status.get(name)
         status, actions = step(rollout.spec, previous, event, self._clock(), rollout=name)
         status, resumed = self._credit_restored_step(name, status)
-        if status != previous:
-            # Persist before anything is pushed: after a crash we must not serve an older weight.
+        saved_as_is = rollout == self._rollouts.get(name) and revision == self._saved_revision.get(name, revision)
+        if status != previous or not saved_as_is:
+            # Persist before anything is pushed: after a crash we must not serve an older weight
+            # (nor the hosts or listener of a file since edited, which an orphan would keep serving).
             events = [a.event for a in actions if isinstance(a, RecordEvent)]
             self._save_or_hold(previous, status, rollout, revision, events)
         if resumed:
@@ -455,13 +464,19 @@ class RolloutRunner:
                         self._handle_safely(name, event)
                         self.process_queued()
                     self._wake_due()
+                    self._engine_recovered(LOOP)
                 except Exception as exc:  # a bug outside any one rollout: log it, pause, go on
-                    self._engine_failed("", exc, "the engine loop")
+                    self._engine_failed(LOOP, exc, "the engine loop")
                     await asyncio.sleep(RETRY_SECONDS)
         finally:
             for task in self._checks.values():
                 task.cancel()
             self._checks.clear()
+            for provider in self._providers.values():
+                close = getattr(provider, "close", None)
+                if close is not None:
+                    close()  # its threads and HTTP session; a hanging query is abandoned, not awaited
+            self._providers.clear()
 
     def process_queued(self) -> None:
         """Handle every event queued so far, as the loop does (for driving the runner by hand)."""
@@ -516,6 +531,8 @@ class RolloutRunner:
         self._retry_at = None
         for name in sorted(self._undeleted):
             self._delete(name)
+        for name in sorted(self._published_unsaved):
+            self._on_published(name, self._director.published_state(name))
         waiting = {w.removeprefix("rollout ") for w in self.state_writes.failing() if w.startswith("rollout ")}
         for name in sorted((set(self._unsaved) | waiting) & set(self._status)):
             if self._save_later_if_failed(name):
@@ -543,7 +560,7 @@ class RolloutRunner:
 
     def _engine_recovered(self, name: str) -> None:
         if self._engine_errors.pop(name, None) is not None:
-            log.info("rollout %s: the engine steps it again", name)
+            log.info("%s: the engine steps it again", f"rollout {name}" if name != LOOP else "engine loop")
             self._held_until.pop(name, None)
 
     def _start_checks(self, name: str, status: RolloutStatus) -> None:
@@ -638,6 +655,7 @@ class RolloutRunner:
             return
         self._store.save(status, rollout, [*self._unsaved.get(name, ()), *events], revision)
         self._saved_revision[name] = revision
+        self._undeleted.discard(name)  # saved again after a prune: its pending deletion is void
         if self._unsaved.pop(name, None) is not None or self.state_writes.error(_writer(name)):
             log.info("rollout %s: saved again: %s", name, _summary(status))
         self.state_writes.succeeded(_writer(name))
@@ -686,12 +704,14 @@ class RolloutRunner:
         history = self._history.setdefault(event.rollout, deque(maxlen=EVENT_HISTORY))
         history.append(event)
         checks = ", ".join(f"{c.name}={c.value}" for c in event.checks)
+        traffic = (f"canary {event.canary_version} at {event.weight}%" if event.canary_version
+                   else f"all traffic to {event.stable_version}")
         log.info(
-            "rollout %s: %s -> %s weight=%d reason=%s%s",
+            "rollout %s: %s -> %s, %s: %s%s",
             event.rollout,
             event.from_phase.value if event.from_phase else "-",
             event.to_phase.value,
-            event.weight,
+            traffic,
             event.reason,
             f" checks: {checks}" if checks else "",
         )
@@ -715,16 +735,20 @@ class RolloutRunner:
         """Persist what the director published, so a restart keeps clusters routes still name."""
         if self._store is None:
             return
+        writer = f"published {name}"
         try:
             saved = None if state is None else SavedPublished(state.route, state.clusters)
             self._store.save_published(name, saved)
         except _WRITE_ERRORS as exc:
-            if name not in self._published_unsaved:  # once per failing spell, not once per publish
-                log.warning("rollout %s: published state not saved (a restart keeps what was saved before): %s",
-                            name, exc)
+            # Counted like any failed write (health, metric) and retried: a restart must not bring
+            # back a route the proxies were already moved away from (say, a rolled-back canary's).
+            if self.state_writes.failed(writer, str(exc)):
+                log.error("rollout %s: what was published is not saved yet (retrying): %s", name, exc)
             self._published_unsaved.add(name)
+            self._schedule_retry()
         else:
             self._published_unsaved.discard(name)
+            self.state_writes.succeeded(writer)
 
     def _forget(self, name: str) -> None:
         self._orphaned.discard(name)

@@ -124,6 +124,7 @@ class TrafficDirector:
         self._waiting: set[int] = set()  # stream ids of the proxies an unsettled rollout waits for
         self._removing: set[str] = set()  # removed rollouts whose clusters wait for route ACKs
         self._expected: set[str] = set()  # node ids to wait for after a restart
+        self._grace_timer: asyncio.TimerHandle | None = None
         self._expected_until = 0.0
         self._ack_listeners: list[AckListener] = []
         self._nack_listeners: list[NackListener] = []
@@ -209,7 +210,13 @@ class TrafficDirector:
         log.info("waiting up to %.0fs for %d proxies to reconnect: %s", grace, len(self._expected),
                  ", ".join(sorted(self._expected)))
         with contextlib.suppress(RuntimeError):  # no running loop: the deadline is checked lazily
-            asyncio.get_running_loop().call_later(grace, self.reconcile)
+            self._grace_timer = asyncio.get_running_loop().call_later(grace, self.reconcile)
+
+    def close(self) -> None:
+        """Stopping: no reconcile may run later (it would publish and save after the store closed)."""
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
 
     def awaited_proxies(self) -> frozenset[str]:
         """Proxies served before the restart that are not back yet (empty once the grace is over).
@@ -253,6 +260,11 @@ class TrafficDirector:
 
     def desired(self, name: str) -> DesiredTraffic | None:
         return self._desired.get(name)
+
+    def published_state(self, name: str) -> PublishedState | None:
+        """What is published for this rollout now (None: nothing), as listeners are told."""
+        published = self._published.get(name)
+        return None if published is None else PublishedState(published.route, tuple(sorted(published.clusters.items())))
 
     def acked(self, name: str) -> DesiredTraffic | None:
         """The desired traffic that every serving proxy has ACKed, if the latest one was."""
@@ -399,10 +411,7 @@ class TrafficDirector:
         """Tell listeners (the state store) what each rollout now has published."""
         if not self._published_listeners:
             return
-        states = {
-            name: PublishedState(published.route, tuple(sorted(published.clusters.items())))
-            for name, published in self._published.items()
-        }
+        states = {name: state for name in self._published if (state := self.published_state(name)) is not None}
         changes: list[tuple[str, PublishedState | None]] = [
             (name, state) for name, state in sorted(states.items()) if self._reported.get(name) != state
         ]

@@ -172,6 +172,7 @@ class GitPolicySource:
 
     async def run(self) -> None:
         self._in_worker = True  # serving now: a parse must not hold up the event loop
+        self._workers.reopen()  # run again after a crash: the last run closed them on its way out
         try:
             while True:
                 self._reload.clear()

@@ -95,6 +95,7 @@ class DirectoryWatcher:
         return policy_set
 
     async def run(self) -> None:
+        self._workers.reopen()  # run again after a crash: the last run closed them on its way out
         try:
             await self._poll()
         finally:  # cancelled at stop: the worker process goes too

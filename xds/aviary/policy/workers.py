@@ -127,6 +127,9 @@ class _Worker:
         except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
             await worker.kill()
             raise WorkerFailed(f"the policy worker did not start: {type(exc).__name__}") from None
+        except BaseException:  # the caller went away while it started: it must not outlive that
+            await asyncio.shield(worker.kill())
+            raise
         if ready != _READY:
             await worker.kill()
             raise WorkerFailed(f"the policy worker did not start: it said {ready[:80]!r}")
@@ -239,6 +242,10 @@ class PolicyWorkers:
             else:
                 self._idle.append(worker)
             return answer
+
+    def reopen(self) -> None:
+        """Take work again after ``close`` (a policy source whose task was restarted)."""
+        self._closed = False
 
     async def close(self) -> None:
         """Stop the idle workers; a running call's worker stops when the call ends."""

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
+from aviary.discovery.resources import legacy_cluster_name
 from aviary.policy.rollout_state import RolloutStatus, TransitionEvent
 from aviary.policy.schema import Endpoint, Rollout
 from aviary.store.lock import LockError, LockHeld, ProcessLock
@@ -100,7 +101,7 @@ class SavedPublished:
 def legacy_published(status: RolloutStatus) -> SavedPublished:
     """What releases up to state schema 2 published for this status, under its `<rollout>-<version>` names."""
     def legacy(backend: Backend) -> str:
-        return f"{status.rollout}-{backend.version}"
+        return legacy_cluster_name(status.rollout, backend.version)
 
     if status.canary is None:
         return SavedPublished(((legacy(status.stable), 100),), ((legacy(status.stable), status.stable),))

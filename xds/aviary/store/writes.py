@@ -60,5 +60,6 @@ class StateWrites:
 
     @property
     def state_error(self) -> str | None:
-        """The most recent failure of any writer still failing; None when the state is writable."""
+        """The error of the writer that started failing last (of those still failing); None when the
+        state is writable."""
         return next(reversed(self._failing.values()), None)
