@@ -372,12 +372,20 @@ class Demo:
         lines = [f"[demo] result: {render.rollout_line(rollout)}"]
         events = [e for e in rollout.events if e.time.ToNanoseconds() / 1e9 >= bumped_at]
         times = [e.time.ToNanoseconds() / 1e9 for e in events]
+        steps: list[tuple[int, float, float]] = []  # weight, entered, left (a step logs twice: set, then ACKed)
         for event, at, ends in zip(events, times, [*times[1:], None], strict=True):
-            if event.to_phase == "Progressing" and ends is not None:
-                lines.append(f"[demo]   canary at {event.weight:3d}%: {ends - at:5.1f} s")
+            if event.to_phase != "Progressing" or ends is None:
+                continue
+            if steps and steps[-1][0] == event.weight:
+                steps[-1] = (event.weight, steps[-1][1], ends)
+            else:
+                steps.append((event.weight, at, ends))
+        for weight, entered, left in steps:
+            lines.append(f"[demo]   canary at {weight:3d}%: {left - entered:5.1f} s")
         if times:
             lines.append(f"[demo]   {rollout.phase} {times[-1] - bumped_at:.1f} s after the v2 commit")
-        for check in rollout.checks or (rollout.events[-1].checks if rollout.events else []):
+        judged = next((e.checks for e in reversed(events) if e.checks), rollout.checks)
+        for check in judged:
             value = f"{check.value:.4g}" if check.HasField("value") else "-"
             lines.append(f"[demo]   check {check.name}: {check.outcome} (value {value}) {check.reason}".rstrip())
         versions = ", ".join(f"{v} {n}" for v, n in sorted(traffic.by_version.items()))
