@@ -26,6 +26,7 @@ from aviary.metrics.provider import MetricProviderError
 from aviary.policy.analysis import CheckOutcome
 from aviary.policy.rollout_state import Phase, WeightAcked
 from aviary.policy.schema import Analysis, PolicySet, Rollout
+from aviary.policy.server_rules import PROMETHEUS_NEEDED
 from aviary.runner import RolloutRunner
 from tests.rig.policies import rollout_doc
 from tests.rig.silent_server import SilentServer
@@ -282,3 +283,24 @@ async def test_a_failing_provider_is_logged_once_per_rollout_and_once_when_it_an
         "connection refused",
         "rollout shop: Prometheus http://127.0.0.1:9 answers again",
     ]
+
+
+async def test_a_restored_analysis_without_any_prometheus_says_so_in_every_check() -> None:
+    """Such a policy is refused at load (server_rules); one restored from the state of a server that
+    had --prometheus-url used to get rounds with no check rows at all, then a bare rollback."""
+    doc = rollout_doc("shop", "v2", steps=(20, 50))
+    doc["spec"]["analysis"] = {"checkEvery": "0.5s", "inconclusiveLimit": 100,
+                               "metrics": [{"name": "success", "template": "request-success-rate", "min": 99}]}
+    runner = RolloutRunner(TrafficDirector(SnapshotCache(), ProxyStatus()), clock=time.monotonic)
+    runner.apply_policies(PolicySet({"shop": canary_rollout("v1", "0.5s")}))
+    runner.apply_policies(PolicySet({"shop": Rollout.model_validate(doc)}))
+    runner.handle("shop", WeightAcked("v2", 20, time.monotonic()))
+    task = asyncio.create_task(runner.run())
+    try:
+        await async_wait_until(lambda: bool(runner.status("shop").last_checks), 5.0, what="a check round")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    [check] = runner.status("shop").last_checks
+    assert (check.name, check.outcome, check.reason) == ("success", CheckOutcome.INCONCLUSIVE, PROMETHEUS_NEEDED)

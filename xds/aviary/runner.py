@@ -44,7 +44,7 @@ from aviary.discovery.resources import cluster_name
 from aviary.metrics.checks import check_round
 from aviary.metrics.prometheus import PrometheusProvider
 from aviary.metrics.provider import MetricProvider
-from aviary.policy.analysis import CheckOutcome, CheckResult
+from aviary.policy.analysis import CheckOutcome, CheckResult, inconclusive
 from aviary.policy.loader import orphan_conflicts
 from aviary.policy.rollout import (
     Action,
@@ -65,6 +65,7 @@ from aviary.policy.rollout import (
     step,
 )
 from aviary.policy.schema import PolicyError, PolicySet, Rollout
+from aviary.policy.server_rules import PROMETHEUS_NEEDED
 from aviary.store.sqlite import SavedPublished, SavedRollout, StateStore, StateWriteError
 from aviary.store.writes import StateWrites
 from aviary.traffic import DesiredTraffic
@@ -571,8 +572,12 @@ class RolloutRunner:
             return
         url = analysis.prometheus or self._default_prometheus
         canary_version = canary.version
-        if url is None:
-            self.handle(name, ChecksCompleted((), self._clock(), canary_version))
+        if url is None:  # a policy restored from state, applied when the server had a --prometheus-url
+            results = tuple(inconclusive(check, PROMETHEUS_NEEDED) for check in analysis.metrics)
+            if self._provider_trouble.get(name) != PROMETHEUS_NEEDED:
+                log.warning("rollout %s: checks inconclusive: %s", name, PROMETHEUS_NEEDED)
+                self._provider_trouble[name] = PROMETHEUS_NEEDED
+            self.handle(name, ChecksCompleted(results, self._clock(), canary_version))
             return
         provider = self._providers.get(url)
         if provider is None:
