@@ -371,6 +371,10 @@ def test_an_upgrade_restart_and_a_restart_while_clusters_retire_fail_no_request(
         shop.wait_for_requests(50)
 
         # The upgrade: the new code on the same state. Old-named clusters stay until no proxy routes to them.
+        # The old code records proxies once a second only: kill it after it has recorded the holder, or
+        # the new one has no reason to wait for it (the new code records a new proxy at once).
+        wait_until(lambda: alive_proxies(stage.plane.state) == {NODE, "fake-proxy"}, 10,
+                   what="the old plane to record both proxies")
         old.kill9()
         upgraded_at = time.monotonic()
         stage.plane.start("--reconnect-grace", "30")

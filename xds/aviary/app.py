@@ -23,6 +23,7 @@ from aviary.admin.server import AdminConfig, AdminServer, load_admin_token, star
 from aviary.admin.service import AdminService
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.director import TrafficDirector
+from aviary.discovery.proxy_events import ProxyConnected, ProxyEvent
 from aviary.discovery.proxy_status import ProxyStatus
 from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
 from aviary.observability import ControlPlaneMetrics
@@ -76,6 +77,9 @@ class ControlPlane:
             self.director, default_prometheus=config.prometheus_url, store=self.store, prune=config.prune
         )
         self.ads = AggregatedDiscoveryService(self.cache, self.proxies.apply)
+        self._recorded_proxies: set[str] = set()  # the node ids the last heartbeat saved
+        self._new_proxy = asyncio.Event()
+        self.proxies.subscribe(self._note_new_proxy)
         self.metrics = ControlPlaneMetrics(self.proxies, self.runner)
         self.metrics_port = 0
         self.watcher = self._policy_source(config)
@@ -199,9 +203,11 @@ class ControlPlane:
         """
         writes = self.runner.state_writes
         while True:
+            self._new_proxy.clear()
             try:
                 served = {proxy.node_id for proxy in self.proxies} | self.director.awaited_proxies()
                 store.mark_alive(time.time(), served)
+                self._recorded_proxies = served
             except StateWriteError as exc:
                 if writes.failed("heartbeat", str(exc)):
                     log.error("state heartbeat not saved: %s; a restart now would credit steps with less time "
@@ -209,7 +215,14 @@ class ControlPlane:
             else:
                 if writes.succeeded("heartbeat"):
                     log.info("state heartbeat saved again")
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            with contextlib.suppress(TimeoutError):  # early when a proxy the file does not name connects
+                await asyncio.wait_for(self._new_proxy.wait(), HEARTBEAT_SECONDS)
+
+    def _note_new_proxy(self, event: ProxyEvent) -> None:
+        """A proxy the state file does not name yet is recorded at once, not up to a second later: a
+        crash in between would let the next start retire clusters that proxy may still route to."""
+        if isinstance(event, ProxyConnected) and event.node_id not in self._recorded_proxies:
+            self._new_proxy.set()
 
     async def _supervised(self, what: str, run: Callable[[], Awaitable[None]]) -> None:
         """Run a long-lived task; if it ever ends (it should not), log why and start it again."""
