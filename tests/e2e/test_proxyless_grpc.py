@@ -17,7 +17,7 @@ import pytest
 from aviary.discovery import typeurls
 from aviary.discovery.proxy_events import ProxyEvent, SubscriptionChanged
 from aviary.policy.schema import Endpoint
-from aviary.traffic import Backend, DesiredTraffic
+from aviary.traffic import Backend, TrafficPlan
 from tests.conftest import ControlPlaneFactory
 from tests.rig.control_plane import write_policy
 from tests.rig.grpc_backend import GrpcBackends
@@ -60,7 +60,7 @@ def test_proxyless_client_follows_the_weighted_split(
     def backend(version: str) -> Backend:
         return Backend(version, (Endpoint.model_validate(grpc_backends.address(version)),))
 
-    traffic = DesiredTraffic(backend("v1"), backend("v2"), canary_weight=20)
+    traffic = TrafficPlan(backend("v1"), backend("v2"), canary_weight=20)
     cp.call(lambda p: p.director.set_desired_traffic(NAME, traffic))
     assert cp.call(lambda p: p.director.published_route(NAME)) == {"v1": 80, "v2": 20}
 

@@ -31,13 +31,13 @@ from aviary.policy.rollout import (
     TransitionEvent,
     WeightAcked,
     checks_due,
-    desired_traffic,
     next_wakeup,
     step,
     step_weight,
+    traffic_plan,
 )
 from aviary.policy.schema import RolloutSpec
-from aviary.traffic import Backend, DesiredTraffic
+from aviary.traffic import Backend, TrafficPlan
 
 PASS, FAIL, INCONCLUSIVE = CheckOutcome.PASS, CheckOutcome.FAIL, CheckOutcome.INCONCLUSIVE
 ANALYSIS: dict[str, Any] = {
@@ -76,7 +76,7 @@ def records(actions: list[Action]) -> list[TransitionEvent]:
     return [a.event for a in actions if isinstance(a, RecordEvent)]
 
 
-def traffic(actions: list[Action]) -> list[DesiredTraffic]:
+def traffic(actions: list[Action]) -> list[TrafficPlan]:
     return [a.traffic for a in actions if isinstance(a, SetTraffic)]
 
 
@@ -127,7 +127,7 @@ def test_first_sight_makes_the_version_stable() -> None:
     run = Run(make_spec("v1"))
     assert run.status.phase is Phase.STABLE
     assert run.status.stable == backend(make_spec("v1"))
-    assert traffic(run.actions) == [DesiredTraffic(stable=backend(make_spec("v1")))]
+    assert traffic(run.actions) == [TrafficPlan(stable=backend(make_spec("v1")))]
     [record] = records(run.actions)
     assert (record.rollout, record.from_phase, record.to_phase) == ("shop", None, Phase.STABLE)
     assert record.reason == "first sight: version v1 is stable"
@@ -156,7 +156,7 @@ def test_without_strategy_a_new_version_is_stable_at_once() -> None:
     run = Run(make_spec("v1", strategy=False))
     status = run.observe(make_spec("v2", strategy=False))
     assert (status.phase, status.stable.version, status.canary) == (Phase.STABLE, "v2", None)
-    assert traffic(run.actions) == [DesiredTraffic(stable=backend(make_spec("v2")))]
+    assert traffic(run.actions) == [TrafficPlan(stable=backend(make_spec("v2")))]
     assert "no strategy" in records(run.actions)[0].reason
 
 
@@ -164,7 +164,7 @@ def test_stable_endpoint_change_republishes_traffic() -> None:
     run = Run(make_spec("v1"))
     status = run.observe(make_spec("v1", port=9090))
     assert status.phase is Phase.STABLE
-    assert traffic(run.actions) == [DesiredTraffic(stable=backend(make_spec("v1", port=9090)))]
+    assert traffic(run.actions) == [TrafficPlan(stable=backend(make_spec("v1", port=9090)))]
     assert records(run.actions)[0].reason == "endpoints of v1 changed"
 
 
@@ -177,7 +177,7 @@ def test_new_version_starts_a_canary_at_the_first_step_waiting_for_the_ack() -> 
     assert (status.phase, status.step_index, status.weight) == (Phase.PROGRESSING, 0, 10)
     assert status.canary == backend(make_spec("v2"))
     assert status.step_started_at is None
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v2")), 10)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v2")), 10)]
     assert records(run.actions)[0].reason == "new version v2 (stable v1)"
     # Nothing is time-driven until the ACK: no wake-up, no checks, no advance however long we wait.
     assert next_wakeup(run.spec, status) is None
@@ -226,7 +226,7 @@ def test_a_step_advances_after_its_interval_when_the_latest_round_passed() -> No
     status = run.tick(1)
     assert (status.phase, status.step_index, status.weight, status.step_started_at) == \
         (Phase.PROGRESSING, 1, 50, None)
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v2")), 50)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v2")), 50)]
     [record] = records(run.actions)
     assert record.reason == "step 1 (10%) passed: 30s elapsed and the latest check round passed"
     assert (record.from_phase, record.to_phase, record.weight, record.step_index) == \
@@ -283,7 +283,7 @@ def test_failures_beyond_the_limit_roll_back_at_once_mid_step() -> None:
     status = run.checks(FAIL)
     assert (status.phase, status.weight, status.canary, status.failed_version) == \
         (Phase.ROLLED_BACK, 0, None, "v2")
-    assert traffic(run.actions) == [DesiredTraffic(stable=backend(make_spec("v1")))]
+    assert traffic(run.actions) == [TrafficPlan(stable=backend(make_spec("v1")))]
     [record] = records(run.actions)
     assert record.reason == "rolled back v2: failed (2) > failureLimit (1)"
     assert (record.from_phase, record.to_phase, record.weight) == (Phase.PROGRESSING, Phase.ROLLED_BACK, 0)
@@ -374,7 +374,7 @@ def test_the_last_step_promotes_and_the_ack_of_100_makes_it_stable() -> None:
     run.ack()
     status = run.tick(30)
     assert (status.phase, status.weight, status.step_started_at) == (Phase.PROMOTING, 100, None)
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v2")), 100)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v2")), 100)]
     assert records(run.actions)[0].reason == "step 2 (50%) passed: 30s elapsed; promoting: 100% to v2"
     assert run.tick(3600).phase is Phase.PROMOTING  # only the ACK completes it
     assert run.send(WeightAcked("v2", 50, run.now)).phase is Phase.PROMOTING
@@ -382,7 +382,7 @@ def test_the_last_step_promotes_and_the_ack_of_100_makes_it_stable() -> None:
     assert (status.phase, status.stable, status.canary, status.weight) == \
         (Phase.STABLE, backend(make_spec("v2")), None, 0)
     # The old backend is dropped from the desired traffic: the traffic layer removes its cluster.
-    assert traffic(run.actions) == [DesiredTraffic(stable=backend(make_spec("v2")))]
+    assert traffic(run.actions) == [TrafficPlan(stable=backend(make_spec("v2")))]
     assert records(run.actions)[0].reason == "100% to v2 ACKed by every proxy: v2 is stable"
     assert next_wakeup(run.spec, status) is None
 
@@ -435,7 +435,7 @@ def test_a_first_pause_step_holds_the_canary_at_weight_zero() -> None:
     status = run.observe(make_spec("v2", steps=[{"pause": {"duration": "10s"}}, 20]))
     assert (status.phase, status.weight, status.step_started_at) == (Phase.PAUSED, 0, None)
     # The canary cluster is published at weight 0 (make-before-break) ...
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v2")), 0)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v2")), 0)]
     run.spec = make_spec("v2", steps=[{"pause": {"duration": "10s"}}, 20])
     status = run.ack()
     assert not checks_due(run.spec, status, run.now + 100)  # no traffic, nothing to check
@@ -456,7 +456,7 @@ def test_a_nack_rolls_back_with_the_message() -> None:
     run.observe(make_spec("v2"))
     status = run.send(ProxyNacked("envoy-1", "unknown cluster 'shop-v2'", version="v2"))
     assert (status.phase, status.weight, status.failed_version) == (Phase.ROLLED_BACK, 0, "v2")
-    assert traffic(run.actions) == [DesiredTraffic(stable=backend(make_spec("v1")))]
+    assert traffic(run.actions) == [TrafficPlan(stable=backend(make_spec("v1")))]
     assert records(run.actions)[0].reason == "rolled back v2: proxy envoy-1 NACKed route: unknown cluster 'shop-v2'"
 
 
@@ -492,7 +492,7 @@ def test_a_newer_version_replaces_the_running_canary_and_resets_everything() -> 
     assert (status.counters, status.acked_weight, status.step_started_at) == (Counters(), None, None)
     assert status.stable == backend(make_spec("v1"))
     assert records(run.actions)[0].reason == "new version v3 replaces canary v2"
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v3")), 10)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v3")), 10)]
 
 
 def test_naming_the_stable_version_again_drops_the_canary() -> None:
@@ -543,7 +543,7 @@ def test_canary_endpoint_change_republishes_without_restarting() -> None:
     status = run.observe(make_spec("v2", port=9090))
     assert status.canary == backend(make_spec("v2", port=9090))
     assert (status.step_index, status.step_started_at) == (0, started)
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v2", port=9090)), 10)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v2", port=9090)), 10)]
 
 
 def test_strategy_removed_mid_canary_switches_at_once() -> None:
@@ -637,7 +637,7 @@ def test_abort_during_promotion() -> None:
     run.send(Promote())
     status = run.send(Abort())
     assert (status.phase, status.stable.version) == (Phase.ROLLED_BACK, "v1")
-    assert desired_traffic(status) == DesiredTraffic(stable=backend(make_spec("v1")))
+    assert traffic_plan(make_spec("v1"), status) == TrafficPlan(stable=backend(make_spec("v1")))
 
 
 def test_retry_restarts_a_rolled_back_canary() -> None:
@@ -650,7 +650,7 @@ def test_retry_restarts_a_rolled_back_canary() -> None:
     assert (status.phase, status.step_index, status.weight, status.counters, status.failed_version) == \
         (Phase.PROGRESSING, 0, 10, Counters(), None)
     assert records(run.actions)[0].reason == "retry of v2 by erin"
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v2")), 10)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v2")), 10)]
 
 
 def test_set_weight_pauses_automation_until_resume() -> None:
@@ -659,7 +659,7 @@ def test_set_weight_pauses_automation_until_resume() -> None:
     status = run.send(SetWeight(30))
     assert (status.phase, status.hold, status.weight, status.manual_weight, status.step_started_at) == \
         (Phase.PAUSED, Hold.MANUAL_WEIGHT, 30, 30, None)
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v2")), 30)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v2")), 30)]
     status = run.ack()
     assert status.step_started_at == run.now
     assert records(run.actions)[0].reason == "30% to v2 ACKed by every proxy: manual weight started"
@@ -791,8 +791,8 @@ def test_invariants_of_every_call(shape: str, script: list[tuple[str, Any]]) -> 
               spec: RolloutSpec, now: float) -> None:
         # SetTraffic exactly when the desired traffic changed, and at most once.
         sets = traffic(actions)
-        if desired_traffic(new) != desired_traffic(old):
-            assert sets == [desired_traffic(new)]
+        if traffic_plan(spec, new) != traffic_plan(spec, old):
+            assert sets == [traffic_plan(spec, new)]
         else:
             assert sets == []
         # Every phase change is recorded, and the last record describes the new status.
@@ -808,7 +808,7 @@ def test_invariants_of_every_call(shape: str, script: list[tuple[str, Any]]) -> 
         assert wake is None or wake > now or checks_due(spec, new, now)
         # Rolled back means canary weight 0 with no canary in the desired traffic.
         if new.phase is Phase.ROLLED_BACK:
-            assert desired_traffic(new).canary_weight == 0 and desired_traffic(new).canary is None
+            assert traffic_plan(spec, new).canary_weight == 0 and traffic_plan(spec, new).canary is None
 
     play(SPECS[shape], script, check)
 
@@ -828,7 +828,7 @@ def test_every_rollback_is_one_action_to_weight_zero(shape: str, script: list[tu
             assert [r.to_phase for r in records(actions)].count(Phase.ROLLED_BACK) == 1
         if isinstance(event, Abort) and old.canary is not None:
             assert new.phase is Phase.ROLLED_BACK
-            assert desired_traffic(new).canary_weight == 0
+            assert traffic_plan(spec, new).canary_weight == 0
 
     play(SPECS[shape], script, check)
 
