@@ -712,7 +712,8 @@ class RolloutRunner:
         history = self._history.setdefault(event.rollout, deque(maxlen=EVENT_HISTORY))
         history.append(event)
         checks = ", ".join(f"{c.name}={c.value}" for c in event.checks)
-        traffic = (f"canary {event.canary_version} at {event.weight}%" if event.canary_version
+        opened = f" and cohorts {', '.join(event.cohorts)}" if event.cohorts else ""
+        traffic = (f"canary {event.canary_version} at {event.weight}%{opened}" if event.canary_version
                    else f"all traffic to {event.stable_version}")
         log.info(
             "rollout %s: %s -> %s, %s: %s%s",

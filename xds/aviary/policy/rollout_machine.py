@@ -206,7 +206,7 @@ class _Machine:
             rollout=after.rollout, at=self.now, from_phase=before.phase if before else None,
             to_phase=after.phase, weight=after.weight, stable_version=after.stable.version,
             canary_version=after.canary.version if after.canary else None, step_index=after.step_index,
-            reason=reason, checks=checks))
+            reason=reason, checks=checks, cohorts=after.cohorts))
         return after
 
     def stable(self, status: RolloutStatus, stable: Backend, reason: str) -> RolloutStatus:

@@ -219,10 +219,13 @@ class TransitionEvent:
     step_index: int
     reason: str
     checks: tuple[CheckResult, ...] = ()
+    cohorts: tuple[str, ...] = ()  # open after the transition
 
     def __str__(self) -> str:
         source = self.from_phase.value if self.from_phase else "-"
         canary = f" canary {self.canary_version} at {self.weight}%" if self.canary_version else ""
+        if self.cohorts:
+            canary += f" and cohorts {', '.join(self.cohorts)}"
         return f"{self.rollout}: {source} -> {self.to_phase.value}{canary}: {self.reason}"
 
 
