@@ -40,8 +40,9 @@ from aviary.policy.rollout import (
     step,
     traffic_plan,
 )
-from aviary.policy.schema import Endpoint, ListenerSpec, RolloutSpec
-from aviary.store.sqlite import _STATUS, SavedPublished, decode_published, encode_published
+from aviary.policy.schema import Endpoint, ListenerSpec, PolicySet, RolloutSpec
+from aviary.runner import RolloutRunner
+from aviary.store.sqlite import _STATUS, SavedPublished, SavedRollout, decode_published, encode_published
 from aviary.traffic import Backend, TrafficPlan
 from tests.unit.test_snapshot_invariants import bootstrap, envoy_validate
 
@@ -387,3 +388,33 @@ def test_status_and_watch_lines_show_opened_cohorts() -> None:
     event = [a.event for a in actions if hasattr(a, "event")][-1]
     assert event.cohorts == ("internal",)
     assert "and cohorts internal" in event_line(event_message(event, WallClock(0.0, 0.0)))
+
+
+# ---- the runner: restart and edited cohorts -----------------------------------------------------
+
+
+def test_an_edited_opened_cohort_is_published_and_a_restart_restores_the_cohorts() -> None:
+    director = TrafficDirector(SnapshotCache(), ProxyStatus())
+    runner = RolloutRunner(director, clock=lambda: 1000.0)
+    for text in (ISSUE_POLICY.replace("version: v2", "version: v1"), ISSUE_POLICY):
+        rollout, errors = parse(text)
+        assert not errors
+        runner.apply_policies(PolicySet({"checkout": rollout}, {"checkout": "checkout.yaml"}))
+    desired = director.desired("checkout")
+    assert desired is not None and desired.cohort_names == ("internal",)
+
+    edited, errors = parse(ISSUE_POLICY.replace("exact: qa", "exact: qa-team"))
+    assert not errors
+    runner.apply_policies(PolicySet({"checkout": edited}, {"checkout": "checkout.yaml"}))
+    desired = director.desired("checkout")
+    assert desired is not None  # the status did not change; the plan did, and is published
+    assert desired.cohorts[0].match[0].headers == (("x-team", Condition("exact", "qa-team")),)
+
+    status = runner.status("checkout")
+    assert status is not None and status.cohorts == ("internal",)
+    saved = _STATUS.validate_json(_STATUS.dump_json(status))  # as the store saves and loads it
+    again = TrafficDirector(SnapshotCache(), ProxyStatus())
+    restarted = RolloutRunner(again, clock=lambda: 2000.0)
+    restarted.restore({"checkout": SavedRollout(saved, edited, 1000.0, None, ())}, last_alive=1000.0)
+    restored = again.desired("checkout")
+    assert restored is not None and restored.cohorts == desired.cohorts and restored.canary_weight == 0

@@ -702,6 +702,13 @@ class RolloutRunner:
                 traffic = action.traffic
             elif isinstance(action, RecordEvent):
                 self._record(action.event)
+        desired = self._director.desired(rollout.name)
+        if traffic is None and desired is not None and rollout.name in self._status:
+            # The engine emits a plan when the status changes; an edit of an opened cohort's
+            # conditions changes the plan but not the status, so it is caught here.
+            plan = traffic_plan(rollout.spec, self._status[rollout.name])
+            if desired.canary == plan.canary and desired.cohorts != plan.cohorts:
+                traffic = replace(desired, cohorts=plan.cohorts)
         if traffic is None and self._placements.get(rollout.name) != _placement_of(rollout):
             # The file moved the rollout (listener, hosts) without changing its traffic.
             traffic = self._director.desired(rollout.name) or traffic_plan(rollout.spec, self._status[rollout.name])
