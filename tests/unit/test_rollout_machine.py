@@ -33,6 +33,7 @@ from aviary.policy.rollout import (
     checks_due,
     next_wakeup,
     step,
+    step_cohorts,
     step_weight,
     traffic_plan,
 )
@@ -49,13 +50,16 @@ HOSTS = {"v1": 1, "v2": 2, "v3": 3}
 
 
 def make_spec(version: str = "v1", steps: list[Any] | None = None, interval: str = "30s",
-              analysis: Any = _DEFAULT, strategy: bool = True, port: int = 8080) -> RolloutSpec:
+              analysis: Any = _DEFAULT, strategy: bool = True, port: int = 8080,
+              cohorts: list[Any] | None = None) -> RolloutSpec:
     doc: dict[str, Any] = {
         "listener": {"port": 10000}, "hosts": ["shop.example.com"], "version": version,
         "endpoints": [f"10.0.0.{HOSTS.get(version, 9)}:{port}"],
     }
     if strategy:
         doc["strategy"] = {"steps": [10, 50] if steps is None else steps, "interval": interval}
+        if cohorts:
+            doc["strategy"]["cohorts"] = cohorts
     if analysis is _DEFAULT:
         doc["analysis"] = ANALYSIS
     elif analysis is not None:
@@ -729,6 +733,9 @@ SPECS: dict[str, dict[str, Any]] = {
     "pause-on-inconclusive": dict(steps=[5, {"pause": {"duration": "10s"}}, 25],
                                   analysis={**ANALYSIS, "onInconclusive": "pause", "failureLimit": 0}),
     "no-analysis": dict(steps=[20, 40], analysis=None),
+    "cohorts": dict(steps=[{"cohorts": ["qa"]}, 10, {"cohorts": ["beta"]}, {"pause": {}}, 40],
+                    cohorts=[{"name": "qa", "match": [{"headers": {"x-team": {"exact": "qa"}}}]},
+                             {"name": "beta", "match": [{"cookies": {"beta": {"exact": "1"}}}]}]),
 }
 COMMANDS = [PauseRollout(), Resume(), Promote(), Abort(), Retry(), SetWeight(0), SetWeight(35), SetWeight(100)]
 
@@ -760,7 +767,7 @@ def play(shape: dict[str, Any], script: list[tuple[str, Any]], check: Any) -> No
             now += arg
             event = Tick(now)
         elif kind == "ack":
-            event = WeightAcked(status.canary.version if status.canary else "v2", status.weight, now)
+            event = WeightAcked(status.canary.version if status.canary else "v2", status.weight, now, status.cohorts)
         elif kind == "ack-other":
             event = WeightAcked(status.canary.version if status.canary else "v2", arg, now)
         elif kind == "checks":
@@ -806,6 +813,12 @@ def test_invariants_of_every_call(shape: str, script: list[tuple[str, Any]]) -> 
         # A wake-up is never in the past unless a check round is overdue (no busy loop).
         wake = next_wakeup(spec, new)
         assert wake is None or wake > now or checks_due(spec, new, now)
+        # Cohorts: those of the steps so far (a manual weight keeps them); none without a canary or
+        # while promoting, so a rollback closes every cohort in its one plan.
+        if new.canary is None or new.phase is Phase.PROMOTING:
+            assert new.cohorts == () and traffic_plan(spec, new).cohorts == ()
+        else:
+            assert new.cohorts == step_cohorts(spec, new.step_index)
         # Rolled back means canary weight 0 with no canary in the desired traffic.
         if new.phase is Phase.ROLLED_BACK:
             assert traffic_plan(spec, new).canary_weight == 0 and traffic_plan(spec, new).canary is None
