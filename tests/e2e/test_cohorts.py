@@ -4,7 +4,9 @@ One in-process control plane, one Envoy, backends v1 and v2 that answer with the
 policy opens two cohorts in its first step, then pauses (weight 0), then goes to 20 % and pauses:
 
 - ``internal``: header ``x-team: qa`` OR cookie ``beta=1`` (two entries: two routes);
-- ``eu-mobile``: header ``x-country`` matching ``DE|FR|NL`` AND ``user-agent`` containing ``Mobile``.
+- ``eu-mobile``: header ``x-country`` matching ``DE|FR|NL`` AND ``user-agent`` containing ``Mobile``;
+- ``probe-anonymous``: header ``x-probe`` present AND no cookie ``session`` (no cookie header at all,
+  or one without that cookie).
 
 At weight 0 and at 20 %, requests of each kind are counted by the version that answered: cohort
 requests must all reach v2; plain requests, a neighbouring cookie (``beta=10``, ``xbeta=1``) and
@@ -49,8 +51,10 @@ STRATEGY: dict[str, Any] = {
                                        {"cookies": {"beta": {"exact": "1"}}}]},
         {"name": "eu-mobile", "match": [{"headers": {"x-country": {"regex": "DE|FR|NL"},
                                                      "user-agent": {"contains": "Mobile"}}}]},
+        {"name": "probe-anonymous", "match": [{"headers": {"x-probe": {"present": True}},
+                                               "cookies": {"session": {"absent": True}}}]},
     ],
-    "steps": [{"cohorts": ["internal", "eu-mobile"]}, {"pause": {}}, 20, {"pause": {}}],
+    "steps": [{"cohorts": ["internal", "eu-mobile", "probe-anonymous"]}, {"pause": {}}, 20, {"pause": {}}],
     "interval": "1s",
 }
 # Request kinds: headers, and whether they belong to an opened cohort.
@@ -65,6 +69,9 @@ KINDS: dict[str, tuple[dict[str, str], bool]] = {
     "only x-country=DE": ({"x-country": "DE"}, False),
     "only Mobile": ({"user-agent": "Mobile"}, False),
     "header x-team=qa2": ({"x-team": "qa2"}, False),
+    "probe, no cookie header": ({"x-probe": "1"}, True),
+    "probe, other cookies": ({"x-probe": "1", "cookie": "a=1; sessions=2"}, True),
+    "probe, session cookie": ({"x-probe": "1", "cookie": "a=1; session=abc"}, False),
 }
 RESULTS: dict[str, Any] = {}
 
@@ -162,8 +169,8 @@ def shares(stage: Stage, n_plain: int, n_kind: int) -> dict[str, dict[str, int]]
 
 def test_cohort_requests_reach_the_canary_at_weight_0_and_20(stage: Stage) -> None:
     stage.write("v2", STRATEGY)
-    stage.wait_paused_at(1, {f"{NAME}_v1": 100, f"{NAME}_v2": 0}, cohort_routes=3)
-    assert stage.status().cohorts == ("internal", "eu-mobile")
+    stage.wait_paused_at(1, {f"{NAME}_v1": 100, f"{NAME}_v2": 0}, cohort_routes=4)
+    assert stage.status().cohorts == ("internal", "eu-mobile", "probe-anonymous")
     at_0 = shares(stage, 300, 40)
     print(f"[figures] weight 0: {at_0}")
     for kind, (_, in_cohort) in KINDS.items():
@@ -172,8 +179,8 @@ def test_cohort_requests_reach_the_canary_at_weight_0_and_20(stage: Stage) -> No
         assert counts.get("v2" if in_cohort else "v1", 0) == sum(counts.values()), (kind, counts)
 
     stage.plane.call(lambda p: p.runner.command(NAME, Resume()))
-    stage.wait_paused_at(3, {f"{NAME}_v1": 80, f"{NAME}_v2": 20}, cohort_routes=3)
-    assert stage.status().cohorts == ("internal", "eu-mobile")
+    stage.wait_paused_at(3, {f"{NAME}_v1": 80, f"{NAME}_v2": 20}, cohort_routes=4)
+    assert stage.status().cohorts == ("internal", "eu-mobile", "probe-anonymous")
     at_20 = shares(stage, 1000, 100)
     print(f"[figures] weight 20: {at_20}")
     for kind, (_, in_cohort) in KINDS.items():
@@ -189,10 +196,14 @@ def test_cohort_requests_reach_the_canary_at_weight_0_and_20(stage: Stage) -> No
     stage.figures["shares"] = {"weight_0": at_0, "weight_20": at_20}
 
 
+@pytest.mark.parametrize("weight", [0, 20])
 def test_rollback_from_a_cohort_step_is_one_push_with_no_failed_request(
-        stage: Stage, loadgen_factory: LoadgenFactory) -> None:
+        stage: Stage, loadgen_factory: LoadgenFactory, weight: int) -> None:
     stage.write("v2", STRATEGY)
-    stage.wait_paused_at(1, {f"{NAME}_v1": 100, f"{NAME}_v2": 0}, cohort_routes=3)
+    stage.wait_paused_at(1, {f"{NAME}_v1": 100, f"{NAME}_v2": 0}, cohort_routes=4)
+    if weight:
+        stage.plane.call(lambda p: p.runner.command(NAME, Resume()))
+        stage.wait_paused_at(3, {f"{NAME}_v1": 100 - weight, f"{NAME}_v2": weight}, cohort_routes=4)
     load = loadgen_factory(f"127.0.0.1:{stage.port}", HOST, 4, 40.0)
     load.wait_for_requests(100, timeout=15)
     stop = threading.Event()
@@ -225,8 +236,8 @@ def test_rollback_from_a_cohort_step_is_one_push_with_no_failed_request(
     figures = {"rollback_to_envoy_s": round(at_envoy_s, 3), "rds_pushes": rds_pushes,
                "load_total": result.total, "load_failed": result.failed,
                "cohort_requests": dict(cohort_counts)}
-    print(f"[figures] rollback from a cohort step: {figures}")
-    stage.figures["rollback_from_cohort_step"] = figures
+    print(f"[figures] rollback from cohorts at weight {weight}: {figures}")
+    stage.figures[f"rollback_from_cohorts_at_weight_{weight}"] = figures
     assert rds_pushes == 1, figures
     assert result.failed == 0, result.failures
     assert cohort_counts["failed"] == 0, cohort_counts
