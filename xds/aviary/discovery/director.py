@@ -149,7 +149,7 @@ class TrafficDirector:
         self.set_desired_traffic(name, traffic)
 
     def set_desired_traffic(self, name: str, traffic: TrafficPlan) -> None:
-        """THE place where a rollout's canary weight is set."""
+        """THE place where a rollout's plan (canary weight, opened cohorts) is set."""
         if name not in self._placements:
             raise KeyError(f"unknown rollout {name!r}")
         self._removing.discard(name)
@@ -547,6 +547,7 @@ class TrafficDirector:
     def _retiring(self, name: str) -> frozenset[str]:
         published, desired = self._published[name], self._desired[name]
         keep = {c for c, _ in published.route} | {c for c, _ in _route_of(name, desired)}
+        keep |= {c for _, c in published.cohorts}  # the canary's, named by the weights too; never retired apart
         return frozenset(c for c in published.clusters if c not in keep)
 
     def _holds_up(self, proxy: ProxyView) -> bool:
