@@ -33,7 +33,7 @@ from aviary.discovery.resources import (
 )
 from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
 from aviary.policy.schema import Endpoint, ListenerSpec
-from aviary.traffic import Backend, DesiredTraffic
+from aviary.traffic import Backend, TrafficPlan
 from tests.bench.reaction import bench_reaction
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ def bench_snapshot_build() -> dict[str, float]:
 async def bench_fanout(streams: int, changes: int = 15) -> dict[str, float]:
     cache, proxies = SnapshotCache(), ProxyStatus()
     director = TrafficDirector(cache, proxies)
-    director.set_rollout("checkout", Placement(LISTENER, ("*",)), DesiredTraffic(V1, V2, 0))
+    director.set_rollout("checkout", Placement(LISTENER, ("*",)), TrafficPlan(V1, V2, 0))
     server, port = await start_xds_server("127.0.0.1:0", AggregatedDiscoveryService(cache, proxies.apply))
     client = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.bench.fanout_client", str(port), "--streams", str(streams),

@@ -29,7 +29,7 @@ from aviary.discovery.director import Placement, TrafficDirector
 from aviary.discovery.proxy_status import ProxyStatus
 from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
 from aviary.policy.schema import Endpoint, ListenerSpec
-from aviary.traffic import Backend, DesiredTraffic
+from aviary.traffic import Backend, TrafficPlan
 from tests.rig.waiting import async_wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ async def test_stream_churn_returns_to_baseline(tmp_path: Path) -> None:
     director = TrafficDirector(cache, proxies)
     backend = Backend("v1", (Endpoint.model_validate("127.0.0.1:9001"),))
     director.set_rollout("checkout", Placement(ListenerSpec(address="127.0.0.1", port=10000), ("*",)),
-                         DesiredTraffic(backend))
+                         TrafficPlan(backend))
     service = AggregatedDiscoveryService(cache, proxies.apply)
     server, port = await start_xds_server("127.0.0.1:0", service)
 

@@ -21,7 +21,7 @@ import pytest
 from aviary.app import ControlPlane
 from aviary.discovery import typeurls
 from aviary.policy.schema import Endpoint
-from aviary.traffic import Backend, DesiredTraffic
+from aviary.traffic import Backend, TrafficPlan
 from tests.conftest import ControlPlaneFactory, EnvoyFactory, LoadgenFactory
 from tests.rig.backends import Backends
 from tests.rig.control_plane import RunningControlPlane, write_policy
@@ -54,13 +54,13 @@ class Stage:
     def backend(self, version: str) -> Backend:
         return Backend(version, (Endpoint.model_validate(self.backends.address(version)),))
 
-    def set_traffic(self, traffic: DesiredTraffic, name: str = NAME) -> None:
+    def set_traffic(self, traffic: TrafficPlan, name: str = NAME) -> None:
         self.cp.call(lambda p: p.director.set_desired_traffic(name, traffic))
 
-    def acked(self, name: str = NAME) -> DesiredTraffic | None:
+    def acked(self, name: str = NAME) -> TrafficPlan | None:
         return self.cp.call(lambda p: p.director.acked(name))
 
-    def wait_acked(self, traffic: DesiredTraffic, timeout: float = 10.0, interval: float = 0.01) -> None:
+    def wait_acked(self, traffic: TrafficPlan, timeout: float = 10.0, interval: float = 0.01) -> None:
         wait_until(lambda: self.acked() == traffic, timeout, interval, what=f"ACK of {traffic}")
 
     def envoy_weights(self) -> dict[str, int]:
@@ -114,7 +114,7 @@ def _percentiles(samples: list[float]) -> str:
 
 
 def test_canary_weight_10_splits_requests(stage: Stage) -> None:
-    traffic = DesiredTraffic(stage.backend("v1"), stage.backend("v2"), canary_weight=10)
+    traffic = TrafficPlan(stage.backend("v1"), stage.backend("v2"), canary_weight=10)
     stage.set_traffic(traffic)
     stage.wait_envoy_weights({"v1": 90, "v2": 10})
     stage.wait_acked(traffic)
@@ -129,8 +129,8 @@ def test_canary_weight_10_splits_requests(stage: Stage) -> None:
 
 def test_fifty_weight_changes_under_load(stage: Stage, loadgen_factory: LoadgenFactory) -> None:
     v1, v2 = stage.backend("v1"), stage.backend("v2")
-    stage.set_traffic(DesiredTraffic(v1, v2, 0))  # the canary cluster first: later changes are RDS only
-    stage.wait_acked(DesiredTraffic(v1, v2, 0))
+    stage.set_traffic(TrafficPlan(v1, v2, 0))  # the canary cluster first: later changes are RDS only
+    stage.wait_acked(TrafficPlan(v1, v2, 0))
 
     lg = loadgen_factory(f"127.0.0.1:{stage.port}", HOST, clients=4, rate_per_client=80)
     lg.wait_for_requests(100)
@@ -139,7 +139,7 @@ def test_fifty_weight_changes_under_load(stage: Stage, loadgen_factory: LoadgenF
     t0 = time.monotonic()
     change_to_ack: list[float] = []
     for weight in weights:
-        traffic = DesiredTraffic(v1, v2, weight)
+        traffic = TrafficPlan(v1, v2, weight)
         started = time.monotonic()
         stage.set_traffic(traffic)
         stage.wait_acked(traffic, interval=0.002)
@@ -240,7 +240,7 @@ def test_nack_is_recorded_not_resent_and_old_config_keeps_serving(stage: Stage) 
 
         # An unrelated change (shop gets a canary: CDS, EDS and RDS, but no LDS change) is pushed and
         # ACKed; the rejected listener is not sent again meanwhile.
-        traffic = DesiredTraffic(stage.backend("v1"), stage.backend("v2"), 50)
+        traffic = TrafficPlan(stage.backend("v1"), stage.backend("v2"), 50)
         stage.set_traffic(traffic)
         stage.wait_acked(traffic)
         stage.wait_envoy_weights({"v1": 50, "v2": 50})
@@ -264,7 +264,7 @@ def test_nack_is_recorded_not_resent_and_old_config_keeps_serving(stage: Stage) 
 
 
 def test_control_plane_restart_under_load(stage: Stage, loadgen_factory: LoadgenFactory) -> None:
-    traffic = DesiredTraffic(stage.backend("v1"), stage.backend("v2"), 30)
+    traffic = TrafficPlan(stage.backend("v1"), stage.backend("v2"), 30)
     stage.set_traffic(traffic)
     stage.wait_envoy_weights({"v1": 70, "v2": 30})
     stage.wait_acked(traffic)

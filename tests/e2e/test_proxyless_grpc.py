@@ -16,8 +16,9 @@ import pytest
 
 from aviary.discovery import typeurls
 from aviary.discovery.proxy_events import ProxyEvent, SubscriptionChanged
+from aviary.matching import CohortRule, Condition, Match
 from aviary.policy.schema import Endpoint
-from aviary.traffic import Backend, DesiredTraffic
+from aviary.traffic import Backend, TrafficPlan
 from tests.conftest import ControlPlaneFactory
 from tests.rig.control_plane import write_policy
 from tests.rig.grpc_backend import GrpcBackends
@@ -60,7 +61,7 @@ def test_proxyless_client_follows_the_weighted_split(
     def backend(version: str) -> Backend:
         return Backend(version, (Endpoint.model_validate(grpc_backends.address(version)),))
 
-    traffic = DesiredTraffic(backend("v1"), backend("v2"), canary_weight=20)
+    traffic = TrafficPlan(backend("v1"), backend("v2"), canary_weight=20)
     cp.call(lambda p: p.director.set_desired_traffic(NAME, traffic))
     assert cp.call(lambda p: p.director.published_route(NAME)) == {"v1": 80, "v2": 20}
 
@@ -98,3 +99,46 @@ def test_proxyless_client_follows_the_weighted_split(
     # It asked by name for the api_listener `<rollout>` and the route configuration `grpc-<rollout>`.
     assert (typeurls.LISTENER, False, frozenset({NAME})) in subscriptions, subscriptions
     assert (typeurls.ROUTE, False, frozenset({f"grpc-{NAME}"})) in subscriptions, subscriptions
+
+
+def _run_client(bootstrap: Path, rpcs: int, headers: dict[str, str]) -> dict[str, Any]:
+    extra = [arg for name, value in headers.items() for arg in ("--header", f"{name}={value}")]
+    proc = subprocess.run(
+        [sys.executable, CLIENT_SCRIPT, "--bootstrap", bootstrap, "--target", f"xds:///{NAME}", "--rpcs", str(rpcs),
+         *extra],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_proxyless_client_gets_cohorts_by_header_and_cookie(
+    workdir: Path, grpc_backends: GrpcBackends, control_plane_factory: ControlPlaneFactory
+) -> None:
+    """gRPC's xDS client honours the cohort routes: metadata `x-team: qa` or a `cookie` with beta=1
+    reaches the canary at weight 0; calls without them stay on stable."""
+    grpc_backends.start(["v1", "v2"])
+    policies = workdir / "policies"
+    write_policy(policies, NAME, port=free_port(), version="v1", endpoints=[grpc_backends.address("v1")])
+    cp = control_plane_factory(policies)
+
+    def backend(version: str) -> Backend:
+        return Backend(version, (Endpoint.model_validate(grpc_backends.address(version)),))
+
+    internal = CohortRule("internal", (Match(headers=(("x-team", Condition("exact", "qa")),)),
+                                       Match(cookies=(("beta", Condition("exact", "1")),))))
+    plan = TrafficPlan(backend("v1"), backend("v2"), canary_weight=0, cohorts=(internal,))
+    cp.call(lambda p: p.director.set_desired_traffic(NAME, plan))
+    bootstrap = _bootstrap(workdir / "grpc-xds-bootstrap.json", cp.xds_port, "grpc-client-1")
+    seen = {
+        kind: _run_client(bootstrap, 100, headers)
+        for kind, headers in {"plain": {}, "header": {"x-team": "qa"}, "cookie": {"cookie": "a=b; beta=1"},
+                              "cookie beta=10": {"cookie": "beta=10"}}.items()
+    }
+    print(f"\nproxyless gRPC at weight 0 with cohort internal: { {k: r['by_version'] for k, r in seen.items()} }")
+    assert all(r["failed"] == 0 for r in seen.values()), {k: r["errors"] for k, r in seen.items()}
+    assert seen["plain"]["by_version"] == {"v1": 100}
+    assert seen["header"]["by_version"] == {"v2": 100}
+    assert seen["cookie"]["by_version"] == {"v2": 100}
+    assert seen["cookie beta=10"]["by_version"] == {"v1": 100}

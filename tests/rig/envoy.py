@@ -201,7 +201,8 @@ class EnvoyProcess:
         return {c["cluster"]["name"] for c in section.get("dynamic_active_clusters", [])}
 
     def route_weights(self, route_config_name: str) -> dict[str, dict[str, int]]:
-        """virtual host name -> {cluster: weight} for the first route of each virtual host.
+        """virtual host name -> {cluster: weight} for the last route of each virtual host: the
+        weighted default (cohort routes, if any, come before it; see ``cohort_routes``).
 
         A route with a plain ``cluster`` (no weighted_clusters) is reported as {cluster: 100}.
         Empty if the route configuration is not (yet) in the dump.
@@ -217,7 +218,7 @@ class EnvoyProcess:
                 if not routes:
                     out[vh["name"]] = {}
                     continue
-                action = routes[0].get("route", {})
+                action = routes[-1].get("route", {})
                 if "weighted_clusters" in action:
                     out[vh["name"]] = {
                         c["name"]: int(c.get("weight", 0)) for c in action["weighted_clusters"]["clusters"]
@@ -227,6 +228,15 @@ class EnvoyProcess:
                 else:
                     out[vh["name"]] = {}
             return out
+        return {}
+
+    def cohort_routes(self, route_config_name: str) -> dict[str, list[dict[str, Any]]]:
+        """virtual host name -> its routes before the weighted default (cohort routes), as dumped."""
+        section = self._dump_section(".RoutesConfigDump")
+        for entry in section.get("dynamic_route_configs", []):
+            rc = entry.get("route_config", {})
+            if rc.get("name") == route_config_name:
+                return {vh["name"]: vh.get("routes", [])[:-1] for vh in rc.get("virtual_hosts", [])}
         return {}
 
     def wait_rollout_weights(

@@ -4,7 +4,8 @@ Kept out of the pytest process on purpose: ``GRPC_XDS_BOOTSTRAP`` and gRPC's xDS
 process-global. Makes N unary calls to /aviary.test.Echo/Version over ONE channel and prints one
 JSON line: {"by_version": {...}, "failed": n, "errors": [...], "first_rpc_s": s, "total_s": s}.
 
-Usage: grpc_xds_client.py --bootstrap FILE --target xds:///name --rpcs N
+Usage: grpc_xds_client.py --bootstrap FILE --target xds:///name --rpcs N [--header name=value ...]
+(``--header`` sends that metadata with every call: what a cohort's header or cookie condition reads).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def main() -> int:
     ap.add_argument("--rpcs", type=int, default=500)
     ap.add_argument("--first-timeout", type=float, default=20.0)
     ap.add_argument("--timeout", type=float, default=5.0)
+    ap.add_argument("--header", action="append", default=[], help="name=value metadata on every call")
     args = ap.parse_args()
+    metadata = tuple(tuple(item.split("=", 1)) for item in args.header)
 
     os.environ["GRPC_XDS_BOOTSTRAP"] = str(args.bootstrap)
     import grpc  # after the env var: the xDS client reads it when the first xds channel is made
@@ -45,6 +48,7 @@ def main() -> int:
                     b"",
                     timeout=args.first_timeout if i == 0 else args.timeout,
                     wait_for_ready=i == 0,
+                    metadata=metadata or None,
                 )
                 version = answer.decode()
                 by_version[version] = by_version.get(version, 0) + 1

@@ -24,7 +24,7 @@ from aviary.discovery.proxy_events import ProxyConnected, ProxyEvent, ResponseSe
 from aviary.discovery.proxy_status import ProxyStatus
 from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
 from aviary.policy.schema import Endpoint, ListenerSpec
-from aviary.traffic import Backend, DesiredTraffic
+from aviary.traffic import Backend, TrafficPlan
 from tests.rig.ads_client import AdsClient
 from tests.rig.waiting import async_wait_until
 
@@ -69,7 +69,7 @@ class Plane:
 async def plane() -> AsyncIterator[Plane]:
     cache, proxies = SnapshotCache(), ProxyStatus()
     director = TrafficDirector(cache, proxies)
-    director.set_rollout("checkout", Placement(LISTENER, ("*",)), DesiredTraffic(V1))
+    director.set_rollout("checkout", Placement(LISTENER, ("*",)), TrafficPlan(V1))
     state = Plane(cache, proxies, director, 0, [])
     server, state.port = await start_xds_server("127.0.0.1:0", AggregatedDiscoveryService(cache, state.record))
     try:
@@ -129,7 +129,7 @@ async def test_nack_is_recorded_and_not_resent_until_a_newer_version(plane: Plan
     client.send(typeurls.CLUSTER)
     first = await client.receive()
     await _acked(plane, client, first)
-    plane.director.set_desired_traffic("checkout", DesiredTraffic(V1, V2, 0))
+    plane.director.set_desired_traffic("checkout", TrafficPlan(V1, V2, 0))
     second = await client.receive()
     assert sorted(_names(second)) == ["checkout_v1", "checkout_v2"]
     client.nack(second, "bad cluster")
@@ -143,7 +143,7 @@ async def test_nack_is_recorded_and_not_resent_until_a_newer_version(plane: Plan
     assert proxy.acked_versions[typeurls.CLUSTER] == first.version_info  # still on its last good state
     assert plane.responses() == {"CDS": 2}  # the NACK (handled) made no resend of the rejected version
     v3 = Backend("v3", (Endpoint.model_validate("127.0.0.1:9003"),))
-    plane.director.set_desired_traffic("checkout", DesiredTraffic(V1, v3, 0))
+    plane.director.set_desired_traffic("checkout", TrafficPlan(V1, v3, 0))
     third = await client.receive()
     assert sorted(_names(third)) == ["checkout_v1", "checkout_v3"]
     assert third.version_info not in (first.version_info, second.version_info)
@@ -153,7 +153,7 @@ async def test_stale_nonce_is_ignored(plane: Plane) -> None:
     client = plane.client()
     client.send(typeurls.CLUSTER)
     first = await client.receive()
-    plane.director.set_desired_traffic("checkout", DesiredTraffic(V1, V2, 0))
+    plane.director.set_desired_traffic("checkout", TrafficPlan(V1, V2, 0))
     second = await client.receive()
     client.nack(first, "late NACK of an old response")  # stale nonce: must not count
     client.ack(second)
@@ -171,7 +171,7 @@ async def test_named_subscription_to_missing_resource_is_sent_when_it_appears(pl
     await async_wait_until(lambda: plane.subscriptions["node-a", "RDS"], 5, what="the RDS subscription handled")
     assert plane.responses() == {}  # nothing to send for a name that does not exist yet
     plane.director.set_rollout(
-        "payments", Placement(ListenerSpec(address="127.0.0.1", port=10001), ("*",)), DesiredTraffic(V1)
+        "payments", Placement(ListenerSpec(address="127.0.0.1", port=10001), ("*",)), TrafficPlan(V1)
     )
     response = await client.receive()
     assert _names(response) == ["route-127.0.0.1-10001"]
@@ -187,14 +187,14 @@ async def test_sends_only_on_change(plane: Plane) -> None:
     client.ack(clusters)
     # A new cluster changes CDS and EDS but not the route this client holds.
     plane.director.set_rollout("payments", Placement(ListenerSpec(address="127.0.0.1", port=10001), ("*",)),
-                               DesiredTraffic(V1))
+                               TrafficPlan(V1))
     update = await client.receive()
     assert update.type_url == typeurls.CLUSTER
     assert plane.responses() == {"RDS": 1, "CDS": 2}  # the change's responses, all reported before the first
     await _acked(plane, client, update)
     assert plane.responses() == {"RDS": 1, "CDS": 2}
     # A weight change is one RDS update and nothing else.
-    plane.director.set_desired_traffic("checkout", DesiredTraffic(V1, V2, 0))
+    plane.director.set_desired_traffic("checkout", TrafficPlan(V1, V2, 0))
     cds = await client.receive()
     assert cds.type_url == typeurls.CLUSTER
     client.ack(cds)
@@ -215,7 +215,7 @@ async def test_proxy_cluster_groups_see_only_their_rollouts(plane: Plane) -> Non
     plane.director.set_rollout(
         "internal",
         Placement(ListenerSpec(address="127.0.0.1", port=10002), ("*",), proxy_cluster="mesh"),
-        DesiredTraffic(V1),
+        TrafficPlan(V1),
     )
     edge, mesh = plane.client("edge-1", "edge"), plane.client("mesh-1", "mesh")
     edge.send(typeurls.CLUSTER)
@@ -241,7 +241,7 @@ def test_an_ack_repeated_with_a_subscription_change_is_reported_once() -> None:
     from aviary.discovery.sotw import SotwStream
 
     cache, proxies = SnapshotCache(), ProxyStatus()
-    TrafficDirector(cache, proxies).set_rollout("checkout", Placement(LISTENER, ("*",)), DesiredTraffic(V1, V2, 10))
+    TrafficDirector(cache, proxies).set_rollout("checkout", Placement(LISTENER, ("*",)), TrafficPlan(V1, V2, 10))
     events: list[ProxyEvent] = []
     stream = SotwStream(1, "peer", cache, events.append)
     (data,) = stream.on_request(discovery_pb2.DiscoveryRequest(

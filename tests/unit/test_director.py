@@ -11,7 +11,7 @@ from aviary.discovery.director import Placement, PublishedState, RolloutNack, Tr
 from aviary.discovery.proxy_events import ProxyConnected, ResourcesAcked, ResourcesNacked, SubscriptionChanged
 from aviary.discovery.proxy_status import ProxyStatus
 from aviary.policy.schema import Endpoint, ListenerSpec
-from aviary.traffic import Backend, DesiredTraffic
+from aviary.traffic import Backend, TrafficPlan
 
 V1 = Backend("v1", (Endpoint.model_validate("127.0.0.1:9001"),))
 V2 = Backend("v2", (Endpoint.model_validate("127.0.0.1:9002"),))
@@ -47,13 +47,13 @@ class FakeEnvoy:
 def _setup() -> tuple[SnapshotCache, ProxyStatus, TrafficDirector]:
     cache, proxies = SnapshotCache(), ProxyStatus()
     director = TrafficDirector(cache, proxies)
-    director.set_rollout("checkout", PLACEMENT, DesiredTraffic(V1))
+    director.set_rollout("checkout", PLACEMENT, TrafficPlan(V1))
     return cache, proxies, director
 
 
 def test_without_proxies_a_switch_completes_at_once() -> None:
     cache, _, director = _setup()
-    director.set_desired_traffic("checkout", DesiredTraffic(V2))
+    director.set_desired_traffic("checkout", TrafficPlan(V2))
     assert director.published_route("checkout") == {"v2": 100}
     assert set(cache.snapshot_for("edge").items(typeurls.CLUSTER)) == {"checkout_v2"}
 
@@ -64,7 +64,7 @@ def test_route_waits_for_cluster_and_endpoints_ack_then_old_cluster_waits_for_ro
     for type_url in (typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.ROUTE):
         envoy.ack(type_url)
 
-    director.set_desired_traffic("checkout", DesiredTraffic(V2))
+    director.set_desired_traffic("checkout", TrafficPlan(V2))
     assert envoy.clusters() == {"checkout_v1", "checkout_v2"}
     assert director.published_route("checkout") == {"v1": 100}  # new cluster not ACKed yet
 
@@ -76,23 +76,23 @@ def test_route_waits_for_cluster_and_endpoints_ack_then_old_cluster_waits_for_ro
 
     envoy.ack(typeurls.ROUTE)
     assert envoy.clusters() == {"checkout_v2"}
-    assert director.acked("checkout") == DesiredTraffic(V2)
+    assert director.acked("checkout") == TrafficPlan(V2)
 
 
 def test_acked_listener_fires_once_per_desired_traffic() -> None:
     cache, proxies, director = _setup()
     envoy = FakeEnvoy(cache, proxies)
-    seen: list[DesiredTraffic] = []
+    seen: list[TrafficPlan] = []
     director.on_traffic_acked(lambda name, traffic: seen.append(traffic))
     for type_url in (typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.ROUTE):
         envoy.ack(type_url)
-    director.set_desired_traffic("checkout", DesiredTraffic(V1, V2, 10))
+    director.set_desired_traffic("checkout", TrafficPlan(V1, V2, 10))
     envoy.ack(typeurls.CLUSTER)
     envoy.ack(typeurls.ENDPOINT)
-    assert DesiredTraffic(V1, V2, 10) not in seen
+    assert TrafficPlan(V1, V2, 10) not in seen
     envoy.ack(typeurls.ROUTE)
     envoy.ack(typeurls.ROUTE)
-    assert seen.count(DesiredTraffic(V1, V2, 10)) == 1
+    assert seen.count(TrafficPlan(V1, V2, 10)) == 1
 
 
 def test_nack_of_a_rollout_resource_is_reported_for_that_rollout() -> None:
@@ -108,8 +108,8 @@ def test_proxy_cluster_rollout_is_gated_only_by_its_own_proxies() -> None:
     cache, proxies, director = _setup()
     FakeEnvoy(cache, proxies)  # an "edge" Envoy that never ACKs anything
     director.set_rollout("internal", Placement(ListenerSpec(address="127.0.0.1", port=10001), ("*",), "mesh"),
-                         DesiredTraffic(V1))
-    director.set_desired_traffic("internal", DesiredTraffic(V2))
+                         TrafficPlan(V1))
+    director.set_desired_traffic("internal", TrafficPlan(V2))
     assert director.published_route("internal") == {"v2": 100}
 
 
@@ -117,12 +117,12 @@ def test_after_a_restart_gates_wait_for_the_proxies_served_before() -> None:
     cache, proxies = SnapshotCache(), ProxyStatus()
     director = TrafficDirector(cache, proxies)
     director.expect_proxies({"envoy-1"}, grace=60)
-    director.set_rollout("checkout", PLACEMENT, DesiredTraffic(V1, V2, 50))  # restored: published as is
+    director.set_rollout("checkout", PLACEMENT, TrafficPlan(V1, V2, 50))  # restored: published as is
     assert director.published_route("checkout") == {"v1": 50, "v2": 50}
-    acked: list[DesiredTraffic] = []
+    acked: list[TrafficPlan] = []
     director.on_traffic_acked(lambda name, traffic: acked.append(traffic))
 
-    director.set_desired_traffic("checkout", DesiredTraffic(V2))  # the step ended while Envoy is away
+    director.set_desired_traffic("checkout", TrafficPlan(V2))  # the step ended while Envoy is away
     assert director.published_route("checkout") == {"v1": 50, "v2": 50}  # no proxy has confirmed anything
     assert acked == []
 
@@ -133,22 +133,22 @@ def test_after_a_restart_gates_wait_for_the_proxies_served_before() -> None:
     assert envoy.clusters() == {"checkout_v1", "checkout_v2"}  # v1 kept until the new route is ACKed
     envoy.ack(typeurls.ROUTE)
     assert envoy.clusters() == {"checkout_v2"}
-    assert acked == [DesiredTraffic(V2)]
+    assert acked == [TrafficPlan(V2)]
 
 
 def test_reconnect_grace_expires() -> None:
     cache, proxies = SnapshotCache(), ProxyStatus()
     director = TrafficDirector(cache, proxies)
     director.expect_proxies({"gone-for-good"}, grace=0)
-    director.set_rollout("checkout", PLACEMENT, DesiredTraffic(V1))
-    director.set_desired_traffic("checkout", DesiredTraffic(V2))
+    director.set_rollout("checkout", PLACEMENT, TrafficPlan(V1))
+    director.set_desired_traffic("checkout", TrafficPlan(V2))
     assert director.published_route("checkout") == {"v2": 100}
 
 
 def test_removal_is_make_before_break() -> None:
     cache, proxies, director = _setup()
     director.set_rollout("payments", PLACEMENT.__class__(PLACEMENT.listener, ("pay.example.com",)),
-                         DesiredTraffic(V1))
+                         TrafficPlan(V1))
     envoy = FakeEnvoy(cache, proxies)
     for type_url in (typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.ROUTE):
         envoy.ack(type_url)
@@ -176,16 +176,16 @@ def _route_domains(cache: SnapshotCache) -> list[list[str]]:
 
 def test_a_duplicate_domain_is_never_published_and_the_newcomer_is_blocked() -> None:
     cache, _, director = _setup()
-    director.set_rollout("r40", SHOP, DesiredTraffic(V1, V2, 20))
+    director.set_rollout("r40", SHOP, TrafficPlan(V1, V2, 20))
     before = cache.snapshot_for("edge")
-    director.set_rollout("r40b", Placement(PLACEMENT.listener, ("SHOP.example.com",)), DesiredTraffic(V1))
+    director.set_rollout("r40b", Placement(PLACEMENT.listener, ("SHOP.example.com",)), TrafficPlan(V1))
     assert cache.snapshot_for("edge") is before  # the running snapshot stays
     assert _route_domains(cache) == [["*"], ["shop.example.com"]]
     reason = director.blocked("r40b")
     assert reason is not None and "'SHOP.example.com' is served twice" in reason and "r40" in reason
     assert director.blocked("r40") is None and director.blocked("checkout") is None
 
-    director.set_desired_traffic("r40", DesiredTraffic(V1, V2, 40))  # the others keep moving
+    director.set_desired_traffic("r40", TrafficPlan(V1, V2, 40))  # the others keep moving
     assert director.published_route("r40") == {"v1": 60, "v2": 40}
     assert cache.snapshot_for("edge") is not before
 
@@ -198,18 +198,18 @@ def test_a_blocked_rollout_is_never_reported_as_acked() -> None:
     _, _, director = _setup()
     acked: list[str] = []
     director.on_traffic_acked(lambda name, traffic: acked.append(name))
-    director.set_rollout("other", Placement(PLACEMENT.listener, ("*",)), DesiredTraffic(V1))  # "*" is taken
+    director.set_rollout("other", Placement(PLACEMENT.listener, ("*",)), TrafficPlan(V1))  # "*" is taken
     assert director.blocked("other") is not None
     assert "other" not in acked and director.acked("other") is None
 
 
 def test_a_host_moved_between_rollouts_in_one_batch_is_published_once() -> None:
     cache, _, director = _setup()
-    director.set_rollout("a", SHOP, DesiredTraffic(V1))
+    director.set_rollout("a", SHOP, TrafficPlan(V1))
     generation = cache.generation
     with director.batch():
-        director.set_rollout("a", Placement(PLACEMENT.listener, ("a.example.com",)), DesiredTraffic(V1))
-        director.set_rollout("b", SHOP, DesiredTraffic(V2))
+        director.set_rollout("a", Placement(PLACEMENT.listener, ("a.example.com",)), TrafficPlan(V1))
+        director.set_rollout("b", SHOP, TrafficPlan(V2))
     assert director.blocked("a") is None and director.blocked("b") is None
     assert _route_domains(cache) == [["a.example.com"], ["shop.example.com"], ["*"]]
     assert cache.generation == generation + 1  # one publish, never the half-way state
@@ -217,7 +217,7 @@ def test_a_host_moved_between_rollouts_in_one_batch_is_published_once() -> None:
 
 def _two_on_one_route() -> tuple[SnapshotCache, ProxyStatus, TrafficDirector, FakeEnvoy]:
     cache, proxies, director = _setup()
-    director.set_rollout("shop", SHOP, DesiredTraffic(V1, V2, 20))
+    director.set_rollout("shop", SHOP, TrafficPlan(V1, V2, 20))
     envoy = FakeEnvoy(cache, proxies)
     for type_url in (typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.ROUTE):
         envoy.ack(type_url)
@@ -228,7 +228,7 @@ def test_a_route_nack_is_blamed_only_on_the_virtual_host_that_changed() -> None:
     cache, proxies, director, _ = _two_on_one_route()
     nacks: list[RolloutNack] = []
     director.on_nack(nacks.append)
-    director.set_desired_traffic("shop", DesiredTraffic(V1, V2, 40))
+    director.set_desired_traffic("shop", TrafficPlan(V1, V2, 40))
     route = cache.snapshot_for("edge").items(typeurls.ROUTE)[ROUTE]
     proxies.apply(ResourcesNacked(1, typeurls.ROUTE, "v9", {ROUTE: route.version}, "bad virtual host", 0.0))
     assert [n.rollout for n in nacks] == ["shop"]  # checkout shares the route but did not change
@@ -239,12 +239,12 @@ def test_a_route_nack_is_blamed_only_on_the_virtual_host_that_changed() -> None:
 
 def test_a_later_ack_of_that_type_supersedes_the_rejection() -> None:
     cache, proxies, director, envoy = _two_on_one_route()
-    director.set_desired_traffic("shop", DesiredTraffic(V1, V2, 40))
+    director.set_desired_traffic("shop", TrafficPlan(V1, V2, 40))
     route = cache.snapshot_for("edge").items(typeurls.ROUTE)[ROUTE]
     proxies.apply(ResourcesNacked(1, typeurls.ROUTE, "v9", {ROUTE: route.version}, "bad", 0.0))
     envoy.ack(typeurls.CLUSTER)  # another type: still rejected
     assert director.rejected("shop") is not None
-    director.set_desired_traffic("shop", DesiredTraffic(V1))  # the rollback
+    director.set_desired_traffic("shop", TrafficPlan(V1))  # the rollback
     envoy.ack(typeurls.ROUTE)
     assert director.rejected("shop") is None
     assert director.envoy_weights("shop") == {"v1": 100}
@@ -252,7 +252,7 @@ def test_a_later_ack_of_that_type_supersedes_the_rejection() -> None:
 
 def test_a_route_nack_with_an_unknown_accepted_version_blames_every_changed_host() -> None:
     cache, proxies, director = _setup()
-    director.set_rollout("shop", SHOP, DesiredTraffic(V1))
+    director.set_rollout("shop", SHOP, TrafficPlan(V1))
     FakeEnvoy(cache, proxies)  # never ACKed any route: everything in it is new to this proxy
     nacks: list[RolloutNack] = []
     director.on_nack(nacks.append)
@@ -267,7 +267,7 @@ def test_clusters_restored_under_legacy_names_stay_until_a_route_without_them_is
     director.expect_proxies({"envoy-1"}, grace=60)
     legacy = PublishedState((("checkout-v1", 80), ("checkout-v2", 20)), (("checkout-v1", V1), ("checkout-v2", V2)))
     director.restore_published("checkout", legacy)
-    director.set_rollout("checkout", PLACEMENT, DesiredTraffic(V1, V2, 20))
+    director.set_rollout("checkout", PLACEMENT, TrafficPlan(V1, V2, 20))
     routed = cache.snapshot_for("edge").items(typeurls.ROUTE)[ROUTE].references
     assert routed == {"checkout-v1", "checkout-v2"}  # what Envoy holds, until the new names are ACKed
     envoy = FakeEnvoy(cache, proxies)
@@ -287,7 +287,7 @@ def test_published_state_is_reported_for_persistence() -> None:
     envoy = FakeEnvoy(cache, proxies)
     for type_url in (typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.ROUTE):
         envoy.ack(type_url)
-    director.set_desired_traffic("checkout", DesiredTraffic(V2))
+    director.set_desired_traffic("checkout", TrafficPlan(V2))
     envoy.ack(typeurls.CLUSTER)
     envoy.ack(typeurls.ENDPOINT)
     state = seen["checkout"]
@@ -301,7 +301,7 @@ def test_a_returning_proxy_is_back_only_once_it_asked_for_its_routes() -> None:
     director.expect_proxies({"envoy-1"}, grace=60)
     retiring = PublishedState((("checkout_v2", 100),), (("checkout_v1", V1), ("checkout_v2", V2)))
     director.restore_published("checkout", retiring)  # v1 retiring when the previous process died
-    director.set_rollout("checkout", PLACEMENT, DesiredTraffic(V2))
+    director.set_rollout("checkout", PLACEMENT, TrafficPlan(V2))
     proxies.apply(ProxyConnected(1, "envoy-1", "edge", "peer", 0.0))  # as Envoy: CDS first, routes later
     proxies.apply(SubscriptionChanged(1, typeurls.CLUSTER, True, frozenset()))
     snapshot = cache.snapshot_for("edge")

@@ -31,13 +31,14 @@ from aviary.policy.rollout import (
     TransitionEvent,
     WeightAcked,
     checks_due,
-    desired_traffic,
     next_wakeup,
     step,
+    step_cohorts,
     step_weight,
+    traffic_plan,
 )
 from aviary.policy.schema import RolloutSpec
-from aviary.traffic import Backend, DesiredTraffic
+from aviary.traffic import Backend, TrafficPlan
 
 PASS, FAIL, INCONCLUSIVE = CheckOutcome.PASS, CheckOutcome.FAIL, CheckOutcome.INCONCLUSIVE
 ANALYSIS: dict[str, Any] = {
@@ -49,13 +50,16 @@ HOSTS = {"v1": 1, "v2": 2, "v3": 3}
 
 
 def make_spec(version: str = "v1", steps: list[Any] | None = None, interval: str = "30s",
-              analysis: Any = _DEFAULT, strategy: bool = True, port: int = 8080) -> RolloutSpec:
+              analysis: Any = _DEFAULT, strategy: bool = True, port: int = 8080,
+              cohorts: list[Any] | None = None) -> RolloutSpec:
     doc: dict[str, Any] = {
         "listener": {"port": 10000}, "hosts": ["shop.example.com"], "version": version,
         "endpoints": [f"10.0.0.{HOSTS.get(version, 9)}:{port}"],
     }
     if strategy:
         doc["strategy"] = {"steps": [10, 50] if steps is None else steps, "interval": interval}
+        if cohorts:
+            doc["strategy"]["cohorts"] = cohorts
     if analysis is _DEFAULT:
         doc["analysis"] = ANALYSIS
     elif analysis is not None:
@@ -76,7 +80,7 @@ def records(actions: list[Action]) -> list[TransitionEvent]:
     return [a.event for a in actions if isinstance(a, RecordEvent)]
 
 
-def traffic(actions: list[Action]) -> list[DesiredTraffic]:
+def traffic(actions: list[Action]) -> list[TrafficPlan]:
     return [a.traffic for a in actions if isinstance(a, SetTraffic)]
 
 
@@ -127,7 +131,7 @@ def test_first_sight_makes_the_version_stable() -> None:
     run = Run(make_spec("v1"))
     assert run.status.phase is Phase.STABLE
     assert run.status.stable == backend(make_spec("v1"))
-    assert traffic(run.actions) == [DesiredTraffic(stable=backend(make_spec("v1")))]
+    assert traffic(run.actions) == [TrafficPlan(stable=backend(make_spec("v1")))]
     [record] = records(run.actions)
     assert (record.rollout, record.from_phase, record.to_phase) == ("shop", None, Phase.STABLE)
     assert record.reason == "first sight: version v1 is stable"
@@ -156,7 +160,7 @@ def test_without_strategy_a_new_version_is_stable_at_once() -> None:
     run = Run(make_spec("v1", strategy=False))
     status = run.observe(make_spec("v2", strategy=False))
     assert (status.phase, status.stable.version, status.canary) == (Phase.STABLE, "v2", None)
-    assert traffic(run.actions) == [DesiredTraffic(stable=backend(make_spec("v2")))]
+    assert traffic(run.actions) == [TrafficPlan(stable=backend(make_spec("v2")))]
     assert "no strategy" in records(run.actions)[0].reason
 
 
@@ -164,7 +168,7 @@ def test_stable_endpoint_change_republishes_traffic() -> None:
     run = Run(make_spec("v1"))
     status = run.observe(make_spec("v1", port=9090))
     assert status.phase is Phase.STABLE
-    assert traffic(run.actions) == [DesiredTraffic(stable=backend(make_spec("v1", port=9090)))]
+    assert traffic(run.actions) == [TrafficPlan(stable=backend(make_spec("v1", port=9090)))]
     assert records(run.actions)[0].reason == "endpoints of v1 changed"
 
 
@@ -177,7 +181,7 @@ def test_new_version_starts_a_canary_at_the_first_step_waiting_for_the_ack() -> 
     assert (status.phase, status.step_index, status.weight) == (Phase.PROGRESSING, 0, 10)
     assert status.canary == backend(make_spec("v2"))
     assert status.step_started_at is None
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v2")), 10)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v2")), 10)]
     assert records(run.actions)[0].reason == "new version v2 (stable v1)"
     # Nothing is time-driven until the ACK: no wake-up, no checks, no advance however long we wait.
     assert next_wakeup(run.spec, status) is None
@@ -226,7 +230,7 @@ def test_a_step_advances_after_its_interval_when_the_latest_round_passed() -> No
     status = run.tick(1)
     assert (status.phase, status.step_index, status.weight, status.step_started_at) == \
         (Phase.PROGRESSING, 1, 50, None)
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v2")), 50)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v2")), 50)]
     [record] = records(run.actions)
     assert record.reason == "step 1 (10%) passed: 30s elapsed and the latest check round passed"
     assert (record.from_phase, record.to_phase, record.weight, record.step_index) == \
@@ -283,7 +287,7 @@ def test_failures_beyond_the_limit_roll_back_at_once_mid_step() -> None:
     status = run.checks(FAIL)
     assert (status.phase, status.weight, status.canary, status.failed_version) == \
         (Phase.ROLLED_BACK, 0, None, "v2")
-    assert traffic(run.actions) == [DesiredTraffic(stable=backend(make_spec("v1")))]
+    assert traffic(run.actions) == [TrafficPlan(stable=backend(make_spec("v1")))]
     [record] = records(run.actions)
     assert record.reason == "rolled back v2: failed (2) > failureLimit (1)"
     assert (record.from_phase, record.to_phase, record.weight) == (Phase.PROGRESSING, Phase.ROLLED_BACK, 0)
@@ -374,7 +378,7 @@ def test_the_last_step_promotes_and_the_ack_of_100_makes_it_stable() -> None:
     run.ack()
     status = run.tick(30)
     assert (status.phase, status.weight, status.step_started_at) == (Phase.PROMOTING, 100, None)
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v2")), 100)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v2")), 100)]
     assert records(run.actions)[0].reason == "step 2 (50%) passed: 30s elapsed; promoting: 100% to v2"
     assert run.tick(3600).phase is Phase.PROMOTING  # only the ACK completes it
     assert run.send(WeightAcked("v2", 50, run.now)).phase is Phase.PROMOTING
@@ -382,7 +386,7 @@ def test_the_last_step_promotes_and_the_ack_of_100_makes_it_stable() -> None:
     assert (status.phase, status.stable, status.canary, status.weight) == \
         (Phase.STABLE, backend(make_spec("v2")), None, 0)
     # The old backend is dropped from the desired traffic: the traffic layer removes its cluster.
-    assert traffic(run.actions) == [DesiredTraffic(stable=backend(make_spec("v2")))]
+    assert traffic(run.actions) == [TrafficPlan(stable=backend(make_spec("v2")))]
     assert records(run.actions)[0].reason == "100% to v2 ACKed by every proxy: v2 is stable"
     assert next_wakeup(run.spec, status) is None
 
@@ -435,7 +439,7 @@ def test_a_first_pause_step_holds_the_canary_at_weight_zero() -> None:
     status = run.observe(make_spec("v2", steps=[{"pause": {"duration": "10s"}}, 20]))
     assert (status.phase, status.weight, status.step_started_at) == (Phase.PAUSED, 0, None)
     # The canary cluster is published at weight 0 (make-before-break) ...
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v2")), 0)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v2")), 0)]
     run.spec = make_spec("v2", steps=[{"pause": {"duration": "10s"}}, 20])
     status = run.ack()
     assert not checks_due(run.spec, status, run.now + 100)  # no traffic, nothing to check
@@ -456,7 +460,7 @@ def test_a_nack_rolls_back_with_the_message() -> None:
     run.observe(make_spec("v2"))
     status = run.send(ProxyNacked("envoy-1", "unknown cluster 'shop-v2'", version="v2"))
     assert (status.phase, status.weight, status.failed_version) == (Phase.ROLLED_BACK, 0, "v2")
-    assert traffic(run.actions) == [DesiredTraffic(stable=backend(make_spec("v1")))]
+    assert traffic(run.actions) == [TrafficPlan(stable=backend(make_spec("v1")))]
     assert records(run.actions)[0].reason == "rolled back v2: proxy envoy-1 NACKed route: unknown cluster 'shop-v2'"
 
 
@@ -492,7 +496,7 @@ def test_a_newer_version_replaces_the_running_canary_and_resets_everything() -> 
     assert (status.counters, status.acked_weight, status.step_started_at) == (Counters(), None, None)
     assert status.stable == backend(make_spec("v1"))
     assert records(run.actions)[0].reason == "new version v3 replaces canary v2"
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v3")), 10)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v3")), 10)]
 
 
 def test_naming_the_stable_version_again_drops_the_canary() -> None:
@@ -543,7 +547,7 @@ def test_canary_endpoint_change_republishes_without_restarting() -> None:
     status = run.observe(make_spec("v2", port=9090))
     assert status.canary == backend(make_spec("v2", port=9090))
     assert (status.step_index, status.step_started_at) == (0, started)
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v2", port=9090)), 10)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v2", port=9090)), 10)]
 
 
 def test_strategy_removed_mid_canary_switches_at_once() -> None:
@@ -637,7 +641,7 @@ def test_abort_during_promotion() -> None:
     run.send(Promote())
     status = run.send(Abort())
     assert (status.phase, status.stable.version) == (Phase.ROLLED_BACK, "v1")
-    assert desired_traffic(status) == DesiredTraffic(stable=backend(make_spec("v1")))
+    assert traffic_plan(make_spec("v1"), status) == TrafficPlan(stable=backend(make_spec("v1")))
 
 
 def test_retry_restarts_a_rolled_back_canary() -> None:
@@ -650,7 +654,7 @@ def test_retry_restarts_a_rolled_back_canary() -> None:
     assert (status.phase, status.step_index, status.weight, status.counters, status.failed_version) == \
         (Phase.PROGRESSING, 0, 10, Counters(), None)
     assert records(run.actions)[0].reason == "retry of v2 by erin"
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v2")), 10)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v2")), 10)]
 
 
 def test_set_weight_pauses_automation_until_resume() -> None:
@@ -659,7 +663,7 @@ def test_set_weight_pauses_automation_until_resume() -> None:
     status = run.send(SetWeight(30))
     assert (status.phase, status.hold, status.weight, status.manual_weight, status.step_started_at) == \
         (Phase.PAUSED, Hold.MANUAL_WEIGHT, 30, 30, None)
-    assert traffic(run.actions) == [DesiredTraffic(backend(make_spec("v1")), backend(make_spec("v2")), 30)]
+    assert traffic(run.actions) == [TrafficPlan(backend(make_spec("v1")), backend(make_spec("v2")), 30)]
     status = run.ack()
     assert status.step_started_at == run.now
     assert records(run.actions)[0].reason == "30% to v2 ACKed by every proxy: manual weight started"
@@ -729,6 +733,9 @@ SPECS: dict[str, dict[str, Any]] = {
     "pause-on-inconclusive": dict(steps=[5, {"pause": {"duration": "10s"}}, 25],
                                   analysis={**ANALYSIS, "onInconclusive": "pause", "failureLimit": 0}),
     "no-analysis": dict(steps=[20, 40], analysis=None),
+    "cohorts": dict(steps=[{"cohorts": ["qa"]}, 10, {"cohorts": ["beta"]}, {"pause": {}}, 40],
+                    cohorts=[{"name": "qa", "match": [{"headers": {"x-team": {"exact": "qa"}}}]},
+                             {"name": "beta", "match": [{"cookies": {"beta": {"exact": "1"}}}]}]),
 }
 COMMANDS = [PauseRollout(), Resume(), Promote(), Abort(), Retry(), SetWeight(0), SetWeight(35), SetWeight(100)]
 
@@ -760,7 +767,7 @@ def play(shape: dict[str, Any], script: list[tuple[str, Any]], check: Any) -> No
             now += arg
             event = Tick(now)
         elif kind == "ack":
-            event = WeightAcked(status.canary.version if status.canary else "v2", status.weight, now)
+            event = WeightAcked(status.canary.version if status.canary else "v2", status.weight, now, status.cohorts)
         elif kind == "ack-other":
             event = WeightAcked(status.canary.version if status.canary else "v2", arg, now)
         elif kind == "checks":
@@ -791,8 +798,8 @@ def test_invariants_of_every_call(shape: str, script: list[tuple[str, Any]]) -> 
               spec: RolloutSpec, now: float) -> None:
         # SetTraffic exactly when the desired traffic changed, and at most once.
         sets = traffic(actions)
-        if desired_traffic(new) != desired_traffic(old):
-            assert sets == [desired_traffic(new)]
+        if traffic_plan(spec, new) != traffic_plan(spec, old):
+            assert sets == [traffic_plan(spec, new)]
         else:
             assert sets == []
         # Every phase change is recorded, and the last record describes the new status.
@@ -806,9 +813,15 @@ def test_invariants_of_every_call(shape: str, script: list[tuple[str, Any]]) -> 
         # A wake-up is never in the past unless a check round is overdue (no busy loop).
         wake = next_wakeup(spec, new)
         assert wake is None or wake > now or checks_due(spec, new, now)
+        # Cohorts: those of the steps so far (a manual weight keeps them); none without a canary or
+        # while promoting, so a rollback closes every cohort in its one plan.
+        if new.canary is None or new.phase is Phase.PROMOTING:
+            assert new.cohorts == () and traffic_plan(spec, new).cohorts == ()
+        else:
+            assert new.cohorts == step_cohorts(spec, new.step_index)
         # Rolled back means canary weight 0 with no canary in the desired traffic.
         if new.phase is Phase.ROLLED_BACK:
-            assert desired_traffic(new).canary_weight == 0 and desired_traffic(new).canary is None
+            assert traffic_plan(spec, new).canary_weight == 0 and traffic_plan(spec, new).canary is None
 
     play(SPECS[shape], script, check)
 
@@ -828,7 +841,7 @@ def test_every_rollback_is_one_action_to_weight_zero(shape: str, script: list[tu
             assert [r.to_phase for r in records(actions)].count(Phase.ROLLED_BACK) == 1
         if isinstance(event, Abort) and old.canary is not None:
             assert new.phase is Phase.ROLLED_BACK
-            assert desired_traffic(new).canary_weight == 0
+            assert traffic_plan(spec, new).canary_weight == 0
 
     play(SPECS[shape], script, check)
 

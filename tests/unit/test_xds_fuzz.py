@@ -25,7 +25,7 @@ from aviary.discovery.proxy_status import ProxyStatus
 from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
 from aviary.discovery.sotw import MAX_RESOURCE_NAMES, SotwStream, StreamError
 from aviary.policy.schema import Endpoint, ListenerSpec
-from aviary.traffic import Backend, DesiredTraffic
+from aviary.traffic import Backend, TrafficPlan
 from tests.rig.ads_client import AdsClient
 
 V1 = Backend("v1", (Endpoint.model_validate("127.0.0.1:9001"),))
@@ -66,7 +66,7 @@ def _cache() -> SnapshotCache:
     cache = SnapshotCache()
     director = TrafficDirector(cache, ProxyStatus())
     director.set_rollout("checkout", Placement(ListenerSpec(address="127.0.0.1", port=10000), ("*",)),
-                         DesiredTraffic(V1, V2, 10))
+                         TrafficPlan(V1, V2, 10))
     return cache
 
 
@@ -108,7 +108,7 @@ async def served() -> AsyncIterator[tuple[int, TrafficDirector, AggregatedDiscov
     cache, proxies = SnapshotCache(), ProxyStatus()
     director = TrafficDirector(cache, proxies)
     director.set_rollout("checkout", Placement(ListenerSpec(address="127.0.0.1", port=10000), ("*",)),
-                         DesiredTraffic(V1))
+                         TrafficPlan(V1))
     service = AggregatedDiscoveryService(cache, proxies.apply)
     server, port = await start_xds_server("127.0.0.1:0", service)
     try:
@@ -165,7 +165,7 @@ async def test_malformed_streams_do_not_disturb_other_streams(
     await channel.close()
 
     # The well-behaved stream is still served: a change reaches it.
-    director.set_desired_traffic("checkout", DesiredTraffic(V1, V2, 0))
+    director.set_desired_traffic("checkout", TrafficPlan(V1, V2, 0))
     update = await healthy.receive(timeout=20)
     assert update.type_url == typeurls.CLUSTER
     await healthy.close()

@@ -60,15 +60,15 @@ from aviary.policy.rollout import (
     TransitionEvent,
     WeightAcked,
     checks_due,
-    desired_traffic,
     next_wakeup,
     step,
+    traffic_plan,
 )
 from aviary.policy.schema import PolicyError, PolicySet, Rollout
 from aviary.policy.server_rules import PROMETHEUS_NEEDED
 from aviary.store.sqlite import SavedPublished, SavedRollout, StateStore, StateWriteError
 from aviary.store.writes import StateWrites
-from aviary.traffic import DesiredTraffic
+from aviary.traffic import TrafficPlan
 
 log = logging.getLogger("aviary.engine")
 
@@ -116,13 +116,21 @@ def moves_away_from_stable(before: RolloutStatus | None, after: RolloutStatus) -
     """True when ``after`` gives a version other than ``before``'s stable one more traffic than
     ``before`` did, or names a version ``before`` did not route to at all (a new canary, even at
     0 %, or a new stable version). A rollback, an abort or a lower weight is not; neither is the
-    end of a promotion (the canary already had 100 %). First sight counts as a move away."""
+    end of a promotion (the canary already had 100 %). Opening a cohort is a move away (its requests
+    reach the canary). First sight counts as a move away."""
     if before is None:
         return True
-    old = desired_traffic(before).weights()
-    return any(
+    old = {before.stable.version: 100 - before.weight}
+    if before.canary is not None:
+        old[before.canary.version] = before.weight
+    new = {after.stable.version: 100 - after.weight}
+    if after.canary is not None:
+        new[after.canary.version] = after.weight
+    same_canary = after.canary is not None and before.canary == after.canary
+    opened = same_canary and bool(set(after.cohorts) - set(before.cohorts))
+    return opened or any(
         version != before.stable.version and (version not in old or weight > old[version])
-        for version, weight in desired_traffic(after).weights().items()
+        for version, weight in new.items()
     )
 
 
@@ -288,7 +296,7 @@ class RolloutRunner:
         for name, entry in saved.items():
             if name in published:  # clusters a proxy's route may still name, retiring ones included
                 state = published[name]
-                self._director.restore_published(name, PublishedState(state.route, state.clusters))
+                self._director.restore_published(name, PublishedState(state.route, state.clusters, state.cohorts))
             status, resumption = stopped_for_restart(entry.status, max(entry.saved_at, last_alive or 0.0))
             if resumption is not None:
                 self._resuming[name] = resumption
@@ -296,7 +304,7 @@ class RolloutRunner:
             self._rollouts[name] = entry.rollout
             self._applied_revision[name] = entry.git_commit
             self._history[name] = deque(entry.events, maxlen=EVENT_HISTORY)
-            self._publish(entry.rollout, desired_traffic(status))
+            self._publish(entry.rollout, traffic_plan(entry.rollout.spec, status))
             log.info("rollout %s restored: %s", name, _summary(status))
 
     # ---- inputs --------------------------------------------------------------------------
@@ -687,7 +695,7 @@ class RolloutRunner:
         self._undeleted.discard(name)
         self.state_writes.forget(_writer(name))
 
-    def _publish(self, rollout: Rollout, traffic: DesiredTraffic) -> None:
+    def _publish(self, rollout: Rollout, traffic: TrafficPlan) -> None:
         placement = _placement_of(rollout)
         self._placements[rollout.name] = placement
         self._director.set_rollout(rollout.name, placement, traffic)
@@ -699,9 +707,16 @@ class RolloutRunner:
                 traffic = action.traffic
             elif isinstance(action, RecordEvent):
                 self._record(action.event)
+        desired = self._director.desired(rollout.name)
+        if traffic is None and desired is not None and rollout.name in self._status:
+            # The engine emits a plan when the status changes; an edit of an opened cohort's
+            # conditions changes the plan but not the status, so it is caught here.
+            plan = traffic_plan(rollout.spec, self._status[rollout.name])
+            if desired.canary == plan.canary and desired.cohorts != plan.cohorts:
+                traffic = replace(desired, cohorts=plan.cohorts)
         if traffic is None and self._placements.get(rollout.name) != _placement_of(rollout):
             # The file moved the rollout (listener, hosts) without changing its traffic.
-            traffic = self._director.desired(rollout.name) or desired_traffic(self._status[rollout.name])
+            traffic = self._director.desired(rollout.name) or traffic_plan(rollout.spec, self._status[rollout.name])
         if traffic is not None:
             self._publish(rollout, traffic)
 
@@ -709,7 +724,8 @@ class RolloutRunner:
         history = self._history.setdefault(event.rollout, deque(maxlen=EVENT_HISTORY))
         history.append(event)
         checks = ", ".join(f"{c.name}={c.value}" for c in event.checks)
-        traffic = (f"canary {event.canary_version} at {event.weight}%" if event.canary_version
+        opened = f" and cohorts {', '.join(event.cohorts)}" if event.cohorts else ""
+        traffic = (f"canary {event.canary_version} at {event.weight}%{opened}" if event.canary_version
                    else f"all traffic to {event.stable_version}")
         log.info(
             "rollout %s: %s -> %s, %s: %s%s",
@@ -726,10 +742,10 @@ class RolloutRunner:
             except Exception:  # a watcher's fault must not stop the traffic change behind it
                 log.exception("rollout %s: a transition listener failed", event.rollout)
 
-    def _on_traffic_acked(self, name: str, traffic: DesiredTraffic) -> None:
+    def _on_traffic_acked(self, name: str, traffic: TrafficPlan) -> None:
         version = traffic.canary.version if traffic.canary else traffic.stable.version
         weight = traffic.canary_weight if traffic.canary else 100
-        self.submit(name, WeightAcked(version, weight, self._clock()))
+        self.submit(name, WeightAcked(version, weight, self._clock(), traffic.cohort_names))
 
     def _on_nack(self, nack: RolloutNack) -> None:
         # The engine ignores a NACK once there is no canary, so a NACK of the snapshot that carries
@@ -742,7 +758,7 @@ class RolloutRunner:
             return
         writer = f"published {name}"
         try:
-            saved = None if state is None else SavedPublished(state.route, state.clusters)
+            saved = None if state is None else SavedPublished(state.route, state.clusters, state.cohorts)
             self._store.save_published(name, saved)
         except _WRITE_ERRORS as exc:
             # Counted like any failed write (health, metric) and retried: a restart must not bring

@@ -84,6 +84,7 @@ def event_message(event: TransitionEvent, clock: WallClock) -> pb.RolloutEvent:
         step=event.step_index + 1 if event.canary_version else None,  # 1-based, as status shows it
         reason=event.reason,
         checks=[check_message(check) for check in event.checks],
+        cohorts=list(event.cohorts),
     )
 
 
@@ -135,6 +136,8 @@ def rollout_message(
         state_error=state_error or "",
         envoy_rejected=envoy_rejected or "",
         step_weight=step_weight(spec, status.step_index) if spec is not None and status.canary is not None else None,
+        cohorts=list(status.cohorts),
+        acked_cohorts=list(status.acked_cohorts) if status.canary is not None else [],
     )
 
 

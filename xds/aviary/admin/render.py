@@ -70,6 +70,11 @@ def _weight(rollout: pb.Rollout | pb.RolloutEvent) -> str:
     return f"{rollout.weight}%" if rollout.canary_version else "-"
 
 
+def _cohorts(rollout: pb.Rollout | pb.RolloutEvent) -> str:
+    """" and cohorts a, b" when cohorts are open (their requests reach the canary whatever the weight)."""
+    return f" and cohorts {', '.join(rollout.cohorts)}" if rollout.canary_version and rollout.cohorts else ""
+
+
 def checks_summary(checks: Iterable[pb.CheckResult]) -> str:
     """``success=99.5 ✓  latency=120 ✗`` (rich markup); "-" for none."""
     parts = []
@@ -102,7 +107,7 @@ def _thresholds(check: pb.CheckResult) -> str:
 def event_line(event: pb.RolloutEvent) -> str:
     when = event.time.ToDatetime(tzinfo=UTC).astimezone().strftime("%H:%M:%S")
     source = event.from_phase or "-"
-    traffic = (f"canary {event.canary_version} at {event.weight}%" if event.canary_version
+    traffic = (f"canary {event.canary_version} at {event.weight}%{_cohorts(event)}" if event.canary_version
                else f"all traffic to {event.stable_version}")
     return f"{when} {event.rollout}: {source} -> {event.to_phase}, {traffic}: {event.reason}"
 
@@ -119,6 +124,9 @@ def rollout_detail(r: pb.Rollout) -> Group:
     if r.canary_version:
         acked = f"{r.acked_weight}%" if r.HasField("acked_weight") else "not yet"
         facts.add_row("acked weight", acked)
+        facts.add_row("cohorts", ", ".join(r.cohorts) or "none open")
+        if list(r.cohorts) != list(r.acked_cohorts):
+            facts.add_row("acked cohorts", ", ".join(r.acked_cohorts) or "none")
         facts.add_row("time in step", f"{r.seconds_in_step:.0f}s" if r.seconds_in_step else "not started")
     for override in r.overrides:
         facts.add_row("override", f"{override.kind}: {override.detail}")
@@ -157,7 +165,7 @@ def envoy_lag(r: pb.Rollout) -> str:
 
 
 def rollout_line(r: pb.Rollout) -> str:
-    canary = f", canary {r.canary_version} at {r.weight}%" if r.canary_version else ""
+    canary = f", canary {r.canary_version} at {r.weight}%{_cohorts(r)}" if r.canary_version else ""
     line = f"{r.name}: {r.phase}, stable {r.stable_version}{canary}: {r.reason}"
     if envoy_lag(r):
         line += f" ({envoy_lag(r)})"
@@ -208,8 +216,9 @@ def watch_view(rollouts: Mapping[str, pb.Rollout], recent: Sequence[pb.RolloutEv
     for name in sorted(rollouts):
         r = rollouts[name]
         bar = ProgressBar(total=100, completed=r.weight if r.canary_version else 0, width=30)
+        opened = f"cohorts {', '.join(r.cohorts)}" if r.canary_version and r.cohorts else ""
         grid.add_row(Text(name, style="bold"), _phase(r.phase), bar, _weight(r).rjust(4),
-                     f"step {_step(r, r.steps)}", checks_summary(r.checks))
+                     f"step {_step(r, r.steps)}", checks_summary(r.checks), opened)
     if not rollouts:
         grid.add_row("no rollouts yet")
     lines = [Text(event_line(event), style="dim") for event in recent]
@@ -231,6 +240,8 @@ def apply_event(rollout: pb.Rollout | None, event: pb.RolloutEvent) -> pb.Rollou
     updated.stable_version = event.stable_version
     updated.canary_version = event.canary_version
     updated.reason = event.reason
+    del updated.cohorts[:]
+    updated.cohorts.extend(event.cohorts)
     if event.checks:
         del updated.checks[:]
         updated.checks.extend(event.checks)

@@ -1,13 +1,13 @@
-"""From desired traffic to published snapshots, make-before-break.
+"""From traffic plans to published snapshots, make-before-break.
 
-`TrafficDirector.set_desired_traffic()` is the one place a rollout's weights are set; the rollout
-engine drives it, and so do tests. What the director publishes trails what is desired by the ACKs
-of the proxies that serve the rollout:
+`TrafficDirector.set_desired_traffic()` is the one place a rollout's plan (weights and opened
+cohorts) is set; the rollout engine drives it, and so do tests. What the director publishes trails
+what is desired by the ACKs of the proxies that serve the rollout:
 
 1. a backend that is new gets its cluster (and load assignment) published, while the route still
    sends traffic where it did;
 2. once every proxy that subscribes to that cluster has ACKed it and its endpoints, the route
-   moves to the desired weights (one RDS update);
+   moves to the desired plan, cohort routes and weights together (one RDS update);
 3. a backend no longer desired keeps its cluster until every proxy that subscribes to the route
    has ACKed the route that no longer names it; then the cluster is removed.
 
@@ -51,8 +51,9 @@ from aviary.discovery.resources import (
     route_name,
 )
 from aviary.discovery.snapshot import EMPTY, Snapshot
+from aviary.matching import CohortRule
 from aviary.policy.schema import ListenerSpec
-from aviary.traffic import Backend, DesiredTraffic
+from aviary.traffic import Backend, TrafficPlan
 
 log = logging.getLogger("aviary.director")
 
@@ -80,6 +81,7 @@ class _Published:
     route: tuple[tuple[str, int], ...]  # cluster name -> weight
     clusters: dict[str, Backend] = field(default_factory=dict)  # cluster name -> backend
     handover: tuple[tuple[str, int], ...] = ()  # being removed: its last route, while a successor warms up
+    cohorts: tuple[tuple[CohortRule, str], ...] = ()  # routed before `route`: (cohort, cluster name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,7 @@ class PublishedState:
 
     route: tuple[tuple[str, int], ...]
     clusters: tuple[tuple[str, Backend], ...]
+    cohorts: tuple[tuple[CohortRule, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +109,7 @@ class _Rejection:
     text: str
 
 
-AckListener = Callable[[str, DesiredTraffic], None]
+AckListener = Callable[[str, TrafficPlan], None]
 NackListener = Callable[[RolloutNack], None]
 PublishedListener = Callable[[str, PublishedState | None], None]
 
@@ -116,9 +119,9 @@ class TrafficDirector:
         self._cache = cache
         self._proxies = proxies
         self._placements: dict[str, Placement] = {}
-        self._desired: dict[str, DesiredTraffic] = {}
+        self._desired: dict[str, TrafficPlan] = {}
         self._published: dict[str, _Published] = {}
-        self._acked: dict[str, DesiredTraffic] = {}
+        self._acked: dict[str, TrafficPlan] = {}
         self._built: list[tuple[str, tuple[PublishedRollout, ...]]] | None = None
         self._unsettled: set[str] = set()
         self._waiting: set[int] = set()  # stream ids of the proxies an unsettled rollout waits for
@@ -140,18 +143,18 @@ class TrafficDirector:
 
     # ---- inputs -------------------------------------------------------------------------
 
-    def set_rollout(self, name: str, placement: Placement, traffic: DesiredTraffic) -> None:
+    def set_rollout(self, name: str, placement: Placement, traffic: TrafficPlan) -> None:
         """Declare or update a rollout's placement and desired traffic together."""
         self._placements[name] = placement
         self.set_desired_traffic(name, traffic)
 
-    def set_desired_traffic(self, name: str, traffic: DesiredTraffic) -> None:
-        """THE place where a rollout's canary weight is set."""
+    def set_desired_traffic(self, name: str, traffic: TrafficPlan) -> None:
+        """THE place where a rollout's plan (canary weight, opened cohorts) is set."""
         if name not in self._placements:
             raise KeyError(f"unknown rollout {name!r}")
         self._removing.discard(name)
         if self._desired.get(name) != traffic:
-            log.info("rollout %s: desired %s", name, _describe(traffic))
+            log.info("rollout %s: desired %s (plan %s)", name, traffic.describe(), traffic.digest)
         self._desired[name] = traffic
         self._reconcile_unless_batching()
 
@@ -168,7 +171,7 @@ class TrafficDirector:
         if published is None:
             self._placements.pop(name, None)
         else:
-            published.handover, published.route = published.route, ()
+            published.handover, published.route, published.cohorts = published.route, (), ()
             self._removing.add(name)
         self._reconcile_unless_batching()
 
@@ -176,7 +179,7 @@ class TrafficDirector:
         """After a restart: what the previous process had published for this rollout (call before
         `set_rollout`). Its route stays until the current clusters are ACKed, and clusters no longer
         wanted retire only once no route a proxy ACKed names them, as in any change."""
-        self._published[name] = _Published(state.route, dict(state.clusters))
+        self._published[name] = _Published(state.route, dict(state.clusters), cohorts=state.cohorts)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -258,15 +261,17 @@ class TrafficDirector:
 
     # ---- reads --------------------------------------------------------------------------
 
-    def desired(self, name: str) -> DesiredTraffic | None:
+    def desired(self, name: str) -> TrafficPlan | None:
         return self._desired.get(name)
 
     def published_state(self, name: str) -> PublishedState | None:
         """What is published for this rollout now (None: nothing), as listeners are told."""
         published = self._published.get(name)
-        return None if published is None else PublishedState(published.route, tuple(sorted(published.clusters.items())))
+        if published is None:
+            return None
+        return PublishedState(published.route, tuple(sorted(published.clusters.items())), published.cohorts)
 
-    def acked(self, name: str) -> DesiredTraffic | None:
+    def acked(self, name: str) -> TrafficPlan | None:
         """The desired traffic that every serving proxy has ACKed, if the latest one was."""
         return self._acked.get(name)
 
@@ -306,7 +311,7 @@ class TrafficDirector:
             return False
         wanted = _route_of(name, desired)
         return (
-            published.route == wanted
+            (published.route, published.cohorts) == (wanted, _cohorts_of(name, desired))
             and published.clusters.keys() == {c for c, _ in wanted}
             and self._acked.get(name) == desired
         )
@@ -319,13 +324,17 @@ class TrafficDirector:
                 del self._published[name], self._placements[name]
         for name, desired in self._desired.items():
             published = self._published.get(name)
-            wanted = _route_of(name, desired)
+            wanted, cohorts = _route_of(name, desired), _cohorts_of(name, desired)
             if published is None:  # taking a host over: no virtual host until its clusters are ACKed
-                published = self._published[name] = _Published(route=() if self._takes_over(name) else wanted)
+                takes_over = self._takes_over(name)
+                published = self._published[name] = _Published(
+                    route=() if takes_over else wanted, cohorts=() if takes_over else cohorts
+                )
             for backend in _backends(desired):
                 published.clusters[cluster_name(name, backend.version)] = backend  # new, or new endpoints
-            if published.route != wanted and all(self._cluster_ready(name, cluster) for cluster, _ in wanted):
-                published.route = wanted
+            moves = (published.route, published.cohorts) != (wanted, cohorts)
+            if moves and all(self._cluster_ready(name, cluster) for cluster, _ in wanted):
+                published.route, published.cohorts = wanted, cohorts  # one route update: plan as a whole
             retiring = self._retiring(name)
             if retiring and self._route_acked(name, without=retiring):
                 for cluster in retiring:
@@ -477,6 +486,7 @@ class TrafficDirector:
             hosts=placement.hosts,
             route=route,
             clusters=tuple(sorted(published.clusters.items())),
+            cohorts=published.cohorts,
         )
 
     def _takes_over(self, name: str) -> bool:
@@ -537,6 +547,7 @@ class TrafficDirector:
     def _retiring(self, name: str) -> frozenset[str]:
         published, desired = self._published[name], self._desired[name]
         keep = {c for c, _ in published.route} | {c for c, _ in _route_of(name, desired)}
+        keep |= {c for _, c in published.cohorts}  # the canary's, named by the weights too; never retired apart
         return frozenset(c for c in published.clusters if c not in keep)
 
     def _holds_up(self, proxy: ProxyView) -> bool:
@@ -555,7 +566,7 @@ class TrafficDirector:
                     return True
                 continue
             wanted = _route_of(name, self._desired[name])
-            if published.route != wanted:
+            if (published.route, published.cohorts) != (wanted, _cohorts_of(name, self._desired[name])):
                 ready = all(cluster_acked(proxy, snapshot, cluster) for cluster, _ in wanted)
             else:
                 ready = route_acked(proxy, snapshot, self._route_names(name), self._retiring(name))
@@ -566,7 +577,9 @@ class TrafficDirector:
     def _notify_acked(self) -> None:
         for name, desired in self._desired.items():
             published = self._published.get(name)
-            if name in self._blocked or published is None or published.route != _route_of(name, desired):
+            if name in self._blocked or published is None:
+                continue
+            if (published.route, published.cohorts) != (_route_of(name, desired), _cohorts_of(name, desired)):
                 continue
             if not self._route_acked(name):
                 continue
@@ -661,11 +674,11 @@ def _asked_for_routes(proxy: ProxyView) -> bool:
     return typeurls.ROUTE in proxy.subscriptions or typeurls.CLUSTER not in proxy.subscriptions
 
 
-def _backends(traffic: DesiredTraffic) -> tuple[Backend, ...]:
+def _backends(traffic: TrafficPlan) -> tuple[Backend, ...]:
     return (traffic.stable,) if traffic.canary is None else (traffic.stable, traffic.canary)
 
 
-def _route_of(name: str, traffic: DesiredTraffic) -> tuple[tuple[str, int], ...]:
+def _route_of(name: str, traffic: TrafficPlan) -> tuple[tuple[str, int], ...]:
     if traffic.canary is None:
         return ((cluster_name(name, traffic.stable.version), 100),)
     return (
@@ -674,5 +687,9 @@ def _route_of(name: str, traffic: DesiredTraffic) -> tuple[tuple[str, int], ...]
     )
 
 
-def _describe(traffic: DesiredTraffic) -> str:
-    return ", ".join(f"{v}={w}%" for v, w in traffic.weights().items())
+def _cohorts_of(name: str, plan: TrafficPlan) -> tuple[tuple[CohortRule, str], ...]:
+    """The plan's cohort routes, each to the canary's cluster (which the weighted route always names,
+    at weight 0 too: so a cohort never needs a cluster the weights do not already keep warm)."""
+    if plan.canary is None:
+        return ()
+    return tuple((cohort, cluster_name(name, plan.canary.version)) for cohort in plan.cohorts)

@@ -26,10 +26,12 @@ from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from aviary.discovery import typeurls
 from aviary.discovery.snapshot import Resource, Snapshot, digest
+from aviary.matching import CohortRule, Condition, Match, cookie_value_regex
 from aviary.policy.schema import ListenerSpec
 from aviary.traffic import Backend
 
@@ -70,6 +72,7 @@ class PublishedRollout:
     hosts: tuple[str, ...]
     route: tuple[tuple[str, int], ...]
     clusters: tuple[tuple[str, Backend], ...]
+    cohorts: tuple[tuple[CohortRule, str], ...] = ()  # tried before `route`: (cohort, cluster name)
 
     @classmethod
     def of(
@@ -79,6 +82,7 @@ class PublishedRollout:
         hosts: tuple[str, ...],
         route: Iterable[tuple[Backend, int]],
         clusters: Iterable[Backend],
+        cohorts: Iterable[tuple[CohortRule, Backend]] = (),
     ) -> PublishedRollout:
         """The usual case: every cluster under its current name."""
         return cls(
@@ -87,6 +91,7 @@ class PublishedRollout:
             hosts,
             tuple((cluster_name(name, backend.version), weight) for backend, weight in route),
             tuple((cluster_name(name, backend.version), backend) for backend in clusters),
+            tuple((cohort, cluster_name(name, backend.version)) for cohort, backend in cohorts),
         )
 
 
@@ -179,14 +184,73 @@ def _weighted_route(route: Sequence[tuple[str, int]]) -> route_components_pb2.Ro
     )
 
 
-def _virtual_host(rollout: PublishedRollout, domains: Sequence[str]) -> route_components_pb2.VirtualHost:
-    return route_components_pb2.VirtualHost(
-        name=rollout.name, domains=list(domains), routes=[_weighted_route(rollout.route)]
+_REGEX_SPECIAL = frozenset(".^$*+?()[]{}|\\")
+
+
+def _escape(text: str) -> str:
+    """RE2-safe literal: only regex metacharacters are escaped (RE2 refuses some of Python's escapes)."""
+    return "".join("\\" + char if char in _REGEX_SPECIAL else char for char in text)
+
+
+def _string_matcher(condition: Condition) -> string_pb2.StringMatcher:
+    if condition.kind == "regex":
+        return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=condition.value))
+    return string_pb2.StringMatcher(**{condition.kind: condition.value})
+
+
+def _header_matcher(name: str, condition: Condition) -> route_components_pb2.HeaderMatcher:
+    if condition.kind in ("present", "absent"):
+        return route_components_pb2.HeaderMatcher(
+            name=name, present_match=True, invert_match=condition.kind == "absent"
+        )
+    return route_components_pb2.HeaderMatcher(name=name, string_match=_string_matcher(condition))
+
+
+def _cookie_value(condition: Condition) -> str:
+    """The regex of one cookie's value: it never matches ';', so it cannot reach into the next cookie."""
+    value = condition.value
+    return {
+        "exact": lambda: _escape(value),
+        "prefix": lambda: _escape(value) + "[^;]*",
+        "suffix": lambda: "[^;]*" + _escape(value),
+        "contains": lambda: "[^;]*" + _escape(value) + "[^;]*",
+        "regex": lambda: "(?:" + cookie_value_regex(value) + ")",
+    }.get(condition.kind, lambda: "[^;]*")()
+
+
+def _cookie_matcher(name: str, condition: Condition) -> route_components_pb2.HeaderMatcher:
+    """A condition on one cookie, as a match of the whole `cookie` header (Envoy's route match has no
+    cookie matcher). RE2 matches the full header: the pair `name=value` must start the header or
+    follow a `;`, and end it or precede one. A missing header counts as empty (so `absent` holds)."""
+    pattern = r"(?:.*;)?\s*" + _escape(name) + "=" + _cookie_value(condition) + r"\s*(?:;.*)?"
+    return route_components_pb2.HeaderMatcher(
+        name="cookie",
+        string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=pattern)),
+        invert_match=condition.kind == "absent",
+        treat_missing_header_as_empty=True,
     )
 
 
+def _cohort_route(match: Match, cluster: str) -> route_components_pb2.Route:
+    """One entry of a cohort: its conditions AND'ed in one RouteMatch, to one cluster."""
+    headers = [_header_matcher(name, condition) for name, condition in match.headers]
+    headers += [_cookie_matcher(name, condition) for name, condition in match.cookies]
+    return route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix="/", headers=headers),
+        route=route_components_pb2.RouteAction(cluster=cluster),
+    )
+
+
+def _virtual_host(rollout: PublishedRollout, domains: Sequence[str]) -> route_components_pb2.VirtualHost:
+    """Cohort routes first (entries OR'ed as separate routes, first match wins), then the weights."""
+    routes = [_cohort_route(match, cluster) for cohort, cluster in rollout.cohorts for match in cohort.match]
+    routes.append(_weighted_route(rollout.route))
+    return route_components_pb2.VirtualHost(name=rollout.name, domains=list(domains), routes=routes)
+
+
 def _route_clusters(rollout: PublishedRollout) -> list[str]:
-    return [cluster for cluster, _ in rollout.route]
+    named = [cluster for cluster, _ in rollout.route]
+    return named + [cluster for _, cluster in rollout.cohorts if cluster not in named]
 
 
 def _parts(virtual_hosts: Iterable[route_components_pb2.VirtualHost]) -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ the rules); import from here.
 
 from __future__ import annotations
 
-from aviary.policy.rollout_machine import checks_due, desired_traffic, next_wakeup, step, step_weight
+from aviary.policy.rollout_machine import checks_due, next_wakeup, step, step_cohorts, step_weight, traffic_plan
 from aviary.policy.rollout_state import (
     Abort,
     Action,
@@ -54,8 +54,9 @@ __all__ = [
     "TransitionEvent",
     "WeightAcked",
     "checks_due",
-    "desired_traffic",
     "next_wakeup",
     "step",
+    "step_cohorts",
     "step_weight",
+    "traffic_plan",
 ]

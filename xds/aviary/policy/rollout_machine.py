@@ -20,7 +20,10 @@ Rules (the contract the tests pin down):
   round never advances anything. One call advances at most one step.
 - Rounds are counted as described in ``aviary.policy.analysis``: ``failed > failureLimit`` rolls
   back at once, mid-step; ``inconclusive > inconclusiveLimit`` (consecutive) rolls back or pauses.
-- Rollback is one transition: canary weight 0 and the canary dropped from the desired traffic. The
+- A ``{cohorts: [...]}`` step opens those cohorts: their requests reach the canary whatever the
+  weight (it keeps the previous weight step's weight). Opened cohorts stay open until promotion or
+  rollback; a step's clock starts when the plan's weight AND cohorts are ACKed.
+- Rollback is one transition: canary weight 0, every cohort closed and the canary dropped from the plan. The
   failed version stays out until the file names another version or Retry.
 - Every transition yields one ``RecordEvent``; ``SetTraffic`` is emitted exactly when the desired
   traffic differs from the previous status'.
@@ -60,17 +63,27 @@ from aviary.policy.rollout_state import (
     TransitionEvent,
     WeightAcked,
 )
-from aviary.policy.schema import Pause, RolloutSpec
-from aviary.traffic import Backend, DesiredTraffic
+from aviary.policy.schema import CohortStep, Pause, RolloutSpec
+from aviary.traffic import Backend, TrafficPlan
 
-__all__ = ["checks_due", "desired_traffic", "next_wakeup", "step", "step_weight"]
+__all__ = ["checks_due", "next_wakeup", "step", "step_cohorts", "step_weight", "traffic_plan"]
 
 _ACTIVE = (Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING)
 
 
-def desired_traffic(status: RolloutStatus) -> DesiredTraffic:
-    """The split the traffic layer should publish. RolledBack and Stable carry no canary at all."""
-    return DesiredTraffic(stable=status.stable, canary=status.canary, canary_weight=status.weight)
+def traffic_plan(spec: RolloutSpec, status: RolloutStatus) -> TrafficPlan:
+    """The plan the traffic layer should publish. RolledBack and Stable carry no canary (and so no
+    cohort) at all. An opened cohort the file no longer defines is left out (the step restarts)."""
+    defined = {cohort.name: cohort for cohort in spec.strategy.cohorts} if spec.strategy else {}
+    cohorts = tuple(defined[name] for name in status.cohorts if name in defined) if status.canary else ()
+    return TrafficPlan(stable=status.stable, canary=status.canary, canary_weight=status.weight, cohorts=cohorts)
+
+
+def step_cohorts(spec: RolloutSpec, index: int) -> tuple[str, ...]:
+    """The cohorts open at step ``index``: every cohorts step up to it, in order."""
+    steps = spec.strategy.steps if spec.strategy else ()
+    return tuple(name for candidate in steps[: index + 1] if isinstance(candidate, CohortStep)
+                 for name in candidate.cohorts)
 
 
 def step_weight(spec: RolloutSpec, index: int) -> int:
@@ -115,17 +128,17 @@ def step(spec: RolloutSpec, status: RolloutStatus | None, event: Event, now: flo
         stable = Backend(spec.version, spec.endpoints)
         status = m.record(None, RolloutStatus(rollout, Phase.STABLE, stable),
                           f"first sight: version {spec.version} is stable")
-        before: DesiredTraffic | None = None
+        before: TrafficPlan | None = None
     else:
         if rollout is not None and rollout != status.rollout:
             raise ValueError(f"status belongs to {status.rollout!r}, not {rollout!r}")
-        before = desired_traffic(status)
+        before = traffic_plan(spec, status)
     status = m.reconcile(status)
     status = m.apply(status, event)
     status = m.advance(status)
     actions: list[Action] = [RecordEvent(record) for record in m.records]
     actions.extend(m.rejected)
-    after = desired_traffic(status)
+    after = traffic_plan(spec, status)
     if after != before:
         actions.append(SetTraffic(after))
     return status, actions
@@ -137,7 +150,7 @@ def step(spec: RolloutSpec, status: RolloutStatus | None, event: Event, now: flo
 def _checks_apply(spec: RolloutSpec, status: RolloutStatus) -> bool:
     return (spec.analysis is not None and status.canary is not None
             and status.phase in (Phase.PROGRESSING, Phase.PAUSED)
-            and status.step_started_at is not None and status.weight > 0)
+            and status.step_started_at is not None and (status.weight > 0 or bool(status.cohorts)))
 
 
 def _next_check_at(spec: RolloutSpec, status: RolloutStatus) -> float | None:
@@ -152,7 +165,7 @@ def _step_duration(spec: RolloutSpec, status: RolloutStatus) -> float | None:
     if spec.strategy is None or status.step_index >= len(spec.strategy.steps):
         return None
     current = spec.strategy.steps[status.step_index]
-    if status.phase is Phase.PROGRESSING and isinstance(current, int):
+    if status.phase is Phase.PROGRESSING and isinstance(current, int | CohortStep):
         return spec.strategy.interval
     if status.phase is Phase.PAUSED and status.hold is Hold.STEP and isinstance(current, Pause):
         return current.duration
@@ -161,7 +174,8 @@ def _step_duration(spec: RolloutSpec, status: RolloutStatus) -> float | None:
 
 def _evidence_ok(spec: RolloutSpec, status: RolloutStatus) -> bool:
     """No analysis or no canary traffic to judge, or the latest round of this step passed."""
-    return spec.analysis is None or status.weight == 0 or status.step_outcome is CheckOutcome.PASS
+    no_canary_traffic = status.weight == 0 and not status.cohorts
+    return spec.analysis is None or no_canary_traffic or status.step_outcome is CheckOutcome.PASS
 
 
 def _step_ends_at(spec: RolloutSpec, status: RolloutStatus) -> float | None:
@@ -192,7 +206,7 @@ class _Machine:
             rollout=after.rollout, at=self.now, from_phase=before.phase if before else None,
             to_phase=after.phase, weight=after.weight, stable_version=after.stable.version,
             canary_version=after.canary.version if after.canary else None, step_index=after.step_index,
-            reason=reason, checks=checks))
+            reason=reason, checks=checks, cohorts=after.cohorts))
         return after
 
     def stable(self, status: RolloutStatus, stable: Backend, reason: str) -> RolloutStatus:
@@ -214,7 +228,7 @@ class _Machine:
         steps = self.spec.strategy.steps if self.spec.strategy else ()
         if index >= len(steps):
             return self.promoting(before, status, reason, checks)
-        weight = step_weight(self.spec, index)
+        weight, cohorts = step_weight(self.spec, index), step_cohorts(self.spec, index)
         current = steps[index]
         if isinstance(current, Pause):
             until = (f"for {format_duration(current.duration)}" if current.duration
@@ -222,14 +236,15 @@ class _Machine:
             phase, hold, paused = Phase.PAUSED, Hold.STEP, f"pause step {index + 1} {until}"
         else:
             phase, hold, paused = Phase.PROGRESSING, None, None
+        acked = (status.acked_weight, status.acked_cohorts) == (weight, cohorts)
         after = replace(status, phase=phase, hold=hold, paused_reason=paused, weight=weight, step_index=index,
-                        step_started_at=self.now if status.acked_weight == weight else None,
+                        cohorts=cohorts, step_started_at=self.now if acked else None,
                         step_outcome=None, step_checked_at=None, manual_weight=None)
         return self.record(before, after, reason, checks)
 
     def promoting(self, before: RolloutStatus, status: RolloutStatus, reason: str,
                   checks: tuple[CheckResult, ...] = ()) -> RolloutStatus:
-        after = replace(status, phase=Phase.PROMOTING, hold=None, paused_reason=None, weight=100,
+        after = replace(status, phase=Phase.PROMOTING, hold=None, paused_reason=None, weight=100, cohorts=(),
                         step_started_at=None, step_outcome=None, step_checked_at=None, manual_weight=None)
         after = self.record(before, after, f"{reason}; promoting: 100% to {_canary(status).version}", checks)
         if after.acked_weight == 100:
@@ -287,7 +302,8 @@ class _Machine:
             if status.step_index >= len(steps):
                 return self.promoting(status, status, "strategy changed: no steps left")
             expected = Phase.PAUSED if isinstance(steps[status.step_index], Pause) else Phase.PROGRESSING
-            if (status.phase, status.weight) != (expected, step_weight(spec, status.step_index)):
+            wanted = (expected, step_weight(spec, status.step_index), step_cohorts(spec, status.step_index))
+            if (status.phase, status.weight, status.cohorts) != wanted:
                 return self.enter_step(status, status, status.step_index,
                                        f"strategy changed: step {status.step_index + 1} restarted")
         return status
@@ -324,14 +340,15 @@ class _Machine:
     def on_ack(self, status: RolloutStatus, event: WeightAcked) -> RolloutStatus:
         if status.canary is None or event.version != status.canary.version:
             return status
-        status = replace(status, acked_weight=event.weight)
-        if event.weight != status.weight or status.step_started_at is not None:
+        status = replace(status, acked_weight=event.weight, acked_cohorts=event.cohorts)
+        if (event.weight, event.cohorts) != (status.weight, status.cohorts) or status.step_started_at is not None:
             return status
         if status.phase is Phase.PROMOTING:
             return self.promoted(status)
         started = replace(status, step_started_at=min(event.at, self.now))
         what = f"step {status.step_index + 1}" if status.manual_weight is None else "manual weight"
-        reason = f"{event.weight}% to {event.version} ACKed by every proxy: {what} started"
+        opened = f" and cohorts {', '.join(event.cohorts)}" if event.cohorts else ""
+        reason = f"{event.weight}%{opened} to {event.version} ACKed by every proxy: {what} started"
         return self.record(status, started, reason)
 
     def on_checks(self, status: RolloutStatus, event: ChecksCompleted) -> RolloutStatus:
@@ -374,7 +391,8 @@ class _Machine:
             weight = command.weight
             after = replace(status, phase=Phase.PAUSED, hold=Hold.MANUAL_WEIGHT, weight=weight,
                             manual_weight=weight, paused_reason=f"manual weight {weight}% until Resume",
-                            step_started_at=self.now if status.acked_weight == weight else None,
+                            step_started_at=self.now if (status.acked_weight, status.acked_cohorts)
+                            == (weight, status.cohorts) else None,
                             step_outcome=None, step_checked_at=None)
             return self.record(status, after, f"weight set to {weight}% by {command.by}; automation paused")
         if isinstance(command, PauseRollout):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from aviary.policy.analysis import CheckOutcome, CheckResult, Counters
 from aviary.policy.schema import RolloutSpec
-from aviary.traffic import Backend, DesiredTraffic
+from aviary.traffic import Backend, TrafficPlan
 
 __all__ = [
     "Abort",
@@ -63,8 +63,11 @@ class RolloutStatus:
     ``weight`` is the canary weight the machine wants (0..100). ``step_started_at`` is when every
     proxy ACKed that weight: the step's clock and its analysis start there, and it is None while the
     ACK is awaited. ``acked_weight`` is the canary weight every proxy last ACKed (None: not yet, for
-    this canary). ``step_outcome`` / ``step_checked_at`` describe the latest check round taken in the
-    current step (None: none yet); ``last_checks`` keeps the latest round of the run for display.
+    this canary). ``cohorts`` are the cohorts opened so far (their requests reach the canary whatever
+    the weight; they stay open until promotion or rollback), ``acked_cohorts`` those of the plan every
+    proxy last ACKed: a step starts when both the weight and the cohorts are ACKed.
+    ``step_outcome`` / ``step_checked_at`` describe the latest check round taken in the current step
+    (None: none yet); ``last_checks`` keeps the latest round of the run for display.
     """
 
     rollout: str
@@ -75,6 +78,8 @@ class RolloutStatus:
     step_index: int = 0
     step_started_at: float | None = None
     acked_weight: int | None = None
+    cohorts: tuple[str, ...] = ()
+    acked_cohorts: tuple[str, ...] = ()
     counters: Counters = field(default_factory=Counters)
     step_outcome: CheckOutcome | None = None
     step_checked_at: float | None = None
@@ -93,8 +98,8 @@ class RolloutStatus:
         if (self.canary is None) != (self.phase in (Phase.STABLE, Phase.ROLLED_BACK)):
             needs = "needs" if self.canary is None else "has no"
             raise ValueError(f"phase {self.phase.value} {needs} canary")
-        if self.canary is None and self.weight != 0:
-            raise ValueError("a weight needs a canary")
+        if self.canary is None and (self.weight != 0 or self.cohorts):
+            raise ValueError("a weight or an opened cohort needs a canary")
         if (self.phase is Phase.PAUSED) != (self.hold is not None):
             raise ValueError("hold is set exactly when the phase is Paused")
 
@@ -111,11 +116,13 @@ class SpecObserved:
 
 @dataclass(frozen=True, slots=True)
 class WeightAcked:
-    """Every proxy serving the rollout ACKed a route giving ``version`` ``weight`` percent, at ``at``."""
+    """Every proxy serving the rollout ACKed the route of a plan giving ``version`` ``weight`` percent
+    and the requests of the opened ``cohorts``, at ``at``."""
 
     version: str
     weight: int
     at: float
+    cohorts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,18 +219,21 @@ class TransitionEvent:
     step_index: int
     reason: str
     checks: tuple[CheckResult, ...] = ()
+    cohorts: tuple[str, ...] = ()  # open after the transition
 
     def __str__(self) -> str:
         source = self.from_phase.value if self.from_phase else "-"
         canary = f" canary {self.canary_version} at {self.weight}%" if self.canary_version else ""
+        if self.cohorts:
+            canary += f" and cohorts {', '.join(self.cohorts)}"
         return f"{self.rollout}: {source} -> {self.to_phase.value}{canary}: {self.reason}"
 
 
 @dataclass(frozen=True, slots=True)
 class SetTraffic:
-    """Publish this traffic split (emitted only when it differs from the previous status')."""
+    """Publish this traffic plan (emitted only when it differs from the previous status')."""
 
-    traffic: DesiredTraffic
+    traffic: TrafficPlan
 
 
 @dataclass(frozen=True, slots=True)

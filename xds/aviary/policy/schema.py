@@ -26,18 +26,21 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     PlainValidator,
     StrictInt,
     field_validator,
     model_validator,
 )
 
+from aviary.matching import CONDITION_KINDS, CohortRule, Condition, Match, cookie_regex_problem, re2_problem
 from aviary.policy.duration import parse_duration
 
 __all__ = [
     "API_VERSION",
     "KIND",
     "Analysis",
+    "CohortStep",
     "Duration",
     "Endpoint",
     "FieldIssue",
@@ -208,8 +211,15 @@ class Pause(BaseModel):
     duration: Duration | None = None
 
 
-def _parse_step(value: Any) -> int | Pause:
-    if isinstance(value, Pause):
+@dataclass(frozen=True, slots=True)
+class CohortStep:
+    """A step that opens these cohorts (by name); opened cohorts stay open until promotion or rollback."""
+
+    cohorts: tuple[str, ...]
+
+
+def _parse_step(value: Any) -> int | Pause | CohortStep:
+    if isinstance(value, Pause | CohortStep):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         if value == 100:
@@ -217,6 +227,14 @@ def _parse_step(value: Any) -> int | Pause:
         if not 1 <= value <= 99:
             raise ValueError(f"a weight step must be between 1 and 99 percent, got {value}")
         return value
+    if isinstance(value, Mapping) and set(value) == {"cohorts"}:
+        names = value["cohorts"]
+        if not isinstance(names, list | tuple) or not names:
+            raise FieldIssue("expected a list of cohort names, e.g. [internal]", "cohorts")
+        for index, name in enumerate(names):
+            if not isinstance(name, str):
+                raise FieldIssue(f"expected a cohort name, got {name!r}", "cohorts", index)
+        return CohortStep(tuple(names))
     if isinstance(value, Mapping) and set(value) == {"pause"}:
         body = value["pause"]
         if body is None:
@@ -232,11 +250,105 @@ def _parse_step(value: Any) -> int | Pause:
             return Pause(duration=parse_duration(body["duration"]))
         except ValueError as exc:
             raise FieldIssue(str(exc), "pause", "duration") from None
-    expected = "a weight 1..99, {pause: {}} or {pause: {duration: 5m}}"
+    expected = "a weight 1..99, {pause: {}}, {pause: {duration: 5m}} or {cohorts: [NAME, ...]}"
     raise ValueError(f"expected {expected}, got {value!r}")
 
 
-Step = Annotated[int | Pause, PlainValidator(_parse_step)]
+def _dump_step(step: int | Pause | CohortStep) -> Any:
+    """The YAML spelling back (the store saves the policy as JSON and parses it again on restart)."""
+    if isinstance(step, Pause):
+        return {"pause": {} if step.duration is None else {"duration": f"{step.duration}s"}}
+    if isinstance(step, CohortStep):
+        return {"cohorts": list(step.cohorts)}
+    return step
+
+
+Step = Annotated[int | Pause | CohortStep, PlainValidator(_parse_step), PlainSerializer(_dump_step)]
+
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def _parse_condition(value: Any, *path: str | int) -> Condition:
+    if not isinstance(value, Mapping) or len(value) != 1:
+        raise FieldIssue(f"expected exactly one of {', '.join(CONDITION_KINDS)}, e.g. {{exact: qa}}", *path)
+    ((kind, body),) = value.items()
+    if kind not in CONDITION_KINDS:
+        raise FieldIssue(f"unknown condition {kind!r} (one of {', '.join(CONDITION_KINDS)})", *path, str(kind))
+    if kind in ("present", "absent"):
+        if body is not True:
+            raise FieldIssue(f"must be true ({kind}: true), got {body!r}", *path, kind)
+        return Condition(kind)
+    if isinstance(body, bool) or not isinstance(body, str | int | float):
+        raise FieldIssue(f"expected a string, got {body!r}", *path, kind)
+    text = str(body)
+    if kind != "exact" and not text:
+        raise FieldIssue("must not be empty", *path, kind)
+    if kind == "regex":
+        problem = cookie_regex_problem(text) if path and path[-2] == "cookies" else re2_problem(text)
+        if problem:
+            raise FieldIssue(problem, *path, kind)
+    elif path[-2] == "cookies" and ";" in text:
+        raise FieldIssue("a cookie value never contains ';'", *path, kind)
+    return Condition(kind, text)
+
+
+def _parse_conditions(value: Any, section: str, *path: str | int) -> tuple[tuple[str, Condition], ...]:
+    if not isinstance(value, Mapping) or not value:
+        raise FieldIssue(f"expected a map of {section[:-1]} name to condition", *path, section)
+    pairs: dict[str, Condition] = {}
+    for name, condition in value.items():
+        if not isinstance(name, str) or not _TOKEN.match(name):
+            raise FieldIssue(f"invalid {section[:-1]} name {name!r}", *path, section, str(name))
+        key = name.lower() if section == "headers" else name
+        if key in pairs:
+            raise FieldIssue(f"{section[:-1]} {name!r} given twice", *path, section, name)
+        pairs[key] = _parse_condition(condition, *path, section, name)
+    return tuple(pairs.items())
+
+
+def _parse_cohort(value: Any) -> CohortRule:
+    if isinstance(value, CohortRule):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected {{name: NAME, match: [...]}}, got {value!r}")
+    unknown = sorted(str(k) for k in value if k not in ("name", "match"))
+    if unknown:
+        raise FieldIssue(f"unknown field {unknown[0]!r} (name, match)", unknown[0])
+    name = value.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name):
+        raise FieldIssue(f"required: a name of lower-case letters, digits and '-', got {name!r}", "name")
+    entries = value.get("match")
+    if not isinstance(entries, list | tuple) or not entries:
+        raise FieldIssue("required: a list of entries, e.g. [{headers: {x-team: {exact: qa}}}]", "match")
+    matches: list[Match] = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, Mapping) or not entry:
+            raise FieldIssue("expected {headers: {...}} and/or {cookies: {...}}", "match", index)
+        extra = sorted(str(k) for k in entry if k not in ("headers", "cookies"))
+        if extra:
+            raise FieldIssue(f"unknown field {extra[0]!r} (headers, cookies)", "match", index, extra[0])
+        headers = _parse_conditions(entry["headers"], "headers", "match", index) if "headers" in entry else ()
+        cookies = _parse_conditions(entry["cookies"], "cookies", "match", index) if "cookies" in entry else ()
+        matches.append(Match(headers, cookies))
+    return CohortRule(name, tuple(matches))
+
+
+def _dump_cohort(cohort: CohortRule) -> Any:
+    def conditions(pairs: tuple[tuple[str, Condition], ...]) -> dict[str, Any]:
+        return {n: {c.kind: True if c.kind in ("present", "absent") else c.value} for n, c in pairs}
+
+    entries = []
+    for match in cohort.match:
+        entry: dict[str, Any] = {}
+        if match.headers:
+            entry["headers"] = conditions(match.headers)
+        if match.cookies:
+            entry["cookies"] = conditions(match.cookies)
+        entries.append(entry)
+    return {"name": cohort.name, "match": entries}
+
+
+Cohort = Annotated[CohortRule, PlainValidator(_parse_cohort), PlainSerializer(_dump_cohort)]
 
 
 class Strategy(BaseModel):
@@ -246,6 +358,7 @@ class Strategy(BaseModel):
 
     steps: tuple[Step, ...]
     interval: Duration = 30.0
+    cohorts: tuple[Cohort, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -275,17 +388,43 @@ class Strategy(BaseModel):
 
     @field_validator("steps")
     @classmethod
-    def _increasing(cls, steps: tuple[int | Pause, ...]) -> tuple[int | Pause, ...]:
+    def _increasing(cls, steps: tuple[int | Pause | CohortStep, ...]) -> tuple[int | Pause | CohortStep, ...]:
         previous: int | None = None
         for index, step in enumerate(steps):
-            if isinstance(step, Pause):
+            if not isinstance(step, int):
                 continue
             if previous is not None and step <= previous:
                 raise FieldIssue(f"weight {step} must exceed the previous weight ({previous})", index)
             previous = step
-        if previous is None:
-            raise ValueError("needs at least one weight step (1..99)")
+        if previous is None and not any(isinstance(step, CohortStep) for step in steps):
+            raise ValueError("needs at least one weight step (1..99) or cohorts step")
         return steps
+
+    @model_validator(mode="after")
+    def _known_cohorts(self) -> Strategy:
+        """Cohort names are unique, and a step opens only cohorts defined here, each once."""
+        defined: dict[str, int] = {}
+        for index, cohort in enumerate(self.cohorts):
+            if cohort.name in defined:
+                raise FieldIssue(f"duplicate cohort {cohort.name!r} (also cohorts[{defined[cohort.name]}])",
+                                 "cohorts", index, "name")
+            defined[cohort.name] = index
+        opened: dict[str, int] = {}
+        for index, step in enumerate(self.steps):
+            if not isinstance(step, CohortStep):
+                continue
+            for position, name in enumerate(step.cohorts):
+                if name not in defined:
+                    known = ", ".join(defined) or "none defined in strategy.cohorts"
+                    raise FieldIssue(f"unknown cohort {name!r} (known: {known})", "steps", index, "cohorts", position)
+                if name in opened:
+                    raise FieldIssue(f"cohort {name!r} is already open since steps[{opened[name]}]",
+                                     "steps", index, "cohorts", position)
+                opened[name] = index
+        return self
+
+    def cohort(self, name: str) -> CohortRule:
+        return next(cohort for cohort in self.cohorts if cohort.name == name)
 
     @property
     def weights(self) -> tuple[int, ...]:

@@ -32,6 +32,7 @@ from pathlib import Path
 from pydantic import TypeAdapter, ValidationError
 
 from aviary.discovery.resources import legacy_cluster_name
+from aviary.matching import CohortRule
 from aviary.policy.rollout_state import RolloutStatus, TransitionEvent
 from aviary.policy.schema import Endpoint, Rollout
 from aviary.store.lock import LockError, LockHeld, ProcessLock
@@ -92,10 +93,16 @@ def _v3(db: sqlite3.Connection) -> None:
 
 @dataclass(frozen=True, slots=True)
 class SavedPublished:
-    """What was published for one rollout: route (cluster name, weight), clusters (name, backend)."""
+    """What was published for one rollout: route (cluster name, weight), clusters (name, backend),
+    cohort routes (cohort, cluster name). Rows saved before cohorts existed have none (`cohorts`
+    absent from the JSON): no migration, the field is optional."""
 
     route: tuple[tuple[str, int], ...]
     clusters: tuple[tuple[str, Backend], ...]
+    cohorts: tuple[tuple[CohortRule, str], ...] = ()
+
+
+_COHORTS: TypeAdapter[tuple[tuple[CohortRule, str], ...]] = TypeAdapter(tuple[tuple[CohortRule, str], ...])
 
 
 def legacy_published(status: RolloutStatus) -> SavedPublished:
@@ -114,6 +121,7 @@ def encode_published(published: SavedPublished) -> str:
         "route": [[cluster, weight] for cluster, weight in published.route],
         "clusters": [[cluster, {"version": b.version, "endpoints": [str(e) for e in b.endpoints]}]
                      for cluster, b in published.clusters],
+        **({"cohorts": _COHORTS.dump_python(published.cohorts, mode="json")} if published.cohorts else {}),
     })
 
 
@@ -125,6 +133,7 @@ def decode_published(text: str) -> SavedPublished:
             (str(cluster), Backend(str(b["version"]), tuple(Endpoint.model_validate(e) for e in b["endpoints"])))
             for cluster, b in value["clusters"]
         ),
+        _COHORTS.validate_python(value.get("cohorts", ())),
     )
 
 

@@ -1,0 +1,115 @@
+"""Request conditions of a cohort: which requests a named group of users sends.
+
+Values shared by the policy schema (which parses them), the traffic plan (which carries them) and
+the Envoy renderer (which turns them into route matches): plain frozen dataclasses, hashable, so a
+plan that contains them can be compared, digested and memoized. Nothing here knows Envoy.
+
+Regular expressions are RE2 (what Envoy runs): ``re2_problem`` rejects what Python's ``re`` accepts
+but RE2 lacks (backreferences, lookaround, atomic groups, possessive quantifiers), so a policy is
+refused at load rather than NACKed by every proxy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "CONDITION_KINDS",
+    "CohortRule",
+    "Condition",
+    "Match",
+    "cookie_regex_problem",
+    "cookie_value_regex",
+    "re2_problem",
+]
+
+ConditionKind = Literal["exact", "prefix", "suffix", "contains", "regex", "present", "absent"]
+CONDITION_KINDS: tuple[ConditionKind, ...] = ("exact", "prefix", "suffix", "contains", "regex", "present", "absent")
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """One test of a header's or cookie's value; ``value`` is empty for present/absent."""
+
+    kind: ConditionKind
+    value: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """One entry of a cohort's ``match``: every condition holds (AND). Names are lower case for
+    headers (HTTP header names are case-insensitive), as written for cookies."""
+
+    headers: tuple[tuple[str, Condition], ...] = ()
+    cookies: tuple[tuple[str, Condition], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CohortRule:
+    """A named group of requests: any entry of ``match`` matches (OR)."""
+
+    name: str
+    match: tuple[Match, ...]
+
+
+_RE2_LACKS = (
+    (re.compile(r"\\[1-9]"), "backreferences (\\1..\\9)"),
+    (re.compile(r"\(\?P=\w+\)"), "named backreferences (?P=name)"),
+    (re.compile(r"\(\?<?[=!]"), "lookaround ((?=, (?!, (?<=, (?<!)"),
+    (re.compile(r"\(\?>"), "atomic groups ((?>...)"),
+    (re.compile(r"(?<!\\)[*+?}][+]"), "possessive quantifiers (*+, ++, ?+)"),
+    (re.compile(r"\\[Z]"), "\\Z (use $)"),
+)
+
+
+def re2_problem(pattern: str) -> str | None:
+    """Why Envoy's RE2 would refuse ``pattern`` (None: it compiles in Python and uses nothing RE2
+    lacks). Checked on the raw text: an escaped backslash before a digit is refused too (rare, safe)."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"invalid regular expression: {exc}"
+    for construct, what in _RE2_LACKS:
+        if construct.search(pattern):
+            return f"RE2 (what Envoy runs) has no {what}"
+    return None
+
+
+def cookie_value_regex(pattern: str) -> str:
+    """``pattern`` rewritten so it cannot match past the end of one cookie's value.
+
+    A cookie condition is matched against the whole ``cookie`` header, so ``.`` is narrowed to
+    ``[^;]``; constructs that could still match ``;`` are refused by ``cookie_regex_problem``.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if char == "[":
+            end = pattern.index("]", i + 2) if pattern[i + 1 : i + 2] == "]" else pattern.index("]", i + 1)
+            out.append(pattern[i : end + 1])
+            i = end + 1
+            continue
+        out.append("[^;]" if char == "." else char)
+        i += 1
+    return "".join(out)
+
+
+def cookie_regex_problem(pattern: str) -> str | None:
+    """Why ``pattern`` cannot be confined to one cookie's value (None: it can)."""
+    problem = re2_problem(pattern)
+    if problem:
+        return problem
+    if re.search(r"\[\^", pattern):
+        return "a cookie regex may not use negated classes [^...] (they could match past the cookie's ';')"
+    if re.search(r"\\[SWDPp]", pattern):
+        return "a cookie regex may not use \\S, \\W, \\D, \\p or \\P (they could match past the cookie's ';')"
+    if ";" in pattern:
+        return "a cookie value never contains ';'"
+    return None
