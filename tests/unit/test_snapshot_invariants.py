@@ -301,6 +301,34 @@ def test_state_from_before_injective_names_restores_the_old_clusters_first(tmp_p
     store.close()
 
 
+def on_listener(port: int, name: str, hosts: list[str], version: str = "v1") -> Rollout:
+    moved = rollout(name, hosts[0], version, steps=False, hosts=hosts)
+    listener = ListenerSpec(address="127.0.0.1", port=port)
+    return moved.model_copy(update={"spec": moved.spec.model_copy(update={"listener": listener})})
+
+
+def test_a_rollout_moving_onto_a_host_of_one_being_pruned_while_a_newcomer_warms_up() -> None:
+    """Found by the property test below: `a` is pruned while `a-b` (new) takes one of its hosts and
+    `b` moves from another listener onto the other. `a` kept both hosts while `a-b` warmed up, so
+    `*` was in the route twice and the safety net held `b` back (never published to Envoy)."""
+    plane, book = Plane(prune=True), PolicyBook()
+    plane.connect()
+    steps = [
+        {"p0.yaml": on_listener(10001, "b", ["*"], "v2"), "p1.yaml": on_listener(10000, "a", ["*", "*.example.com"])},
+        {"p0.yaml": on_listener(10000, "b", ["*"]), "p1.yaml": on_listener(10000, "a-b", ["*.example.com"])},
+    ]
+    for files in steps:
+        plane.runner.apply_policies(load(book, files))
+        plane.drain()
+        assert_publishable(plane.cache)
+        for _ in range(2):
+            plane.ack_all()
+            plane.drain()
+            assert_publishable(plane.cache)
+    assert plane.director.blocked("b") is None and plane.director.blocked("a-b") is None
+    assert plane.route_domains(10000) == {"a-b": ["*.example.com"], "b": ["*"]}
+
+
 # ---- property: random policy sets never publish what Envoy rejects ------------------------------
 
 

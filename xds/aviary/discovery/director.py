@@ -477,13 +477,14 @@ class TrafficDirector:
     def _published_rollout(self, name: str) -> PublishedRollout:
         placement = self._placements[name]
         published = self._published[name]
-        route = published.route
+        route, hosts = published.route, placement.hosts
         if name in self._removing and self._succeeded_by_a_newcomer(name):
-            route = published.handover
+            hosts = self._hosts_still_mine(name)
+            route = published.handover if hosts else ()
         return PublishedRollout(
             name=name,
             listener=placement.listener,
-            hosts=placement.hosts,
+            hosts=hosts,
             route=route,
             clusters=tuple(sorted(published.clusters.items())),
             cohorts=published.cohorts,
@@ -508,6 +509,20 @@ class TrafficDirector:
             for other, published in self._published.items()
             if other != name and other not in self._removing
         )
+
+    def _hosts_still_mine(self, name: str) -> tuple[str, ...]:
+        """The hosts a rollout being removed keeps while a newcomer warms up: not those another
+        rollout already routes (one that moved there from another listener or took them over in
+        the same change); a host served twice would make Envoy reject the whole route."""
+        listener = self._placements[name].listener.key
+        taken = {
+            host.casefold()
+            for other, published in self._published.items()
+            if other != name and other not in self._removing and published.route
+            and self._placements[other].listener.key == listener
+            for host in self._placements[other].hosts
+        }
+        return tuple(h for h in self._placements[name].hosts if h.casefold() not in taken)
 
     def _serving(self, name: str) -> Iterable[tuple[ProxyView, Snapshot]]:
         """Connected proxies that receive this rollout, with the snapshot they are being served."""
