@@ -3,8 +3,10 @@
 Starts, all on 127.0.0.1: two demo backends (v1 and v2, `deploy/demo/backend.py`), Prometheus with
 `deploy/prometheus/prometheus.yml`, Envoy with `deploy/envoy/bootstrap.yaml`, and `aviary serve` on a
 git repository made in a temporary directory from `policies/demo/`. It sends steady traffic through
-Envoy, commits the version bump to v2, shows the canary live (the `aviary watch` view) until it is
-decided, and prints a summary: time per step, check values, requests sent and failed. With
+Envoy (a quarter of it from "internal" users, header `x-team: qa`), commits the version bump to v2,
+shows the canary live (the `aviary watch` view) until it is decided, and prints a summary: time per
+step, check values, requests sent and failed. The policy opens the `internal` cohort first (only
+their requests reach v2), then moves everyone else 10, 30, 60 % and promotes. With
 `--rollback`, v2 fails about 20 % of its requests and the summary says how long it took from the
 first failed request to 0 % at Envoy.
 
@@ -95,10 +97,11 @@ def _wait(condition: Callable[[], bool], timeout: float, what: str, interval: fl
     raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def _http_get(port: int, path: str, host: str | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
+def _http_get(port: int, path: str, host: str | None = None, timeout: float = 2.0,
+              headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("GET", path, headers={"Host": host} if host else {})
+        conn.request("GET", path, headers={**({"Host": host} if host else {}), **(headers or {})})
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -220,17 +223,18 @@ class Traffic:
 
     def start(self, clients: int = 4) -> Traffic:
         for i in range(clients):
-            thread = threading.Thread(target=self._client, name=f"traffic-{i}", daemon=True)
+            thread = threading.Thread(target=self._client, args=(i == 0,), name=f"traffic-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
         return self
 
-    def _client(self) -> None:
+    def _client(self, internal: bool) -> None:
         pause = len(self._threads or [None]) / REQUESTS_PER_SECOND
+        headers = {"x-team": "qa"} if internal else {}  # the policy's `internal` cohort
         while not self._stop.is_set():
             version, ok = "-", False
             try:
-                status, body = _http_get(self.port, "/", HOST)
+                status, body = _http_get(self.port, "/", HOST, headers=headers)
                 ok = status == 200
                 version = body.decode(errors="replace").strip() if ok else f"HTTP {status}"
             except OSError as exc:
@@ -250,24 +254,39 @@ class Traffic:
             thread.join(5)
 
 
-def envoy_canary_weight(envoy_admin: int, listener_port: int) -> int | None:
-    """The canary's weight in Envoy's own route configuration (None before Envoy has the route)."""
+@dataclass(frozen=True)
+class EnvoyView:
+    """The canary as Envoy's own route configuration has it: the weighted default route's share, and
+    how many cohort routes (matched ahead of it) send their requests to the canary."""
+
+    weight: int
+    cohort_routes: int
+
+    def __str__(self) -> str:
+        routes = f" + {self.cohort_routes} cohort route(s)" if self.cohort_routes else ""
+        return f"Envoy: canary {self.weight}%{routes}"
+
+
+def envoy_canary(envoy_admin: int, listener_port: int) -> EnvoyView | None:
+    """None before Envoy has the route (or while its admin is busy)."""
     try:
         status, body = _http_get(envoy_admin, "/config_dump?resource=dynamic_route_configs")
         configs = json.loads(body).get("configs", []) if status == 200 else []
     except (OSError, ValueError):  # not up yet, or busy
         return None
     route = route_name(ListenerSpec(address="127.0.0.1", port=listener_port))
+    canary = cluster_name(ROLLOUT, "v2")
     for config in configs:
         rc = config.get("route_config", {})
         if rc.get("name") != route:
             continue
         for vhost in rc.get("virtual_hosts", []):
             if vhost.get("name") == ROLLOUT:
-                action = vhost["routes"][0].get("route", {})
-                weights = {c["name"]: int(c.get("weight", 0)) for c in action.get("weighted_clusters", {})
-                           .get("clusters", [])} or {action.get("cluster", ""): 100}  # fmt: skip
-                return weights.get(cluster_name(ROLLOUT, "v2"), 0)
+                *cohorts, default = [r.get("route", {}) for r in vhost["routes"]]
+                weights = {c["name"]: int(c.get("weight", 0)) for c in default.get("weighted_clusters", {})
+                           .get("clusters", [])} or {default.get("cluster", ""): 100}  # fmt: skip
+                to_canary = sum(1 for action in cohorts if action.get("cluster") == canary)
+                return EnvoyView(weights.get(canary, 0), to_canary)
     return None
 
 
@@ -283,7 +302,7 @@ class Demo:
     live: bool
     processes: Processes = field(init=False)
     admin: admin_pb2_grpc.AdminStub = field(init=False)
-    envoy_weights: list[tuple[float, int]] = field(default_factory=list)
+    envoy_views: list[tuple[float, EnvoyView]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         (self.work / "logs").mkdir(parents=True)
@@ -323,7 +342,7 @@ class Demo:
             "-l", "warning",
         ])  # fmt: skip
         _wait(lambda: self._check() and _answers(p["prometheus"], "/-/ready"), 30, "Prometheus")
-        _wait(lambda: self._check() and envoy_canary_weight(p["envoy-admin"], p["listener"]) == 0, 30,
+        _wait(lambda: self._check() and envoy_canary(p["envoy-admin"], p["listener"]) == EnvoyView(0, 0), 30,
               "Envoy to get its routes from Aviary")
         self.admin = admin_pb2_grpc.AdminStub(grpc.insecure_channel(f"127.0.0.1:{p['admin']}"))  # type: ignore[no-untyped-call]
         self.say(f"[demo] Envoy serves shop v1 on http://127.0.0.1:{p['listener']}/ (Host: {HOST}); "
@@ -349,21 +368,21 @@ class Demo:
             while time.monotonic() < deadline:
                 self.processes.check_alive()
                 rollout = self.rollout()
-                weight = envoy_canary_weight(self.ports["envoy-admin"], self.ports["listener"])
-                if weight is not None and (not self.envoy_weights or self.envoy_weights[-1][1] != weight):
-                    self.envoy_weights.append((time.time(), weight))
+                envoy = envoy_canary(self.ports["envoy-admin"], self.ports["listener"])
+                if envoy is not None and (not self.envoy_views or self.envoy_views[-1][1] != envoy):
+                    self.envoy_views.append((time.time(), envoy))
                 events = list(rollout.events)
                 recent.extend(events[seen_events:] if seen_events <= len(events) else events)
                 seen_events = len(events)
                 if isinstance(live, Live):
                     live.update(render.watch_view({ROLLOUT: rollout}, recent), refresh=True)
                 else:
-                    line = f"[demo] {render.rollout_line(rollout)}; Envoy canary weight {weight}%"
+                    line = f"[demo] {render.rollout_line(rollout)}; {envoy}"
                     if line != last_line:
                         self.say(f"{line}; requests {traffic.sent}, failed {traffic.failed}")
                         last_line = line
-                promoted = rollout.phase == "Stable" and rollout.stable_version == "v2" and weight == 100
-                if promoted or (rollout.phase == "RolledBack" and weight == 0):
+                promoted = rollout.phase == "Stable" and rollout.stable_version == "v2" and envoy == EnvoyView(100, 0)
+                if promoted or (rollout.phase == "RolledBack" and envoy == EnvoyView(0, 0)):
                     return rollout
                 time.sleep(0.25)  # refresh rate of the view
         raise DemoError(f"the canary was not decided within {timeout:.0f}s: {render.rollout_line(self.rollout())}")
@@ -372,16 +391,18 @@ class Demo:
         lines = [f"[demo] result: {render.rollout_line(rollout)}"]
         events = [e for e in rollout.events if e.time.ToNanoseconds() / 1e9 >= bumped_at]
         times = [e.time.ToNanoseconds() / 1e9 for e in events]
-        steps: list[tuple[int, float, float]] = []  # weight, entered, left (a step logs twice: set, then ACKed)
+        steps: list[tuple[str, float, float]] = []  # what, entered, left (a step logs twice: set, then ACKed)
         for event, at, ends in zip(events, times, [*times[1:], None], strict=True):
             if event.to_phase != "Progressing" or ends is None:
                 continue
-            if steps and steps[-1][0] == event.weight:
-                steps[-1] = (event.weight, steps[-1][1], ends)
+            cohorts = f" and cohorts {', '.join(event.cohorts)}" if event.cohorts else ""
+            what = f"canary at {event.weight:3d}%{cohorts}"
+            if steps and steps[-1][0] == what:
+                steps[-1] = (what, steps[-1][1], ends)
             else:
-                steps.append((event.weight, at, ends))
-        for weight, entered, left in steps:
-            lines.append(f"[demo]   canary at {weight:3d}%: {left - entered:5.1f} s")
+                steps.append((what, at, ends))
+        for what, entered, left in steps:
+            lines.append(f"[demo]   {what}: {left - entered:5.1f} s")
         if times:
             lines.append(f"[demo]   {rollout.phase} {times[-1] - bumped_at:.1f} s after the v2 commit")
         judged = next((e.checks for e in reversed(events) if e.checks), rollout.checks)
@@ -389,11 +410,13 @@ class Demo:
             value = f"{check.value:.4g}" if check.HasField("value") else "-"
             lines.append(f"[demo]   check {check.name}: {check.outcome} (value {value}) {check.reason}".rstrip())
         versions = ", ".join(f"{v} {n}" for v, n in sorted(traffic.by_version.items()))
-        lines.append(f"[demo] requests sent {traffic.sent}, failed {traffic.failed} ({versions})")
+        lines.append(f"[demo] requests sent {traffic.sent}, failed {traffic.failed} ({versions}); a quarter of them "
+                     "with x-team: qa, the `internal` cohort")
         if self.rollback and traffic.first_failure_at is not None:
-            zero = next((at for at, w in self.envoy_weights if w == 0 and at >= traffic.first_failure_at), None)
+            gone = EnvoyView(0, 0)
+            zero = next((at for at, v in self.envoy_views if v == gone and at >= traffic.first_failure_at), None)
             if zero is not None:
-                lines.append(f"[demo] first failed request -> canary at 0 % in Envoy: "
+                lines.append(f"[demo] first failed request -> canary out of Envoy's route (0 %, no cohort route): "
                              f"{zero - traffic.first_failure_at:.2f} s")
         return lines
 
