@@ -64,6 +64,7 @@ from aviary.policy.rollout import (
     step,
     traffic_plan,
 )
+from aviary.policy.rollout_state import traffic_text
 from aviary.policy.schema import PolicyError, PolicySet, Rollout
 from aviary.policy.server_rules import PROMETHEUS_NEEDED
 from aviary.store.sqlite import SavedPublished, SavedRollout, StateStore, StateWriteError
@@ -724,9 +725,7 @@ class RolloutRunner:
         history = self._history.setdefault(event.rollout, deque(maxlen=EVENT_HISTORY))
         history.append(event)
         checks = ", ".join(f"{c.name}={c.value}" for c in event.checks)
-        opened = f" and cohorts {', '.join(event.cohorts)}" if event.cohorts else ""
-        traffic = (f"canary {event.canary_version} at {event.weight}%{opened}" if event.canary_version
-                   else f"all traffic to {event.stable_version}")
+        traffic = traffic_text(event.canary_version, event.weight, event.stable_version, event.cohorts)
         log.info(
             "rollout %s: %s -> %s, %s: %s%s",
             event.rollout,

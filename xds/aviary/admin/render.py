@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from aviary.admin.v1 import admin_pb2 as pb
+from aviary.policy.rollout_state import traffic_text
 
 __all__ = [
     "apply_event",
@@ -70,11 +71,6 @@ def _weight(rollout: pb.Rollout | pb.RolloutEvent) -> str:
     return f"{rollout.weight}%" if rollout.canary_version else "-"
 
 
-def _cohorts(rollout: pb.Rollout | pb.RolloutEvent) -> str:
-    """" and cohorts a, b" when cohorts are open (their requests reach the canary whatever the weight)."""
-    return f" and cohorts {', '.join(rollout.cohorts)}" if rollout.canary_version and rollout.cohorts else ""
-
-
 def checks_summary(checks: Iterable[pb.CheckResult]) -> str:
     """``success=99.5 ✓  latency=120 ✗`` (rich markup); "-" for none."""
     parts = []
@@ -107,8 +103,7 @@ def _thresholds(check: pb.CheckResult) -> str:
 def event_line(event: pb.RolloutEvent) -> str:
     when = event.time.ToDatetime(tzinfo=UTC).astimezone().strftime("%H:%M:%S")
     source = event.from_phase or "-"
-    traffic = (f"canary {event.canary_version} at {event.weight}%{_cohorts(event)}" if event.canary_version
-               else f"all traffic to {event.stable_version}")
+    traffic = traffic_text(event.canary_version, event.weight, event.stable_version, event.cohorts)
     return f"{when} {event.rollout}: {source} -> {event.to_phase}, {traffic}: {event.reason}"
 
 
@@ -165,7 +160,7 @@ def envoy_lag(r: pb.Rollout) -> str:
 
 
 def rollout_line(r: pb.Rollout) -> str:
-    canary = f", canary {r.canary_version} at {r.weight}%{_cohorts(r)}" if r.canary_version else ""
+    canary = f", {traffic_text(r.canary_version, r.weight, r.stable_version, r.cohorts)}" if r.canary_version else ""
     line = f"{r.name}: {r.phase}, stable {r.stable_version}{canary}: {r.reason}"
     if envoy_lag(r):
         line += f" ({envoy_lag(r)})"

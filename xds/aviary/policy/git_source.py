@@ -44,7 +44,7 @@ from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 from aviary.policy.git import GitError, redact, run_git, run_git_bytes, validate_repository_url
-from aviary.policy.loader import LoadResult, PolicyBook, parse_policy_text
+from aviary.policy.loader import LoadResult, PolicyBook, is_policy_file_name, parse_policy_text
 from aviary.policy.schema import PolicyError, PolicySet, Rollout
 from aviary.policy.watcher import OnChange
 from aviary.policy.workers import Parsed, PolicyWorkers, WorkerFailed
@@ -62,7 +62,6 @@ STALE_LOCK_AGE = 5.0
 milliseconds (a ref update, a config write); a few seconds leaves room for a slow disk."""
 
 _WHOLE_FILE = "-"
-_SUFFIXES = (".yaml", ".yml")
 _SYMLINK_MODE = b"120000"
 _BAD_BRANCH = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|^[-/.]|[/.]$|\.lock$")
 
@@ -334,7 +333,7 @@ class GitPolicySource:
             meta, _, raw_name = record.partition(b"\t")
             mode, kind, blob_id = meta.split(b" ")
             name = raw_name.decode("utf-8", "replace")
-            if kind != b"blob" or name.startswith(".") or not name.endswith(_SUFFIXES):
+            if kind != b"blob" or not is_policy_file_name(name):
                 continue
             file = f"{self._path}/{name}" if self._path else name
             if mode == _SYMLINK_MODE:

@@ -187,13 +187,15 @@ class LoadResult:
         return [error for error in self.errors if error.file not in self.valid]
 
 
+def is_policy_file_name(name: str) -> bool:
+    """The one rule for which names are policy files (directory, git tree, validate): ``*.yaml`` or
+    ``*.yml``, not hidden (editors' and our own temporary files are)."""
+    return name.endswith(_SUFFIXES) and not name.startswith(".")
+
+
 def policy_files(directory: Path) -> list[Path]:
-    """Which files in ``directory`` are policy files: the one rule, for the server and both validates."""
-    return sorted(
-        entry
-        for entry in directory.iterdir()
-        if entry.suffix in _SUFFIXES and not entry.name.startswith(".") and entry.is_file()
-    )
+    """The policy files directly in ``directory``, for the server and both validates."""
+    return sorted(entry for entry in directory.iterdir() if is_policy_file_name(entry.name) and entry.is_file())
 
 
 def _read(path: Path) -> tuple[str | None, str, list[PolicyError]]:

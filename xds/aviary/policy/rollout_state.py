@@ -8,6 +8,7 @@ The machine itself lives in ``rollout_machine``; ``rollout`` re-exports both.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aviary.policy.analysis import CheckOutcome, CheckResult, Counters
@@ -223,10 +224,18 @@ class TransitionEvent:
 
     def __str__(self) -> str:
         source = self.from_phase.value if self.from_phase else "-"
-        canary = f" canary {self.canary_version} at {self.weight}%" if self.canary_version else ""
-        if self.cohorts:
-            canary += f" and cohorts {', '.join(self.cohorts)}"
+        canary = f" {traffic_text(self.canary_version, self.weight, self.stable_version, self.cohorts)}" \
+            if self.canary_version else ""
         return f"{self.rollout}: {source} -> {self.to_phase.value}{canary}: {self.reason}"
+
+
+def traffic_text(canary_version: str | None, weight: int, stable_version: str, cohorts: Sequence[str] = ()) -> str:
+    """How a transition left traffic, for logs, events and the CLI: ``canary v2 at 20% and cohorts
+    internal``, or ``all traffic to v2`` (never "weight 0 %" for a rollout without a canary)."""
+    if not canary_version:
+        return f"all traffic to {stable_version}"
+    opened = f" and cohorts {', '.join(cohorts)}" if cohorts else ""
+    return f"canary {canary_version} at {weight}%{opened}"
 
 
 @dataclass(frozen=True, slots=True)

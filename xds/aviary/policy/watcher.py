@@ -16,7 +16,7 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from aviary.policy.loader import PolicyBook, load_directory
+from aviary.policy.loader import PolicyBook, is_policy_file_name, load_directory
 from aviary.policy.schema import PolicyError, PolicySet
 from aviary.policy.workers import PolicyWorkers, WorkerFailed
 
@@ -37,7 +37,7 @@ def _fingerprint(directory: Path) -> Fingerprint:
         with os.scandir(directory) as entries:
             found = []
             for entry in entries:
-                if entry.name.startswith(".") or not entry.name.endswith((".yaml", ".yml")):
+                if not is_policy_file_name(entry.name):
                     continue
                 try:
                     if not entry.is_file():
