@@ -297,7 +297,8 @@ class RolloutRunner:
         for name, entry in saved.items():
             if name in published:  # clusters a proxy's route may still name, retiring ones included
                 state = published[name]
-                self._director.restore_published(name, PublishedState(state.route, state.clusters, state.cohorts))
+                self._director.restore_published(name, PublishedState(
+                    state.route, state.clusters, state.cohorts, state.stickiness, state.mirror))
             status, resumption = stopped_for_restart(entry.status, max(entry.saved_at, last_alive or 0.0))
             if resumption is not None:
                 self._resuming[name] = resumption
@@ -711,10 +712,11 @@ class RolloutRunner:
         desired = self._director.desired(rollout.name)
         if traffic is None and desired is not None and rollout.name in self._status:
             # The engine emits a plan when the status changes; an edit of an opened cohort's
-            # conditions changes the plan but not the status, so it is caught here.
+            # conditions or of the stickiness changes the plan but not the status: caught here.
             plan = traffic_plan(rollout.spec, self._status[rollout.name])
-            if desired.canary == plan.canary and desired.cohorts != plan.cohorts:
-                traffic = replace(desired, cohorts=plan.cohorts)
+            edited = replace(desired, cohorts=plan.cohorts, stickiness=plan.stickiness)
+            if desired.canary == plan.canary and edited != desired:
+                traffic = edited
         if traffic is None and self._placements.get(rollout.name) != _placement_of(rollout):
             # The file moved the rollout (listener, hosts) without changing its traffic.
             traffic = self._director.desired(rollout.name) or traffic_plan(rollout.spec, self._status[rollout.name])
@@ -757,7 +759,8 @@ class RolloutRunner:
             return
         writer = f"published {name}"
         try:
-            saved = None if state is None else SavedPublished(state.route, state.clusters, state.cohorts)
+            saved = None if state is None else SavedPublished(
+                state.route, state.clusters, state.cohorts, state.stickiness, state.mirror)
             self._store.save_published(name, saved)
         except _WRITE_ERRORS as exc:
             # Counted like any failed write (health, metric) and retried: a restart must not bring

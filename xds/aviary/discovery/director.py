@@ -30,6 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from aviary.discovery import typeurls
 from aviary.discovery.cache import DEFAULT_GROUP, SnapshotCache
@@ -53,7 +54,7 @@ from aviary.discovery.resources import (
 from aviary.discovery.snapshot import EMPTY, Snapshot
 from aviary.matching import CohortRule
 from aviary.policy.schema import ListenerSpec
-from aviary.traffic import Backend, TrafficPlan
+from aviary.traffic import Backend, Stickiness, TrafficPlan
 
 log = logging.getLogger("aviary.director")
 
@@ -76,12 +77,31 @@ class Placement:
     proxy_cluster: str | None = None
 
 
+class Routing(NamedTuple):
+    """What a rollout's virtual host says, as one value: it changes in one route update or not at all."""
+
+    route: tuple[tuple[str, int], ...]  # the weighted default: (cluster name, weight)
+    cohorts: tuple[tuple[CohortRule, str], ...] = ()  # routed before `route`: (cohort, cluster name)
+    stickiness: Stickiness | None = None
+    mirror: tuple[str, int] | None = None  # (cluster name, percent of `route`'s requests copied to it)
+
+
 @dataclass(slots=True)
 class _Published:
     route: tuple[tuple[str, int], ...]  # cluster name -> weight
     clusters: dict[str, Backend] = field(default_factory=dict)  # cluster name -> backend
     handover: tuple[tuple[str, int], ...] = ()  # being removed: its last route, while a successor warms up
     cohorts: tuple[tuple[CohortRule, str], ...] = ()  # routed before `route`: (cohort, cluster name)
+    stickiness: Stickiness | None = None
+    mirror: tuple[str, int] | None = None
+
+    @property
+    def routing(self) -> Routing:
+        return Routing(self.route, self.cohorts, self.stickiness, self.mirror)
+
+    @routing.setter
+    def routing(self, value: Routing) -> None:
+        self.route, self.cohorts, self.stickiness, self.mirror = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +112,8 @@ class PublishedState:
     route: tuple[tuple[str, int], ...]
     clusters: tuple[tuple[str, Backend], ...]
     cohorts: tuple[tuple[CohortRule, str], ...] = ()
+    stickiness: Stickiness | None = None
+    mirror: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +193,7 @@ class TrafficDirector:
         if published is None:
             self._placements.pop(name, None)
         else:
-            published.handover, published.route, published.cohorts = published.route, (), ()
+            published.handover, published.routing = published.route, Routing(())
             self._removing.add(name)
         self._reconcile_unless_batching()
 
@@ -179,7 +201,8 @@ class TrafficDirector:
         """After a restart: what the previous process had published for this rollout (call before
         `set_rollout`). Its route stays until the current clusters are ACKed, and clusters no longer
         wanted retire only once no route a proxy ACKed names them, as in any change."""
-        self._published[name] = _Published(state.route, dict(state.clusters), cohorts=state.cohorts)
+        self._published[name] = _Published(state.route, dict(state.clusters), cohorts=state.cohorts,
+                                           stickiness=state.stickiness, mirror=state.mirror)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -269,7 +292,8 @@ class TrafficDirector:
         published = self._published.get(name)
         if published is None:
             return None
-        return PublishedState(published.route, tuple(sorted(published.clusters.items())), published.cohorts)
+        return PublishedState(published.route, tuple(sorted(published.clusters.items())), published.cohorts,
+                              published.stickiness, published.mirror)
 
     def acked(self, name: str) -> TrafficPlan | None:
         """The desired traffic that every serving proxy has ACKed, if the latest one was."""
@@ -309,10 +333,10 @@ class TrafficDirector:
         desired, published = self._desired[name], self._published.get(name)
         if published is None or name in self._blocked:
             return False
-        wanted = _route_of(name, desired)
+        wanted = _routing_of(name, desired)
         return (
-            (published.route, published.cohorts) == (wanted, _cohorts_of(name, desired))
-            and published.clusters.keys() == {c for c, _ in wanted}
+            published.routing == wanted
+            and published.clusters.keys() == {c for c, _ in wanted.route}
             and self._acked.get(name) == desired
         )
 
@@ -324,17 +348,16 @@ class TrafficDirector:
                 del self._published[name], self._placements[name]
         for name, desired in self._desired.items():
             published = self._published.get(name)
-            wanted, cohorts = _route_of(name, desired), _cohorts_of(name, desired)
+            wanted = _routing_of(name, desired)
             if published is None:  # taking a host over: no virtual host until its clusters are ACKed
-                takes_over = self._takes_over(name)
-                published = self._published[name] = _Published(
-                    route=() if takes_over else wanted, cohorts=() if takes_over else cohorts
-                )
+                published = self._published[name] = _Published(route=())
+                if not self._takes_over(name):
+                    published.routing = wanted
             for backend in _backends(desired):
                 published.clusters[cluster_name(name, backend.version)] = backend  # new, or new endpoints
-            moves = (published.route, published.cohorts) != (wanted, cohorts)
-            if moves and all(self._cluster_ready(name, cluster) for cluster, _ in wanted):
-                published.route, published.cohorts = wanted, cohorts  # one route update: plan as a whole
+            moves = published.routing != wanted
+            if moves and all(self._cluster_ready(name, cluster) for cluster, _ in wanted.route):
+                published.routing = wanted  # one route update: the plan as a whole
             retiring = self._retiring(name)
             if retiring and self._route_acked(name, without=retiring):
                 for cluster in retiring:
@@ -488,6 +511,8 @@ class TrafficDirector:
             route=route,
             clusters=tuple(sorted(published.clusters.items())),
             cohorts=published.cohorts,
+            stickiness=published.stickiness,
+            mirror=published.mirror,
         )
 
     def _takes_over(self, name: str) -> bool:
@@ -580,9 +605,9 @@ class TrafficDirector:
                 if not route_acked(proxy, snapshot, routes, clusters, missing_ok=True):
                     return True
                 continue
-            wanted = _route_of(name, self._desired[name])
-            if (published.route, published.cohorts) != (wanted, _cohorts_of(name, self._desired[name])):
-                ready = all(cluster_acked(proxy, snapshot, cluster) for cluster, _ in wanted)
+            wanted = _routing_of(name, self._desired[name])
+            if published.routing != wanted:
+                ready = all(cluster_acked(proxy, snapshot, cluster) for cluster, _ in wanted.route)
             else:
                 ready = route_acked(proxy, snapshot, self._route_names(name), self._retiring(name))
             if not ready:
@@ -594,7 +619,7 @@ class TrafficDirector:
             published = self._published.get(name)
             if name in self._blocked or published is None:
                 continue
-            if (published.route, published.cohorts) != (_route_of(name, desired), _cohorts_of(name, desired)):
+            if published.routing != _routing_of(name, desired):
                 continue
             if not self._route_acked(name):
                 continue
@@ -700,6 +725,16 @@ def _route_of(name: str, traffic: TrafficPlan) -> tuple[tuple[str, int], ...]:
         (cluster_name(name, traffic.stable.version), 100 - traffic.canary_weight),
         (cluster_name(name, traffic.canary.version), traffic.canary_weight),
     )
+
+
+def _routing_of(name: str, plan: TrafficPlan) -> Routing:
+    """The virtual host a plan asks for. The mirror and the cohorts name the canary's cluster, which
+    the weighted route always names too (at weight 0 as well): no part of a plan needs a cluster the
+    weights do not already keep warm."""
+    mirror = None
+    if plan.canary is not None and plan.mirror:
+        mirror = (cluster_name(name, plan.canary.version), plan.mirror)
+    return Routing(_route_of(name, plan), _cohorts_of(name, plan), plan.stickiness, mirror)
 
 
 def _cohorts_of(name: str, plan: TrafficPlan) -> tuple[tuple[CohortRule, str], ...]:

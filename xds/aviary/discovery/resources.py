@@ -33,7 +33,7 @@ from aviary.discovery import typeurls
 from aviary.discovery.snapshot import Resource, Snapshot, digest
 from aviary.matching import CohortRule, Condition, Match, cookie_value_regex
 from aviary.policy.schema import ListenerSpec
-from aviary.traffic import Backend
+from aviary.traffic import Backend, Stickiness
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 ROUTER_FILTER = "envoy.filters.http.router"
@@ -73,6 +73,8 @@ class PublishedRollout:
     route: tuple[tuple[str, int], ...]
     clusters: tuple[tuple[str, Backend], ...]
     cohorts: tuple[tuple[CohortRule, str], ...] = ()  # tried before `route`: (cohort, cluster name)
+    stickiness: Stickiness | None = None  # `route` split by a hash of this key (last cluster: the canary)
+    mirror: tuple[str, int] | None = None  # (cluster name, percent of `route`'s requests copied to it)
 
     @classmethod
     def of(
@@ -83,6 +85,8 @@ class PublishedRollout:
         route: Iterable[tuple[Backend, int]],
         clusters: Iterable[Backend],
         cohorts: Iterable[tuple[CohortRule, Backend]] = (),
+        stickiness: Stickiness | None = None,
+        mirror: tuple[Backend, int] | None = None,
     ) -> PublishedRollout:
         """The usual case: every cluster under its current name."""
         return cls(
@@ -92,6 +96,8 @@ class PublishedRollout:
             tuple((cluster_name(name, backend.version), weight) for backend, weight in route),
             tuple((cluster_name(name, backend.version), backend) for backend in clusters),
             tuple((cohort, cluster_name(name, backend.version)) for cohort, backend in cohorts),
+            stickiness,
+            (cluster_name(name, mirror[0].version), mirror[1]) if mirror is not None else None,
         )
 
 

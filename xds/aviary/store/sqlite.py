@@ -36,7 +36,7 @@ from aviary.matching import CohortRule
 from aviary.policy.rollout_state import RolloutStatus, TransitionEvent
 from aviary.policy.schema import Endpoint, Rollout
 from aviary.store.lock import LockError, LockHeld, ProcessLock
-from aviary.traffic import Backend
+from aviary.traffic import Backend, Stickiness
 
 __all__ = ["EVENTS_KEPT", "SCHEMA_VERSION", "SavedRollout", "StateError", "StateInUse", "StateStore", "StateWriteError"]
 
@@ -94,15 +94,18 @@ def _v3(db: sqlite3.Connection) -> None:
 @dataclass(frozen=True, slots=True)
 class SavedPublished:
     """What was published for one rollout: route (cluster name, weight), clusters (name, backend),
-    cohort routes (cohort, cluster name). Rows saved before cohorts existed have none (`cohorts`
-    absent from the JSON): no migration, the field is optional."""
+    cohort routes (cohort, cluster name), stickiness, mirror (cluster name, percent). Rows saved
+    before a field existed lack it in the JSON: no migration, every later field is optional."""
 
     route: tuple[tuple[str, int], ...]
     clusters: tuple[tuple[str, Backend], ...]
     cohorts: tuple[tuple[CohortRule, str], ...] = ()
+    stickiness: Stickiness | None = None
+    mirror: tuple[str, int] | None = None
 
 
 _COHORTS: TypeAdapter[tuple[tuple[CohortRule, str], ...]] = TypeAdapter(tuple[tuple[CohortRule, str], ...])
+_STICKINESS: TypeAdapter[Stickiness | None] = TypeAdapter(Stickiness | None)
 
 
 def legacy_published(status: RolloutStatus) -> SavedPublished:
@@ -122,6 +125,9 @@ def encode_published(published: SavedPublished) -> str:
         "clusters": [[cluster, {"version": b.version, "endpoints": [str(e) for e in b.endpoints]}]
                      for cluster, b in published.clusters],
         **({"cohorts": _COHORTS.dump_python(published.cohorts, mode="json")} if published.cohorts else {}),
+        **({"stickiness": _STICKINESS.dump_python(published.stickiness, mode="json")}
+           if published.stickiness is not None else {}),
+        **({"mirror": list(published.mirror)} if published.mirror is not None else {}),
     })
 
 
@@ -134,6 +140,8 @@ def decode_published(text: str) -> SavedPublished:
             for cluster, b in value["clusters"]
         ),
         _COHORTS.validate_python(value.get("cohorts", ())),
+        _STICKINESS.validate_python(value.get("stickiness")),
+        (str(value["mirror"][0]), int(value["mirror"][1])) if value.get("mirror") else None,
     )
 
 
