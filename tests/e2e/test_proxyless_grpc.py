@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from aviary.discovery import typeurls
-from aviary.discovery.proxy_events import ProxyEvent, SubscriptionChanged
+from aviary.discovery.proxy_events import ProxyEvent, ResourcesAcked, ResourcesNacked, SubscriptionChanged
 from aviary.matching import CohortRule, Condition, Match
 from aviary.policy.schema import Endpoint
-from aviary.traffic import Backend, TrafficPlan
+from aviary.traffic import Backend, Stickiness, TrafficPlan
 from tests.conftest import ControlPlaneFactory
 from tests.rig.control_plane import write_policy
 from tests.rig.grpc_backend import GrpcBackends
@@ -142,3 +142,44 @@ def test_proxyless_client_gets_cohorts_by_header_and_cookie(
     assert seen["header"]["by_version"] == {"v2": 100}
     assert seen["cookie"]["by_version"] == {"v2": 100}
     assert seen["cookie beta=10"]["by_version"] == {"v1": 100}
+
+
+@pytest.mark.parametrize("stickiness", [Stickiness(header="x-user-id"), Stickiness(cookie="session", ttl=86400.0)],
+                         ids=["header", "cookie"])
+def test_proxyless_client_gets_plain_weights_from_a_sticky_plan_and_skips_query_cohorts(
+    workdir: Path, grpc_backends: GrpcBackends, control_plane_factory: ControlPlaneFactory, stickiness: Stickiness
+) -> None:
+    """What gRPC's xDS client does with what it does not implement: it ACKs the sticky route (hash
+    policy, `use_hash_policy`, the cookie-issuing route) and a cohort with a query-parameter
+    condition, then splits by the plain weights (one user id sees both versions) and skips the
+    query route (a gRPC call has no query string): no NACK, no failed call."""
+    grpc_backends.start(["v1", "v2"])
+    policies = workdir / "policies"
+    write_policy(policies, NAME, port=free_port(), version="v1", endpoints=[grpc_backends.address("v1")])
+    cp = control_plane_factory(policies)
+
+    def backend(version: str) -> Backend:
+        return Backend(version, (Endpoint.model_validate(grpc_backends.address(version)),))
+
+    events: list[ProxyEvent] = []
+    cp.call(lambda p: p.proxies.subscribe(lambda event: events.append(event)))
+    beta = CohortRule("beta", (Match(query=(("beta", Condition("exact", "1")),)),))
+    plan = TrafficPlan(backend("v1"), backend("v2"), canary_weight=50, cohorts=(beta,), stickiness=stickiness)
+    cp.call(lambda p: p.director.set_desired_traffic(NAME, plan))
+    bootstrap = _bootstrap(workdir / "grpc-xds-bootstrap.json", cp.xds_port, "grpc-client-1")
+    one_user = _run_client(bootstrap, 200, {"x-user-id": "user-7", "cookie": "session=abc"})
+    no_key = _run_client(bootstrap, 200, {})
+    seen = cp.call(lambda p: list(events))
+    nacks = [e for e in seen if isinstance(e, ResourcesNacked)]
+    route_acks = [e for e in seen if isinstance(e, ResourcesAcked) and e.type_url == typeurls.ROUTE
+                  and f"grpc-{NAME}" in e.resources]
+    print(f"\nproxyless gRPC at weight 50, sticky by {stickiness.describe()}, query cohort beta: "
+          f"one user {one_user['by_version']}, no key {no_key['by_version']}, NACKs {len(nacks)}")
+    assert nacks == [], nacks
+    assert len(route_acks) >= 2, seen  # one per client run
+    assert one_user["failed"] == 0 and no_key["failed"] == 0, (one_user["errors"], no_key["errors"])
+    # Plain weights: the same user id reaches both versions (Envoy would keep it on one), and the
+    # query route is not taken (were its condition ignored instead, every call would reach v2).
+    for result in (one_user, no_key):
+        assert set(result["by_version"]) == {"v1", "v2"}, result["by_version"]
+        assert 70 <= result["by_version"]["v2"] <= 130, result["by_version"]  # 200 RPCs at 50 %: sd 7

@@ -232,11 +232,16 @@ class EnvoyProcess:
 
     def cohort_routes(self, route_config_name: str) -> dict[str, list[dict[str, Any]]]:
         """virtual host name -> its routes before the weighted default (cohort routes), as dumped."""
+        return {name: routes[:-1] for name, routes in self.virtual_host_routes(route_config_name).items()}
+
+    def virtual_host_routes(self, route_config_name: str) -> dict[str, list[dict[str, Any]]]:
+        """virtual host name -> all its routes, in order, as dumped; empty if the route configuration
+        is not (yet) in the dump."""
         section = self._dump_section(".RoutesConfigDump")
         for entry in section.get("dynamic_route_configs", []):
             rc = entry.get("route_config", {})
             if rc.get("name") == route_config_name:
-                return {vh["name"]: vh.get("routes", [])[:-1] for vh in rc.get("virtual_hosts", [])}
+                return {vh["name"]: vh.get("routes", []) for vh in rc.get("virtual_hosts", [])}
         return {}
 
     def wait_rollout_weights(

@@ -17,6 +17,7 @@ from typing import Literal
 
 __all__ = [
     "CONDITION_KINDS",
+    "QUERY_CONDITION_KINDS",
     "CohortRule",
     "Condition",
     "Match",
@@ -27,6 +28,8 @@ __all__ = [
 
 ConditionKind = Literal["exact", "prefix", "suffix", "contains", "regex", "present", "absent"]
 CONDITION_KINDS: tuple[ConditionKind, ...] = ("exact", "prefix", "suffix", "contains", "regex", "present", "absent")
+# Envoy's QueryParameterMatcher has a string matcher or ``present_match`` and no inversion: no ``absent``.
+QUERY_CONDITION_KINDS: tuple[ConditionKind, ...] = ("exact", "prefix", "suffix", "contains", "regex", "present")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +40,22 @@ class Condition:
     value: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Match:
     """One entry of a cohort's ``match``: every condition holds (AND). Names are lower case for
-    headers (HTTP header names are case-insensitive), as written for cookies."""
+    headers (HTTP header names are case-insensitive), as written for cookies and query parameters.
+
+    ``repr`` leaves out an empty ``query``: a plan's digest hashes the repr of its cohorts, and a
+    plan written before query conditions existed must keep its digest.
+    """
 
     headers: tuple[tuple[str, Condition], ...] = ()
     cookies: tuple[tuple[str, Condition], ...] = ()
+    query: tuple[tuple[str, Condition], ...] = ()
+
+    def __repr__(self) -> str:
+        text = f"Match(headers={self.headers!r}, cookies={self.cookies!r}"
+        return text + (f", query={self.query!r})" if self.query else ")")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aviary.admin.v1 import admin_pb2 as pb
 from aviary.discovery.proxy_status import ProxyView
 from aviary.policy.analysis import CheckResult
-from aviary.policy.rollout_machine import step_weight
+from aviary.policy.rollout_machine import step_weight, traffic_plan
 from aviary.policy.rollout_state import Hold, RolloutStatus, TransitionEvent
 from aviary.policy.schema import PolicyError, RolloutSpec
 from aviary.policy.source import PolicyState
@@ -138,7 +138,15 @@ def rollout_message(
         step_weight=step_weight(spec, status.step_index) if spec is not None and status.canary is not None else None,
         cohorts=list(status.cohorts),
         acked_cohorts=list(status.acked_cohorts) if status.canary is not None else [],
+        stickiness=_stickiness(status, spec),
     )
+
+
+def _stickiness(status: RolloutStatus, spec: RolloutSpec | None) -> str:
+    """As the plan says (only while a canary runs: one cluster needs no hash), so status shows what
+    the proxies are told."""
+    sticky = traffic_plan(spec, status).stickiness if spec is not None else None
+    return sticky.describe() if sticky is not None else ""
 
 
 def health_message(health: EngineHealth) -> pb.ControlPlaneHealth:

@@ -120,6 +120,7 @@ def rollout_detail(r: pb.Rollout) -> Group:
         acked = f"{r.acked_weight}%" if r.HasField("acked_weight") else "not yet"
         facts.add_row("acked weight", acked)
         facts.add_row("cohorts", ", ".join(r.cohorts) or "none open")
+        facts.add_row("sticky by", r.stickiness or "nothing (each request split on its own)")
         if list(r.cohorts) != list(r.acked_cohorts):
             facts.add_row("acked cohorts", ", ".join(r.acked_cohorts) or "none")
         facts.add_row("time in step", f"{r.seconds_in_step:.0f}s" if r.seconds_in_step else "not started")
@@ -159,8 +160,13 @@ def envoy_lag(r: pb.Rollout) -> str:
     return ""
 
 
+def _sticky(r: pb.Rollout) -> str:
+    return f", sticky by {r.stickiness}" if r.canary_version and r.stickiness else ""
+
+
 def rollout_line(r: pb.Rollout) -> str:
     canary = f", {traffic_text(r.canary_version, r.weight, r.stable_version, r.cohorts)}" if r.canary_version else ""
+    canary += _sticky(r)
     line = f"{r.name}: {r.phase}, stable {r.stable_version}{canary}: {r.reason}"
     if envoy_lag(r):
         line += f" ({envoy_lag(r)})"
@@ -212,8 +218,9 @@ def watch_view(rollouts: Mapping[str, pb.Rollout], recent: Sequence[pb.RolloutEv
         r = rollouts[name]
         bar = ProgressBar(total=100, completed=r.weight if r.canary_version else 0, width=30)
         opened = f"cohorts {', '.join(r.cohorts)}" if r.canary_version and r.cohorts else ""
+        sticky = f"sticky by {r.stickiness}" if r.canary_version and r.stickiness else ""
         grid.add_row(Text(name, style="bold"), _phase(r.phase), bar, _weight(r).rjust(4),
-                     f"step {_step(r, r.steps)}", checks_summary(r.checks), opened)
+                     f"step {_step(r, r.steps)}", checks_summary(r.checks), "  ".join(t for t in (opened, sticky) if t))
     if not rollouts:
         grid.add_row("no rollouts yet")
     lines = [Text(event_line(event), style="dim") for event in recent]
@@ -237,6 +244,8 @@ def apply_event(rollout: pb.Rollout | None, event: pb.RolloutEvent) -> pb.Rollou
     updated.reason = event.reason
     del updated.cohorts[:]
     updated.cohorts.extend(event.cohorts)
+    if not event.canary_version:
+        updated.stickiness = ""  # no canary: nothing is split, nobody is kept anywhere
     if event.checks:
         del updated.checks[:]
         updated.checks.extend(event.checks)

@@ -11,6 +11,17 @@ Naming (documented for users in README):
   share an address:port are virtual hosts of one listener and one route configuration;
 - listener `<rollout>` with an `api_listener` and route configuration `grpc-<rollout>`: what a
   proxyless gRPC client on `xds:///<rollout>` asks for. Never sent to wildcard (Envoy) subscribers.
+  It is the same virtual host: gRPC skips routes with query-parameter conditions and ignores what it
+  does not implement (cookie hash policies, `use_hash_policy`, added response headers), so it splits
+  by the plain weights (tests/e2e/test_stickiness.py).
+
+Stickiness: the weighted default carries a route `hash_policy` and `use_hash_policy`, so Envoy picks
+the cluster from `hash % 100` against the weights in order; the canary is listed last, so raising its
+weight only moves hashes from stable to canary. Envoy 1.40 issues no cookie for a cookie hash policy
+used by weighted clusters (it passes no cookie callback there, only to hashing load balancers), so a
+cookie with a ttl gets a route of its own for requests without it: it hashes the request's
+`x-request-id` (which the connection manager sets before routing) and returns that same value as the
+cookie, whose hash is then the same on every later request.
 """
 
 from __future__ import annotations
@@ -174,19 +185,59 @@ def build_api_listener(rollout: str) -> Resource:
     return Resource.from_message(rollout, typeurls.LISTENER, message, wildcard=False, references=(route,))
 
 
-def _weighted_route(route: Sequence[tuple[str, int]]) -> route_components_pb2.Route:
+# The header whose value becomes an issued stickiness cookie: the connection manager sets it on every
+# request before the route is chosen (generate_request_id defaults to true).
+ISSUED_COOKIE_SOURCE = "x-request-id"
+
+
+def _split(route: Sequence[tuple[str, int]], hash_by: Sequence[route_components_pb2.RouteAction.HashPolicy] = (),
+           ) -> route_components_pb2.RouteAction:
+    """The weights, in order (the canary last); with ``hash_by``, picked by the request's hash."""
+    weight_of = route_components_pb2.WeightedCluster.ClusterWeight
+    weighted = route_components_pb2.WeightedCluster(
+        clusters=[weight_of(name=cluster, weight=wrappers_pb2.UInt32Value(value=weight)) for cluster, weight in route]
+    )
+    if hash_by:
+        weighted.use_hash_policy.value = True
+    return route_components_pb2.RouteAction(weighted_clusters=weighted, hash_policy=list(hash_by))
+
+
+def _hash_of(stickiness: Stickiness) -> route_components_pb2.RouteAction.HashPolicy:
+    policy = route_components_pb2.RouteAction.HashPolicy
+    if stickiness.header is not None:
+        return policy(header=policy.Header(header_name=stickiness.header))
+    # No ttl here: Envoy would not issue the cookie from this route anyway (see the module docstring).
+    return policy(cookie=policy.Cookie(name=stickiness.cookie))
+
+
+def _weighted_route(route: Sequence[tuple[str, int]], stickiness: Stickiness | None) -> route_components_pb2.Route:
     return route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix="/"),
-        route=route_components_pb2.RouteAction(
-            weighted_clusters=route_components_pb2.WeightedCluster(
-                clusters=[
-                    route_components_pb2.WeightedCluster.ClusterWeight(
-                        name=cluster, weight=wrappers_pb2.UInt32Value(value=weight)
-                    )
-                    for cluster, weight in route
-                ]
+        route=_split(route, [_hash_of(stickiness)] if stickiness is not None else []),
+    )
+
+
+def _cookie_issuing_route(route: Sequence[tuple[str, int]], cookie: str, ttl: float) -> route_components_pb2.Route:
+    """For requests without a (non-empty) ``cookie``: split by the hash of their request id, and
+    return that id as the cookie, so the next request hashes the same value to the same version."""
+    policy = route_components_pb2.RouteAction.HashPolicy
+    has_cookie = r"(?:.*;)?\s*" + _escape(cookie) + r"=[^;\s][^;]*(?:;.*)?"
+    without = route_components_pb2.HeaderMatcher(
+        name="cookie",
+        string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=has_cookie)),
+        invert_match=True,
+        treat_missing_header_as_empty=True,
+    )
+    set_cookie = f"{cookie}=%REQ({ISSUED_COOKIE_SOURCE})%; Max-Age={int(ttl)}; Path=/; HttpOnly"
+    return route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix="/", headers=[without]),
+        route=_split(route, [policy(header=policy.Header(header_name=ISSUED_COOKIE_SOURCE))]),
+        response_headers_to_add=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="set-cookie", value=set_cookie),
+                append_action=base_pb2.HeaderValueOption.HeaderAppendAction.APPEND_IF_EXISTS_OR_ADD,
             )
-        ),
+        ],
     )
 
 
@@ -237,20 +288,32 @@ def _cookie_matcher(name: str, condition: Condition) -> route_components_pb2.Hea
     )
 
 
+def _query_matcher(name: str, condition: Condition) -> route_components_pb2.QueryParameterMatcher:
+    """The schema refuses ``absent`` for query parameters: this matcher has no inversion."""
+    if condition.kind == "present":
+        return route_components_pb2.QueryParameterMatcher(name=name, present_match=True)
+    return route_components_pb2.QueryParameterMatcher(name=name, string_match=_string_matcher(condition))
+
+
 def _cohort_route(match: Match, cluster: str) -> route_components_pb2.Route:
     """One entry of a cohort: its conditions AND'ed in one RouteMatch, to one cluster."""
     headers = [_header_matcher(name, condition) for name, condition in match.headers]
     headers += [_cookie_matcher(name, condition) for name, condition in match.cookies]
+    query = [_query_matcher(name, condition) for name, condition in match.query]
     return route_components_pb2.Route(
-        match=route_components_pb2.RouteMatch(prefix="/", headers=headers),
+        match=route_components_pb2.RouteMatch(prefix="/", headers=headers, query_parameters=query),
         route=route_components_pb2.RouteAction(cluster=cluster),
     )
 
 
 def _virtual_host(rollout: PublishedRollout, domains: Sequence[str]) -> route_components_pb2.VirtualHost:
-    """Cohort routes first (entries OR'ed as separate routes, first match wins), then the weights."""
+    """Cohort routes first (entries OR'ed as separate routes, first match wins), then, for a cookie
+    Envoy issues, the route of requests without it, then the weights."""
     routes = [_cohort_route(match, cluster) for cohort, cluster in rollout.cohorts for match in cohort.match]
-    routes.append(_weighted_route(rollout.route))
+    sticky = rollout.stickiness
+    if sticky is not None and sticky.cookie is not None and sticky.ttl is not None:
+        routes.append(_cookie_issuing_route(rollout.route, sticky.cookie, sticky.ttl))
+    routes.append(_weighted_route(rollout.route, sticky))
     return route_components_pb2.VirtualHost(name=rollout.name, domains=list(domains), routes=routes)
 
 

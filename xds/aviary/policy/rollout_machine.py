@@ -64,7 +64,7 @@ from aviary.policy.rollout_state import (
     WeightAcked,
 )
 from aviary.policy.schema import CohortStep, Pause, RolloutSpec
-from aviary.traffic import Backend, TrafficPlan
+from aviary.traffic import Backend, Stickiness, TrafficPlan
 
 __all__ = ["checks_due", "next_wakeup", "step", "step_cohorts", "step_weight", "traffic_plan"]
 
@@ -73,10 +73,22 @@ _ACTIVE = (Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING)
 
 def traffic_plan(spec: RolloutSpec, status: RolloutStatus) -> TrafficPlan:
     """The plan the traffic layer should publish. RolledBack and Stable carry no canary (and so no
-    cohort) at all. An opened cohort the file no longer defines is left out (the step restarts)."""
+    cohort and no stickiness: one cluster needs no hash) at all. An opened cohort the file no longer
+    defines is left out (the step restarts)."""
     defined = {cohort.name: cohort for cohort in spec.strategy.cohorts} if spec.strategy else {}
     cohorts = tuple(defined[name] for name in status.cohorts if name in defined) if status.canary else ()
-    return TrafficPlan(stable=status.stable, canary=status.canary, canary_weight=status.weight, cohorts=cohorts)
+    sticky = _stickiness(spec) if status.canary else None
+    return TrafficPlan(stable=status.stable, canary=status.canary, canary_weight=status.weight, cohorts=cohorts,
+                       stickiness=sticky)
+
+
+def _stickiness(spec: RolloutSpec) -> Stickiness | None:
+    wanted = spec.strategy.stickiness if spec.strategy else None
+    if wanted is None:
+        return None
+    if wanted.cookie is not None:
+        return Stickiness(cookie=wanted.cookie.name, ttl=wanted.cookie.ttl)
+    return Stickiness(header=wanted.header)
 
 
 def step_cohorts(spec: RolloutSpec, index: int) -> tuple[str, ...]:

@@ -33,7 +33,15 @@ from pydantic import (
     model_validator,
 )
 
-from aviary.matching import CONDITION_KINDS, CohortRule, Condition, Match, cookie_regex_problem, re2_problem
+from aviary.matching import (
+    CONDITION_KINDS,
+    QUERY_CONDITION_KINDS,
+    CohortRule,
+    Condition,
+    Match,
+    cookie_regex_problem,
+    re2_problem,
+)
 from aviary.policy.duration import parse_duration
 
 __all__ = [
@@ -53,6 +61,8 @@ __all__ = [
     "Rollout",
     "RolloutSpec",
     "Step",
+    "StickinessSpec",
+    "StickyCookie",
     "Strategy",
 ]
 
@@ -266,14 +276,26 @@ def _dump_step(step: int | Pause | CohortStep) -> Any:
 Step = Annotated[int | Pause | CohortStep, PlainValidator(_parse_step), PlainSerializer(_dump_step)]
 
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+# Query parameter names as they appear unencoded in a URL: RFC 3986 unreserved characters and brackets.
+_QUERY_NAME = re.compile(r"^[A-Za-z0-9._~\[\]-]+$")
+# The three sections of a cohort entry: their singular (for messages) and the condition kinds each takes.
+_SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "headers": ("header", CONDITION_KINDS),
+    "cookies": ("cookie", CONDITION_KINDS),
+    "query": ("query parameter", QUERY_CONDITION_KINDS),
+}
 
 
-def _parse_condition(value: Any, *path: str | int) -> Condition:
+def _parse_condition(value: Any, section: str, *path: str | int) -> Condition:
+    kinds = _SECTIONS[section][1]
     if not isinstance(value, Mapping) or len(value) != 1:
-        raise FieldIssue(f"expected exactly one of {', '.join(CONDITION_KINDS)}, e.g. {{exact: qa}}", *path)
+        raise FieldIssue(f"expected exactly one of {', '.join(kinds)}, e.g. {{exact: qa}}", *path)
     ((kind, body),) = value.items()
-    if kind not in CONDITION_KINDS:
-        raise FieldIssue(f"unknown condition {kind!r} (one of {', '.join(CONDITION_KINDS)})", *path, str(kind))
+    if kind not in kinds:
+        if section == "query" and kind in CONDITION_KINDS:
+            raise FieldIssue(f"a query parameter cannot be tested for {kind!r}: Envoy's query matcher has no "
+                             f"inversion (one of {', '.join(kinds)})", *path, str(kind))
+        raise FieldIssue(f"unknown condition {kind!r} (one of {', '.join(kinds)})", *path, str(kind))
     if kind in ("present", "absent"):
         if body is not True:
             raise FieldIssue(f"must be true ({kind}: true), got {body!r}", *path, kind)
@@ -284,25 +306,29 @@ def _parse_condition(value: Any, *path: str | int) -> Condition:
     if kind != "exact" and not text:
         raise FieldIssue("must not be empty", *path, kind)
     if kind == "regex":
-        problem = cookie_regex_problem(text) if path and path[-2] == "cookies" else re2_problem(text)
+        problem = cookie_regex_problem(text) if section == "cookies" else re2_problem(text)
         if problem:
             raise FieldIssue(problem, *path, kind)
-    elif path[-2] == "cookies" and ";" in text:
+    elif section == "cookies" and ";" in text:
         raise FieldIssue("a cookie value never contains ';'", *path, kind)
+    elif section == "query" and ("&" in text or "#" in text):
+        raise FieldIssue("a query parameter value never contains '&' or '#'", *path, kind)
     return Condition(kind, text)
 
 
 def _parse_conditions(value: Any, section: str, *path: str | int) -> tuple[tuple[str, Condition], ...]:
+    singular = _SECTIONS[section][0]
     if not isinstance(value, Mapping) or not value:
-        raise FieldIssue(f"expected a map of {section[:-1]} name to condition", *path, section)
+        raise FieldIssue(f"expected a map of {singular} name to condition", *path, section)
+    names = _QUERY_NAME if section == "query" else _TOKEN
     pairs: dict[str, Condition] = {}
     for name, condition in value.items():
-        if not isinstance(name, str) or not _TOKEN.match(name):
-            raise FieldIssue(f"invalid {section[:-1]} name {name!r}", *path, section, str(name))
+        if not isinstance(name, str) or not names.match(name):
+            raise FieldIssue(f"invalid {singular} name {name!r}", *path, section, str(name))
         key = name.lower() if section == "headers" else name
         if key in pairs:
-            raise FieldIssue(f"{section[:-1]} {name!r} given twice", *path, section, name)
-        pairs[key] = _parse_condition(condition, *path, section, name)
+            raise FieldIssue(f"{singular} {name!r} given twice", *path, section, name)
+        pairs[key] = _parse_condition(condition, section, *path, section, name)
     return tuple(pairs.items())
 
 
@@ -323,13 +349,15 @@ def _parse_cohort(value: Any) -> CohortRule:
     matches: list[Match] = []
     for index, entry in enumerate(entries):
         if not isinstance(entry, Mapping) or not entry:
-            raise FieldIssue("expected {headers: {...}} and/or {cookies: {...}}", "match", index)
-        extra = sorted(str(k) for k in entry if k not in ("headers", "cookies"))
+            raise FieldIssue("expected {headers: {...}}, {cookies: {...}} and/or {query: {...}}", "match", index)
+        extra = sorted(str(k) for k in entry if k not in _SECTIONS)
         if extra:
-            raise FieldIssue(f"unknown field {extra[0]!r} (headers, cookies)", "match", index, extra[0])
-        headers = _parse_conditions(entry["headers"], "headers", "match", index) if "headers" in entry else ()
-        cookies = _parse_conditions(entry["cookies"], "cookies", "match", index) if "cookies" in entry else ()
-        matches.append(Match(headers, cookies))
+            raise FieldIssue(f"unknown field {extra[0]!r} (headers, cookies, query)", "match", index, extra[0])
+        headers, cookies, query = (
+            _parse_conditions(entry[section], section, "match", index) if section in entry else ()
+            for section in _SECTIONS
+        )
+        matches.append(Match(headers, cookies, query))
     return CohortRule(name, tuple(matches))
 
 
@@ -340,15 +368,72 @@ def _dump_cohort(cohort: CohortRule) -> Any:
     entries = []
     for match in cohort.match:
         entry: dict[str, Any] = {}
-        if match.headers:
-            entry["headers"] = conditions(match.headers)
-        if match.cookies:
-            entry["cookies"] = conditions(match.cookies)
+        for section, pairs in (("headers", match.headers), ("cookies", match.cookies), ("query", match.query)):
+            if pairs:
+                entry[section] = conditions(pairs)
         entries.append(entry)
     return {"name": cohort.name, "match": entries}
 
 
 Cohort = Annotated[CohortRule, PlainValidator(_parse_cohort), PlainSerializer(_dump_cohort)]
+
+
+def _sticky_header(name: str) -> str:
+    if not _TOKEN.match(name):
+        raise ValueError(f"invalid header name {name!r}: letters, digits and !#$%&'*+.^_`|~- only, e.g. x-user-id")
+    return name.lower()
+
+
+# Narrower than a cookie token: the name goes into an Envoy header format string, where '%' is special.
+_COOKIE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _sticky_cookie_name(name: str) -> str:
+    if not _COOKIE_NAME.match(name):
+        raise ValueError(f"invalid cookie name {name!r}: letters, digits, '_', '.' and '-' only, e.g. session")
+    return name
+
+
+def _whole_seconds(ttl: float | None) -> float | None:
+    # Set-Cookie's Max-Age counts whole seconds; a fraction would be cut without a word.
+    if ttl is not None and (ttl < 1 or ttl != int(ttl)):
+        raise ValueError(f"must be whole seconds, at least 1s (e.g. 24h), got {ttl:g}s")
+    return ttl
+
+
+class StickyCookie(BaseModel):
+    """The cookie that keeps a user on one version. With ``ttl``, a request without it gets one
+    (``Set-Cookie`` with that ``Max-Age``), so anonymous users stick too; without, the application
+    sets it and requests without it follow the plain weight."""
+
+    model_config = _CONFIG
+
+    name: Annotated[str, Field(strict=True), AfterValidator(_sticky_cookie_name)]
+    ttl: Annotated[Duration | None, AfterValidator(_whole_seconds)] = None
+
+
+class StickinessSpec(BaseModel):
+    """``{header: x-user-id}`` or ``{cookie: {name: session, ttl: 24h}}``: what the canary split hashes,
+    so a user's version depends only on that key and the weight."""
+
+    model_config = _CONFIG
+
+    header: Annotated[str, Field(strict=True), AfterValidator(_sticky_header)] | None = None
+    cookie: StickyCookie | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping | StickinessSpec):
+            raise ValueError(f"expected {{header: x-user-id}} or {{cookie: {{name: session, ttl: 24h}}}}, got {data!r}")
+        return data
+
+    @model_validator(mode="after")
+    def _one_key(self) -> StickinessSpec:
+        if (self.header is None) == (self.cookie is None):
+            raise ValueError("give exactly one of header ({header: x-user-id}) "
+                             "or cookie ({cookie: {name: session, ttl: 24h}})")
+        return self
 
 
 class Strategy(BaseModel):
@@ -359,6 +444,7 @@ class Strategy(BaseModel):
     steps: tuple[Step, ...]
     interval: Duration = 30.0
     cohorts: tuple[Cohort, ...] = ()
+    stickiness: StickinessSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
