@@ -17,6 +17,7 @@ Figures are printed and written to ``tests/e2e/.results/stickiness.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import re
@@ -30,10 +31,13 @@ from typing import Any
 import pytest
 import yaml
 
+from aviary.admin.server import AdminConfig
+from aviary.app import ControlPlane
 from aviary.discovery.resources import route_name
 from aviary.policy.rollout_state import Abort, Phase, Resume, RolloutStatus
 from aviary.policy.schema import ListenerSpec
 from tests.conftest import ControlPlaneFactory, EnvoyFactory, LoadgenFactory
+from tests.rig.admin_cli import run_cli, write_token_file
 from tests.rig.backends import Backends
 from tests.rig.control_plane import RunningControlPlane
 from tests.rig.envoy import EnvoyProcess
@@ -89,7 +93,13 @@ class Stage:
     backends: Backends
     policies: Path
     port: int
+    admin: str
+    token_file: Path
     figures: dict[str, Any] = field(default_factory=dict)
+
+    def cli(self, *args: str) -> str:
+        """``aviary ARGS`` as a user runs it (a subprocess against the admin API): its stdout."""
+        return run_cli(self.admin, self.token_file, *args).stdout
 
     @property
     def route(self) -> str:
@@ -141,9 +151,16 @@ def stage(control_plane_factory: ControlPlaneFactory, envoy_factory: EnvoyFactor
     backends.start(["v1", "v2"])
     policies = workdir / "policies"
     policies.mkdir()
-    plane = control_plane_factory(policies)
+    token_file = write_token_file(workdir / "admin-token", "e2e-stickiness")
+
+    def with_admin(plane: ControlPlane) -> None:
+        # The rig builds a ServeConfig without an admin API; add one before the plane serves.
+        plane.config = dataclasses.replace(plane.config, admin=AdminConfig("127.0.0.1:0", token_file=token_file))
+
+    plane = control_plane_factory(policies, start=False).start(hook=with_admin)
     envoy = envoy_factory(plane.xds_port)
-    stage = Stage(plane, envoy, backends, policies, free_port())
+    admin = f"127.0.0.1:{plane.call(lambda p: p.admin_port)}"
+    stage = Stage(plane, envoy, backends, policies, free_port(), admin, token_file)
     stage.write("v1")
     wait_until(lambda: stage.weights() == {V1: 100} and port_open(stage.port), 15, what="Envoy to route to v1")
     yield stage
@@ -153,7 +170,10 @@ def stage(control_plane_factory: ControlPlaneFactory, envoy_factory: EnvoyFactor
 
 
 def paused_steps(weights: list[int]) -> list[Any]:
-    return [step for weight in weights for step in (weight, {"pause": {}})]
+    steps: list[Any] = []
+    for weight in weights:
+        steps += [weight, {"pause": {}}]
+    return steps
 
 
 def ask_users(client: Client, users: list[str]) -> dict[str, str]:
@@ -193,6 +213,10 @@ def test_users_keep_their_version_across_five_weight_increases(stage: Stage) -> 
         assert action["hash_policy"] == [{"header": {"header_name": "x-user-id"}}], action
         assert action["weighted_clusters"]["use_hash_policy"] is True, action
         assert stage.status().phase is Phase.PAUSED
+        shown = json.loads(stage.cli("status", NAME, "--output", "json"))
+        assert shown["stickiness"] == "header x-user-id", shown
+        detail = stage.cli("status", NAME)
+        assert re.search(r"sticky by +header x-user-id", detail), detail
     finally:
         client.close()
         stage.figures["header_stickiness_steps"] = per_step

@@ -13,7 +13,7 @@ Naming (documented for users in README):
   proxyless gRPC client on `xds:///<rollout>` asks for. Never sent to wildcard (Envoy) subscribers.
   It is the same virtual host: gRPC skips routes with query-parameter conditions and ignores what it
   does not implement (cookie hash policies, `use_hash_policy`, added response headers), so it splits
-  by the plain weights (tests/e2e/test_stickiness.py).
+  by the plain weights (tests/e2e/test_proxyless_grpc.py).
 
 Stickiness: the weighted default carries a route `hash_policy` and `use_hash_policy`, so Envoy picks
 the cluster from `hash % 100` against the weights in order; the canary is listed last, so raising its
@@ -190,8 +190,9 @@ def build_api_listener(rollout: str) -> Resource:
 ISSUED_COOKIE_SOURCE = "x-request-id"
 
 
-def _split(route: Sequence[tuple[str, int]], hash_by: Sequence[route_components_pb2.RouteAction.HashPolicy] = (),
-           ) -> route_components_pb2.RouteAction:
+def _split(
+    route: Sequence[tuple[str, int]], hash_by: Sequence[route_components_pb2.RouteAction.HashPolicy] = ()
+) -> route_components_pb2.RouteAction:
     """The weights, in order (the canary last); with ``hash_by``, picked by the request's hash."""
     weight_of = route_components_pb2.WeightedCluster.ClusterWeight
     weighted = route_components_pb2.WeightedCluster(
