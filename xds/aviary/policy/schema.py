@@ -39,6 +39,7 @@ from aviary.policy.duration import parse_duration
 __all__ = [
     "API_VERSION",
     "KIND",
+    "AfterPromotion",
     "Analysis",
     "CohortStep",
     "Duration",
@@ -351,14 +352,35 @@ def _dump_cohort(cohort: CohortRule) -> Any:
 Cohort = Annotated[CohortRule, PlainValidator(_parse_cohort), PlainSerializer(_dump_cohort)]
 
 
+class AfterPromotion(BaseModel):
+    """The guard window after promotion: the previous version stays warm for ``keep``.
+
+    Its own block (rather than a bare duration) so that the window can gain settings later without
+    changing the spelling of the ones written today.
+    """
+
+    model_config = _CONFIG
+
+    keep: Duration
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_block(cls, data: Any) -> Any:
+        if isinstance(data, Mapping | AfterPromotion):
+            return data
+        raise ValueError(f"expected {{keep: 15m}}, got {data!r}")
+
+
 class Strategy(BaseModel):
-    """How the canary weight moves: explicit ``steps`` or ``stepWeight`` up to ``maxWeight``."""
+    """How the canary weight moves: explicit ``steps`` or ``stepWeight`` up to ``maxWeight``;
+    ``afterPromotion`` keeps the previous version warm (and the checks running) for a while after."""
 
     model_config = _CONFIG
 
     steps: tuple[Step, ...]
     interval: Duration = 30.0
     cohorts: tuple[Cohort, ...] = ()
+    after_promotion: AfterPromotion | None = Field(default=None, alias="afterPromotion")
 
     @model_validator(mode="before")
     @classmethod
