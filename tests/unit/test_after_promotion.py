@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
+from aviary.admin.convert import WallClock, event_message, rollout_message
+from aviary.admin.render import apply_event, as_json, guard_text, rollout_detail, rollout_line, watch_view
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.director import TrafficDirector
 from aviary.discovery.proxy_status import ProxyStatus
@@ -21,6 +25,7 @@ from aviary.policy.rollout import (
     RolloutStatus,
     SetWeight,
     Tick,
+    TransitionEvent,
     WeightAcked,
     analysis_for,
     checks_due,
@@ -212,8 +217,8 @@ def test_with_on_inconclusive_pause_they_hold_the_window_open_until_a_round_pass
     run.checks(INCONCLUSIVE)
     assert records(run.actions) == []  # said once
     assert run.tick(120).phase is Phase.GUARDING
-    run.checks(PASS)
-    assert run.status.phase is Phase.STABLE and run.status.stable.version == "v2"
+    status = run.checks(PASS)
+    assert status.phase is Phase.STABLE and status.stable.version == "v2"
 
 
 def test_the_window_ends_after_keep_and_a_passing_round_retiring_the_previous_version() -> None:
@@ -422,3 +427,58 @@ def test_a_status_saved_before_the_window_existed_still_loads(tmp_path: Path) ->
     assert status.phase is Phase.PROMOTING and resumption is None
     after, _ = step(old.spec, status, WeightAcked("v2", 100, 1001.0), 1001.0)
     assert after.phase is Phase.STABLE
+
+
+# ------------------------------------------------------------------------------------------- output
+
+
+def window_message(started_at: float | None, now: float) -> Any:
+    spec = make_spec("v2", keep="15m")
+    status = RolloutStatus("shop", Phase.GUARDING, backend(make_spec("v1")), backend(spec), weight=100,
+                           step_index=1, step_started_at=started_at, acked_weight=100,
+                           reason="100% to v2 ACKed by every proxy: v2 promoted; v1 kept warm for 15m (afterPromotion)")
+    return rollout_message(status, spec, [], WallClock(now, 1_700_000_000.0))
+
+
+def test_status_says_which_version_is_kept_warm_and_for_how_long() -> None:
+    message = window_message(1000.0, 1000.0 + 140.0)
+    assert (message.phase, message.kept_version, message.keep_seconds_left, message.keep_seconds) == \
+        ("Guarding", "v1", 760.0, 900.0)
+    assert guard_text(message) == "v2 promoted; v1 kept warm for 12m 40s more"
+    assert rollout_line(message).startswith("shop: Guarding, v2 promoted; v1 kept warm for 12m 40s more: 100% to v2")
+    data = json.loads(as_json(message))
+    assert (data["kept_version"], data["keep_seconds_left"], data["keep_seconds"]) == ("v1", 760.0, 900.0)
+    console = Console(width=200, record=True)
+    console.print(rollout_detail(message))
+    console.print(watch_view({"shop": message}, []))
+    text = console.export_text()
+    assert "v1 (warm)" in text and "after promotion" in text and "(afterPromotion keep 15m)" in text
+    assert "v1 kept warm for 12m 40s more" in text
+
+
+def test_status_while_the_window_waits_for_an_ack_or_a_passing_round() -> None:
+    waiting = window_message(None, 5000.0)
+    assert not waiting.HasField("keep_seconds_left")
+    assert guard_text(waiting) == "v2 promoted; v1 kept warm (the window waits for every proxy to ACK 100% again)"
+    over = window_message(1000.0, 5000.0)
+    assert over.keep_seconds_left == 0 and guard_text(over) == "v2 promoted; v1 kept warm until a check round passes"
+
+
+def test_outside_the_window_nothing_is_kept() -> None:
+    spec = make_spec("v2", keep="15m")
+    message = rollout_message(RolloutStatus("shop", Phase.STABLE, backend(spec)), spec, [], WallClock(0.0, 0.0))
+    assert (message.kept_version, message.HasField("keep_seconds_left"), message.keep_seconds) == ("", False, 0.0)
+    data = json.loads(as_json(message))
+    assert (data["kept_version"], "keep_seconds_left" in data, data["keep_seconds"]) == ("", False, 0.0)
+    assert guard_text(message) == ""
+
+
+def test_watch_follows_the_window_from_events() -> None:
+    started = window_message(1000.0, 1000.0)
+    event = TransitionEvent("shop", 1061.0, Phase.GUARDING, Phase.STABLE, 0, "v2", None, 1,
+                            "afterPromotion window (15m) over: v2 is stable, v1 retired")
+    after = apply_event(started, event_message(event, WallClock(1061.0, 1_700_000_000.0)))
+    assert (after.phase, after.kept_version, after.HasField("keep_seconds_left")) == ("Stable", "", False)
+    entering = TransitionEvent("shop", 1000.0, Phase.PROMOTING, Phase.GUARDING, 100, "v1", "v2", 1, "promoted")
+    during = apply_event(None, event_message(entering, WallClock(1000.0, 1_700_000_000.0)))
+    assert during.kept_version == "v1" and guard_text(during).startswith("v2 promoted; v1 kept warm")
