@@ -482,3 +482,12 @@ def test_watch_follows_the_window_from_events() -> None:
     entering = TransitionEvent("shop", 1000.0, Phase.PROMOTING, Phase.GUARDING, 100, "v1", "v2", 1, "promoted")
     during = apply_event(None, event_message(entering, WallClock(1000.0, 1_700_000_000.0)))
     assert during.kept_version == "v1" and guard_text(during).startswith("v2 promoted; v1 kept warm")
+
+
+def test_the_blue_green_example_is_a_cohort_step_plus_after_promotion() -> None:
+    path = Path(__file__).resolve().parents[2] / "policies" / "blue-green.yaml"
+    rollout, errors = parse_policy_text(path.read_text(), str(path))
+    assert errors == [] and rollout is not None and rollout.spec.strategy is not None
+    strategy = rollout.spec.strategy
+    assert [type(step).__name__ for step in strategy.steps] == ["CohortStep"]
+    assert strategy.after_promotion is not None and strategy.after_promotion.keep == 900.0
