@@ -9,6 +9,9 @@ load, then writes v2 with one 50 % step, fast checks and an ``afterPromotion`` w
   to v1 in one RDS update, and the events say why;
 - a healthy window: once ``keep`` is over (and a round passed) v2 is Stable and v1's cluster
   leaves Envoy, with no failed request.
+- a restart inside the window: ``aviary serve`` (with a state file) is killed with SIGKILL and
+  started again; the window goes on from the saved status and ends by itself, with no failed
+  request, and the CLI (``status``, ``status -o json``, ``watch -o json``) shows it throughout.
 
 Figures (requests failed under load, the time from the first 5xx to the revert at Envoy) are
 printed and written to ``tests/e2e/.results/after_promotion.json``; only generous hang bounds are
@@ -19,10 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +41,14 @@ from aviary.admin.v1 import admin_pb2 as pb
 from aviary.discovery.resources import route_name
 from aviary.policy.rollout_state import Phase, RolloutStatus, TransitionEvent
 from aviary.policy.schema import ListenerSpec
-from tests.conftest import LoadgenFactory
+from tests.conftest import EnvoyFactory, LoadgenFactory
 from tests.rig.backends import Backends
 from tests.rig.control_plane import RunningControlPlane
 from tests.rig.envoy import EnvoyProcess
 from tests.rig.loadgen import LoadGenerator, LoadResult
 from tests.rig.ports import free_port, port_open
 from tests.rig.prometheus import PrometheusProcess
+from tests.rig.serve_process import AVIARY, AviaryServe, saved_rollout
 from tests.rig.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -186,19 +193,30 @@ class Guarded:
         return {k: v for k, v in after.minus(before).items() if v}
 
 
-def write_policy(rig: Rig, name: str, port: int, version: str, endpoint: str,
-                 keep: str | None = None) -> None:
+def write_policy_file(policies: Path, name: str, port: int, version: str, endpoint: str,
+                      strategy: dict[str, Any] | None = None, analysis: dict[str, Any] | None = None) -> None:
     spec: dict[str, Any] = {"listener": {"address": "127.0.0.1", "port": port}, "hosts": ["*"],
                             "version": version, "endpoints": [endpoint]}
-    if keep is not None:
-        spec["strategy"] = {"steps": [50], "interval": "2s", "afterPromotion": {"keep": keep}}
-        spec["analysis"] = {"prometheus": rig.prometheus.url, "checkEvery": "1s", "window": "5s",
-                            "minRequests": 5, "failureLimit": 0, "inconclusiveLimit": 10,
-                            "metrics": [{"name": "success", "template": "request-success-rate", "min": 99}]}
+    if strategy is not None:
+        spec["strategy"] = strategy
+    if analysis is not None:
+        spec["analysis"] = analysis
     doc = {"apiVersion": "aviary.dev/v1", "kind": "Rollout", "metadata": {"name": name}, "spec": spec}
-    tmp = rig.policies / f".{name}.yaml.tmp"
+    tmp = policies / f".{name}.yaml.tmp"
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    tmp.replace(rig.policies / f"{name}.yaml")
+    tmp.replace(policies / f"{name}.yaml")  # the watcher never reads half a file
+
+
+def write_policy(rig: Rig, name: str, port: int, version: str, endpoint: str, keep: str | None = None) -> None:
+    """v1 without strategy; with ``keep``: one 50 % step, fast checks on Prometheus, afterPromotion."""
+    if keep is None:
+        write_policy_file(rig.policies, name, port, version, endpoint)
+        return
+    strategy = {"steps": [50], "interval": "2s", "afterPromotion": {"keep": keep}}
+    analysis = {"prometheus": rig.prometheus.url, "checkEvery": "1s", "window": "5s", "minRequests": 5,
+                "failureLimit": 0, "inconclusiveLimit": 10,
+                "metrics": [{"name": "success", "template": "request-success-rate", "min": 99}]}
+    write_policy_file(rig.policies, name, port, version, endpoint, strategy, analysis)
 
 
 @pytest.fixture
@@ -314,3 +332,109 @@ def test_a_healthy_window_ends_with_the_previous_version_retired(rig: Rig, guard
     })
     print(f"[figures] healthy afterPromotion window: {g.figures}")
     assert result.failed == 0, result.failures
+
+
+# --------------------------------------------------------------------- a restart inside the window
+
+
+def first_json_line(args: list[str], timeout: float) -> dict[str, Any]:
+    """Start ``args`` (a command that streams JSON lines until stopped), return its first line, stop it."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        assert ready, f"no output from {' '.join(args)} within {timeout}s"
+        line: dict[str, Any] = json.loads(proc.stdout.readline())
+        return line
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_a_restart_inside_the_window_resumes_it_from_the_saved_status(
+        workdir: Path, backends: Backends, envoy_factory: EnvoyFactory, loadgen_factory: LoadgenFactory) -> None:
+    """`aviary serve` (state file) is killed with SIGKILL in the window and started again: Envoy keeps
+    both clusters meanwhile, the window goes on from the saved status (its clock waits for the ACK of
+    100 %, then runs on), ends by itself and retires v1; the CLI shows the window throughout."""
+    name, keep = "guard-restart", 15.0
+    backends.start(["v1", "v2"])
+    policies = workdir / "policies"
+    policies.mkdir()
+    plane = AviaryServe(workdir / "aviary", policies, workdir / "state" / "aviary.db")
+    port = free_port()
+    route = route_name(ListenerSpec(address="127.0.0.1", port=port))
+    figures: dict[str, Any] = {}
+    try:
+        write_policy_file(policies, name, port, "v1", backends.address("v1"))
+        plane.start()
+        envoy = envoy_factory(plane.xds_port, node_id="envoy-1")
+        envoy.wait_ready()
+
+        def weights() -> dict[str, int]:
+            return envoy.route_weights(route).get(name, {})
+
+        wait_until(lambda: weights() == {f"{name}_v1": 100} and port_open(port), 15, what="Envoy to route to v1")
+        load = loadgen_factory(f"127.0.0.1:{port}", HOST, CLIENTS, 25.0)
+        load.wait_for_requests(40, timeout=15)
+        write_policy_file(policies, name, port, "v2", backends.address("v2"),
+                          {"steps": [50], "interval": "1s", "afterPromotion": {"keep": f"{keep:g}s"}})
+
+        def saved_phase() -> str | None:
+            saved = saved_rollout(plane.state, name)
+            return saved["phase"] if saved else None
+
+        wait_until(lambda: saved_phase() == "Guarding", 30, what="the window in the state file")
+        wait_until(lambda: weights() == {f"{name}_v1": 0, f"{name}_v2": 100}, 10, what="route v2=100, v1=0")
+        assert {f"{name}_v1", f"{name}_v2"} <= envoy.cluster_names()
+
+        # The CLI, as an operator runs it: status text, -o json, watch -o json.
+        text = plane.cli("status", name).stdout
+        assert "v1 (warm)" in text and "v2 promoted; v1 kept warm for " in text, text
+        data = plane.cli_json("status", name)
+        assert (data["phase"], data["kept_version"], data["keep_seconds"]) == ("Guarding", "v1", keep), data
+        watched = first_json_line([str(AVIARY), "watch", name, "-o", "json", "--admin",
+                                   f"127.0.0.1:{plane.admin_port}"], 20)
+        assert (watched["phase"], watched["kept_version"]) == ("Guarding", "v1"), watched
+        figures["status_before_kill"] = {k: data[k] for k in ("phase", "kept_version", "keep_seconds_left")}
+
+        killed_at = time.time()
+        plane.current.kill9()
+        wait_until(lambda: envoy.stats().get("control_plane.connected_state") == 0, 10, what="Envoy to notice")
+        plane.start(timeout=20)
+        wait_until(lambda: envoy.stats().get("control_plane.connected_state") == 1, 30, what="Envoy to reconnect")
+        figures["plane_down_s"] = round(time.time() - killed_at, 3)
+        # Still the window: v1 warm in Envoy, the status says so.
+        after = plane.cli_json("status", name)
+        assert (after["phase"], after["kept_version"]) == ("Guarding", "v1"), after
+        assert {f"{name}_v1", f"{name}_v2"} <= envoy.cluster_names()
+        figures["status_after_restart"] = {k: after.get(k) for k in ("phase", "kept_version", "keep_seconds_left")}
+
+        wait_until(lambda: saved_phase() == "Stable", 40, what="the window to end")
+        wait_until(lambda: f"{name}_v1" not in envoy.cluster_names(), 15, what="v1's cluster to leave Envoy")
+        assert weights() == {f"{name}_v2": 100}
+        events = plane.cli_json("status", name)["events"]
+        reasons = [e["reason"] for e in events]
+        assert any("afterPromotion window goes on, v1 kept warm" in r for r in reasons), reasons
+        assert any(r.startswith("afterPromotion window (15s) over: v2 is stable, v1 retired") for r in reasons), \
+            reasons
+        entered = next(e for e in events if e["to_phase"] == "Guarding")
+        ended = next(e for e in events if e["from_phase"] == "Guarding" and e["to_phase"] == "Stable")
+        figures["window_wall_s"] = round(_seconds(ended["time"]) - _seconds(entered["time"]), 3)
+        result = load.stop()
+        figures.update(requests_total=result.total, requests_failed=result.failed)
+        print(f"[figures] restart inside the afterPromotion window: {figures}")
+        assert result.failed == 0, result.failures
+    finally:
+        RESULTS[name] = figures
+        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS_FILE.write_text(json.dumps(RESULTS, indent=2, sort_keys=True) + "\n")
+        plane.stop()
+
+
+def _seconds(stamp: str) -> float:
+    """An RFC 3339 timestamp of the admin API's JSON, as epoch seconds."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
