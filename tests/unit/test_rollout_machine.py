@@ -51,7 +51,7 @@ HOSTS = {"v1": 1, "v2": 2, "v3": 3}
 
 def make_spec(version: str = "v1", steps: list[Any] | None = None, interval: str = "30s",
               analysis: Any = _DEFAULT, strategy: bool = True, port: int = 8080,
-              cohorts: list[Any] | None = None) -> RolloutSpec:
+              cohorts: list[Any] | None = None, keep: str | None = None) -> RolloutSpec:
     doc: dict[str, Any] = {
         "listener": {"port": 10000}, "hosts": ["shop.example.com"], "version": version,
         "endpoints": [f"10.0.0.{HOSTS.get(version, 9)}:{port}"],
@@ -60,6 +60,8 @@ def make_spec(version: str = "v1", steps: list[Any] | None = None, interval: str
         doc["strategy"] = {"steps": [10, 50] if steps is None else steps, "interval": interval}
         if cohorts:
             doc["strategy"]["cohorts"] = cohorts
+        if keep:
+            doc["strategy"]["afterPromotion"] = {"keep": keep}
     if analysis is _DEFAULT:
         doc["analysis"] = ANALYSIS
     elif analysis is not None:
@@ -736,6 +738,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "cohorts": dict(steps=[{"cohorts": ["qa"]}, 10, {"cohorts": ["beta"]}, {"pause": {}}, 40],
                     cohorts=[{"name": "qa", "match": [{"headers": {"x-team": {"exact": "qa"}}}]},
                              {"name": "beta", "match": [{"cookies": {"beta": {"exact": "1"}}}]}]),
+    "after-promotion": dict(steps=[20, 40], keep="45s"),
 }
 COMMANDS = [PauseRollout(), Resume(), Promote(), Abort(), Retry(), SetWeight(0), SetWeight(35), SetWeight(100)]
 
@@ -807,18 +810,22 @@ def test_invariants_of_every_call(shape: str, script: list[tuple[str, Any]]) -> 
             assert records(actions)
             assert records(actions)[-1].to_phase is new.phase
             assert records(actions)[-1].weight == new.weight
-        # Weight above the last step only while promoting or set by hand.
-        if new.phase is not Phase.PROMOTING and new.manual_weight is None:
+        # Weight above the last step only while promoting, guarding the promotion or set by hand.
+        if new.phase not in (Phase.PROMOTING, Phase.GUARDING) and new.manual_weight is None:
             assert new.weight <= max_step_weight(spec)
         # A wake-up is never in the past unless a check round is overdue (no busy loop).
         wake = next_wakeup(spec, new)
         assert wake is None or wake > now or checks_due(spec, new, now)
         # Cohorts: those of the steps so far (a manual weight keeps them); none without a canary or
         # while promoting, so a rollback closes every cohort in its one plan.
-        if new.canary is None or new.phase is Phase.PROMOTING:
+        if new.canary is None or new.phase in (Phase.PROMOTING, Phase.GUARDING):
             assert new.cohorts == () and traffic_plan(spec, new).cohorts == ()
         else:
             assert new.cohorts == step_cohorts(spec, new.step_index)
+        # The afterPromotion window only with it, and with the previous version still published.
+        if new.phase is Phase.GUARDING:
+            assert spec.strategy is not None and spec.strategy.after_promotion is not None
+            assert traffic_plan(spec, new).canary_weight == 100 and traffic_plan(spec, new).stable == new.stable
         # Rolled back means canary weight 0 with no canary in the desired traffic.
         if new.phase is Phase.ROLLED_BACK:
             assert traffic_plan(spec, new).canary_weight == 0 and traffic_plan(spec, new).canary is None
@@ -855,10 +862,14 @@ def test_automation_advances_only_after_a_passing_round(shape: str, script: list
         same_canary = old.canary is not None and new.canary == old.canary
         advanced = same_canary and (new.step_index > old.step_index or
                                     (new.phase is Phase.PROMOTING and old.phase is not Phase.PROMOTING))
+        # The afterPromotion window ends like a step: after a passing round.
+        advanced = advanced or (old.phase is Phase.GUARDING and new.phase is Phase.STABLE
+                                and new.stable == old.canary)
         if not (automated and advanced and spec.analysis is not None and old.weight > 0):
             return
         latest: CheckOutcome | None
-        if isinstance(event, ChecksCompleted) and new.counters != old.counters:
+        # (A round that ends the window is counted, then the counters reset with the new stable version.)
+        if isinstance(event, ChecksCompleted) and (new.counters != old.counters or new.stable != old.stable):
             latest = round_outcome(event.results)
         else:
             latest = old.step_outcome

@@ -59,6 +59,7 @@ from aviary.policy.rollout import (
     Tick,
     TransitionEvent,
     WeightAcked,
+    analysis_for,
     checks_due,
     next_wakeup,
     step,
@@ -576,7 +577,7 @@ class RolloutRunner:
 
     def _start_checks(self, name: str, status: RolloutStatus) -> None:
         spec = self._rollouts[name].spec
-        analysis = spec.analysis
+        analysis = analysis_for(spec, status)  # during the afterPromotion window: no stable comparison
         canary = status.canary
         if analysis is None or canary is None:
             return

@@ -15,8 +15,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aviary.admin.v1 import admin_pb2 as pb
 from aviary.discovery.proxy_status import ProxyView
 from aviary.policy.analysis import CheckResult
-from aviary.policy.rollout_machine import step_weight, traffic_plan
-from aviary.policy.rollout_state import Hold, RolloutStatus, TransitionEvent
+from aviary.policy.rollout_machine import guard_left, step_weight, traffic_plan
+from aviary.policy.rollout_state import Hold, Phase, RolloutStatus, TransitionEvent
 from aviary.policy.schema import PolicyError, RolloutSpec
 from aviary.policy.source import PolicyState
 from aviary.runner import EngineHealth
@@ -111,6 +111,8 @@ def rollout_message(
     """``envoy_weights`` (version -> weight the proxies ACKed) sets ``acked_weight`` for a rollback
     still in flight: the failed canary's weight at Envoy, until the proxies ACK the rollback."""
     steps = len(spec.strategy.steps) if spec is not None and spec.strategy is not None else 0
+    guarding = status.phase is Phase.GUARDING
+    guard = spec.strategy.after_promotion if guarding and spec is not None and spec.strategy is not None else None
     started = status.step_started_at
     acked = status.acked_weight
     if status.canary is None and status.failed_version and envoy_weights is not None:
@@ -139,6 +141,9 @@ def rollout_message(
         cohorts=list(status.cohorts),
         acked_cohorts=list(status.acked_cohorts) if status.canary is not None else [],
         stickiness=_stickiness(status, spec),
+        kept_version=status.stable.version if guarding else "",
+        keep_seconds_left=guard_left(spec, status, clock.monotonic) if spec is not None else None,
+        keep_seconds=guard.keep if guard is not None else 0.0,
     )
 
 

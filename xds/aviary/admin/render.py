@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ __all__ = [
     "as_json",
     "checks_summary",
     "event_line",
+    "guard_text",
     "health_line",
     "proxies_table",
     "resume_hint",
@@ -37,6 +39,7 @@ _PHASE_STYLE = {
     "Progressing": "cyan",
     "Paused": "yellow",
     "Promoting": "blue",
+    "Guarding": "magenta",
     "RolledBack": "red",
 }
 _OUTCOME_MARK = {"Pass": "[green]✓[/]", "Fail": "[red]✗[/]", "Inconclusive": "[yellow]?[/]"}
@@ -71,6 +74,30 @@ def _weight(rollout: pb.Rollout | pb.RolloutEvent) -> str:
     return f"{rollout.weight}%" if rollout.canary_version else "-"
 
 
+def _time_left(seconds: float) -> str:
+    """``12m 40s``, ``1h 5m``, ``40s``: whole seconds, rounded up (a window is never over early)."""
+    whole = max(0, math.ceil(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{hours}h"] if hours else []
+    parts += [f"{minutes}m"] if minutes else []
+    parts += [f"{secs}s"] if secs or not parts else []
+    return " ".join(parts[:2])
+
+
+def guard_text(r: pb.Rollout) -> str:
+    """The afterPromotion window in one phrase: ``v2 promoted; v1 kept warm for 12m 40s more``;
+    "" outside it. What the window waits for when its time alone does not end it."""
+    if not r.kept_version:
+        return ""
+    head = f"{r.canary_version} promoted; {r.kept_version} kept warm"
+    if not r.HasField("keep_seconds_left"):
+        return f"{head} (the window waits for every proxy to ACK 100% again)"
+    if r.keep_seconds_left <= 0:
+        return f"{head} until a check round passes"
+    return f"{head} for {_time_left(r.keep_seconds_left)} more"
+
+
 def checks_summary(checks: Iterable[pb.CheckResult]) -> str:
     """``success=99.5 ✓  latency=120 ✗`` (rich markup); "-" for none."""
     parts = []
@@ -84,7 +111,8 @@ def rollouts_table(rollouts: Iterable[pb.Rollout]) -> Table:
     table = Table("ROLLOUT", "PHASE", "STABLE", "CANARY", "WEIGHT", "STEP", "LAST CHECK", box=None, pad_edge=False)
     for r in rollouts:
         canary = r.canary_version or (f"[red]{r.failed_version} (failed)[/]" if r.failed_version else "-")
-        table.add_row(r.name, _phase(r.phase), r.stable_version, canary, _weight(r), _step(r, r.steps),
+        stable = f"{r.stable_version} (warm)" if r.kept_version else r.stable_version
+        table.add_row(r.name, _phase(r.phase), stable, canary, _weight(r), _step(r, r.steps),
                       checks_summary(r.checks))
     return table
 
@@ -111,6 +139,9 @@ def rollout_detail(r: pb.Rollout) -> Group:
     parts: list[RenderableType] = [rollouts_table([r])]
     facts = Table.grid(padding=(0, 2))
     facts.add_row("reason", r.reason or "-")
+    if r.kept_version:
+        window = f" (afterPromotion keep {_time_left(r.keep_seconds)})" if r.keep_seconds else ""
+        facts.add_row(Text("after promotion", style="bold magenta"), guard_text(r) + window)
     envoy = envoy_lag(r)
     if envoy:
         facts.add_row(Text("at envoy", style="bold yellow"), Text(envoy, style="yellow"))
@@ -168,6 +199,8 @@ def rollout_line(r: pb.Rollout) -> str:
     canary = f", {traffic_text(r.canary_version, r.weight, r.stable_version, r.cohorts)}" if r.canary_version else ""
     canary += _sticky(r)
     line = f"{r.name}: {r.phase}, stable {r.stable_version}{canary}: {r.reason}"
+    if r.kept_version:
+        line = f"{r.name}: {r.phase}, {guard_text(r)}: {r.reason}"
     if envoy_lag(r):
         line += f" ({envoy_lag(r)})"
     if r.envoy_rejected:
@@ -219,8 +252,9 @@ def watch_view(rollouts: Mapping[str, pb.Rollout], recent: Sequence[pb.RolloutEv
         bar = ProgressBar(total=100, completed=r.weight if r.canary_version else 0, width=30)
         opened = f"cohorts {', '.join(r.cohorts)}" if r.canary_version and r.cohorts else ""
         sticky = f"sticky by {r.stickiness}" if r.canary_version and r.stickiness else ""
+        where = guard_text(r).split("; ", 1)[-1] if r.kept_version else f"step {_step(r, r.steps)}"
         grid.add_row(Text(name, style="bold"), _phase(r.phase), bar, _weight(r).rjust(4),
-                     f"step {_step(r, r.steps)}", checks_summary(r.checks), "  ".join(t for t in (opened, sticky) if t))
+                     where, checks_summary(r.checks), "  ".join(t for t in (opened, sticky) if t))
     if not rollouts:
         grid.add_row("no rollouts yet")
     lines = [Text(event_line(event), style="dim") for event in recent]
@@ -242,6 +276,11 @@ def apply_event(rollout: pb.Rollout | None, event: pb.RolloutEvent) -> pb.Rollou
     updated.stable_version = event.stable_version
     updated.canary_version = event.canary_version
     updated.reason = event.reason
+    # The window's time left is not in an event: unknown until the listing is read again.
+    updated.kept_version = event.stable_version if event.to_phase == "Guarding" else ""
+    updated.ClearField("keep_seconds_left")
+    if event.to_phase != "Guarding":
+        updated.keep_seconds = 0.0
     del updated.cohorts[:]
     updated.cohorts.extend(event.cohorts)
     if not event.canary_version:

@@ -6,7 +6,17 @@ the rules); import from here.
 
 from __future__ import annotations
 
-from aviary.policy.rollout_machine import checks_due, next_wakeup, step, step_cohorts, step_weight, traffic_plan
+from aviary.policy.rollout_machine import (
+    analysis_for,
+    checks_due,
+    guard_analysis,
+    guard_left,
+    next_wakeup,
+    step,
+    step_cohorts,
+    step_weight,
+    traffic_plan,
+)
 from aviary.policy.rollout_state import (
     Abort,
     Action,
@@ -53,7 +63,10 @@ __all__ = [
     "Tick",
     "TransitionEvent",
     "WeightAcked",
+    "analysis_for",
     "checks_due",
+    "guard_analysis",
+    "guard_left",
     "next_wakeup",
     "step",
     "step_cohorts",

@@ -4,7 +4,8 @@ Phases::
 
     Stable --(file names a new version, with a strategy)--> Progressing(step, weight) <--> Paused
     Progressing --(last step passed, or Promote)--> Promoting(100%) --(100% ACKed)--> Stable(new)
-    Progressing | Paused | Promoting --(failure / NACK / Abort)--> RolledBack(canary weight 0)
+    Promoting --(100% ACKed, with afterPromotion)--> Guarding --(keep over, or Promote)--> Stable(new)
+    Progressing | Paused | Promoting | Guarding --(failure / NACK / Abort)--> RolledBack(canary weight 0)
 
 Rules (the contract the tests pin down):
 
@@ -25,6 +26,19 @@ Rules (the contract the tests pin down):
   rollback; a step's clock starts when the plan's weight AND cohorts are ACKed.
 - Rollback is one transition: canary weight 0, every cohort closed and the canary dropped from the plan. The
   failed version stays out until the file names another version or Retry.
+- ``strategy.afterPromotion: {keep: D}`` guards a promotion. Once 100 % is ACKed the rollout is
+  ``Guarding``: the promoted version serves everything while the previous one stays ``stable`` at
+  weight 0 (its cluster stays warm in every proxy) and check rounds go on against the promoted
+  version, counted as before (the run's counters carry on). A failure or NACK in the window is the
+  usual rollback, a route change only ("reverted to v1 within afterPromotion: ..."). The window ends
+  like a step: ``keep`` after the ACK of 100 % AND, with analysis, the latest round passed; then
+  the promoted version is Stable and the previous one retired. Checks comparing with the stable
+  version are left out during the window (the stable gets no traffic; ``guard_analysis``); with only
+  those, the window ends on time alone. Inconclusive rounds over the limit revert with
+  ``onInconclusive: rollback``; with ``pause`` they hold the window open until a round passes.
+  Promote ends the window now, Abort reverts now, Pause / Resume / SetWeight are refused. A new
+  version named during the window ends it first (the promoted one becomes stable) and starts its
+  canary from there. Without ``afterPromotion`` the ACK of 100 % makes the canary stable at once.
 - Every transition yields one ``RecordEvent``; ``SetTraffic`` is emitted exactly when the desired
   traffic differs from the previous status'.
 """
@@ -63,12 +77,22 @@ from aviary.policy.rollout_state import (
     TransitionEvent,
     WeightAcked,
 )
-from aviary.policy.schema import CohortStep, Pause, RolloutSpec
+from aviary.policy.schema import Analysis, CohortStep, Pause, RolloutSpec
 from aviary.traffic import Backend, Stickiness, TrafficPlan
 
-__all__ = ["checks_due", "next_wakeup", "step", "step_cohorts", "step_weight", "traffic_plan"]
+__all__ = [
+    "analysis_for",
+    "checks_due",
+    "guard_analysis",
+    "guard_left",
+    "next_wakeup",
+    "step",
+    "step_cohorts",
+    "step_weight",
+    "traffic_plan",
+]
 
-_ACTIVE = (Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING)
+_ACTIVE = (Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING, Phase.GUARDING)
 
 
 def traffic_plan(spec: RolloutSpec, status: RolloutStatus) -> TrafficPlan:
@@ -105,6 +129,38 @@ def step_weight(spec: RolloutSpec, index: int) -> int:
         if isinstance(candidate, int):
             return candidate
     return 0
+
+
+def guard_analysis(analysis: Analysis | None) -> Analysis | None:
+    """The checks of the afterPromotion window: ``analysis`` without ``maxDecreaseFromStable``.
+
+    During the window the stable version gets no request, so a comparison with it would only ever
+    be inconclusive (and, with enough rounds, revert a healthy version). A metric with min or max
+    keeps those; one that only compares is left out. None when nothing is left to check.
+    """
+    if analysis is None:
+        return None
+    metrics = tuple(
+        metric.model_copy(update={"max_decrease_from_stable": None}) if metric.max_decrease_from_stable is not None
+        else metric
+        for metric in analysis.metrics
+        if metric.max_decrease_from_stable is None or metric.min is not None or metric.max is not None
+    )
+    return analysis.model_copy(update={"metrics": metrics}) if metrics else None
+
+
+def analysis_for(spec: RolloutSpec, status: RolloutStatus) -> Analysis | None:
+    """The checks a round runs for ``status``: the policy's, or during the window ``guard_analysis``'s."""
+    return guard_analysis(spec.analysis) if status.phase is Phase.GUARDING else spec.analysis
+
+
+def guard_left(spec: RolloutSpec, status: RolloutStatus, now: float) -> float | None:
+    """Seconds left in the afterPromotion window (0 once over, while a round is awaited); None
+    outside it or while its clock waits for every proxy's ACK of 100 % (after a restart)."""
+    duration = _step_duration(spec, status) if status.phase is Phase.GUARDING else None
+    if duration is None or status.step_started_at is None:
+        return None
+    return max(0.0, status.step_started_at + duration - now)
 
 
 def checks_due(spec: RolloutSpec, status: RolloutStatus, now: float) -> bool:
@@ -160,9 +216,11 @@ def step(spec: RolloutSpec, status: RolloutStatus | None, event: Event, now: flo
 
 
 def _checks_apply(spec: RolloutSpec, status: RolloutStatus) -> bool:
-    return (spec.analysis is not None and status.canary is not None
-            and status.phase in (Phase.PROGRESSING, Phase.PAUSED)
-            and status.step_started_at is not None and (status.weight > 0 or bool(status.cohorts)))
+    if analysis_for(spec, status) is None or status.canary is None or status.step_started_at is None:
+        return False
+    if status.phase is Phase.GUARDING:
+        return True
+    return status.phase in (Phase.PROGRESSING, Phase.PAUSED) and (status.weight > 0 or bool(status.cohorts))
 
 
 def _next_check_at(spec: RolloutSpec, status: RolloutStatus) -> float | None:
@@ -173,8 +231,13 @@ def _next_check_at(spec: RolloutSpec, status: RolloutStatus) -> float | None:
 
 
 def _step_duration(spec: RolloutSpec, status: RolloutStatus) -> float | None:
-    """How long the current step lasts once started; None if it does not end by itself."""
-    if spec.strategy is None or status.step_index >= len(spec.strategy.steps):
+    """How long the current step (or the afterPromotion window) lasts once started; None if it does
+    not end by itself."""
+    if spec.strategy is None:
+        return None
+    if status.phase is Phase.GUARDING:
+        return spec.strategy.after_promotion.keep if spec.strategy.after_promotion is not None else None
+    if status.step_index >= len(spec.strategy.steps):
         return None
     current = spec.strategy.steps[status.step_index]
     if status.phase is Phase.PROGRESSING and isinstance(current, int | CohortStep):
@@ -186,6 +249,8 @@ def _step_duration(spec: RolloutSpec, status: RolloutStatus) -> float | None:
 
 def _evidence_ok(spec: RolloutSpec, status: RolloutStatus) -> bool:
     """No analysis or no canary traffic to judge, or the latest round of this step passed."""
+    if status.phase is Phase.GUARDING:
+        return guard_analysis(spec.analysis) is None or status.step_outcome is CheckOutcome.PASS
     no_canary_traffic = status.weight == 0 and not status.cohorts
     return spec.analysis is None or no_canary_traffic or status.step_outcome is CheckOutcome.PASS
 
@@ -260,20 +325,35 @@ class _Machine:
                         step_started_at=None, step_outcome=None, step_checked_at=None, manual_weight=None)
         after = self.record(before, after, f"{reason}; promoting: 100% to {_canary(status).version}", checks)
         if after.acked_weight == 100:
-            return self.promoted(after)
+            return self.promoted(after, self.now)
         return after
 
-    def promoted(self, status: RolloutStatus) -> RolloutStatus:
+    def promoted(self, status: RolloutStatus, acked_at: float) -> RolloutStatus:
+        """100 % is ACKed: stable now, or with afterPromotion the window starts (its clock at the ACK)."""
         version = _canary(status).version
-        reason = f"100% to {version} ACKed by every proxy: {version} is stable"
-        return self.stable(status, _canary(status), reason)
+        guard = self.spec.strategy.after_promotion if self.spec.strategy else None
+        if guard is None:
+            reason = f"100% to {version} ACKed by every proxy: {version} is stable"
+            return self.stable(status, _canary(status), reason)
+        after = replace(status, phase=Phase.GUARDING, step_started_at=acked_at, step_outcome=None,
+                        step_checked_at=None)
+        reason = (f"100% to {version} ACKed by every proxy: {version} promoted; {status.stable.version} "
+                  f"kept warm for {format_duration(guard.keep)} (afterPromotion)")
+        return self.record(status, after, reason)
+
+    def guard_over(self, status: RolloutStatus, reason: str) -> RolloutStatus:
+        """The window ends: the promoted version is stable, the previous one leaves the plan."""
+        version = _canary(status).version
+        return self.stable(status, _canary(status), f"{reason}: {version} is stable, {status.stable.version} retired")
 
     def roll_back(self, status: RolloutStatus, reason: str,
                   checks: tuple[CheckResult, ...] = ()) -> RolloutStatus:
         after = RolloutStatus(status.rollout, Phase.ROLLED_BACK, status.stable, counters=status.counters,
                               last_checks=status.last_checks, last_check_at=status.last_check_at,
                               failed_version=_canary(status).version)
-        return self.record(status, after, f"rolled back {_canary(status).version}: {reason}", checks)
+        what = (f"reverted to {status.stable.version} within afterPromotion" if status.phase is Phase.GUARDING
+                else f"rolled back {_canary(status).version}")
+        return self.record(status, after, f"{what}: {reason}", checks)
 
     def reject(self, status: RolloutStatus, command: Event, reason: str) -> RolloutStatus:
         assert isinstance(command, PauseRollout | Resume | Promote | Abort | Retry | SetWeight)
@@ -304,11 +384,16 @@ class _Machine:
             return self.stable(status, named, f"file names stable version {spec.version} again; "
                                               f"canary {status.canary.version} dropped")
         if spec.version != status.canary.version:
+            if status.phase is Phase.GUARDING:  # the promoted version serves everything: start from it
+                ended = self.guard_over(status, f"new version {version} during the afterPromotion window")
+                return self.start_canary(ended, f"new version {version} (stable {ended.stable.version})")
             return self.start_canary(status, f"new version {version} replaces canary {status.canary.version}")
         if spec.strategy is None:
             return self.stable(status, named, f"strategy removed: version {spec.version} is stable at once")
         if named != status.canary:
             status = self.record(status, replace(status, canary=named), f"endpoints of {version} changed")
+        if status.phase is Phase.GUARDING and spec.strategy.after_promotion is None:
+            return self.guard_over(status, "afterPromotion removed from the file")
         if status.phase is Phase.PROGRESSING or status.hold is Hold.STEP:
             steps = spec.strategy.steps
             if status.step_index >= len(steps):
@@ -338,6 +423,10 @@ class _Machine:
         if ends_at is None or self.now < ends_at:
             return status
         index = status.step_index
+        if status.phase is Phase.GUARDING:
+            keep = format_duration(ends_at - status.step_started_at) if status.step_started_at is not None else "-"
+            passed = " and the latest check round passed" if guard_analysis(self.spec.analysis) else ""
+            return self.guard_over(status, f"afterPromotion window ({keep}) over{passed}")
         if status.phase is Phase.PAUSED:
             reason = f"pause step {index + 1} over"
         else:
@@ -356,7 +445,12 @@ class _Machine:
         if (event.weight, event.cohorts) != (status.weight, status.cohorts) or status.step_started_at is not None:
             return status
         if status.phase is Phase.PROMOTING:
-            return self.promoted(status)
+            return self.promoted(status, min(event.at, self.now))
+        if status.phase is Phase.GUARDING:  # after a restart: the window's clock runs again
+            started = replace(status, step_started_at=min(event.at, self.now))
+            reason = (f"100% to {event.version} ACKed by every proxy: afterPromotion window goes on, "
+                      f"{status.stable.version} kept warm")
+            return self.record(status, started, reason)
         started = replace(status, step_started_at=min(event.at, self.now))
         what = f"step {status.step_index + 1}" if status.manual_weight is None else "manual weight"
         opened = f" and cohorts {', '.join(event.cohorts)}" if event.cohorts else ""
@@ -364,7 +458,7 @@ class _Machine:
         return self.record(status, started, reason)
 
     def on_checks(self, status: RolloutStatus, event: ChecksCompleted) -> RolloutStatus:
-        analysis = self.spec.analysis
+        analysis = analysis_for(self.spec, status)
         if (analysis is None or not _checks_apply(self.spec, status) or status.step_started_at is None
                 or event.at < status.step_started_at
                 or event.version not in (None, _canary(status).version)):
@@ -383,6 +477,10 @@ class _Machine:
                 paused = replace(status, phase=Phase.PAUSED, hold=Hold.INCONCLUSIVE,
                                  paused_reason=f"{reason}; waiting for Resume")
                 return self.record(status, paused, f"paused: {reason}", event.results)
+            if status.phase is Phase.GUARDING and counters.inconclusive == analysis.inconclusive_limit + 1:
+                held = (f"afterPromotion window held open: {reason}; it ends after a passing round "
+                        f"(promote ends it now, abort reverts to {status.stable.version})")
+                return self.record(status, status, held, event.results)
         return status
 
     def on_command(self, status: RolloutStatus, command: Event) -> RolloutStatus:
@@ -395,6 +493,12 @@ class _Machine:
             return self.reject(status, command, f"no canary: rollout is {phase.value}")
         if isinstance(command, Abort):
             return self.roll_back(status, f"aborted by {command.by}")
+        if phase is Phase.GUARDING:
+            if isinstance(command, Promote):
+                return self.guard_over(status, f"afterPromotion window ended by {command.by}")
+            return self.reject(status, command, f"{_canary(status).version} is promoted and "
+                                                f"{status.stable.version} kept warm: promote ends the window now, "
+                                                f"abort reverts to {status.stable.version}")
         if phase is Phase.PROMOTING:
             return self.reject(status, command, "already promoting")
         if isinstance(command, Promote):

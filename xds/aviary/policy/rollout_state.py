@@ -45,6 +45,7 @@ class Phase(enum.Enum):
     PROGRESSING = "Progressing"
     PAUSED = "Paused"
     PROMOTING = "Promoting"
+    GUARDING = "Guarding"  # promoted, the previous version kept warm for strategy.afterPromotion.keep
     ROLLED_BACK = "RolledBack"
 
 
@@ -69,6 +70,12 @@ class RolloutStatus:
     proxy last ACKed: a step starts when both the weight and the cohorts are ACKed.
     ``step_outcome`` / ``step_checked_at`` describe the latest check round taken in the current step
     (None: none yet); ``last_checks`` keeps the latest round of the run for display.
+
+    While ``Guarding`` (the afterPromotion window), ``stable`` is still the previous version and
+    ``canary`` the promoted one at weight 100, so the previous version's cluster stays published and
+    a revert is an ordinary rollback; the step fields then describe the window (its clock starts when
+    100 % is ACKed, its latest round decides whether it may end). No field of its own, so a state
+    file from before the window existed loads unchanged.
     """
 
     rollout: str
@@ -103,6 +110,8 @@ class RolloutStatus:
             raise ValueError("a weight or an opened cohort needs a canary")
         if (self.phase is Phase.PAUSED) != (self.hold is not None):
             raise ValueError("hold is set exactly when the phase is Paused")
+        if self.phase is Phase.GUARDING and (self.weight != 100 or self.cohorts):
+            raise ValueError("phase Guarding sends every request to the promoted version (weight 100, no cohort)")
 
 
 # ------------------------------------------------------------------------------------------ events
@@ -168,14 +177,15 @@ class Resume:
 
 @dataclass(frozen=True, slots=True)
 class Promote:
-    """Admin: skip the remaining steps, send 100% to the canary and make it stable once ACKed."""
+    """Admin: skip the remaining steps, send 100% to the canary and make it stable once ACKed (with
+    afterPromotion: the window starts then); during the window, end it now."""
 
     by: str = "admin"
 
 
 @dataclass(frozen=True, slots=True)
 class Abort:
-    """Admin: roll back now (one action, canary weight 0)."""
+    """Admin: roll back now (one action, canary weight 0); during the afterPromotion window, revert."""
 
     by: str = "admin"
 

@@ -47,6 +47,7 @@ from aviary.policy.duration import parse_duration
 __all__ = [
     "API_VERSION",
     "KIND",
+    "AfterPromotion",
     "Analysis",
     "CohortStep",
     "Duration",
@@ -434,10 +435,28 @@ class StickinessSpec(BaseModel):
             raise ValueError("give exactly one of header ({header: x-user-id}) "
                              "or cookie ({cookie: {name: session, ttl: 24h}})")
         return self
+class AfterPromotion(BaseModel):
+    """The guard window after promotion: the previous version stays warm for ``keep``.
+
+    Its own block (rather than a bare duration) so that the window can gain settings later without
+    changing the spelling of the ones written today.
+    """
+
+    model_config = _CONFIG
+
+    keep: Duration
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_block(cls, data: Any) -> Any:
+        if isinstance(data, Mapping | AfterPromotion):
+            return data
+        raise ValueError(f"expected {{keep: 15m}}, got {data!r}")
 
 
 class Strategy(BaseModel):
-    """How the canary weight moves: explicit ``steps`` or ``stepWeight`` up to ``maxWeight``."""
+    """How the canary weight moves: explicit ``steps`` or ``stepWeight`` up to ``maxWeight``;
+    ``afterPromotion`` keeps the previous version warm (and the checks running) for a while after."""
 
     model_config = _CONFIG
 
@@ -445,6 +464,7 @@ class Strategy(BaseModel):
     interval: Duration = 30.0
     cohorts: tuple[Cohort, ...] = ()
     stickiness: StickinessSpec | None = None
+    after_promotion: AfterPromotion | None = Field(default=None, alias="afterPromotion")
 
     @model_validator(mode="before")
     @classmethod

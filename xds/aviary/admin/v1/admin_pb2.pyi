@@ -128,7 +128,7 @@ class Override(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("name", "phase", "stable_version", "canary_version", "weight", "step", "steps", "seconds_in_step", "checks", "events", "git_commit", "overrides", "reason", "failed_version", "orphaned", "acked_weight", "envoy_rejected", "engine_error", "state_error", "step_weight", "cohorts", "acked_cohorts", "stickiness")
+    __slots__ = ("name", "phase", "stable_version", "canary_version", "weight", "step", "steps", "seconds_in_step", "checks", "events", "git_commit", "overrides", "reason", "failed_version", "orphaned", "acked_weight", "envoy_rejected", "engine_error", "state_error", "step_weight", "cohorts", "acked_cohorts", "stickiness", "kept_version", "keep_seconds_left", "keep_seconds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,9 @@ class Rollout(_message.Message):
     COHORTS_FIELD_NUMBER: _ClassVar[int]
     ACKED_COHORTS_FIELD_NUMBER: _ClassVar[int]
     STICKINESS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     phase: str
     stable_version: str
@@ -175,7 +178,10 @@ class Rollout(_message.Message):
     cohorts: _containers.RepeatedScalarFieldContainer[str]
     acked_cohorts: _containers.RepeatedScalarFieldContainer[str]
     stickiness: str
-    def __init__(self, name: _Optional[str] = ..., phase: _Optional[str] = ..., stable_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., weight: _Optional[int] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., seconds_in_step: _Optional[float] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., git_commit: _Optional[str] = ..., overrides: _Optional[_Iterable[_Union[Override, _Mapping]]] = ..., reason: _Optional[str] = ..., failed_version: _Optional[str] = ..., orphaned: _Optional[bool] = ..., acked_weight: _Optional[int] = ..., envoy_rejected: _Optional[str] = ..., engine_error: _Optional[str] = ..., state_error: _Optional[str] = ..., step_weight: _Optional[int] = ..., cohorts: _Optional[_Iterable[str]] = ..., acked_cohorts: _Optional[_Iterable[str]] = ..., stickiness: _Optional[str] = ...) -> None: ...
+    kept_version: str
+    keep_seconds_left: float
+    keep_seconds: float
+    def __init__(self, name: _Optional[str] = ..., phase: _Optional[str] = ..., stable_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., weight: _Optional[int] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., seconds_in_step: _Optional[float] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., git_commit: _Optional[str] = ..., overrides: _Optional[_Iterable[_Union[Override, _Mapping]]] = ..., reason: _Optional[str] = ..., failed_version: _Optional[str] = ..., orphaned: _Optional[bool] = ..., acked_weight: _Optional[int] = ..., envoy_rejected: _Optional[str] = ..., engine_error: _Optional[str] = ..., state_error: _Optional[str] = ..., step_weight: _Optional[int] = ..., cohorts: _Optional[_Iterable[str]] = ..., acked_cohorts: _Optional[_Iterable[str]] = ..., stickiness: _Optional[str] = ..., kept_version: _Optional[str] = ..., keep_seconds_left: _Optional[float] = ..., keep_seconds: _Optional[float] = ...) -> None: ...
 
 class ListProxiesRequest(_message.Message):
     __slots__ = ()
