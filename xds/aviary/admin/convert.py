@@ -85,6 +85,7 @@ def event_message(event: TransitionEvent, clock: WallClock) -> pb.RolloutEvent:
         reason=event.reason,
         checks=[check_message(check) for check in event.checks],
         cohorts=list(event.cohorts),
+        mirror=event.mirror,
     )
 
 
@@ -138,6 +139,9 @@ def rollout_message(
         step_weight=step_weight(spec, status.step_index) if spec is not None and status.canary is not None else None,
         cohorts=list(status.cohorts),
         acked_cohorts=list(status.acked_cohorts) if status.canary is not None else [],
+        mirror=status.mirror,
+        # Known exactly when the weight is: both come from the same ACK of one plan.
+        acked_mirror=status.acked_mirror if status.canary is not None and status.acked_weight is not None else None,
     )
 
 

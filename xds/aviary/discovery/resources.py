@@ -27,6 +27,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from aviary.discovery import typeurls
@@ -174,7 +175,23 @@ def build_api_listener(rollout: str) -> Resource:
     return Resource.from_message(rollout, typeurls.LISTENER, message, wildcard=False, references=(route,))
 
 
-def _weighted_route(route: Sequence[tuple[str, int]]) -> route_components_pb2.Route:
+def _mirror_policy(cluster: str, percent: int) -> route_components_pb2.RouteAction.RequestMirrorPolicy:
+    """Copies of `percent` % of the route's requests to `cluster`. Envoy sends a copy without waiting
+    for its answer and drops the answer, so the user's response is the chosen cluster's; the copy's
+    Host gets a `-shadow` suffix. A fraction (not runtime key) keeps the share in the route itself."""
+    return route_components_pb2.RouteAction.RequestMirrorPolicy(
+        cluster=cluster,
+        runtime_fraction=base_pb2.RuntimeFractionalPercent(
+            default_value=percent_pb2.FractionalPercent(
+                numerator=percent, denominator=percent_pb2.FractionalPercent.DenominatorType.HUNDRED
+            )
+        ),
+    )
+
+
+def _weighted_route(
+    route: Sequence[tuple[str, int]], mirror: tuple[str, int] | None = None
+) -> route_components_pb2.Route:
     return route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix="/"),
         route=route_components_pb2.RouteAction(
@@ -185,7 +202,8 @@ def _weighted_route(route: Sequence[tuple[str, int]]) -> route_components_pb2.Ro
                     )
                     for cluster, weight in route
                 ]
-            )
+            ),
+            request_mirror_policies=[_mirror_policy(*mirror)] if mirror is not None else [],
         ),
     )
 
@@ -248,15 +266,19 @@ def _cohort_route(match: Match, cluster: str) -> route_components_pb2.Route:
 
 
 def _virtual_host(rollout: PublishedRollout, domains: Sequence[str]) -> route_components_pb2.VirtualHost:
-    """Cohort routes first (entries OR'ed as separate routes, first match wins), then the weights."""
+    """Cohort routes first (entries OR'ed as separate routes, first match wins), then the weights,
+    which alone carry the mirror: a cohort's requests already reach the canary."""
     routes = [_cohort_route(match, cluster) for cohort, cluster in rollout.cohorts for match in cohort.match]
-    routes.append(_weighted_route(rollout.route))
+    routes.append(_weighted_route(rollout.route, rollout.mirror))
     return route_components_pb2.VirtualHost(name=rollout.name, domains=list(domains), routes=routes)
 
 
 def _route_clusters(rollout: PublishedRollout) -> list[str]:
     named = [cluster for cluster, _ in rollout.route]
-    return named + [cluster for _, cluster in rollout.cohorts if cluster not in named]
+    named += [cluster for _, cluster in rollout.cohorts if cluster not in named]
+    if rollout.mirror is not None and rollout.mirror[0] not in named:
+        named.append(rollout.mirror[0])
+    return named
 
 
 def _parts(virtual_hosts: Iterable[route_components_pb2.VirtualHost]) -> list[tuple[str, str]]:
@@ -466,6 +488,7 @@ def _route_violations(resource: Resource) -> tuple[tuple[Violation, ...], tuple[
                 found.append(Violation(f"route {route}: virtual host {vh.name}: weights add up to 0",
                                        frozenset({vh.name})))
             named.extend((vh.name, c.name) for c in weighted)
+            named.extend((vh.name, m.cluster) for m in r.route.request_mirror_policies)
             if r.route.cluster:
                 named.append((vh.name, r.route.cluster))
     return tuple(found), tuple(named)

@@ -6,7 +6,15 @@ the rules); import from here.
 
 from __future__ import annotations
 
-from aviary.policy.rollout_machine import checks_due, next_wakeup, step, step_cohorts, step_weight, traffic_plan
+from aviary.policy.rollout_machine import (
+    checks_due,
+    next_wakeup,
+    step,
+    step_cohorts,
+    step_mirror,
+    step_weight,
+    traffic_plan,
+)
 from aviary.policy.rollout_state import (
     Abort,
     Action,
@@ -57,6 +65,7 @@ __all__ = [
     "next_wakeup",
     "step",
     "step_cohorts",
+    "step_mirror",
     "step_weight",
     "traffic_plan",
 ]
