@@ -18,7 +18,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2
 
 from aviary.admin.convert import WallClock, event_message, rollout_message
-from aviary.admin.render import apply_event, event_line, rollout_detail, rollout_line, watch_view
+from aviary.admin.render import apply_event, as_json, event_line, rollout_detail, rollout_line, watch_view
 from aviary.discovery import typeurls
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.director import Placement, TrafficDirector
@@ -350,8 +350,26 @@ def test_status_json_watch_and_events_show_the_mirror() -> None:
     assert apply_event(None, event).mirror == 100
     console.print(watch_view({"checkout": message}, [event]))
     assert "mirror 100%" in console.export_text()
-    from google.protobuf.json_format import MessageToDict
-
-    assert MessageToDict(message)["mirror"] == 100
+    assert {k: json.loads(as_json(message))[k] for k in ("mirror", "acked_mirror")} == {
+        "mirror": 100, "acked_mirror": 100}  # `aviary status -o json`
     rolled_back, _ = step(v2, status, Abort("test"), now)
     assert rollout_message(rolled_back, v2, [], clock).mirror == 0
+
+
+def test_metrics_have_a_mirror_gauge() -> None:
+    from typing import cast
+
+    from aviary.observability import _StateCollector
+    from aviary.runner import RolloutRunner
+
+    class Runner:
+        revision = None
+
+        def statuses(self) -> dict[str, RolloutStatus]:
+            return {"checkout": RolloutStatus("checkout", Phase.PROGRESSING, V1, V2, 0, step_index=1, mirror=100)}
+
+    # The rollout families come before those that need more of a runner than this stub has.
+    families = _StateCollector(ProxyStatus(), cast(RolloutRunner, Runner())).collect()
+    gauge = next(m for m in families if m.name == "aviary_rollout_mirror_percent")
+    [sample] = gauge.samples
+    assert (sample.labels, sample.value) == ({"rollout": "checkout"}, 100)
