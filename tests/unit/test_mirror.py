@@ -16,6 +16,8 @@ import pytest
 from envoy.config.route.v3 import route_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aviary.admin.convert import WallClock, event_message, rollout_message
 from aviary.admin.render import apply_event, as_json, event_line, rollout_detail, rollout_line, watch_view
@@ -225,6 +227,39 @@ def test_an_edit_that_removes_the_mirror_step_restarts_it_without_mirror() -> No
     status, actions = step(edited, status, SpecObserved(edited), now)
     assert (status.step_index, status.weight, status.mirror) == (1, 3, 0)
     assert [p.mirror for p in plans(actions)] == [0]
+
+
+@settings(max_examples=150)
+@given(script=st.lists(st.sampled_from(["ack", "tick", "pass", "fail", "abort", "promote", "set-weight", "observe-v3"]),
+                       max_size=14))
+def test_mirroring_happens_only_in_a_mirror_step_and_never_outlives_the_canary(script: list[str]) -> None:
+    current, status, now = at_mirror_step()
+    for move in script:
+        now += 61
+        if move == "ack" and status.canary is not None:
+            event: Any = WeightAcked(status.canary.version, status.weight, now, status.cohorts, status.mirror)
+        elif move in ("pass", "fail"):
+            event = ChecksCompleted(results(PASS if move == "pass" else FAIL), now)
+        elif move == "abort":
+            event = Abort("t")
+        elif move == "promote":
+            event = Promote("t")
+        elif move == "set-weight":
+            event = SetWeight(10)
+        elif move == "observe-v3":
+            current = spec("v3")
+            event = SpecObserved(current)
+        else:
+            event = Tick(now)
+        before = status
+        status, actions = step(current, status, event, now)
+        plan = traffic_plan(current, status)
+        assert plan.mirror == status.mirror
+        if status.mirror:
+            assert status.canary is not None and status.phase in (Phase.PROGRESSING, Phase.PAUSED)
+            assert status.mirror == step_mirror(current, status.step_index) == 100
+        if status.phase is Phase.ROLLED_BACK and before.phase is not Phase.ROLLED_BACK:
+            assert plans(actions) == [plan] and plan.canary is None and plan.mirror == 0  # one plan
 
 
 def test_the_plan_and_the_status_refuse_a_mirror_without_canary() -> None:
