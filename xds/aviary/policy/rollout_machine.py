@@ -322,8 +322,8 @@ class _Machine:
             if status.step_index >= len(steps):
                 return self.promoting(status, status, "strategy changed: no steps left")
             expected = Phase.PAUSED if isinstance(steps[status.step_index], Pause) else Phase.PROGRESSING
-            index = status.step_index
-            wanted = (expected, step_weight(spec, index), step_cohorts(spec, index), step_mirror(spec, index))
+            wanted = (expected, step_weight(spec, status.step_index), step_cohorts(spec, status.step_index),
+                      step_mirror(spec, status.step_index))
             if (status.phase, status.weight, status.cohorts, status.mirror) != wanted:
                 return self.enter_step(status, status, status.step_index,
                                        f"strategy changed: step {status.step_index + 1} restarted")
