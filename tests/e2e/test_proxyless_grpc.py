@@ -183,3 +183,41 @@ def test_proxyless_client_gets_plain_weights_from_a_sticky_plan_and_skips_query_
     for result in (one_user, no_key):
         assert set(result["by_version"]) == {"v1", "v2"}, result["by_version"]
         assert 70 <= result["by_version"]["v2"] <= 130, result["by_version"]  # 200 RPCs at 50 %: sd 7
+
+
+def test_proxyless_client_accepts_a_mirroring_route_and_makes_no_copies(
+    workdir: Path, grpc_backends: GrpcBackends, control_plane_factory: ControlPlaneFactory
+) -> None:
+    """gRPC's xDS client does not implement `request_mirror_policies`: it ACKs a route carrying
+    one (no NACK, which would roll the canary back) and ignores it, so in a mirror step a proxyless
+    client's calls follow the weights only and the canary gets no copies."""
+    grpc_backends.start(["v1", "v2"])
+    policies = workdir / "policies"
+    write_policy(policies, NAME, port=free_port(), version="v1", endpoints=[grpc_backends.address("v1")])
+    cp = control_plane_factory(policies)
+
+    def backend(version: str) -> Backend:
+        return Backend(version, (Endpoint.model_validate(grpc_backends.address(version)),))
+
+    plan = TrafficPlan(backend("v1"), backend("v2"), canary_weight=0, mirror=100)
+    cp.call(lambda p: p.director.set_desired_traffic(NAME, plan))
+    route_events: list[ProxyEvent] = []
+
+    def record(event: ProxyEvent) -> None:  # runs on the plane's loop
+        if isinstance(event, ResourcesAcked | ResourcesNacked) and event.type_url == typeurls.ROUTE:
+            route_events.append(event)
+
+    cp.call(lambda p: p.proxies.subscribe(record))
+    v2_before = grpc_backends.served("v2")
+    bootstrap = _bootstrap(workdir / "grpc-xds-bootstrap.json", cp.xds_port, "grpc-client-1")
+    result = _run_client(bootstrap, 100, {})
+    copies = grpc_backends.served("v2") - v2_before
+    events = cp.call(lambda p: list(route_events))
+    print(f"\nproxyless gRPC at weight 0, mirror 100 %: {result['by_version']}, failed {result['failed']}, "
+          f"copies at v2 {copies}, route ACKs {sum(isinstance(e, ResourcesAcked) for e in events)}, "
+          f"NACKs {[e.message for e in events if isinstance(e, ResourcesNacked)]}")
+    assert not [e for e in events if isinstance(e, ResourcesNacked)], events
+    assert any(isinstance(e, ResourcesAcked) and f"grpc-{NAME}" in e.resources for e in events), events
+    assert result["failed"] == 0, result["errors"]
+    assert result["by_version"] == {"v1": 100}
+    assert copies == 0

@@ -244,6 +244,27 @@ class EnvoyProcess:
                 return {vh["name"]: vh.get("routes", []) for vh in rc.get("virtual_hosts", [])}
         return {}
 
+    def route_mirrors(self, route_config_name: str) -> dict[str, dict[str, int]]:
+        """virtual host name -> {cluster: percent} of the weighted default's request_mirror_policies
+        (the runtime fraction's default value, in percent); {} for a virtual host that mirrors nothing."""
+        section = self._dump_section(".RoutesConfigDump")
+        for entry in section.get("dynamic_route_configs", []):
+            rc = entry.get("route_config", {})
+            if rc.get("name") != route_config_name:
+                continue
+            out: dict[str, dict[str, int]] = {}
+            for vh in rc.get("virtual_hosts", []):
+                routes = vh.get("routes", [])
+                policies = routes[-1].get("route", {}).get("request_mirror_policies", []) if routes else []
+                out[vh["name"]] = {}
+                for policy in policies:
+                    fraction = policy.get("runtime_fraction", {}).get("default_value", {})
+                    scales = {"HUNDRED": 1, "TEN_THOUSAND": 100, "MILLION": 10_000}
+                    scale = scales[fraction.get("denominator", "HUNDRED")]
+                    out[vh["name"]][policy["cluster"]] = int(fraction.get("numerator", 0)) // scale
+            return out
+        return {}
+
     def wait_rollout_weights(
         self, route: str, rollout: str, weights: dict[str, int], timeout: float, interval: float = 0.05
     ) -> None:

@@ -14,6 +14,7 @@ from tests.rig.waiting import wait_until
 
 SERVER_SCRIPT = Path(__file__).with_name("grpc_backend_server.py")
 VERSION_METHOD = "/aviary.test.Echo/Version"
+COUNT_METHOD = "/aviary.test.Echo/Count"
 
 
 def call_version(channel: grpc.Channel, timeout: float = 5.0, wait_for_ready: bool = False) -> str:
@@ -68,6 +69,12 @@ class GrpcBackends:
 
     def address(self, version: str) -> str:
         return f"127.0.0.1:{self.ports[version]}"
+
+    def served(self, version: str, timeout: float = 5.0) -> int:
+        """Version calls the ``version`` port has served so far (the start-up probe included)."""
+        with grpc.insecure_channel(self.address(version)) as channel:
+            answer: bytes = channel.unary_unary(COUNT_METHOD)(b"", timeout=timeout)
+        return int(answer.decode())
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is not None:

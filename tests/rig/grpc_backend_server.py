@@ -1,7 +1,9 @@
 """gRPC test backends: one process, one port per version (run with sys.executable).
 
 Each port answers the unary method /aviary.test.Echo/Version with its version string as raw
-bytes (generic handler, identity (de)serializers: no .proto needed).
+bytes (generic handler, identity (de)serializers: no .proto needed), and /aviary.test.Echo/Count
+with how many Version calls that port has served (decimal text): what tells whether a port got
+calls no client made itself (mirrored copies).
 
 Usage: grpc_backend_server.py --ports-file FILE VERSION ...
 The ports file ({"versions": {version: port}}) is written once every port listens.
@@ -22,16 +24,26 @@ import grpc
 
 SERVICE = "aviary.test.Echo"
 METHOD = "Version"
+COUNT_METHOD = "Count"
 
 
 def make_server(version: str) -> tuple[grpc.Server, int]:
     answer = version.encode()
+    served = [0]
+    lock = threading.Lock()
 
     def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+        with lock:
+            served[0] += 1
         return answer
 
+    def count(request: bytes, context: grpc.ServicerContext) -> bytes:
+        with lock:
+            return str(served[0]).encode()
+
     server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    methods = {METHOD: grpc.unary_unary_rpc_method_handler(handle)}
+    methods = {METHOD: grpc.unary_unary_rpc_method_handler(handle),
+               COUNT_METHOD: grpc.unary_unary_rpc_method_handler(count)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

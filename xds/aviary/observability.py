@@ -125,6 +125,9 @@ class _StateCollector(Collector):
         )
         weight = GaugeMetricFamily("aviary_rollout_canary_weight", "Canary weight in percent", labels=["rollout"])
         step = GaugeMetricFamily("aviary_rollout_step", "Index of the current step", labels=["rollout"])
+        mirror = GaugeMetricFamily(
+            "aviary_rollout_mirror_percent", "Percent of the weighted split copied to the canary", labels=["rollout"]
+        )
         value = GaugeMetricFamily(
             "aviary_check_value", "Last value of a metric check", labels=["rollout", "check"]
         )
@@ -136,12 +139,13 @@ class _StateCollector(Collector):
                 phase.add_metric([name, candidate.value], 1.0 if status.phase is candidate else 0.0)
             weight.add_metric([name], status.weight)
             step.add_metric([name], status.step_index)
+            mirror.add_metric([name], status.mirror)
             for check in status.last_checks:
                 if check.value is not None:
                     value.add_metric([name, check.name], check.value)
                 for outcome in CheckOutcome:
                     result.add_metric([name, check.name, outcome.value], 1.0 if check.outcome is outcome else 0.0)
-        yield from (phase, weight, step, value, result)
+        yield from (phase, weight, step, mirror, value, result)
 
         commit = InfoMetricFamily("aviary_policy_git", "Git commit of the applied policies", labels=["commit"])
         if self._runner.revision:

@@ -119,7 +119,8 @@ def moves_away_from_stable(before: RolloutStatus | None, after: RolloutStatus) -
     ``before`` did, or names a version ``before`` did not route to at all (a new canary, even at
     0 %, or a new stable version). A rollback, an abort or a lower weight is not; neither is the
     end of a promotion (the canary already had 100 %). Opening a cohort is a move away (its requests
-    reach the canary). First sight counts as a move away."""
+    reach the canary), and so is mirroring more (the canary gets copies it did not get, and what it
+    does with them, writes included, happens for real). First sight counts as a move away."""
     if before is None:
         return True
     old = {before.stable.version: 100 - before.weight}
@@ -130,7 +131,8 @@ def moves_away_from_stable(before: RolloutStatus | None, after: RolloutStatus) -
         new[after.canary.version] = after.weight
     same_canary = after.canary is not None and before.canary == after.canary
     opened = same_canary and bool(set(after.cohorts) - set(before.cohorts))
-    return opened or any(
+    mirrors_more = same_canary and after.mirror > before.mirror
+    return opened or mirrors_more or any(
         version != before.stable.version and (version not in old or weight > old[version])
         for version, weight in new.items()
     )
@@ -728,7 +730,7 @@ class RolloutRunner:
         history = self._history.setdefault(event.rollout, deque(maxlen=EVENT_HISTORY))
         history.append(event)
         checks = ", ".join(f"{c.name}={c.value}" for c in event.checks)
-        traffic = traffic_text(event.canary_version, event.weight, event.stable_version, event.cohorts)
+        traffic = traffic_text(event.canary_version, event.weight, event.stable_version, event.cohorts, event.mirror)
         log.info(
             "rollout %s: %s -> %s, %s: %s%s",
             event.rollout,
@@ -747,7 +749,7 @@ class RolloutRunner:
     def _on_traffic_acked(self, name: str, traffic: TrafficPlan) -> None:
         version = traffic.canary.version if traffic.canary else traffic.stable.version
         weight = traffic.canary_weight if traffic.canary else 100
-        self.submit(name, WeightAcked(version, weight, self._clock(), traffic.cohort_names))
+        self.submit(name, WeightAcked(version, weight, self._clock(), traffic.cohort_names, traffic.mirror))
 
     def _on_nack(self, nack: RolloutNack) -> None:
         # The engine ignores a NACK once there is no canary, so a NACK of the snapshot that carries

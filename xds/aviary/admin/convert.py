@@ -85,6 +85,7 @@ def event_message(event: TransitionEvent, clock: WallClock) -> pb.RolloutEvent:
         reason=event.reason,
         checks=[check_message(check) for check in event.checks],
         cohorts=list(event.cohorts),
+        mirror=event.mirror,
     )
 
 
@@ -144,6 +145,9 @@ def rollout_message(
         kept_version=status.stable.version if guarding else "",
         keep_seconds_left=guard_left(spec, status, clock.monotonic) if spec is not None else None,
         keep_seconds=guard.keep if guard is not None else 0.0,
+        mirror=status.mirror,
+        # Known exactly when the weight is: both come from the same ACK of one plan.
+        acked_mirror=status.acked_mirror if status.canary is not None and status.acked_weight is not None else None,
     )
 
 

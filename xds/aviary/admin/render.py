@@ -131,7 +131,7 @@ def _thresholds(check: pb.CheckResult) -> str:
 def event_line(event: pb.RolloutEvent) -> str:
     when = event.time.ToDatetime(tzinfo=UTC).astimezone().strftime("%H:%M:%S")
     source = event.from_phase or "-"
-    traffic = traffic_text(event.canary_version, event.weight, event.stable_version, event.cohorts)
+    traffic = traffic_text(event.canary_version, event.weight, event.stable_version, event.cohorts, event.mirror)
     return f"{when} {event.rollout}: {source} -> {event.to_phase}, {traffic}: {event.reason}"
 
 
@@ -154,6 +154,9 @@ def rollout_detail(r: pb.Rollout) -> Group:
         facts.add_row("sticky by", r.stickiness or "nothing (each request split on its own)")
         if list(r.cohorts) != list(r.acked_cohorts):
             facts.add_row("acked cohorts", ", ".join(r.acked_cohorts) or "none")
+        facts.add_row("mirror", f"{r.mirror}% of the split copied to {r.canary_version}" if r.mirror else "off")
+        if r.HasField("acked_mirror") and r.acked_mirror != r.mirror:
+            facts.add_row("acked mirror", f"{r.acked_mirror}%" if r.acked_mirror else "off")
         facts.add_row("time in step", f"{r.seconds_in_step:.0f}s" if r.seconds_in_step else "not started")
     for override in r.overrides:
         facts.add_row("override", f"{override.kind}: {override.detail}")
@@ -196,7 +199,8 @@ def _sticky(r: pb.Rollout) -> str:
 
 
 def rollout_line(r: pb.Rollout) -> str:
-    canary = f", {traffic_text(r.canary_version, r.weight, r.stable_version, r.cohorts)}" if r.canary_version else ""
+    traffic = traffic_text(r.canary_version, r.weight, r.stable_version, r.cohorts, r.mirror)
+    canary = f", {traffic}" if r.canary_version else ""
     canary += _sticky(r)
     line = f"{r.name}: {r.phase}, stable {r.stable_version}{canary}: {r.reason}"
     if r.kept_version:
@@ -253,6 +257,8 @@ def watch_view(rollouts: Mapping[str, pb.Rollout], recent: Sequence[pb.RolloutEv
         opened = f"cohorts {', '.join(r.cohorts)}" if r.canary_version and r.cohorts else ""
         sticky = f"sticky by {r.stickiness}" if r.canary_version and r.stickiness else ""
         where = guard_text(r).split("; ", 1)[-1] if r.kept_version else f"step {_step(r, r.steps)}"
+        if r.canary_version and r.mirror:
+            opened = f"{opened}, mirror {r.mirror}%" if opened else f"mirror {r.mirror}%"
         grid.add_row(Text(name, style="bold"), _phase(r.phase), bar, _weight(r).rjust(4),
                      where, checks_summary(r.checks), "  ".join(t for t in (opened, sticky) if t))
     if not rollouts:
@@ -285,6 +291,7 @@ def apply_event(rollout: pb.Rollout | None, event: pb.RolloutEvent) -> pb.Rollou
     updated.cohorts.extend(event.cohorts)
     if not event.canary_version:
         updated.stickiness = ""  # no canary: nothing is split, nobody is kept anywhere
+    updated.mirror = event.mirror
     if event.checks:
         del updated.checks[:]
         updated.checks.extend(event.checks)

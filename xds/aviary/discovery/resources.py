@@ -38,6 +38,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from aviary.discovery import typeurls
@@ -185,22 +186,42 @@ def build_api_listener(rollout: str) -> Resource:
     return Resource.from_message(rollout, typeurls.LISTENER, message, wildcard=False, references=(route,))
 
 
+def _mirror_policy(cluster: str, percent: int) -> route_components_pb2.RouteAction.RequestMirrorPolicy:
+    """Copies of `percent` % of the route's requests to `cluster`. Envoy sends a copy without waiting
+    for its answer and drops the answer, so the user's response is the chosen cluster's; the copy's
+    Host gets a `-shadow` suffix. A fraction (not runtime key) keeps the share in the route itself."""
+    return route_components_pb2.RouteAction.RequestMirrorPolicy(
+        cluster=cluster,
+        runtime_fraction=base_pb2.RuntimeFractionalPercent(
+            default_value=percent_pb2.FractionalPercent(
+                numerator=percent, denominator=percent_pb2.FractionalPercent.DenominatorType.HUNDRED
+            )
+        ),
+    )
+
+
 # The header whose value becomes an issued stickiness cookie: the connection manager sets it on every
 # request before the route is chosen (generate_request_id defaults to true).
 ISSUED_COOKIE_SOURCE = "x-request-id"
 
 
 def _split(
-    route: Sequence[tuple[str, int]], hash_by: Sequence[route_components_pb2.RouteAction.HashPolicy] = ()
+    route: Sequence[tuple[str, int]],
+    hash_by: Sequence[route_components_pb2.RouteAction.HashPolicy] = (),
+    mirror: tuple[str, int] | None = None,
 ) -> route_components_pb2.RouteAction:
-    """The weights, in order (the canary last); with ``hash_by``, picked by the request's hash."""
+    """The weights, in order (the canary last); with ``hash_by``, picked by the request's hash; with
+    ``mirror``, a share of the split's requests copied to that cluster."""
     weight_of = route_components_pb2.WeightedCluster.ClusterWeight
     weighted = route_components_pb2.WeightedCluster(
         clusters=[weight_of(name=cluster, weight=wrappers_pb2.UInt32Value(value=weight)) for cluster, weight in route]
     )
     if hash_by:
         weighted.use_hash_policy.value = True
-    return route_components_pb2.RouteAction(weighted_clusters=weighted, hash_policy=list(hash_by))
+    mirrors = [_mirror_policy(*mirror)] if mirror is not None else []
+    return route_components_pb2.RouteAction(
+        weighted_clusters=weighted, hash_policy=list(hash_by), request_mirror_policies=mirrors
+    )
 
 
 def _hash_of(stickiness: Stickiness) -> route_components_pb2.RouteAction.HashPolicy:
@@ -211,14 +232,18 @@ def _hash_of(stickiness: Stickiness) -> route_components_pb2.RouteAction.HashPol
     return policy(cookie=policy.Cookie(name=stickiness.cookie))
 
 
-def _weighted_route(route: Sequence[tuple[str, int]], stickiness: Stickiness | None) -> route_components_pb2.Route:
+def _weighted_route(
+    route: Sequence[tuple[str, int]], stickiness: Stickiness | None = None, mirror: tuple[str, int] | None = None
+) -> route_components_pb2.Route:
     return route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix="/"),
-        route=_split(route, [_hash_of(stickiness)] if stickiness is not None else []),
+        route=_split(route, [_hash_of(stickiness)] if stickiness is not None else [], mirror),
     )
 
 
-def _cookie_issuing_route(route: Sequence[tuple[str, int]], cookie: str, ttl: float) -> route_components_pb2.Route:
+def _cookie_issuing_route(
+    route: Sequence[tuple[str, int]], cookie: str, ttl: float, mirror: tuple[str, int] | None
+) -> route_components_pb2.Route:
     """For requests without a (non-empty) ``cookie``: split by the hash of their request id, and
     return that id as the cookie, so the next request hashes the same value to the same version."""
     policy = route_components_pb2.RouteAction.HashPolicy
@@ -232,7 +257,7 @@ def _cookie_issuing_route(route: Sequence[tuple[str, int]], cookie: str, ttl: fl
     set_cookie = f"{cookie}=%REQ({ISSUED_COOKIE_SOURCE})%; Max-Age={int(ttl)}; Path=/; HttpOnly"
     return route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix="/", headers=[without]),
-        route=_split(route, [policy(header=policy.Header(header_name=ISSUED_COOKIE_SOURCE))]),
+        route=_split(route, [policy(header=policy.Header(header_name=ISSUED_COOKIE_SOURCE))], mirror),
         response_headers_to_add=[
             base_pb2.HeaderValueOption(
                 header=base_pb2.HeaderValue(key="set-cookie", value=set_cookie),
@@ -309,18 +334,22 @@ def _cohort_route(match: Match, cluster: str) -> route_components_pb2.Route:
 
 def _virtual_host(rollout: PublishedRollout, domains: Sequence[str]) -> route_components_pb2.VirtualHost:
     """Cohort routes first (entries OR'ed as separate routes, first match wins), then, for a cookie
-    Envoy issues, the route of requests without it, then the weights."""
+    Envoy issues, the route of requests without it, then the weights. The split's routes alone carry
+    the mirror: a cohort's requests already reach the canary."""
     routes = [_cohort_route(match, cluster) for cohort, cluster in rollout.cohorts for match in cohort.match]
     sticky = rollout.stickiness
     if sticky is not None and sticky.cookie is not None and sticky.ttl is not None:
-        routes.append(_cookie_issuing_route(rollout.route, sticky.cookie, sticky.ttl))
-    routes.append(_weighted_route(rollout.route, sticky))
+        routes.append(_cookie_issuing_route(rollout.route, sticky.cookie, sticky.ttl, rollout.mirror))
+    routes.append(_weighted_route(rollout.route, sticky, rollout.mirror))
     return route_components_pb2.VirtualHost(name=rollout.name, domains=list(domains), routes=routes)
 
 
 def _route_clusters(rollout: PublishedRollout) -> list[str]:
     named = [cluster for cluster, _ in rollout.route]
-    return named + [cluster for _, cluster in rollout.cohorts if cluster not in named]
+    named += [cluster for _, cluster in rollout.cohorts if cluster not in named]
+    if rollout.mirror is not None and rollout.mirror[0] not in named:
+        named.append(rollout.mirror[0])
+    return named
 
 
 def _parts(virtual_hosts: Iterable[route_components_pb2.VirtualHost]) -> list[tuple[str, str]]:
@@ -530,6 +559,7 @@ def _route_violations(resource: Resource) -> tuple[tuple[Violation, ...], tuple[
                 found.append(Violation(f"route {route}: virtual host {vh.name}: weights add up to 0",
                                        frozenset({vh.name})))
             named.extend((vh.name, c.name) for c in weighted)
+            named.extend((vh.name, m.cluster) for m in r.route.request_mirror_policies)
             if r.route.cluster:
                 named.append((vh.name, r.route.cluster))
     return tuple(found), tuple(named)

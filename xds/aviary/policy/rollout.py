@@ -14,6 +14,7 @@ from aviary.policy.rollout_machine import (
     next_wakeup,
     step,
     step_cohorts,
+    step_mirror,
     step_weight,
     traffic_plan,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "next_wakeup",
     "step",
     "step_cohorts",
+    "step_mirror",
     "step_weight",
     "traffic_plan",
 ]

@@ -24,8 +24,13 @@ Rules (the contract the tests pin down):
 - A ``{cohorts: [...]}`` step opens those cohorts: their requests reach the canary whatever the
   weight (it keeps the previous weight step's weight). Opened cohorts stay open until promotion or
   rollback; a step's clock starts when the plan's weight AND cohorts are ACKed.
-- Rollback is one transition: canary weight 0, every cohort closed and the canary dropped from the plan. The
-  failed version stays out until the file names another version or Retry.
+- A ``{mirror: N}`` step copies N % of the weighted split's requests to the canary (users get the
+  answers of the cluster the split chose). It keeps the previous weight step's weight and the
+  opened cohorts; mirroring lasts that step only (the next step, promotion and rollback stop it).
+  Checks apply in it (the copies are canary traffic); a step's clock starts when the plan's
+  weight, cohorts AND mirror are ACKed.
+- Rollback is one transition: canary weight 0, every cohort closed, mirroring stopped and the canary
+  dropped from the plan. The failed version stays out until the file names another version or Retry.
 - ``strategy.afterPromotion: {keep: D}`` guards a promotion. Once 100 % is ACKed the rollout is
   ``Guarding``: the promoted version serves everything while the previous one stays ``stable`` at
   weight 0 (its cluster stays warm in every proxy) and check rounds go on against the promoted
@@ -77,7 +82,7 @@ from aviary.policy.rollout_state import (
     TransitionEvent,
     WeightAcked,
 )
-from aviary.policy.schema import Analysis, CohortStep, Pause, RolloutSpec
+from aviary.policy.schema import Analysis, CohortStep, MirrorStep, Pause, RolloutSpec
 from aviary.traffic import Backend, Stickiness, TrafficPlan
 
 __all__ = [
@@ -88,6 +93,7 @@ __all__ = [
     "next_wakeup",
     "step",
     "step_cohorts",
+    "step_mirror",
     "step_weight",
     "traffic_plan",
 ]
@@ -97,13 +103,13 @@ _ACTIVE = (Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING, Phase.GUARDING)
 
 def traffic_plan(spec: RolloutSpec, status: RolloutStatus) -> TrafficPlan:
     """The plan the traffic layer should publish. RolledBack and Stable carry no canary (and so no
-    cohort and no stickiness: one cluster needs no hash) at all. An opened cohort the file no longer
+    cohort, no mirror and no stickiness: one cluster needs no hash) at all. An opened cohort the file no longer
     defines is left out (the step restarts)."""
     defined = {cohort.name: cohort for cohort in spec.strategy.cohorts} if spec.strategy else {}
     cohorts = tuple(defined[name] for name in status.cohorts if name in defined) if status.canary else ()
     sticky = _stickiness(spec) if status.canary else None
     return TrafficPlan(stable=status.stable, canary=status.canary, canary_weight=status.weight, cohorts=cohorts,
-                       stickiness=sticky)
+                       stickiness=sticky, mirror=status.mirror if status.canary else 0)
 
 
 def _stickiness(spec: RolloutSpec) -> Stickiness | None:
@@ -120,6 +126,14 @@ def step_cohorts(spec: RolloutSpec, index: int) -> tuple[str, ...]:
     steps = spec.strategy.steps if spec.strategy else ()
     return tuple(name for candidate in steps[: index + 1] if isinstance(candidate, CohortStep)
                  for name in candidate.cohorts)
+
+
+def step_mirror(spec: RolloutSpec, index: int) -> int:
+    """The percent mirrored at step ``index``: a mirror step's own, 0 otherwise (mirroring does not
+    carry over into later steps, see README "Mirroring")."""
+    steps = spec.strategy.steps if spec.strategy else ()
+    current = steps[index] if index < len(steps) else None
+    return current.percent if isinstance(current, MirrorStep) else 0
 
 
 def step_weight(spec: RolloutSpec, index: int) -> int:
@@ -215,12 +229,17 @@ def step(spec: RolloutSpec, status: RolloutStatus | None, event: Event, now: flo
 # ------------------------------------------------------------------------------------------ timing
 
 
+def _canary_has_traffic(status: RolloutStatus) -> bool:
+    """Whether the canary gets requests to judge: a weight, an opened cohort or mirrored copies."""
+    return status.weight > 0 or bool(status.cohorts) or status.mirror > 0
+
+
 def _checks_apply(spec: RolloutSpec, status: RolloutStatus) -> bool:
     if analysis_for(spec, status) is None or status.canary is None or status.step_started_at is None:
         return False
     if status.phase is Phase.GUARDING:
         return True
-    return status.phase in (Phase.PROGRESSING, Phase.PAUSED) and (status.weight > 0 or bool(status.cohorts))
+    return status.phase in (Phase.PROGRESSING, Phase.PAUSED) and _canary_has_traffic(status)
 
 
 def _next_check_at(spec: RolloutSpec, status: RolloutStatus) -> float | None:
@@ -240,7 +259,7 @@ def _step_duration(spec: RolloutSpec, status: RolloutStatus) -> float | None:
     if status.step_index >= len(spec.strategy.steps):
         return None
     current = spec.strategy.steps[status.step_index]
-    if status.phase is Phase.PROGRESSING and isinstance(current, int | CohortStep):
+    if status.phase is Phase.PROGRESSING and isinstance(current, int | CohortStep | MirrorStep):
         return spec.strategy.interval
     if status.phase is Phase.PAUSED and status.hold is Hold.STEP and isinstance(current, Pause):
         return current.duration
@@ -251,8 +270,7 @@ def _evidence_ok(spec: RolloutSpec, status: RolloutStatus) -> bool:
     """No analysis or no canary traffic to judge, or the latest round of this step passed."""
     if status.phase is Phase.GUARDING:
         return guard_analysis(spec.analysis) is None or status.step_outcome is CheckOutcome.PASS
-    no_canary_traffic = status.weight == 0 and not status.cohorts
-    return spec.analysis is None or no_canary_traffic or status.step_outcome is CheckOutcome.PASS
+    return spec.analysis is None or not _canary_has_traffic(status) or status.step_outcome is CheckOutcome.PASS
 
 
 def _step_ends_at(spec: RolloutSpec, status: RolloutStatus) -> float | None:
@@ -283,7 +301,7 @@ class _Machine:
             rollout=after.rollout, at=self.now, from_phase=before.phase if before else None,
             to_phase=after.phase, weight=after.weight, stable_version=after.stable.version,
             canary_version=after.canary.version if after.canary else None, step_index=after.step_index,
-            reason=reason, checks=checks, cohorts=after.cohorts))
+            reason=reason, checks=checks, cohorts=after.cohorts, mirror=after.mirror))
         return after
 
     def stable(self, status: RolloutStatus, stable: Backend, reason: str) -> RolloutStatus:
@@ -306,6 +324,7 @@ class _Machine:
         if index >= len(steps):
             return self.promoting(before, status, reason, checks)
         weight, cohorts = step_weight(self.spec, index), step_cohorts(self.spec, index)
+        mirror = step_mirror(self.spec, index)
         current = steps[index]
         if isinstance(current, Pause):
             until = (f"for {format_duration(current.duration)}" if current.duration
@@ -313,16 +332,16 @@ class _Machine:
             phase, hold, paused = Phase.PAUSED, Hold.STEP, f"pause step {index + 1} {until}"
         else:
             phase, hold, paused = Phase.PROGRESSING, None, None
-        acked = (status.acked_weight, status.acked_cohorts) == (weight, cohorts)
+        acked = (status.acked_weight, status.acked_cohorts, status.acked_mirror) == (weight, cohorts, mirror)
         after = replace(status, phase=phase, hold=hold, paused_reason=paused, weight=weight, step_index=index,
-                        cohorts=cohorts, step_started_at=self.now if acked else None,
+                        cohorts=cohorts, mirror=mirror, step_started_at=self.now if acked else None,
                         step_outcome=None, step_checked_at=None, manual_weight=None)
         return self.record(before, after, reason, checks)
 
     def promoting(self, before: RolloutStatus, status: RolloutStatus, reason: str,
                   checks: tuple[CheckResult, ...] = ()) -> RolloutStatus:
         after = replace(status, phase=Phase.PROMOTING, hold=None, paused_reason=None, weight=100, cohorts=(),
-                        step_started_at=None, step_outcome=None, step_checked_at=None, manual_weight=None)
+                        mirror=0, step_started_at=None, step_outcome=None, step_checked_at=None, manual_weight=None)
         after = self.record(before, after, f"{reason}; promoting: 100% to {_canary(status).version}", checks)
         if after.acked_weight == 100:
             return self.promoted(after, self.now)
@@ -399,8 +418,9 @@ class _Machine:
             if status.step_index >= len(steps):
                 return self.promoting(status, status, "strategy changed: no steps left")
             expected = Phase.PAUSED if isinstance(steps[status.step_index], Pause) else Phase.PROGRESSING
-            wanted = (expected, step_weight(spec, status.step_index), step_cohorts(spec, status.step_index))
-            if (status.phase, status.weight, status.cohorts) != wanted:
+            wanted = (expected, step_weight(spec, status.step_index), step_cohorts(spec, status.step_index),
+                      step_mirror(spec, status.step_index))
+            if (status.phase, status.weight, status.cohorts, status.mirror) != wanted:
                 return self.enter_step(status, status, status.step_index,
                                        f"strategy changed: step {status.step_index + 1} restarted")
         return status
@@ -431,7 +451,8 @@ class _Machine:
             reason = f"pause step {index + 1} over"
         else:
             interval = format_duration(self.spec.strategy.interval) if self.spec.strategy else "-"
-            reason = f"step {index + 1} ({status.weight}%) passed: {interval} elapsed"
+            what = f"{status.weight}%, mirroring {status.mirror}%" if status.mirror else f"{status.weight}%"
+            reason = f"step {index + 1} ({what}) passed: {interval} elapsed"
             if self.spec.analysis is not None:
                 reason += " and the latest check round passed"
         return self.enter_step(status, status, index + 1, reason, status.last_checks)
@@ -441,8 +462,9 @@ class _Machine:
     def on_ack(self, status: RolloutStatus, event: WeightAcked) -> RolloutStatus:
         if status.canary is None or event.version != status.canary.version:
             return status
-        status = replace(status, acked_weight=event.weight, acked_cohorts=event.cohorts)
-        if (event.weight, event.cohorts) != (status.weight, status.cohorts) or status.step_started_at is not None:
+        status = replace(status, acked_weight=event.weight, acked_cohorts=event.cohorts, acked_mirror=event.mirror)
+        acked = (event.weight, event.cohorts, event.mirror)
+        if acked != (status.weight, status.cohorts, status.mirror) or status.step_started_at is not None:
             return status
         if status.phase is Phase.PROMOTING:
             return self.promoted(status, min(event.at, self.now))
@@ -454,7 +476,8 @@ class _Machine:
         started = replace(status, step_started_at=min(event.at, self.now))
         what = f"step {status.step_index + 1}" if status.manual_weight is None else "manual weight"
         opened = f" and cohorts {', '.join(event.cohorts)}" if event.cohorts else ""
-        reason = f"{event.weight}%{opened} to {event.version} ACKed by every proxy: {what} started"
+        copied = f", mirroring {event.mirror}%," if event.mirror else ""
+        reason = f"{event.weight}%{opened}{copied} to {event.version} ACKed by every proxy: {what} started"
         return self.record(status, started, reason)
 
     def on_checks(self, status: RolloutStatus, event: ChecksCompleted) -> RolloutStatus:
@@ -507,8 +530,8 @@ class _Machine:
             weight = command.weight
             after = replace(status, phase=Phase.PAUSED, hold=Hold.MANUAL_WEIGHT, weight=weight,
                             manual_weight=weight, paused_reason=f"manual weight {weight}% until Resume",
-                            step_started_at=self.now if (status.acked_weight, status.acked_cohorts)
-                            == (weight, status.cohorts) else None,
+                            step_started_at=self.now if (status.acked_weight, status.acked_cohorts, status.acked_mirror)
+                            == (weight, status.cohorts, status.mirror) else None,
                             step_outcome=None, step_checked_at=None)
             return self.record(status, after, f"weight set to {weight}% by {command.by}; automation paused")
         if isinstance(command, PauseRollout):

@@ -67,7 +67,10 @@ class RolloutStatus:
     ACK is awaited. ``acked_weight`` is the canary weight every proxy last ACKed (None: not yet, for
     this canary). ``cohorts`` are the cohorts opened so far (their requests reach the canary whatever
     the weight; they stay open until promotion or rollback), ``acked_cohorts`` those of the plan every
-    proxy last ACKed: a step starts when both the weight and the cohorts are ACKed.
+    proxy last ACKed. ``mirror`` is the percent of the weighted split's requests copied to the canary
+    (a mirror step's own, 0 in any other step), ``acked_mirror`` that of the plan every proxy last
+    ACKed (0 until an ACK, like ``acked_cohorts``): a step starts when the weight, the cohorts and
+    the mirror are all ACKed.
     ``step_outcome`` / ``step_checked_at`` describe the latest check round taken in the current step
     (None: none yet); ``last_checks`` keeps the latest round of the run for display.
 
@@ -88,6 +91,8 @@ class RolloutStatus:
     acked_weight: int | None = None
     cohorts: tuple[str, ...] = ()
     acked_cohorts: tuple[str, ...] = ()
+    mirror: int = 0
+    acked_mirror: int = 0
     counters: Counters = field(default_factory=Counters)
     step_outcome: CheckOutcome | None = None
     step_checked_at: float | None = None
@@ -106,8 +111,10 @@ class RolloutStatus:
         if (self.canary is None) != (self.phase in (Phase.STABLE, Phase.ROLLED_BACK)):
             needs = "needs" if self.canary is None else "has no"
             raise ValueError(f"phase {self.phase.value} {needs} canary")
-        if self.canary is None and (self.weight != 0 or self.cohorts):
-            raise ValueError("a weight or an opened cohort needs a canary")
+        if not 0 <= self.mirror <= 100:
+            raise ValueError(f"mirror must be within 0..100, got {self.mirror}")
+        if self.canary is None and (self.weight != 0 or self.cohorts or self.mirror):
+            raise ValueError("a weight, an opened cohort or a mirror needs a canary")
         if (self.phase is Phase.PAUSED) != (self.hold is not None):
             raise ValueError("hold is set exactly when the phase is Paused")
         if self.phase is Phase.GUARDING and (self.weight != 100 or self.cohorts):
@@ -126,13 +133,14 @@ class SpecObserved:
 
 @dataclass(frozen=True, slots=True)
 class WeightAcked:
-    """Every proxy serving the rollout ACKed the route of a plan giving ``version`` ``weight`` percent
-    and the requests of the opened ``cohorts``, at ``at``."""
+    """Every proxy serving the rollout ACKed the route of a plan giving ``version`` ``weight`` percent,
+    the requests of the opened ``cohorts`` and copies of ``mirror`` percent of the split, at ``at``."""
 
     version: str
     weight: int
     at: float
     cohorts: tuple[str, ...] = ()
+    mirror: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,21 +239,25 @@ class TransitionEvent:
     reason: str
     checks: tuple[CheckResult, ...] = ()
     cohorts: tuple[str, ...] = ()  # open after the transition
+    mirror: int = 0  # percent of the split copied to the canary after the transition
 
     def __str__(self) -> str:
         source = self.from_phase.value if self.from_phase else "-"
-        canary = f" {traffic_text(self.canary_version, self.weight, self.stable_version, self.cohorts)}" \
-            if self.canary_version else ""
+        canary = (f" {traffic_text(self.canary_version, self.weight, self.stable_version, self.cohorts, self.mirror)}"
+                  if self.canary_version else "")
         return f"{self.rollout}: {source} -> {self.to_phase.value}{canary}: {self.reason}"
 
 
-def traffic_text(canary_version: str | None, weight: int, stable_version: str, cohorts: Sequence[str] = ()) -> str:
+def traffic_text(canary_version: str | None, weight: int, stable_version: str, cohorts: Sequence[str] = (),
+                 mirror: int = 0) -> str:
     """How a transition left traffic, for logs, events and the CLI: ``canary v2 at 20% and cohorts
-    internal``, or ``all traffic to v2`` (never "weight 0 %" for a rollout without a canary)."""
+    internal``, ``canary v2 at 0%, mirroring 100%``, or ``all traffic to v2`` (never "weight 0 %"
+    for a rollout without a canary)."""
     if not canary_version:
         return f"all traffic to {stable_version}"
     opened = f" and cohorts {', '.join(cohorts)}" if cohorts else ""
-    return f"canary {canary_version} at {weight}%{opened}"
+    copied = f", mirroring {mirror}%" if mirror else ""
+    return f"canary {canary_version} at {weight}%{opened}{copied}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ __all__ = [
     "ListenerSpec",
     "Metadata",
     "MetricCheck",
+    "MirrorStep",
     "Pause",
     "PolicyError",
     "PolicySet",
@@ -229,8 +230,22 @@ class CohortStep:
     cohorts: tuple[str, ...]
 
 
-def _parse_step(value: Any) -> int | Pause | CohortStep:
-    if isinstance(value, Pause | CohortStep):
+@dataclass(frozen=True, slots=True)
+class MirrorStep:
+    """A step that copies ``percent`` of the weighted split's requests to the canary (users get the
+    answer of the cluster the split chose). Mirroring lasts this step only: see README "Mirroring"."""
+
+    percent: int
+
+
+def _parse_mirror(value: Any) -> MirrorStep:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise FieldIssue(f"expected a whole percent between 1 and 100, got {value!r}", "mirror")
+    return MirrorStep(value)
+
+
+def _parse_step(value: Any) -> int | Pause | CohortStep | MirrorStep:
+    if isinstance(value, Pause | CohortStep | MirrorStep):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         if value == 100:
@@ -246,6 +261,8 @@ def _parse_step(value: Any) -> int | Pause | CohortStep:
             if not isinstance(name, str):
                 raise FieldIssue(f"expected a cohort name, got {name!r}", "cohorts", index)
         return CohortStep(tuple(names))
+    if isinstance(value, Mapping) and set(value) == {"mirror"}:
+        return _parse_mirror(value["mirror"])
     if isinstance(value, Mapping) and set(value) == {"pause"}:
         body = value["pause"]
         if body is None:
@@ -261,20 +278,22 @@ def _parse_step(value: Any) -> int | Pause | CohortStep:
             return Pause(duration=parse_duration(body["duration"]))
         except ValueError as exc:
             raise FieldIssue(str(exc), "pause", "duration") from None
-    expected = "a weight 1..99, {pause: {}}, {pause: {duration: 5m}} or {cohorts: [NAME, ...]}"
+    expected = "a weight 1..99, {pause: {}}, {pause: {duration: 5m}}, {cohorts: [NAME, ...]} or {mirror: 1..100}"
     raise ValueError(f"expected {expected}, got {value!r}")
 
 
-def _dump_step(step: int | Pause | CohortStep) -> Any:
+def _dump_step(step: int | Pause | CohortStep | MirrorStep) -> Any:
     """The YAML spelling back (the store saves the policy as JSON and parses it again on restart)."""
     if isinstance(step, Pause):
         return {"pause": {} if step.duration is None else {"duration": f"{step.duration}s"}}
     if isinstance(step, CohortStep):
         return {"cohorts": list(step.cohorts)}
+    if isinstance(step, MirrorStep):
+        return {"mirror": step.percent}
     return step
 
 
-Step = Annotated[int | Pause | CohortStep, PlainValidator(_parse_step), PlainSerializer(_dump_step)]
+Step = Annotated[int | Pause | CohortStep | MirrorStep, PlainValidator(_parse_step), PlainSerializer(_dump_step)]
 
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 # Query parameter names as they appear unencoded in a URL: RFC 3986 unreserved characters and brackets.
@@ -494,7 +513,9 @@ class Strategy(BaseModel):
 
     @field_validator("steps")
     @classmethod
-    def _increasing(cls, steps: tuple[int | Pause | CohortStep, ...]) -> tuple[int | Pause | CohortStep, ...]:
+    def _increasing(
+        cls, steps: tuple[int | Pause | CohortStep | MirrorStep, ...]
+    ) -> tuple[int | Pause | CohortStep | MirrorStep, ...]:
         previous: int | None = None
         for index, step in enumerate(steps):
             if not isinstance(step, int):
@@ -502,8 +523,8 @@ class Strategy(BaseModel):
             if previous is not None and step <= previous:
                 raise FieldIssue(f"weight {step} must exceed the previous weight ({previous})", index)
             previous = step
-        if previous is None and not any(isinstance(step, CohortStep) for step in steps):
-            raise ValueError("needs at least one weight step (1..99) or cohorts step")
+        if previous is None and not any(isinstance(step, CohortStep | MirrorStep) for step in steps):
+            raise ValueError("needs at least one weight step (1..99), cohorts step or mirror step")
         return steps
 
     @model_validator(mode="after")

@@ -94,7 +94,7 @@ class CheckResult(_message.Message):
     def __init__(self, name: _Optional[str] = ..., outcome: _Optional[str] = ..., value: _Optional[float] = ..., stable_value: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., max_decrease_from_stable: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RolloutEvent(_message.Message):
-    __slots__ = ("rollout", "time", "from_phase", "to_phase", "weight", "stable_version", "canary_version", "step", "reason", "checks", "cohorts")
+    __slots__ = ("rollout", "time", "from_phase", "to_phase", "weight", "stable_version", "canary_version", "step", "reason", "checks", "cohorts", "mirror")
     ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     FROM_PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class RolloutEvent(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     CHECKS_FIELD_NUMBER: _ClassVar[int]
     COHORTS_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_FIELD_NUMBER: _ClassVar[int]
     rollout: str
     time: _timestamp_pb2.Timestamp
     from_phase: str
@@ -117,7 +118,8 @@ class RolloutEvent(_message.Message):
     reason: str
     checks: _containers.RepeatedCompositeFieldContainer[CheckResult]
     cohorts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, rollout: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., from_phase: _Optional[str] = ..., to_phase: _Optional[str] = ..., weight: _Optional[int] = ..., stable_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., cohorts: _Optional[_Iterable[str]] = ...) -> None: ...
+    mirror: int
+    def __init__(self, rollout: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., from_phase: _Optional[str] = ..., to_phase: _Optional[str] = ..., weight: _Optional[int] = ..., stable_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., cohorts: _Optional[_Iterable[str]] = ..., mirror: _Optional[int] = ...) -> None: ...
 
 class Override(_message.Message):
     __slots__ = ("kind", "detail")
@@ -128,7 +130,7 @@ class Override(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("name", "phase", "stable_version", "canary_version", "weight", "step", "steps", "seconds_in_step", "checks", "events", "git_commit", "overrides", "reason", "failed_version", "orphaned", "acked_weight", "envoy_rejected", "engine_error", "state_error", "step_weight", "cohorts", "acked_cohorts", "stickiness", "kept_version", "keep_seconds_left", "keep_seconds")
+    __slots__ = ("name", "phase", "stable_version", "canary_version", "weight", "step", "steps", "seconds_in_step", "checks", "events", "git_commit", "overrides", "reason", "failed_version", "orphaned", "acked_weight", "envoy_rejected", "engine_error", "state_error", "step_weight", "cohorts", "acked_cohorts", "stickiness", "kept_version", "keep_seconds_left", "keep_seconds", "mirror", "acked_mirror")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +157,8 @@ class Rollout(_message.Message):
     KEPT_VERSION_FIELD_NUMBER: _ClassVar[int]
     KEEP_SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
     KEEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_FIELD_NUMBER: _ClassVar[int]
+    ACKED_MIRROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     phase: str
     stable_version: str
@@ -181,7 +185,9 @@ class Rollout(_message.Message):
     kept_version: str
     keep_seconds_left: float
     keep_seconds: float
-    def __init__(self, name: _Optional[str] = ..., phase: _Optional[str] = ..., stable_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., weight: _Optional[int] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., seconds_in_step: _Optional[float] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., git_commit: _Optional[str] = ..., overrides: _Optional[_Iterable[_Union[Override, _Mapping]]] = ..., reason: _Optional[str] = ..., failed_version: _Optional[str] = ..., orphaned: _Optional[bool] = ..., acked_weight: _Optional[int] = ..., envoy_rejected: _Optional[str] = ..., engine_error: _Optional[str] = ..., state_error: _Optional[str] = ..., step_weight: _Optional[int] = ..., cohorts: _Optional[_Iterable[str]] = ..., acked_cohorts: _Optional[_Iterable[str]] = ..., stickiness: _Optional[str] = ..., kept_version: _Optional[str] = ..., keep_seconds_left: _Optional[float] = ..., keep_seconds: _Optional[float] = ...) -> None: ...
+    mirror: int
+    acked_mirror: int
+    def __init__(self, name: _Optional[str] = ..., phase: _Optional[str] = ..., stable_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., weight: _Optional[int] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., seconds_in_step: _Optional[float] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., git_commit: _Optional[str] = ..., overrides: _Optional[_Iterable[_Union[Override, _Mapping]]] = ..., reason: _Optional[str] = ..., failed_version: _Optional[str] = ..., orphaned: _Optional[bool] = ..., acked_weight: _Optional[int] = ..., envoy_rejected: _Optional[str] = ..., engine_error: _Optional[str] = ..., state_error: _Optional[str] = ..., step_weight: _Optional[int] = ..., cohorts: _Optional[_Iterable[str]] = ..., acked_cohorts: _Optional[_Iterable[str]] = ..., stickiness: _Optional[str] = ..., kept_version: _Optional[str] = ..., keep_seconds_left: _Optional[float] = ..., keep_seconds: _Optional[float] = ..., mirror: _Optional[int] = ..., acked_mirror: _Optional[int] = ...) -> None: ...
 
 class ListProxiesRequest(_message.Message):
     __slots__ = ()
