@@ -3,12 +3,14 @@
 Starts, all on 127.0.0.1: two demo backends (v1 and v2, `deploy/demo/backend.py`), Prometheus with
 `deploy/prometheus/prometheus.yml`, Envoy with `deploy/envoy/bootstrap.yaml`, and `aviary serve` on a
 git repository made in a temporary directory from `policies/demo/`. It sends steady traffic through
-Envoy (a quarter of it from "internal" users, header `x-team: qa`), commits the version bump to v2,
-shows the canary live (the `aviary watch` view) until it is decided, and prints a summary: time per
-step, check values, requests sent and failed. The policy opens the `internal` cohort first (only
-their requests reach v2), then moves everyone else 10, 30, 60 % and promotes. With
-`--rollback`, v2 fails about 20 % of its requests and the summary says how long it took from the
-first failed request to 0 % at Envoy.
+Envoy (a quarter of it from "internal" users, header `x-team: qa`; every request names its user in
+`x-user-id`), commits the version bump to v2, shows the canary live (the `aviary watch` view) until it
+is decided, and prints a summary: time per step, check values, requests sent and failed, mirrored
+copies, users who moved back. The policy opens the `internal` cohort first (only their requests
+reach v2), then mirrors every other request to v2 (users keep v1's answers), then moves everyone
+else 10, 30, 60 % (sticky by user: nobody moves back to v1) and promotes, keeping v1 warm for 10 s
+in case v2 fails after all. With `--rollback`, v2 fails about 20 % of its requests and the summary
+says how long it took from the first failed request to 0 % at Envoy.
 
 Ctrl-C stops everything it started. Without a terminal (`CI=true`, or stdout not a tty) it prints
 plain progress lines. Exit status: 0 when the canary ended as expected (promoted; rolled back with
@@ -55,6 +57,7 @@ HOST = "shop.example.com"
 PORTS = {"listener": 10000, "envoy-admin": 9901, "xds": 18000, "admin": 18001, "metrics": 18002,
          "prometheus": 9090, "v1": 8081, "v2": 8082}  # fmt: skip
 REQUESTS_PER_SECOND = 50
+USERS_PER_CLIENT = 50  # each client thread sends as its own users (x-user-id), none shared
 
 
 class DemoError(Exception):
@@ -217,24 +220,29 @@ class Traffic:
     failed: int = 0
     by_version: dict[str, int] = field(default_factory=dict)
     first_failure_at: float | None = None
+    moved_back: list[float] = field(default_factory=list)  # when a user answered by v2 was next answered by v1
+    _last_version: dict[str, str] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self, clients: int = 4) -> Traffic:
         for i in range(clients):
-            thread = threading.Thread(target=self._client, args=(i == 0,), name=f"traffic-{i}", daemon=True)
+            thread = threading.Thread(target=self._client, args=(i, i == 0), name=f"traffic-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
         return self
 
-    def _client(self, internal: bool) -> None:
+    def _client(self, number: int, internal: bool) -> None:
         pause = len(self._threads or [None]) / REQUESTS_PER_SECOND
-        headers = {"x-team": "qa"} if internal else {}  # the policy's `internal` cohort
+        team = {"x-team": "qa"} if internal else {}  # the policy's `internal` cohort
+        sent = 0
         while not self._stop.is_set():
             version, ok = "-", False
+            user = f"user-{number}-{sent % USERS_PER_CLIENT}"  # the policy's stickiness key
+            sent += 1
             try:
-                status, body = _http_get(self.port, "/", HOST, headers=headers)
+                status, body = _http_get(self.port, "/", HOST, headers={**team, "x-user-id": user})
                 ok = status == 200
                 version = body.decode(errors="replace").strip() if ok else f"HTTP {status}"
             except OSError as exc:
@@ -243,6 +251,9 @@ class Traffic:
                 self.sent += 1
                 if ok:
                     self.by_version[version] = self.by_version.get(version, 0) + 1
+                    if (self._last_version.get(user), version) == ("v2", "v1"):
+                        self.moved_back.append(time.time())
+                    self._last_version[user] = version
                 else:
                     self.failed += 1
                     self.first_failure_at = self.first_failure_at or time.time()
@@ -396,13 +407,18 @@ class Demo:
             if event.to_phase != "Progressing" or ends is None:
                 continue
             cohorts = f" and cohorts {', '.join(event.cohorts)}" if event.cohorts else ""
-            what = f"canary at {event.weight:3d}%{cohorts}"
+            mirror = f" and mirror {event.mirror}%" if event.mirror else ""
+            what = f"canary at {event.weight:3d}%{cohorts}{mirror}"
             if steps and steps[-1][0] == what:
                 steps[-1] = (what, steps[-1][1], ends)
             else:
                 steps.append((what, at, ends))
         for what, entered, left in steps:
             lines.append(f"[demo]   {what}: {left - entered:5.1f} s")
+        guarding = [at for e, at in zip(events, times, strict=True) if e.to_phase == "Guarding"]
+        if guarding and rollout.phase == "Stable" and times:
+            lines.append(f"[demo]   v2 promoted; v1 kept warm in Envoy for {times[-1] - guarding[0]:.1f} s "
+                         "(afterPromotion), then retired")
         if times:
             lines.append(f"[demo]   {rollout.phase} {times[-1] - bumped_at:.1f} s after the v2 commit")
         judged = next((e.checks for e in reversed(events) if e.checks), rollout.checks)
@@ -412,6 +428,13 @@ class Demo:
         versions = ", ".join(f"{v} {n}" for v, n in sorted(traffic.by_version.items()))
         lines.append(f"[demo] requests sent {traffic.sent}, failed {traffic.failed} ({versions}); a quarter of them "
                      "with x-team: qa, the `internal` cohort")
+        copies = self.mirrored_copies(traffic)
+        if copies is not None:
+            lines.append(f"[demo] mirrored copies answered by v2: {copies} (users got v1's answers to them)")
+        decided = next((at for e, at in zip(events, times, strict=True) if e.to_phase == "RolledBack"), None)
+        back = sum(1 for at in traffic.moved_back if decided is None or at < decided)
+        lines.append(f"[demo] users moved back from v2 to v1 while the canary ran: {back} "
+                     f"(sticky by x-user-id, {4 * USERS_PER_CLIENT} users)")
         if self.rollback and traffic.first_failure_at is not None:
             gone = EnvoyView(0, 0)
             zero = next((at for at, v in self.envoy_views if v == gone and at >= traffic.first_failure_at), None)
@@ -419,6 +442,17 @@ class Demo:
                 lines.append(f"[demo] first failed request -> canary out of Envoy's route (0 %, no cohort route): "
                              f"{zero - traffic.first_failure_at:.2f} s")
         return lines
+
+    def mirrored_copies(self, traffic: Traffic) -> int | None:
+        """What v2 answered beyond the requests whose answers users got: the mirror step's copies."""
+        try:
+            control = json.loads((self.work / "backends.json").read_text())["control"]
+            status, body = _http_get(control, "/counts")
+            counts = json.loads(body) if status == 200 else {}
+        except (OSError, ValueError, KeyError):
+            return None
+        served = int(counts.get(str(self.ports["v2"]), 0))
+        return max(0, served - traffic.by_version.get("v2", 0) - traffic.failed)
 
     def run(self) -> int:
         repo = self.start()

@@ -33,9 +33,14 @@ def test_make_demo_promotes_v2_through_envoy() -> None:
     assert "[demo] result: shop: Stable, stable v2" in output
     for weight in (0, 10, 30, 60):  # a cohort step first: only the internal requests reach v2
         assert len(re.findall(rf"canary at +{weight}% and cohorts internal: +\d+\.\d s", output)) == 1, output
+    assert re.search(r"canary at +0% and cohorts internal and mirror 100%: +\d+\.\d s", output), output
     assert "check success: Pass" in output, output  # the values that let it through
     sent, failed = map(int, re.search(r"requests sent (\d+), failed (\d+)", output).groups())  # type: ignore[union-attr]
     assert sent > 100 and failed == 0, output
+    copies = int(re.search(r"mirrored copies answered by v2: (\d+)", output).group(1))  # type: ignore[union-attr]
+    assert copies > 50, output  # 5 s of three quarters of 50 requests/s, each copied
+    assert "users moved back from v2 to v1 while the canary ran: 0 " in output, output
+    assert re.search(r"v1 kept warm in Envoy for \d+\.\d s \(afterPromotion\), then retired", output), output
 
 
 def test_make_demo_rollback_rolls_back_and_times_it() -> None:
