@@ -17,8 +17,8 @@ Nothing is published that Envoy must reject (`resources.render` checks each grou
 a rollout whose content would break a rule is held at what was last published for it, the others
 move on, and `blocked(name)` says why (logged at ERROR once per reason). A NACK is blamed on the
 rollouts whose part of the rejected resource changed since the version that proxy last ACKed (for
-a route configuration: their virtual host), shown by `rejected(name)` until that proxy ACKs a later
-version of that type.
+a route configuration: their virtual host, narrowed on evidence when several changed at once, see
+`nack_blame`), shown by `rejected(name)` until that proxy ACKs a later version of that type.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import NamedTuple
 from aviary.discovery import typeurls
 from aviary.discovery.cache import DEFAULT_GROUP, SnapshotCache
 from aviary.discovery.gates import cluster_acked, route_acked
+from aviary.discovery.nack_blame import KnownRejection, narrowed, route_suspects
 from aviary.discovery.proxy_events import (
     ProxyDisconnected,
     ProxyEvent,
@@ -50,6 +51,7 @@ from aviary.discovery.resources import (
     listener_name,
     render,
     route_name,
+    virtual_host_bytes,
 )
 from aviary.discovery.snapshot import EMPTY, Snapshot
 from aviary.matching import CohortRule
@@ -129,6 +131,9 @@ class _Rejection:
     stream_id: int
     type_url: str
     text: str
+    resource: str = ""
+    part: str | None = None  # for a route: the digest of the rollout's virtual host that was refused
+    message: str = ""
 
 
 AckListener = Callable[[str, TrafficPlan], None]
@@ -673,19 +678,23 @@ class TrafficDirector:
             for resource, version in event.resources.items()
             if proxy.acked_version_of(event.type_url, resource) != version
         ] or list(event.resources)
-        blamed: dict[str, str] = {}
+        blamed: dict[str, tuple[str, str]] = {}  # rollout -> (resource, version)
         for resource in suspects:
-            for name in self._owners(proxy, event.type_url, resource, event.resources[resource]):
-                blamed.setdefault(name, resource)
-        for name, resource in sorted(blamed.items()):
+            version = event.resources[resource]
+            for name in self._owners(proxy, event.type_url, resource, version, event.message):
+                blamed.setdefault(name, (resource, version))
+        for name, (resource, version) in sorted(blamed.items()):
             text = f"Envoy rejected {_KIND.get(event.type_url, event.type_url)} {resource} (node {proxy.node_id}): "
-            self._rejected[name] = _Rejection(event.stream_id, event.type_url, text + event.message)
+            part = self._route_parts.get(version, {}).get(name) if event.type_url == typeurls.ROUTE else None
+            self._rejected[name] = _Rejection(event.stream_id, event.type_url, text + event.message, resource, part,
+                                              event.message)
             nack = RolloutNack(name, proxy.node_id, event.type_url, event.message)
             for listener in self._nack_listeners:
                 listener(nack)
 
-    def _owners(self, proxy: ProxyView, type_url: str, resource: str, version: str) -> list[str]:
-        """The rollouts a rejected resource (at `version`) is blamed on."""
+    def _owners(self, proxy: ProxyView, type_url: str, resource: str, version: str, message: str) -> list[str]:
+        """The rollouts a rejected resource (at `version`) is blamed on (for a route configuration:
+        see `nack_blame`)."""
         names = [name for name in self._placements if self._names_rollout(name, type_url, resource)]
         if type_url != typeurls.ROUTE:
             return names
@@ -694,7 +703,23 @@ class TrafficDirector:
         accepted = self._route_parts.get(acked_version) if acked_version is not None else {}
         if rejected is None or accepted is None:
             return names  # a version this process did not publish: blame every rollout on it
-        return [name for name in names if name in rejected and accepted.get(name) != rejected[name]]
+        suspects = route_suspects(names, rejected, accepted)
+        if len(suspects) <= 1:
+            return suspects
+        known = [
+            KnownRejection(name, r.part, r.message)
+            for name, r in self._rejected.items()
+            if r.stream_id == proxy.stream_id and r.resource == resource and r.part is not None
+        ]
+        return narrowed(suspects, rejected, message, known, self._served_virtual_hosts(proxy, resource, version))
+
+    def _served_virtual_hosts(self, proxy: ProxyView, resource: str, version: str) -> dict[str, bytes]:
+        """The virtual hosts of the rejected route configuration, if it is still what this proxy is
+        served (a newer version published since: none, the message is then not matched)."""
+        served = self._cache.snapshot_for(proxy.node_cluster).items(typeurls.ROUTE).get(resource)
+        if served is None or served.version != version:
+            return {}
+        return virtual_host_bytes(served)
 
     def _names_rollout(self, name: str, type_url: str, resource: str) -> bool:
         """Whether a resource a proxy rejected belongs to this rollout."""
