@@ -2,10 +2,11 @@
 
 Three rollouts, ``alpha``, ``bravo`` and ``charlie``, share one listener: their virtual hosts are
 parts of ONE RouteConfiguration. Each runs a canary at 30 % and pauses there. Then ``bravo`` opens
-a cohort whose header regex is ``a{100}``: Python's ``re`` (and ``matching.re2_problem``) accept it,
-but RE2 compiles it to a program of 104 instructions and Envoy refuses any regex over its default
-maximum of 100 ("RE2 program size of 104 > max program size of 100"), so Envoy NACKs the whole
-route configuration and keeps the one it had.
+a cohort whose header regex is ``(ab|cd){30}``: the policy loader accepts it (`matching.re2_problem`
+refuses only a regex whose program is surely too big, and its lower bound here is 60), but RE2
+compiles it to 184 instructions and Envoy refuses any regex over its default maximum of 100
+("RE2 program size of 184 > max program size of 100"), so Envoy NACKs the whole route
+configuration and keeps the one it had.
 
 The director blames a route NACK only on the rollouts whose virtual host differs from the version
 that proxy last ACKed (`TrafficDirector._report_nack`), so what must hold, read from Envoy itself
@@ -54,8 +55,8 @@ RESULTS: dict[str, Any] = {}
 GUILTY = "bravo"
 INNOCENT = ("alpha", "charlie")
 NAMES = (INNOCENT[0], GUILTY, INNOCENT[1])
-# 104 RE2 instructions: over Envoy's default limit of 100 (an error), a valid regex to Python.
-HUGE_REGEX = "a{100}"
+# 184 RE2 instructions: over Envoy's default limit of 100; under the loader's lower bound (60).
+HUGE_REGEX = "(ab|cd){30}"
 STEPS: list[Any] = [30, {"pause": {}}, 60, {"pause": {}}]
 GUILTY_STRATEGY: dict[str, Any] = {
     "cohorts": [{"name": "huge", "match": [{"headers": {"x-huge": {"regex": HUGE_REGEX}}}]}],

