@@ -272,7 +272,7 @@ def advance(
     settled rollouts cost no gate checks).
     """
     after = dict(published)
-    removed = set()
+    removed: set[str] = set()
     for name, state in published.items():
         if state.removing and name not in desired:
             wait = wait_of(name, Stage.REMOVING, state, NOTHING, placements[name])
@@ -297,15 +297,15 @@ def advance(
             state = replace(state, clusters={c: b for c, b in state.clusters.items() if c not in leaving})
         after[name] = state
     previous = stages or {}
-    stages = {
+    now = {
         name: stage_of(name, state, desired.get(name), placements[name], acks,
                        was_settled=previous.get(name) is Stage.SETTLED and published.get(name) == state)
         for name, state in after.items()
     }
     for name in moved:  # the gates read what was published before the move: its ACK is still to come
-        if stages[name] is Stage.SETTLED and any(serves(placements[name], p.group) for p in acks.proxies):
-            stages[name] = Stage.SHIFTING
-    return Advanced(after, frozenset(removed), stages)
+        if now[name] is Stage.SETTLED and any(serves(placements[name], p.group) for p in acks.proxies):
+            now[name] = Stage.SHIFTING
+    return Advanced(after, frozenset(removed), now)
 
 
 # ---- hosts handed over between rollouts --------------------------------------------------------
