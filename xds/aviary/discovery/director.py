@@ -13,12 +13,19 @@ what is desired by the ACKs of the proxies that serve the rollout:
 
 With no proxy connected every gate is open and all three happen in one call.
 
+Those decisions (each rollout's stage: adding, shifting, retiring, removing, settled; the gates;
+the one predicate for "this proxy holds it up") are pure functions in `make_before_break`. This
+class is the shell around them: it takes the inputs (plans, placements, proxy events), hands
+`advance` what is published and what the proxies ACKed, publishes the result and repeats while
+something moves, reports ACKs and NACKs, and re-checks only the proxy that just ACKed while
+rollouts wait (`_holds_up`), so a change to N proxies costs O(N), not O(N^2).
+
 Nothing is published that Envoy must reject (`resources.render` checks each group's snapshot):
 a rollout whose content would break a rule is held at what was last published for it, the others
 move on, and `blocked(name)` says why (logged at ERROR once per reason). A NACK is blamed on the
 rollouts whose part of the rejected resource changed since the version that proxy last ACKed (for
-a route configuration: their virtual host), shown by `rejected(name)` until that proxy ACKs a later
-version of that type.
+a route configuration: their virtual host, narrowed on evidence when several changed at once, see
+`nack_blame`), shown by `rejected(name)` until that proxy ACKs a later version of that type.
 """
 
 from __future__ import annotations
@@ -29,12 +36,27 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from dataclasses import dataclass, replace
 
 from aviary.discovery import typeurls
 from aviary.discovery.cache import DEFAULT_GROUP, SnapshotCache
-from aviary.discovery.gates import cluster_acked, route_acked
+from aviary.discovery.make_before_break import (
+    Acks,
+    Placement,
+    Published,
+    Routing,
+    ServedProxy,
+    Stage,
+    Wait,
+    advance,
+    gate_open,
+    holds_rollout_up,
+    route_names,
+    routing_of,
+    served_hosts_and_route,
+    waits_on_proxies,
+)
+from aviary.discovery.nack_blame import KnownRejection, narrowed, route_suspects
 from aviary.discovery.proxy_events import (
     ProxyDisconnected,
     ProxyEvent,
@@ -45,16 +67,17 @@ from aviary.discovery.proxy_events import (
 from aviary.discovery.proxy_status import ProxyStatus, ProxyView
 from aviary.discovery.resources import (
     PublishedRollout,
-    cluster_name,
     grpc_route_name,
     listener_name,
     render,
     route_name,
+    virtual_host_bytes,
 )
 from aviary.discovery.snapshot import EMPTY, Snapshot
 from aviary.matching import CohortRule
-from aviary.policy.schema import ListenerSpec
 from aviary.traffic import Backend, Stickiness, TrafficPlan
+
+__all__ = ["Placement", "PublishedState", "RolloutNack", "Routing", "Stage", "TrafficDirector"]
 
 log = logging.getLogger("aviary.director")
 
@@ -66,42 +89,6 @@ _KIND = {
     typeurls.CLUSTER: "cluster",
     typeurls.ENDPOINT: "endpoints of cluster",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where a rollout is served: from its policy file, independent of weights."""
-
-    listener: ListenerSpec
-    hosts: tuple[str, ...]
-    proxy_cluster: str | None = None
-
-
-class Routing(NamedTuple):
-    """What a rollout's virtual host says, as one value: it changes in one route update or not at all."""
-
-    route: tuple[tuple[str, int], ...]  # the weighted default: (cluster name, weight)
-    cohorts: tuple[tuple[CohortRule, str], ...] = ()  # routed before `route`: (cohort, cluster name)
-    stickiness: Stickiness | None = None
-    mirror: tuple[str, int] | None = None  # (cluster name, percent of `route`'s requests copied to it)
-
-
-@dataclass(slots=True)
-class _Published:
-    route: tuple[tuple[str, int], ...]  # cluster name -> weight
-    clusters: dict[str, Backend] = field(default_factory=dict)  # cluster name -> backend
-    handover: tuple[tuple[str, int], ...] = ()  # being removed: its last route, while a successor warms up
-    cohorts: tuple[tuple[CohortRule, str], ...] = ()  # routed before `route`: (cohort, cluster name)
-    stickiness: Stickiness | None = None
-    mirror: tuple[str, int] | None = None
-
-    @property
-    def routing(self) -> Routing:
-        return Routing(self.route, self.cohorts, self.stickiness, self.mirror)
-
-    @routing.setter
-    def routing(self, value: Routing) -> None:
-        self.route, self.cohorts, self.stickiness, self.mirror = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +116,9 @@ class _Rejection:
     stream_id: int
     type_url: str
     text: str
+    resource: str = ""
+    part: str | None = None  # for a route: the digest of the rollout's virtual host that was refused
+    message: str = ""
 
 
 AckListener = Callable[[str, TrafficPlan], None]
@@ -142,12 +132,12 @@ class TrafficDirector:
         self._proxies = proxies
         self._placements: dict[str, Placement] = {}
         self._desired: dict[str, TrafficPlan] = {}
-        self._published: dict[str, _Published] = {}
+        self._published: dict[str, Published] = {}  # those being removed too (`Published.removing`)
+        self._stages: dict[str, Stage] = {}
         self._acked: dict[str, TrafficPlan] = {}
         self._built: list[tuple[str, tuple[PublishedRollout, ...]]] | None = None
         self._unsettled: set[str] = set()
         self._waiting: set[int] = set()  # stream ids of the proxies an unsettled rollout waits for
-        self._removing: set[str] = set()  # removed rollouts whose clusters wait for route ACKs
         self._expected: set[str] = set()  # node ids to wait for after a restart
         self._grace_timer: asyncio.TimerHandle | None = None
         self._expected_until = 0.0
@@ -174,7 +164,9 @@ class TrafficDirector:
         """THE place where a rollout's plan (canary weight, opened cohorts) is set."""
         if name not in self._placements:
             raise KeyError(f"unknown rollout {name!r}")
-        self._removing.discard(name)
+        published = self._published.get(name)
+        if published is not None and published.removing:  # back before its removal completed
+            self._published[name] = replace(published, removing=False)
         if self._desired.get(name) != traffic:
             log.info("rollout %s: desired %s (plan %s)", name, traffic.describe(), traffic.digest)
         self._desired[name] = traffic
@@ -193,16 +185,15 @@ class TrafficDirector:
         if published is None:
             self._placements.pop(name, None)
         else:
-            published.handover, published.routing = published.route, Routing(())
-            self._removing.add(name)
+            self._published[name] = replace(published, handover=published.route, routing=Routing(()), removing=True)
         self._reconcile_unless_batching()
 
     def restore_published(self, name: str, state: PublishedState) -> None:
         """After a restart: what the previous process had published for this rollout (call before
         `set_rollout`). Its route stays until the current clusters are ACKed, and clusters no longer
         wanted retire only once no route a proxy ACKed names them, as in any change."""
-        self._published[name] = _Published(state.route, dict(state.clusters), cohorts=state.cohorts,
-                                           stickiness=state.stickiness, mirror=state.mirror)
+        routing = Routing(state.route, state.cohorts, state.stickiness, state.mirror)
+        self._published[name] = Published(routing, dict(state.clusters))
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -308,6 +299,10 @@ class TrafficDirector:
         published = self._published.get(name)
         return {published.clusters[c].version: w for c, w in published.route} if published else {}
 
+    def stage(self, name: str) -> Stage | None:
+        """Where this rollout is in make-before-break, as of the last reconcile (None: unknown)."""
+        return self._stages.get(name)
+
     def blocked(self, name: str) -> str | None:
         """Why this rollout's latest content is held back (Envoy would reject it), or None."""
         return self._blocked.get(name)
@@ -325,7 +320,8 @@ class TrafficDirector:
             if not self._advance():
                 break
         self._notify_acked()
-        self._unsettled = {name for name in self._desired if not self._settled(name)} | self._removing
+        removing = {name for name, published in self._published.items() if published.removing}
+        self._unsettled = {name for name in self._desired if not self._settled(name)} | removing
         self._waiting = {p.stream_id for p in self._proxies if self._holds_up(p)} if self._unsettled else set()
 
     def _settled(self, name: str) -> bool:
@@ -333,7 +329,7 @@ class TrafficDirector:
         desired, published = self._desired[name], self._published.get(name)
         if published is None or name in self._blocked:
             return False
-        wanted = _routing_of(name, desired)
+        wanted = routing_of(name, desired)
         return (
             published.routing == wanted
             and published.clusters.keys() == {c for c, _ in wanted.route}
@@ -341,28 +337,22 @@ class TrafficDirector:
         )
 
     def _advance(self) -> bool:
-        """One pass: move each rollout's published state as far as the gates allow, publish."""
-        for name in list(self._removing):
-            if self._removal_acked(name):
-                self._removing.discard(name)
-                del self._published[name], self._placements[name]
-        for name, desired in self._desired.items():
-            published = self._published.get(name)
-            wanted = _routing_of(name, desired)
-            if published is None:  # taking a host over: no virtual host until its clusters are ACKed
-                published = self._published[name] = _Published(route=())
-                if not self._takes_over(name):
-                    published.routing = wanted
-            for backend in _backends(desired):
-                published.clusters[cluster_name(name, backend.version)] = backend  # new, or new endpoints
-            moves = published.routing != wanted
-            if moves and all(self._cluster_ready(name, cluster) for cluster, _ in wanted.route):
-                published.routing = wanted  # one route update: the plan as a whole
-            retiring = self._retiring(name)
-            if retiring and self._route_acked(name, without=retiring):
-                for cluster in retiring:
-                    del published.clusters[cluster]
+        """One pass of `make_before_break.advance` over what is published now, then publish."""
+        advanced = advance(self._published, self._desired, self._placements, self._acks(), self._stages)
+        self._published = dict(advanced.published)
+        for name in advanced.removed:
+            del self._placements[name]
+        self._stages = dict(advanced.stages)
         return self._publish()
+
+    def _acks(self) -> Acks:
+        """The proxies' ACK state as the gates read it: each with its group and what it is served."""
+        awaiting = self._awaiting_reconnect()
+        return Acks(tuple(self._served(proxy) for proxy in self._proxies), awaiting)
+
+    def _served(self, proxy: ProxyView) -> ServedProxy:
+        cluster = proxy.node_cluster
+        return ServedProxy(proxy, self._cache.group_of(cluster), self._cache.snapshot_for(cluster))
 
     def _publish(self) -> bool:
         """Build and publish snapshots, but only when the published model changed."""
@@ -500,10 +490,7 @@ class TrafficDirector:
     def _published_rollout(self, name: str) -> PublishedRollout:
         placement = self._placements[name]
         published = self._published[name]
-        route, hosts = published.route, placement.hosts
-        if name in self._removing and self._succeeded_by_a_newcomer(name):
-            hosts = self._hosts_still_mine(name)
-            route = published.handover if hosts else ()
+        hosts, route = served_hosts_and_route(name, self._published, self._placements)
         return PublishedRollout(
             name=name,
             listener=placement.listener,
@@ -515,40 +502,6 @@ class TrafficDirector:
             mirror=published.mirror,
         )
 
-    def _takes_over(self, name: str) -> bool:
-        """A new rollout claims a host that a rollout being removed still serves (a rename)."""
-        return any(self._shares_a_host(name, other) for other in self._removing)
-
-    def _shares_a_host(self, name: str, other: str) -> bool:
-        mine, theirs = self._placements[name], self._placements[other]
-        return mine.listener.key == theirs.listener.key and bool(
-            {h.casefold() for h in mine.hosts} & {h.casefold() for h in theirs.hosts}
-        )
-
-    def _succeeded_by_a_newcomer(self, name: str) -> bool:
-        """A rollout being removed keeps serving its hosts while a rollout taking one of them over
-        (a rename) has no virtual host yet: the host is handed over in one route update, never
-        left to 404 or routed to clusters Envoy has not warmed."""
-        return any(
-            not published.route and self._shares_a_host(name, other)
-            for other, published in self._published.items()
-            if other != name and other not in self._removing
-        )
-
-    def _hosts_still_mine(self, name: str) -> tuple[str, ...]:
-        """The hosts a rollout being removed keeps while a newcomer warms up: not those another
-        rollout already routes (one that moved there from another listener or took them over in
-        the same change); a host served twice would make Envoy reject the whole route."""
-        listener = self._placements[name].listener.key
-        taken = {
-            host.casefold()
-            for other, published in self._published.items()
-            if other != name and other not in self._removing and published.route
-            and self._placements[other].listener.key == listener
-            for host in self._placements[other].hosts
-        }
-        return tuple(h for h in self._placements[name].hosts if h.casefold() not in taken)
-
     def _serving(self, name: str) -> Iterable[tuple[ProxyView, Snapshot]]:
         """Connected proxies that receive this rollout, with the snapshot they are being served."""
         placement = self._placements[name]
@@ -557,60 +510,14 @@ class TrafficDirector:
             if placement.proxy_cluster is None or placement.proxy_cluster == group:
                 yield proxy, self._cache.snapshot_for(proxy.node_cluster)
 
-    def _cluster_ready(self, name: str, cluster: str) -> bool:
-        if self._awaiting_reconnect():
-            return False
-        return all(cluster_acked(proxy, snapshot, cluster) for proxy, snapshot in self._serving(name))
-
-    def _route_acked(self, name: str, without: frozenset[str] = frozenset()) -> bool:
-        """Every serving proxy ACKed the published route(s), and those no longer name `without`."""
-        if self._awaiting_reconnect():
-            return False
-        routes = self._route_names(name)
-        return all(route_acked(proxy, snapshot, routes, without) for proxy, snapshot in self._serving(name))
-
-    def _removal_acked(self, name: str) -> bool:
-        """Every serving proxy ACKed routes without this rollout (or its listener is gone)."""
-        if self._awaiting_reconnect():
-            return False
-        routes, clusters = self._route_names(name), self._cluster_names(name)
-        return all(
-            route_acked(proxy, snapshot, routes, clusters, missing_ok=True) for proxy, snapshot in self._serving(name)
-        )
-
-    def _cluster_names(self, name: str) -> frozenset[str]:
-        return frozenset(self._published[name].clusters)
-
-    def _route_names(self, name: str) -> tuple[str, str]:
-        return route_name(self._placements[name].listener), grpc_route_name(name)
-
-    def _retiring(self, name: str) -> frozenset[str]:
-        published, desired = self._published[name], self._desired[name]
-        keep = {c for c, _ in published.route} | {c for c, _ in _route_of(name, desired)}
-        keep |= {c for _, c in published.cohorts}  # the canary's, named by the weights too; never retired apart
-        return frozenset(c for c in published.clusters if c not in keep)
-
     def _holds_up(self, proxy: ProxyView) -> bool:
         """Whether this proxy is what an unsettled rollout waits for at its current stage."""
-        group = self._cache.group_of(proxy.node_cluster)
-        snapshot = self._cache.snapshot_for(proxy.node_cluster)
+        served = self._served(proxy)
         for name in self._unsettled:
-            placement, published = self._placements[name], self._published.get(name)
-            if published is None or placement.proxy_cluster not in (None, group):
+            published = self._published.get(name)
+            if published is None or not waits_on_proxies(name, self._published, self._placements):
                 continue
-            if name in self._removing:
-                if self._succeeded_by_a_newcomer(name):
-                    continue  # it waits for the newcomer's clusters, held up (or not) by that rollout
-                routes, clusters = self._route_names(name), self._cluster_names(name)
-                if not route_acked(proxy, snapshot, routes, clusters, missing_ok=True):
-                    return True
-                continue
-            wanted = _routing_of(name, self._desired[name])
-            if published.routing != wanted:
-                ready = all(cluster_acked(proxy, snapshot, cluster) for cluster, _ in wanted.route)
-            else:
-                ready = route_acked(proxy, snapshot, self._route_names(name), self._retiring(name))
-            if not ready:
+            if holds_rollout_up(served, name, published, self._desired.get(name), self._placements[name]):
                 return True
         return False
 
@@ -619,11 +526,10 @@ class TrafficDirector:
             published = self._published.get(name)
             if name in self._blocked or published is None:
                 continue
-            if published.routing != _routing_of(name, desired):
+            if self._acked.get(name) == desired or published.routing != routing_of(name, desired):
                 continue
-            if not self._route_acked(name):
-                continue
-            if self._acked.get(name) == desired:
+            placement = self._placements[name]
+            if not gate_open(placement, Wait(routes=route_names(name, placement)), self._acks()):
                 continue
             self._acked[name] = desired
             for listener in self._ack_listeners:
@@ -673,19 +579,23 @@ class TrafficDirector:
             for resource, version in event.resources.items()
             if proxy.acked_version_of(event.type_url, resource) != version
         ] or list(event.resources)
-        blamed: dict[str, str] = {}
+        blamed: dict[str, tuple[str, str]] = {}  # rollout -> (resource, version)
         for resource in suspects:
-            for name in self._owners(proxy, event.type_url, resource, event.resources[resource]):
-                blamed.setdefault(name, resource)
-        for name, resource in sorted(blamed.items()):
+            version = event.resources[resource]
+            for name in self._owners(proxy, event.type_url, resource, version, event.message):
+                blamed.setdefault(name, (resource, version))
+        for name, (resource, version) in sorted(blamed.items()):
             text = f"Envoy rejected {_KIND.get(event.type_url, event.type_url)} {resource} (node {proxy.node_id}): "
-            self._rejected[name] = _Rejection(event.stream_id, event.type_url, text + event.message)
+            part = self._route_parts.get(version, {}).get(name) if event.type_url == typeurls.ROUTE else None
+            self._rejected[name] = _Rejection(event.stream_id, event.type_url, text + event.message, resource, part,
+                                              event.message)
             nack = RolloutNack(name, proxy.node_id, event.type_url, event.message)
             for listener in self._nack_listeners:
                 listener(nack)
 
-    def _owners(self, proxy: ProxyView, type_url: str, resource: str, version: str) -> list[str]:
-        """The rollouts a rejected resource (at `version`) is blamed on."""
+    def _owners(self, proxy: ProxyView, type_url: str, resource: str, version: str, message: str) -> list[str]:
+        """The rollouts a rejected resource (at `version`) is blamed on (for a route configuration:
+        see `nack_blame`)."""
         names = [name for name in self._placements if self._names_rollout(name, type_url, resource)]
         if type_url != typeurls.ROUTE:
             return names
@@ -694,7 +604,23 @@ class TrafficDirector:
         accepted = self._route_parts.get(acked_version) if acked_version is not None else {}
         if rejected is None or accepted is None:
             return names  # a version this process did not publish: blame every rollout on it
-        return [name for name in names if name in rejected and accepted.get(name) != rejected[name]]
+        suspects = route_suspects(names, rejected, accepted)
+        if len(suspects) <= 1:
+            return suspects
+        known = [
+            KnownRejection(name, r.part, r.message)
+            for name, r in self._rejected.items()
+            if r.stream_id == proxy.stream_id and r.resource == resource and r.part is not None
+        ]
+        return narrowed(suspects, rejected, message, known, self._served_virtual_hosts(proxy, resource, version))
+
+    def _served_virtual_hosts(self, proxy: ProxyView, resource: str, version: str) -> dict[str, bytes]:
+        """The virtual hosts of the rejected route configuration, if it is still what this proxy is
+        served (a newer version published since: none, the message is then not matched)."""
+        served = self._cache.snapshot_for(proxy.node_cluster).items(typeurls.ROUTE).get(resource)
+        if served is None or served.version != version:
+            return {}
+        return virtual_host_bytes(served)
 
     def _names_rollout(self, name: str, type_url: str, resource: str) -> bool:
         """Whether a resource a proxy rejected belongs to this rollout."""
@@ -712,34 +638,3 @@ class TrafficDirector:
 def _asked_for_routes(proxy: ProxyView) -> bool:
     """A proxy that asked for clusters has asked for routes too (one that does not route, has not)."""
     return typeurls.ROUTE in proxy.subscriptions or typeurls.CLUSTER not in proxy.subscriptions
-
-
-def _backends(traffic: TrafficPlan) -> tuple[Backend, ...]:
-    return (traffic.stable,) if traffic.canary is None else (traffic.stable, traffic.canary)
-
-
-def _route_of(name: str, traffic: TrafficPlan) -> tuple[tuple[str, int], ...]:
-    if traffic.canary is None:
-        return ((cluster_name(name, traffic.stable.version), 100),)
-    return (
-        (cluster_name(name, traffic.stable.version), 100 - traffic.canary_weight),
-        (cluster_name(name, traffic.canary.version), traffic.canary_weight),
-    )
-
-
-def _routing_of(name: str, plan: TrafficPlan) -> Routing:
-    """The virtual host a plan asks for. The mirror and the cohorts name the canary's cluster, which
-    the weighted route always names too (at weight 0 as well): no part of a plan needs a cluster the
-    weights do not already keep warm."""
-    mirror = None
-    if plan.canary is not None and plan.mirror:
-        mirror = (cluster_name(name, plan.canary.version), plan.mirror)
-    return Routing(_route_of(name, plan), _cohorts_of(name, plan), plan.stickiness, mirror)
-
-
-def _cohorts_of(name: str, plan: TrafficPlan) -> tuple[tuple[CohortRule, str], ...]:
-    """The plan's cohort routes, each to the canary's cluster (which the weighted route always names,
-    at weight 0 too: so a cohort never needs a cluster the weights do not already keep warm)."""
-    if plan.canary is None:
-        return ()
-    return tuple((cohort, cluster_name(name, plan.canary.version)) for cohort in plan.cohorts)

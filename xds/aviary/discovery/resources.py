@@ -570,3 +570,9 @@ def _decode_route(resource: Resource) -> route_pb2.RouteConfiguration:
     config = route_pb2.RouteConfiguration()
     any_message.Unpack(config)
     return config
+
+
+def virtual_host_bytes(resource: Resource) -> dict[str, bytes]:
+    """Each virtual host of a route configuration (by name) as its serialized bytes: what a NACK's
+    message can be matched against to tell which virtual host Envoy refused."""
+    return {vh.name: vh.SerializeToString(deterministic=True) for vh in _decode_route(resource).virtual_hosts}
