@@ -48,7 +48,7 @@ from aviary.policy.rollout import (
 from aviary.policy.schema import Endpoint, ListenerSpec, MetricCheck, MirrorStep, RolloutSpec
 from aviary.runner import moves_away_from_stable
 from aviary.store.sqlite import _STATUS, SavedPublished, decode_published, encode_published
-from aviary.traffic import Backend, TrafficPlan
+from aviary.traffic import Backend, Stickiness, TrafficPlan
 from tests.unit.test_snapshot_invariants import bootstrap, envoy_validate
 
 ISSUE_POLICY = """\
@@ -401,10 +401,43 @@ def test_metrics_have_a_mirror_gauge() -> None:
         revision = None
 
         def statuses(self) -> dict[str, RolloutStatus]:
-            return {"checkout": RolloutStatus("checkout", Phase.PROGRESSING, V1, V2, 0, step_index=1, mirror=100)}
+            return {"checkout": RolloutStatus("checkout", Phase.PROGRESSING, V1, V2, 0, step_index=1,
+                                              cohorts=("internal",), mirror=100)}
+
+        def stage(self, name: str) -> str | None:
+            return "shifting"
+
+        def plan(self, name: str) -> TrafficPlan | None:
+            return TrafficPlan(V1, V2, 0, mirror=100, stickiness=Stickiness(header="x-user-id"))
 
     # The rollout families come before those that need more of a runner than this stub has.
     families = _StateCollector(ProxyStatus(), cast(RolloutRunner, Runner())).collect()
     gauge = next(m for m in families if m.name == "aviary_rollout_mirror_percent")
     [sample] = gauge.samples
     assert (sample.labels, sample.value) == ({"rollout": "checkout"}, 100)
+    # The rest of the plan: opened cohorts, the make-before-break stage and the plan's digest.
+    by_name = {}
+    for family in _StateCollector(ProxyStatus(), cast(RolloutRunner, Runner())).collect():
+        by_name[family.name] = family
+        if family.name == "aviary_check_result":  # the last rollout family; later ones need more of a runner
+            break
+    assert [(s.labels, s.value) for s in by_name["aviary_rollout_cohort_open"].samples] == [
+        ({"rollout": "checkout", "cohort": "internal"}, 1.0)]
+    stages = {s.labels["stage"]: s.value for s in by_name["aviary_rollout_stage"].samples}
+    assert stages == {"adding": 0, "shifting": 1, "retiring": 0, "removing": 0, "settled": 0}
+    [info] = by_name["aviary_rollout_plan"].samples
+    plan = TrafficPlan(V1, V2, 0, mirror=100, stickiness=Stickiness(header="x-user-id"))
+    assert info.labels == {"rollout": "checkout", "digest": plan.digest, "stickiness": "header x-user-id"}
+
+
+def test_status_shows_the_plan_digest_and_its_make_before_break_stage() -> None:
+    v2, status, _ = at_mirror_step()
+    plan = traffic_plan(v2, status)
+    message = rollout_message(status, v2, [], WallClock(0.0, 0.0), plan=plan, stage="shifting")
+    assert (message.plan, message.stage) == (plan.digest, "shifting")
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(rollout_detail(message))
+    assert f"{plan.digest} (shifting)" in console.export_text()
+    assert {k: json.loads(as_json(message))[k] for k in ("plan", "stage")} == {"plan": plan.digest, "stage": "shifting"}

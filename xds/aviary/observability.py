@@ -20,6 +20,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from aviary.discovery import typeurls
+from aviary.discovery.make_before_break import Stage
 from aviary.discovery.proxy_events import (
     ProxyEvent,
     ResourcesAcked,
@@ -134,7 +135,27 @@ class _StateCollector(Collector):
         result = GaugeMetricFamily(
             "aviary_check_result", "1 for the last outcome of a metric check", labels=["rollout", "check", "result"]
         )
+        cohort_open = GaugeMetricFamily(
+            "aviary_rollout_cohort_open", "1 for each cohort opened to the canary", labels=["rollout", "cohort"]
+        )
+        stage = GaugeMetricFamily(
+            "aviary_rollout_stage", "1 for the make-before-break stage of the rollout's plan",
+            labels=["rollout", "stage"],
+        )
+        plan = InfoMetricFamily(
+            "aviary_rollout_plan", "The traffic plan a rollout asks the proxies to serve", labels=["rollout"]
+        )
         for name, status in sorted(self._runner.statuses().items()):
+            for cohort in status.cohorts:
+                cohort_open.add_metric([name, cohort], 1.0)
+            current = self._runner.stage(name)
+            if current is not None:
+                for each in Stage:
+                    stage.add_metric([name, each.value], 1.0 if each.value == current else 0.0)
+            wanted = self._runner.plan(name)
+            if wanted is not None:
+                sticky = wanted.stickiness.describe() if wanted.stickiness is not None else ""
+                plan.add_metric([name], {"digest": wanted.digest, "stickiness": sticky})
             for candidate in Phase:
                 phase.add_metric([name, candidate.value], 1.0 if status.phase is candidate else 0.0)
             weight.add_metric([name], status.weight)
@@ -145,7 +166,7 @@ class _StateCollector(Collector):
                     value.add_metric([name, check.name], check.value)
                 for outcome in CheckOutcome:
                     result.add_metric([name, check.name, outcome.value], 1.0 if check.outcome is outcome else 0.0)
-        yield from (phase, weight, step, mirror, value, result)
+        yield from (phase, weight, step, mirror, cohort_open, stage, plan, value, result)
 
         commit = InfoMetricFamily("aviary_policy_git", "Git commit of the applied policies", labels=["commit"])
         if self._runner.revision:

@@ -363,6 +363,15 @@ class RolloutRunner:
             self._apply_pending()
         return list(refused)
 
+    def plan(self, name: str) -> TrafficPlan | None:
+        """The traffic plan this rollout asks the proxies to serve (None: not placed yet)."""
+        return self._director.desired(name)
+
+    def stage(self, name: str) -> str | None:
+        """Where publishing that plan is (adding, shifting, retiring, removing, settled); None: unknown."""
+        stage = self._director.stage(name)
+        return stage.value if stage is not None else None
+
     def envoy_weights(self, name: str) -> dict[str, int] | None:
         """Version -> weight the proxies ACKed for this rollout (None: unknown); see the director."""
         return self._director.envoy_weights(name)

@@ -20,6 +20,7 @@ from aviary.policy.rollout_state import Hold, Phase, RolloutStatus, TransitionEv
 from aviary.policy.schema import PolicyError, RolloutSpec
 from aviary.policy.source import PolicyState
 from aviary.runner import EngineHealth
+from aviary.traffic import TrafficPlan
 
 __all__ = [
     "RECENT_EVENTS",
@@ -108,6 +109,8 @@ def rollout_message(
     state_error: str | None = None,
     envoy_rejected: str | None = None,
     envoy_weights: Mapping[str, int] | None = None,
+    plan: TrafficPlan | None = None,
+    stage: str | None = None,
 ) -> pb.Rollout:
     """``envoy_weights`` (version -> weight the proxies ACKed) sets ``acked_weight`` for a rollback
     still in flight: the failed canary's weight at Envoy, until the proxies ACK the rollback."""
@@ -145,6 +148,8 @@ def rollout_message(
         kept_version=status.stable.version if guarding else "",
         keep_seconds_left=guard_left(spec, status, clock.monotonic) if spec is not None else None,
         keep_seconds=guard.keep if guard is not None else 0.0,
+        plan=plan.digest if plan is not None else "",
+        stage=stage or "",
         mirror=status.mirror,
         # Known exactly when the weight is: both come from the same ACK of one plan.
         acked_mirror=status.acked_mirror if status.canary is not None and status.acked_weight is not None else None,

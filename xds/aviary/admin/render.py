@@ -158,6 +158,8 @@ def rollout_detail(r: pb.Rollout) -> Group:
         if r.HasField("acked_mirror") and r.acked_mirror != r.mirror:
             facts.add_row("acked mirror", f"{r.acked_mirror}%" if r.acked_mirror else "off")
         facts.add_row("time in step", f"{r.seconds_in_step:.0f}s" if r.seconds_in_step else "not started")
+    if r.plan:
+        facts.add_row("plan", f"{r.plan} ({r.stage or 'stage unknown'})")
     for override in r.overrides:
         facts.add_row("override", f"{override.kind}: {override.detail}")
     if r.failed_version:

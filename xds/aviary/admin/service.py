@@ -130,6 +130,8 @@ class AdminService:
             state_error=self._runner.state_error(name),
             envoy_rejected=self._runner.blocked(name),
             envoy_weights=self._runner.envoy_weights(name),
+            plan=self._runner.plan(name),
+            stage=self._runner.stage(name),
         )
 
     async def _known(self, name: str, context: Context) -> RolloutStatus:

@@ -130,7 +130,7 @@ class Override(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("name", "phase", "stable_version", "canary_version", "weight", "step", "steps", "seconds_in_step", "checks", "events", "git_commit", "overrides", "reason", "failed_version", "orphaned", "acked_weight", "envoy_rejected", "engine_error", "state_error", "step_weight", "cohorts", "acked_cohorts", "stickiness", "kept_version", "keep_seconds_left", "keep_seconds", "mirror", "acked_mirror")
+    __slots__ = ("name", "phase", "stable_version", "canary_version", "weight", "step", "steps", "seconds_in_step", "checks", "events", "git_commit", "overrides", "reason", "failed_version", "orphaned", "acked_weight", "envoy_rejected", "engine_error", "state_error", "step_weight", "cohorts", "acked_cohorts", "stickiness", "kept_version", "keep_seconds_left", "keep_seconds", "mirror", "acked_mirror", "plan", "stage")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,8 @@ class Rollout(_message.Message):
     KEEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MIRROR_FIELD_NUMBER: _ClassVar[int]
     ACKED_MIRROR_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     phase: str
     stable_version: str
@@ -187,7 +189,9 @@ class Rollout(_message.Message):
     keep_seconds: float
     mirror: int
     acked_mirror: int
-    def __init__(self, name: _Optional[str] = ..., phase: _Optional[str] = ..., stable_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., weight: _Optional[int] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., seconds_in_step: _Optional[float] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., git_commit: _Optional[str] = ..., overrides: _Optional[_Iterable[_Union[Override, _Mapping]]] = ..., reason: _Optional[str] = ..., failed_version: _Optional[str] = ..., orphaned: _Optional[bool] = ..., acked_weight: _Optional[int] = ..., envoy_rejected: _Optional[str] = ..., engine_error: _Optional[str] = ..., state_error: _Optional[str] = ..., step_weight: _Optional[int] = ..., cohorts: _Optional[_Iterable[str]] = ..., acked_cohorts: _Optional[_Iterable[str]] = ..., stickiness: _Optional[str] = ..., kept_version: _Optional[str] = ..., keep_seconds_left: _Optional[float] = ..., keep_seconds: _Optional[float] = ..., mirror: _Optional[int] = ..., acked_mirror: _Optional[int] = ...) -> None: ...
+    plan: str
+    stage: str
+    def __init__(self, name: _Optional[str] = ..., phase: _Optional[str] = ..., stable_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., weight: _Optional[int] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., seconds_in_step: _Optional[float] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., git_commit: _Optional[str] = ..., overrides: _Optional[_Iterable[_Union[Override, _Mapping]]] = ..., reason: _Optional[str] = ..., failed_version: _Optional[str] = ..., orphaned: _Optional[bool] = ..., acked_weight: _Optional[int] = ..., envoy_rejected: _Optional[str] = ..., engine_error: _Optional[str] = ..., state_error: _Optional[str] = ..., step_weight: _Optional[int] = ..., cohorts: _Optional[_Iterable[str]] = ..., acked_cohorts: _Optional[_Iterable[str]] = ..., stickiness: _Optional[str] = ..., kept_version: _Optional[str] = ..., keep_seconds_left: _Optional[float] = ..., keep_seconds: _Optional[float] = ..., mirror: _Optional[int] = ..., acked_mirror: _Optional[int] = ..., plan: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...
 
 class ListProxiesRequest(_message.Message):
     __slots__ = ()
