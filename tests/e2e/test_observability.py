@@ -219,7 +219,12 @@ def test_metrics_say_what_happened(stage: Stage, fake_prometheus: FakePrometheus
 
     canary = wait_until(paused_at_step_2, 20, interval=0.1, what="shop Paused at its pause step")
     phases = by_label(canary, "aviary_rollout_phase", "phase")
-    assert phases == {"Stable": 0.0, "Progressing": 0.0, "Paused": 1.0, "Promoting": 0.0, "RolledBack": 0.0}, phases
+    assert phases == {"Stable": 0.0, "Progressing": 0.0, "Paused": 1.0, "Promoting": 0.0, "Guarding": 0.0,
+                      "RolledBack": 0.0}, phases
+    stages = by_label(canary, "aviary_rollout_stage", "stage")
+    assert set(stages) == {"adding", "shifting", "retiring", "removing", "settled"} and sum(stages.values()) == 1.0
+    [plan] = [dict(k) for (n, k), _ in canary.items() if n == "aviary_rollout_plan_info"]
+    assert plan["rollout"] == NAME and len(plan["digest"]) == 12 and plan["stickiness"] == "", plan
     assert value(canary, "aviary_rollout_canary_weight", rollout=NAME) == 20.0
     assert value(canary, "aviary_rollout_step", rollout=NAME) == 1.0
     assert by_label(canary, "aviary_check_value", "check") == {"latency": LATENCY_VALUE, "success": SUCCESS_VALUE}
