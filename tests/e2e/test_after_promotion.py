@@ -24,138 +24,51 @@ import contextlib
 import json
 import select
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from aviary.admin.convert import WallClock, rollout_message
 from aviary.admin.render import as_json, rollout_line
 from aviary.admin.v1 import admin_pb2 as pb
 from aviary.discovery.resources import route_name
-from aviary.policy.rollout_state import Phase, RolloutStatus, TransitionEvent
+from aviary.policy.rollout_state import Phase, RolloutStatus
 from aviary.policy.schema import ListenerSpec
 from tests.conftest import EnvoyFactory, LoadgenFactory
 from tests.rig.backends import Backends
-from tests.rig.control_plane import RunningControlPlane
-from tests.rig.envoy import EnvoyProcess
+from tests.rig.control_plane import write_policy
 from tests.rig.loadgen import LoadGenerator, LoadResult
 from tests.rig.ports import free_port, port_open
-from tests.rig.prometheus import PrometheusProcess
 from tests.rig.serve_process import AVIARY, AviaryServe, saved_rollout
+from tests.rig.stage import HOST, Rig, RouteWatch, Stage, running_rig, write_results
 from tests.rig.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-RESULTS_FILE = Path(__file__).resolve().parent / ".results" / "after_promotion.json"
-HOST = "app.example.com"
 CLIENTS = 4
 RATE_PER_CLIENT = 40.0  # ~160 req/s: enough canary requests for the checks, little CPU on 2 cores
 RESULTS: dict[str, Any] = {}
 
 
-@dataclass
-class Rig:
-    plane: RunningControlPlane
-    envoy: EnvoyProcess
-    prometheus: PrometheusProcess
-    policies: Path
-
-
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    base = tmp_path_factory.mktemp("after-promotion")
-    policies = base / "policies"
-    policies.mkdir()
-    plane = RunningControlPlane(policies, poll_interval=0.2)
-    envoy: EnvoyProcess | None = None
-    prometheus: PrometheusProcess | None = None
-    try:
-        plane.start()
-        envoy = EnvoyProcess(base / "envoy", plane.xds_port).start()
-        prometheus = PrometheusProcess(base / "prometheus", [f"127.0.0.1:{envoy.admin_port}"], "1s").start()
-        prometheus.wait_for_target_up(timeout=30)
-        yield Rig(plane, envoy, prometheus, policies)
-        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_FILE.write_text(json.dumps(RESULTS, indent=2, sort_keys=True) + "\n")
-    finally:
-        for stop in (prometheus.stop if prometheus else None, envoy.stop if envoy else None, plane.stop):
-            if stop is not None:
-                with contextlib.suppress(Exception):
-                    stop()
-
-
-class RouteWatch:
-    """Polls Envoy's route in a thread; keeps (epoch seconds, {cluster: weight}) at every change."""
-
-    def __init__(self, envoy: EnvoyProcess, route: str) -> None:
-        self.envoy, self.route = envoy, route
-        self.changes: list[tuple[float, dict[str, int]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"route-{route}", daemon=True)
-
-    def _run(self) -> None:
-        last: dict[str, int] | None = None
-        while not self._stop.is_set():
-            with contextlib.suppress(Exception):  # admin busy: try again
-                weights: dict[str, int] = {}
-                for by_cluster in self.envoy.route_weights(self.route).values():
-                    weights.update(by_cluster)
-                if weights != last:
-                    self.changes.append((time.time(), weights))
-                    last = weights
-            self._stop.wait(0.02)  # pacing of the poll, not synchronisation
-
-    def __enter__(self) -> RouteWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def first_after(self, since: float, weights: dict[str, int]) -> float | None:
-        return next((at for at, seen in self.changes if at >= since and seen == weights), None)
-
-    def describe(self) -> str:
-        return "\n".join(f"  {at:.3f} {weights}" for at, weights in self.changes)
+    with running_rig(tmp_path_factory.mktemp("after-promotion"), Rig) as rig:
+        yield rig
+        write_results("after_promotion", RESULTS)
 
 
 @dataclass
-class Guarded:
-    """One rollout under test: v1 serving through Envoy under load, its route watched."""
+class Guarded(Stage):
+    """One rollout under test (``Stage``): v1 serving through Envoy under load, its route watched."""
 
     rig: Rig
-    name: str
-    backends: Backends
-    port: int
     load: LoadGenerator
     watch: RouteWatch
-    figures: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def route(self) -> str:
-        return route_name(ListenerSpec(address="127.0.0.1", port=self.port))
-
-    def cluster(self, version: str) -> str:
-        return f"{self.name}_{version}"
-
-    def status(self) -> RolloutStatus:
-        status = self.rig.plane.call(lambda p: p.runner.status(self.name))
-        assert status is not None
-        return status
-
-    def history(self) -> list[TransitionEvent]:
-        return self.rig.plane.call(lambda p: p.runner.history(self.name))
-
-    def story(self) -> str:
-        return "\n".join(f"  {e.at:.2f} {e}" for e in self.history()) or "  (no transitions)"
 
     def message(self) -> pb.Rollout:
         """What `aviary status` gets from the admin API for this rollout, built by the same code."""
@@ -167,12 +80,6 @@ class Guarded:
                                    runner.history(self.name), WallClock.now(runner.now()))
 
         return self.rig.plane.call(build)
-
-    def weights(self) -> dict[str, int]:
-        return self.rig.envoy.route_weights(self.route).get(self.name, {})
-
-    def rds_updates(self) -> int:
-        return sum(v for k, v in self.rig.envoy.stats().items() if k.endswith(f"rds.{self.route}.update_success"))
 
     def wait_for(self, phase: Phase, timeout: float) -> RolloutStatus:
         def there() -> RolloutStatus | None:
@@ -193,30 +100,17 @@ class Guarded:
         return {k: v for k, v in after.minus(before).items() if v}
 
 
-def write_policy_file(policies: Path, name: str, port: int, version: str, endpoint: str,
-                      strategy: dict[str, Any] | None = None, analysis: dict[str, Any] | None = None) -> None:
-    spec: dict[str, Any] = {"listener": {"address": "127.0.0.1", "port": port}, "hosts": ["*"],
-                            "version": version, "endpoints": [endpoint]}
-    if strategy is not None:
-        spec["strategy"] = strategy
-    if analysis is not None:
-        spec["analysis"] = analysis
-    doc = {"apiVersion": "aviary.dev/v1", "kind": "Rollout", "metadata": {"name": name}, "spec": spec}
-    tmp = policies / f".{name}.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    tmp.replace(policies / f"{name}.yaml")  # the watcher never reads half a file
-
-
-def write_policy(rig: Rig, name: str, port: int, version: str, endpoint: str, keep: str | None = None) -> None:
+def write_guarded(rig: Rig, name: str, port: int, version: str, endpoint: str, keep: str | None = None) -> None:
     """v1 without strategy; with ``keep``: one 50 % step, fast checks on Prometheus, afterPromotion."""
     if keep is None:
-        write_policy_file(rig.policies, name, port, version, endpoint)
+        write_policy(rig.policies, name, port=port, version=version, endpoints=[endpoint])
         return
     strategy = {"steps": [50], "interval": "2s", "afterPromotion": {"keep": keep}}
     analysis = {"prometheus": rig.prometheus.url, "checkEvery": "1s", "window": "5s", "minRequests": 5,
                 "failureLimit": 0, "inconclusiveLimit": 10,
                 "metrics": [{"name": "success", "template": "request-success-rate", "min": 99}]}
-    write_policy_file(rig.policies, name, port, version, endpoint, strategy, analysis)
+    write_policy(rig.policies, name, port=port, version=version, endpoints=[endpoint], strategy=strategy,
+                 analysis=analysis)
 
 
 @pytest.fixture
@@ -228,7 +122,7 @@ def guarded(rig: Rig, backends: Backends, loadgen_factory: LoadgenFactory) -> It
 
     def make(name: str) -> Guarded:
         port = free_port()
-        write_policy(rig, name, port, "v1", backends.address("v1"))
+        write_guarded(rig, name, port, "v1", backends.address("v1"))
         route = route_name(ListenerSpec(address="127.0.0.1", port=port))
         wait_until(lambda: rig.envoy.route_weights(route).get(name) == {f"{name}_v1": 100} and port_open(port),
                    15, what=f"Envoy to route {name} to v1")
@@ -236,7 +130,7 @@ def guarded(rig: Rig, backends: Backends, loadgen_factory: LoadgenFactory) -> It
         load = loadgen_factory(f"127.0.0.1:{port}", HOST, CLIENTS, RATE_PER_CLIENT)
         first = load.wait_for_requests(40, timeout=15)
         assert first.failed == 0 and first.by_version == {"v1": first.total}, first
-        guarded = Guarded(rig, name, backends, port, load, watch)
+        guarded = Guarded(rig.plane, rig.envoy, backends, rig.policies, port, rig, load, watch, name=name)
         made.append(guarded)
         return guarded
 
@@ -253,7 +147,7 @@ def guarded(rig: Rig, backends: Backends, loadgen_factory: LoadgenFactory) -> It
 
 def enter_the_window(g: Guarded, keep: str) -> RolloutStatus:
     """v2 written with ``keep``; returns the status once Guarding, having checked Envoy meanwhile."""
-    write_policy(g.rig, g.name, g.port, "v2", g.backends.address("v2"), keep=keep)
+    write_guarded(g.rig, g.name, g.port, "v2", g.backends.address("v2"), keep=keep)
     status = g.wait_for(Phase.GUARDING, 40)
     assert (status.stable.version, status.canary.version if status.canary else None, status.weight) == \
         ("v1", "v2", 100), g.story()
@@ -369,7 +263,7 @@ def test_a_restart_inside_the_window_resumes_it_from_the_saved_status(
     route = route_name(ListenerSpec(address="127.0.0.1", port=port))
     figures: dict[str, Any] = {}
     try:
-        write_policy_file(policies, name, port, "v1", backends.address("v1"))
+        write_policy(policies, name, port=port, version="v1", endpoints=[backends.address("v1")])
         plane.start()
         envoy = envoy_factory(plane.xds_port, node_id="envoy-1")
         envoy.wait_ready()
@@ -380,8 +274,8 @@ def test_a_restart_inside_the_window_resumes_it_from_the_saved_status(
         wait_until(lambda: weights() == {f"{name}_v1": 100} and port_open(port), 15, what="Envoy to route to v1")
         load = loadgen_factory(f"127.0.0.1:{port}", HOST, CLIENTS, 25.0)
         load.wait_for_requests(40, timeout=15)
-        write_policy_file(policies, name, port, "v2", backends.address("v2"),
-                          {"steps": [50], "interval": "1s", "afterPromotion": {"keep": f"{keep:g}s"}})
+        write_policy(policies, name, port=port, version="v2", endpoints=[backends.address("v2")],
+                     strategy={"steps": [50], "interval": "1s", "afterPromotion": {"keep": f"{keep:g}s"}})
 
         def saved_phase() -> str | None:
             saved = saved_rollout(plane.state, name)
@@ -430,8 +324,7 @@ def test_a_restart_inside_the_window_resumes_it_from_the_saved_status(
         assert result.failed == 0, result.failures
     finally:
         RESULTS[name] = figures
-        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_FILE.write_text(json.dumps(RESULTS, indent=2, sort_keys=True) + "\n")
+        write_results("after_promotion", RESULTS)
         plane.stop()
 
 

@@ -18,33 +18,24 @@ RDS update with no failed request. Figures are printed and written to
 
 from __future__ import annotations
 
-import http.client
-import json
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from aviary.discovery.resources import route_name
-from aviary.policy.rollout_state import Abort, Phase, Resume, RolloutStatus
-from aviary.policy.schema import ListenerSpec
+from aviary.policy.rollout_state import Phase
 from tests.conftest import ControlPlaneFactory, EnvoyFactory, LoadgenFactory
 from tests.rig.backends import Backends
-from tests.rig.control_plane import RunningControlPlane
-from tests.rig.envoy import EnvoyProcess
-from tests.rig.ports import free_port, port_open
+from tests.rig.ports import free_port
+from tests.rig.stage import HOST, fetch, in_background, start_plane_and_envoy, write_results
+from tests.rig.stage import Stage as RolloutStage
 from tests.rig.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-RESULTS_FILE = Path(__file__).resolve().parent / ".results" / "cohorts.json"
 NAME = "shop"
-HOST = "app.example.com"
 STRATEGY: dict[str, Any] = {
     "cohorts": [
         {"name": "internal", "match": [{"headers": {"x-team": {"exact": "qa"}}},
@@ -76,42 +67,11 @@ KINDS: dict[str, tuple[dict[str, str], bool]] = {
 RESULTS: dict[str, Any] = {}
 
 
-@dataclass
-class Stage:
-    plane: RunningControlPlane
-    envoy: EnvoyProcess
-    backends: Backends
-    policies: Path
-    port: int
-    figures: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def route(self) -> str:
-        return route_name(ListenerSpec(address="127.0.0.1", port=self.port))
-
-    def write(self, version: str, strategy: dict[str, Any] | None = None) -> None:
-        spec: dict[str, Any] = {"listener": {"address": "127.0.0.1", "port": self.port}, "hosts": ["*"],
-                                "version": version, "endpoints": [self.backends.address(version)]}
-        if strategy:
-            spec["strategy"] = strategy
-        doc = {"apiVersion": "aviary.dev/v1", "kind": "Rollout", "metadata": {"name": NAME}, "spec": spec}
-        tmp = self.policies / ".shop.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-        tmp.replace(self.policies / "shop.yaml")
-
-    def status(self) -> RolloutStatus:
-        status = self.plane.call(lambda p: p.runner.status(NAME))
-        assert status is not None
-        return status
-
-    def weights(self) -> dict[str, int]:
-        return self.envoy.route_weights(self.route).get(NAME, {})
+class Stage(RolloutStage):
+    """The rollout ``shop`` (``tests/rig/stage.Stage``) and its cohort routes at Envoy."""
 
     def cohort_routes(self) -> int:
         return len(self.envoy.cohort_routes(self.route).get(NAME, []))
-
-    def rds_updates(self) -> int:
-        return sum(v for k, v in self.envoy.stats().items() if k.endswith(f"rds.{self.route}.update_success"))
 
     def wait_paused_at(self, step_index: int, weights: dict[str, int], cohort_routes: int) -> None:
         def there() -> bool:
@@ -122,48 +82,19 @@ class Stage:
         wait_until(there, 20, what=f"{NAME} paused at step {step_index + 1}, Envoy at {weights}")
 
 
-def fetch(port: int, headers: dict[str, str], n: int) -> dict[str, int]:
-    """``n`` GETs with ``headers`` over one keep-alive connection: counts by answering version, "failed"."""
-    counts: dict[str, int] = {"failed": 0}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        for _ in range(n):
-            try:
-                conn.request("GET", "/", headers={"Host": HOST, **headers})
-                resp = conn.getresponse()
-                body = resp.read().decode()
-                key = body if resp.status == 200 else "failed"
-                counts[key] = counts.get(key, 0) + 1
-                if resp.will_close:
-                    conn.close()
-            except (OSError, http.client.HTTPException):
-                counts["failed"] += 1
-                conn.close()
-    finally:
-        conn.close()
-    return counts
-
-
 @pytest.fixture
 def stage(control_plane_factory: ControlPlaneFactory, envoy_factory: EnvoyFactory, backends: Backends,
           workdir: Path) -> Iterator[Stage]:
-    backends.start(["v1", "v2"])
-    policies = workdir / "policies"
-    policies.mkdir()
-    plane = control_plane_factory(policies)
-    envoy = envoy_factory(plane.xds_port)
-    stage = Stage(plane, envoy, backends, policies, free_port())
-    stage.write("v1")
-    wait_until(lambda: stage.weights() == {f"{NAME}_v1": 100} and port_open(stage.port), 15,
-               what="Envoy to route to v1")
+    plane, envoy, policies = start_plane_and_envoy(workdir, backends, control_plane_factory, envoy_factory)
+    stage = Stage(plane, envoy, backends, policies, free_port(), name=NAME)
+    stage.serve_v1()
     yield stage
     RESULTS.update(stage.figures)
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(RESULTS, indent=2, sort_keys=True) + "\n")
+    write_results("cohorts", RESULTS)
 
 
 def shares(stage: Stage, n_plain: int, n_kind: int) -> dict[str, dict[str, int]]:
-    return {kind: fetch(stage.port, headers, n_plain if kind == "plain" else n_kind)
+    return {kind: fetch(stage.port, n_plain if kind == "plain" else n_kind, headers)
             for kind, (headers, _) in KINDS.items()}
 
 
@@ -178,7 +109,7 @@ def test_cohort_requests_reach_the_canary_at_weight_0_and_20(stage: Stage) -> No
         assert counts["failed"] == 0, (kind, counts)
         assert counts.get("v2" if in_cohort else "v1", 0) == sum(counts.values()), (kind, counts)
 
-    stage.plane.call(lambda p: p.runner.command(NAME, Resume()))
+    stage.resume()
     stage.wait_paused_at(3, {f"{NAME}_v1": 80, f"{NAME}_v2": 20}, cohort_routes=4)
     assert stage.status().cohorts == ("internal", "eu-mobile", "probe-anonymous")
     at_20 = shares(stage, 1000, 100)
@@ -202,36 +133,27 @@ def test_rollback_from_a_cohort_step_is_one_push_with_no_failed_request(
     stage.write("v2", STRATEGY)
     stage.wait_paused_at(1, {f"{NAME}_v1": 100, f"{NAME}_v2": 0}, cohort_routes=4)
     if weight:
-        stage.plane.call(lambda p: p.runner.command(NAME, Resume()))
+        stage.resume()
         stage.wait_paused_at(3, {f"{NAME}_v1": 100 - weight, f"{NAME}_v2": weight}, cohort_routes=4)
     load = loadgen_factory(f"127.0.0.1:{stage.port}", HOST, 4, 40.0)
     load.wait_for_requests(100, timeout=15)
-    stop = threading.Event()
     cohort_counts: dict[str, int] = {"failed": 0}
 
-    def cohort_load() -> None:
+    def cohort_load(stop: threading.Event) -> None:
         while not stop.is_set():
-            for key, n in fetch(stage.port, {"x-team": "qa"}, 20).items():
+            for key, n in fetch(stage.port, 20, {"x-team": "qa"}).items():
                 cohort_counts[key] = cohort_counts.get(key, 0) + n
 
-    worker = threading.Thread(target=cohort_load, name="cohort-load", daemon=True)
-    worker.start()
-    try:
+    with in_background(cohort_load, "cohort-load"):
         wait_until(lambda: cohort_counts.get("v2", 0) >= 100, 15, what="cohort requests on v2")
         updates_before = stage.rds_updates()
-        aborted_at = time.monotonic()
-        status = stage.plane.call(lambda p: p.runner.command(NAME, Abort()))
-        assert status.phase is Phase.ROLLED_BACK and status.cohorts == ()
-        wait_until(lambda: stage.weights() == {f"{NAME}_v1": 100} and stage.cohort_routes() == 0, 10,
-                   interval=0.01, what="the rollback at Envoy")
-        at_envoy_s = time.monotonic() - aborted_at
+        status, at_envoy_s = stage.abort(
+            lambda: stage.weights() == {f"{NAME}_v1": 100} and stage.cohort_routes() == 0)
+        assert status.cohorts == (), status
         v1_before = cohort_counts.get("v1", 0)
         wait_until(lambda: cohort_counts.get("v1", 0) >= v1_before + 50, 15, what="cohort requests back on v1")
         load.wait_for_requests(100, timeout=15)
         rds_pushes = stage.rds_updates() - updates_before
-    finally:
-        stop.set()
-        worker.join(10)
     result = load.stop()
     figures = {"rollback_to_envoy_s": round(at_envoy_s, 3), "rds_pushes": rds_pushes,
                "load_total": result.total, "load_failed": result.failed,

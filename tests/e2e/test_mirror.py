@@ -18,68 +18,35 @@ to the rollback at Envoy) are printed and written to ``tests/e2e/.results/mirror
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
-import yaml
 
-from aviary.discovery.resources import cluster_name, route_name
+from aviary.discovery.resources import cluster_name
 from aviary.metrics.templates import request_count_query, template_query
 from aviary.policy.analysis import CheckOutcome
-from aviary.policy.rollout_state import Abort, Phase, RolloutStatus
-from aviary.policy.schema import ListenerSpec
+from aviary.policy.rollout_state import Abort, Phase
 from tests.conftest import LoadgenFactory
 from tests.rig.backends import Backends
-from tests.rig.control_plane import RunningControlPlane
-from tests.rig.envoy import EnvoyProcess
 from tests.rig.ports import free_port, port_open
-from tests.rig.prometheus import PrometheusProcess
+from tests.rig.stage import HOST, Rig, Stage, fetch, running_rig, write_results
 from tests.rig.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
-RESULTS_FILE = Path(__file__).resolve().parent / ".results" / "mirror.json"
-HOST = "app.example.com"
 RESULTS: dict[str, Any] = {}
-
-
-@dataclass
-class Rig:
-    plane: RunningControlPlane
-    envoy: EnvoyProcess
-    prometheus: PrometheusProcess
-    policies: Path
 
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    base = tmp_path_factory.mktemp("mirror")
-    policies = base / "policies"
-    policies.mkdir()
-    plane = RunningControlPlane(policies, poll_interval=0.2)
-    envoy: EnvoyProcess | None = None
-    prometheus: PrometheusProcess | None = None
-    try:
-        plane.start()
-        envoy = EnvoyProcess(base / "envoy", plane.xds_port).start()
-        prometheus = PrometheusProcess(base / "prometheus", [f"127.0.0.1:{envoy.admin_port}"], "1s").start()
-        prometheus.wait_for_target_up(timeout=30)
-        yield Rig(plane, envoy, prometheus, policies)
-        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_FILE.write_text(json.dumps(RESULTS, indent=2, sort_keys=True) + "\n")
-    finally:
-        for stop in (prometheus.stop if prometheus else None, envoy.stop if envoy else None, plane.stop):
-            if stop is not None:
-                with contextlib.suppress(Exception):
-                    stop()
+    with running_rig(tmp_path_factory.mktemp("mirror"), Rig) as rig:
+        yield rig
+        write_results("mirror", RESULTS)
 
 
 @dataclass(frozen=True)
@@ -94,45 +61,17 @@ class AtEnvoy:
 
 
 @dataclass
-class Canary:
-    rig: Rig
-    name: str
-    backends: Backends
-    port: int
-    seen: list[AtEnvoy] = field(default_factory=list)
+class Canary(Stage):
+    """One rollout (``Stage``) and every distinct state of it seen at Envoy."""
 
-    @property
-    def route(self) -> str:
-        return route_name(ListenerSpec(address="127.0.0.1", port=self.port))
+    seen: list[AtEnvoy] = field(default_factory=list, kw_only=True)
 
     @property
     def canary_cluster(self) -> str:
         return cluster_name(self.name, "v2")
 
-    def write(self, version: str, strategy: dict[str, Any] | None = None,
-              analysis: dict[str, Any] | None = None) -> None:
-        spec: dict[str, Any] = {"listener": {"address": "127.0.0.1", "port": self.port}, "hosts": ["*"],
-                                "version": version, "endpoints": [self.backends.address(version)]}
-        if strategy is not None:
-            spec["strategy"] = strategy
-        if analysis is not None:
-            spec["analysis"] = analysis
-        doc = {"apiVersion": "aviary.dev/v1", "kind": "Rollout", "metadata": {"name": self.name}, "spec": spec}
-        tmp = self.rig.policies / f".{self.name}.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-        tmp.replace(self.rig.policies / f"{self.name}.yaml")
-
-    def status(self) -> RolloutStatus:
-        status = self.rig.plane.call(lambda p: p.runner.status(self.name))
-        assert status is not None
-        return status
-
-    def story(self) -> str:
-        events = self.rig.plane.call(lambda p: p.runner.history(self.name))
-        return "\n".join(f"  {e.at:.2f} {e}" for e in events)
-
     def at_envoy(self) -> AtEnvoy:
-        envoy = self.rig.envoy
+        envoy = self.envoy
         wanted = quote(f"rds.{self.route}.update_success")
         stats = json.loads(envoy.admin_get(f"/stats?format=json&filter={wanted}"))
         updates = sum(int(s["value"]) for s in stats.get("stats", []) if isinstance(s.get("value"), int))
@@ -171,7 +110,7 @@ def canary_factory(rig: Rig, backends: Backends) -> Iterator[Callable[[str], Can
         backends.start(["v1", "v2"])
 
     def make(name: str) -> Canary:
-        canary = Canary(rig, name, backends, free_port())
+        canary = Canary(rig.plane, rig.envoy, backends, rig.policies, free_port(), name=name)
         canary.write("v1")
         canary.wait_at_envoy(lambda e: e.weights == canary.stable_only and port_open(canary.port),
                              f"Envoy to route to {name}_v1")
@@ -183,28 +122,6 @@ def canary_factory(rig: Rig, backends: Backends) -> Iterator[Callable[[str], Can
     finally:
         for canary in made:
             (rig.policies / f"{canary.name}.yaml").unlink(missing_ok=True)
-
-
-def fetch(port: int, n: int) -> dict[str, int]:
-    """``n`` GETs over one keep-alive connection: counts by answering version (the body), "failed"."""
-    counts: dict[str, int] = {"failed": 0}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        for _ in range(n):
-            try:
-                conn.request("GET", "/", headers={"Host": HOST})
-                resp = conn.getresponse()
-                body = resp.read().decode()
-                key = body if resp.status == 200 else "failed"
-                counts[key] = counts.get(key, 0) + 1
-                if resp.will_close:
-                    conn.close()
-            except (OSError, http.client.HTTPException):
-                counts["failed"] += 1
-                conn.close()
-    finally:
-        conn.close()
-    return counts
 
 
 def analysis(rig: Rig, **overrides: Any) -> dict[str, Any]:
@@ -279,8 +196,7 @@ def test_a_failing_canary_in_a_mirror_step_is_rolled_back_with_no_user_error(
     c0, c1, c2 = _watch_copies_stop(canary, load)
     result = load.stop()
     status = canary.status()
-    rollback_event = [e for e in rig.plane.call(lambda p: p.runner.history(canary.name))
-                      if e.to_phase is Phase.ROLLED_BACK]
+    rollback_event = [e for e in canary.history() if e.to_phase is Phase.ROLLED_BACK]
     figures = {
         "first_canary_5xx_to_rollback_at_envoy_s": round(rolled_back.at - first_5xx.at, 3),
         "rds_pushes_for_rollback": rolled_back.rds_updates - mirroring.rds_updates,
@@ -312,7 +228,7 @@ def test_abort_from_a_mirror_step_is_one_push_with_no_failed_request(
     wait_until(lambda: canary.status().step_started_at is not None, 10, what="the mirror step to start (ACKed)")
     before = canary.at_envoy()
     aborted_at = time.time()
-    status = canary.rig.plane.call(lambda p: p.runner.command(canary.name, Abort()))
+    status = canary.command(Abort())
     assert status.phase is Phase.ROLLED_BACK and (status.mirror, status.cohorts) == (0, ())
     after = canary.wait_at_envoy(lambda e: e.weights == canary.stable_only and not e.mirror,
                                  "the abort at Envoy (no mirror, no v2)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from aviary.matching import CohortRule, Condition, Match
 from aviary.policy.schema import Endpoint
 from aviary.traffic import Backend, Stickiness, TrafficPlan
 from tests.conftest import ControlPlaneFactory
-from tests.rig.control_plane import write_policy
+from tests.rig.control_plane import RunningControlPlane, write_policy
 from tests.rig.grpc_backend import GrpcBackends
 from tests.rig.ports import free_port
 
@@ -29,6 +30,25 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 CLIENT_SCRIPT = Path(__file__).resolve().parents[1] / "rig" / "grpc_xds_client.py"
 NAME = "greeter"
 RPCS = 500
+
+
+def _serving_v1(workdir: Path, grpc_backends: GrpcBackends,
+                control_plane_factory: ControlPlaneFactory) -> RunningControlPlane:
+    """gRPC backends v1 and v2, and a control plane serving ``NAME`` at v1 from a policy file."""
+    grpc_backends.start(["v1", "v2"])
+    policies = workdir / "policies"
+    # The listener port is where an Envoy would serve this rollout; the gRPC client never uses it.
+    write_policy(policies, NAME, port=free_port(), version="v1", endpoints=[grpc_backends.address("v1")])
+    return control_plane_factory(policies)
+
+
+def _backend_of(grpc_backends: GrpcBackends) -> Callable[[str], Backend]:
+    """``backend(version)``: the traffic layer's Backend for that gRPC backend."""
+
+    def backend(version: str) -> Backend:
+        return Backend(version, (Endpoint.model_validate(grpc_backends.address(version)),))
+
+    return backend
 
 
 def _bootstrap(path: Path, xds_port: int, node_id: str) -> Path:
@@ -52,14 +72,8 @@ def _bootstrap(path: Path, xds_port: int, node_id: str) -> Path:
 def test_proxyless_client_follows_the_weighted_split(
     workdir: Path, grpc_backends: GrpcBackends, control_plane_factory: ControlPlaneFactory
 ) -> None:
-    grpc_backends.start(["v1", "v2"])
-    policies = workdir / "policies"
-    # The listener port is where an Envoy would serve this rollout; the gRPC client never uses it.
-    write_policy(policies, NAME, port=free_port(), version="v1", endpoints=[grpc_backends.address("v1")])
-    cp = control_plane_factory(policies)
-
-    def backend(version: str) -> Backend:
-        return Backend(version, (Endpoint.model_validate(grpc_backends.address(version)),))
+    cp = _serving_v1(workdir, grpc_backends, control_plane_factory)
+    backend = _backend_of(grpc_backends)
 
     traffic = TrafficPlan(backend("v1"), backend("v2"), canary_weight=20)
     cp.call(lambda p: p.director.set_desired_traffic(NAME, traffic))
@@ -118,13 +132,8 @@ def test_proxyless_client_gets_cohorts_by_header_and_cookie(
 ) -> None:
     """gRPC's xDS client honours the cohort routes: metadata `x-team: qa` or a `cookie` with beta=1
     reaches the canary at weight 0; calls without them stay on stable."""
-    grpc_backends.start(["v1", "v2"])
-    policies = workdir / "policies"
-    write_policy(policies, NAME, port=free_port(), version="v1", endpoints=[grpc_backends.address("v1")])
-    cp = control_plane_factory(policies)
-
-    def backend(version: str) -> Backend:
-        return Backend(version, (Endpoint.model_validate(grpc_backends.address(version)),))
+    cp = _serving_v1(workdir, grpc_backends, control_plane_factory)
+    backend = _backend_of(grpc_backends)
 
     internal = CohortRule("internal", (Match(headers=(("x-team", Condition("exact", "qa")),)),
                                        Match(cookies=(("beta", Condition("exact", "1")),))))
@@ -153,13 +162,8 @@ def test_proxyless_client_gets_plain_weights_from_a_sticky_plan_and_skips_query_
     policy, `use_hash_policy`, the cookie-issuing route) and a cohort with a query-parameter
     condition, then splits by the plain weights (one user id sees both versions) and skips the
     query route (a gRPC call has no query string): no NACK, no failed call."""
-    grpc_backends.start(["v1", "v2"])
-    policies = workdir / "policies"
-    write_policy(policies, NAME, port=free_port(), version="v1", endpoints=[grpc_backends.address("v1")])
-    cp = control_plane_factory(policies)
-
-    def backend(version: str) -> Backend:
-        return Backend(version, (Endpoint.model_validate(grpc_backends.address(version)),))
+    cp = _serving_v1(workdir, grpc_backends, control_plane_factory)
+    backend = _backend_of(grpc_backends)
 
     events: list[ProxyEvent] = []
     cp.call(lambda p: p.proxies.subscribe(lambda event: events.append(event)))
@@ -191,13 +195,8 @@ def test_proxyless_client_accepts_a_mirroring_route_and_makes_no_copies(
     """gRPC's xDS client does not implement `request_mirror_policies`: it ACKs a route carrying
     one (no NACK, which would roll the canary back) and ignores it, so in a mirror step a proxyless
     client's calls follow the weights only and the canary gets no copies."""
-    grpc_backends.start(["v1", "v2"])
-    policies = workdir / "policies"
-    write_policy(policies, NAME, port=free_port(), version="v1", endpoints=[grpc_backends.address("v1")])
-    cp = control_plane_factory(policies)
-
-    def backend(version: str) -> Backend:
-        return Backend(version, (Endpoint.model_validate(grpc_backends.address(version)),))
+    cp = _serving_v1(workdir, grpc_backends, control_plane_factory)
+    backend = _backend_of(grpc_backends)
 
     plan = TrafficPlan(backend("v1"), backend("v2"), canary_weight=0, mirror=100)
     cp.call(lambda p: p.director.set_desired_traffic(NAME, plan))

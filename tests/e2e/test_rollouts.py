@@ -13,16 +13,12 @@ and written to ``tests/e2e/.results/rollouts.json``; only generous upper bounds 
 from __future__ import annotations
 
 import contextlib
-import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from aviary.discovery.resources import route_name
 from aviary.policy.analysis import CheckOutcome
@@ -30,17 +26,16 @@ from aviary.policy.rollout_state import Hold, Phase, RolloutStatus, TransitionEv
 from aviary.policy.schema import ListenerSpec
 from tests.conftest import LoadgenFactory
 from tests.rig.backends import Backends
-from tests.rig.control_plane import RunningControlPlane
+from tests.rig.control_plane import write_policy
 from tests.rig.envoy import EnvoyProcess
 from tests.rig.loadgen import LoadGenerator
 from tests.rig.ports import free_port, port_open
-from tests.rig.prometheus import PrometheusProcess
+from tests.rig.stage import HOST, RouteWatch, running_rig, write_results
+from tests.rig.stage import Rig as BaseRig
 from tests.rig.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-RESULTS_FILE = Path(__file__).resolve().parent / ".results" / "rollouts.json"
-HOST = "app.example.com"
 CLIENTS = 4
 RATE_PER_CLIENT = 40.0  # ~160 req/s in all: plenty of canary requests, little CPU on 2 cores
 
@@ -49,11 +44,7 @@ RATE_PER_CLIENT = 40.0  # ~160 req/s in all: plenty of canary requests, little C
 
 
 @dataclass
-class Rig:
-    plane: RunningControlPlane
-    envoy: EnvoyProcess
-    prometheus: PrometheusProcess
-    policies: Path
+class Rig(BaseRig):
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def status(self, name: str) -> RolloutStatus | None:
@@ -86,28 +77,12 @@ def _fmt(value: Any) -> str:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     base = tmp_path_factory.mktemp("rollouts")
-    policies = base / "policies"
-    policies.mkdir()
     started_at = time.monotonic()
-    plane = RunningControlPlane(policies, poll_interval=0.2)
-    envoy: EnvoyProcess | None = None
-    prometheus: PrometheusProcess | None = None
-    try:
-        plane.start()
-        envoy = EnvoyProcess(base / "envoy", plane.xds_port).start()
-        prometheus = PrometheusProcess(base / "prometheus", [f"127.0.0.1:{envoy.admin_port}"], "1s").start()
-        prometheus.wait_for_target_up(timeout=30)
-        rig = Rig(plane, envoy, prometheus, policies)
+    with running_rig(base, Rig) as rig:
         rig.record("module", setup_s=time.monotonic() - started_at)
         yield rig
         rig.record("module", wall_s=time.monotonic() - started_at)
-        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_FILE.write_text(json.dumps(rig.timings, indent=2, sort_keys=True) + "\n")
-    finally:
-        for stop in (prometheus.stop if prometheus else None, envoy.stop if envoy else None, plane.stop):
-            if stop is not None:
-                with contextlib.suppress(Exception):
-                    stop()
+        write_results("rollouts", rig.timings)
 
 
 @pytest.fixture(autouse=True)
@@ -132,23 +107,11 @@ def write_rollout(
     strategy: dict[str, Any] | None = None,
     analysis: dict[str, Any] | None = None,
 ) -> float:
-    """Write ``<name>.yaml`` atomically; returns the engine's clock just before the rename."""
-    spec: dict[str, Any] = {
-        "listener": {"address": "127.0.0.1", "port": port},
-        "hosts": ["*"],
-        "version": version,
-        "endpoints": endpoints,
-    }
-    if strategy is not None:
-        spec["strategy"] = strategy
-    if analysis is not None:
-        spec["analysis"] = analysis
-    doc = {"apiVersion": "aviary.dev/v1", "kind": "Rollout", "metadata": {"name": name}, "spec": spec}
-    path = rig.policies / f"{name}.yaml"
-    tmp = rig.policies / f".{name}.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    """Write ``<name>.yaml`` atomically; returns the engine's clock just before the write (the
+    watcher sees the file only once it is renamed in place, after that)."""
     written_at = rig.engine_now()
-    tmp.replace(path)
+    write_policy(rig.policies, name, port=port, version=version, endpoints=endpoints, strategy=strategy,
+                 analysis=analysis)
     return written_at
 
 
@@ -168,43 +131,15 @@ def analysis(rig: Rig, metrics: list[dict[str, Any]], **overrides: Any) -> dict[
 SUCCESS_RATE = {"name": "success", "template": "request-success-rate", "min": 99}
 
 
-class WeightWatch:
-    """Polls Envoy's route configuration in a thread; keeps (epoch seconds, weights) on every change.
+class WeightWatch(RouteWatch):
+    """A ``RouteWatch`` (every 50 ms) that reads the canary's weight out of the changes.
 
     The canary's weight counts as 0 once it is gone from the route (a rollback drops it).
     """
 
     def __init__(self, envoy: EnvoyProcess, route: str, canary_cluster: str, interval: float = 0.05) -> None:
-        self.envoy = envoy
-        self.route = route
+        super().__init__(envoy, route, interval)
         self.canary = canary_cluster
-        self.interval = interval
-        self.changes: list[tuple[float, dict[str, int]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"weights-{route}", daemon=True)
-
-    def _run(self) -> None:
-        last: dict[str, int] | None = None
-        while not self._stop.is_set():
-            try:
-                weights: dict[str, int] = {}
-                for by_cluster in self.envoy.route_weights(self.route).values():
-                    weights.update(by_cluster)
-            except Exception:  # admin busy or Envoy going away: try again
-                weights = last or {}
-            else:
-                if weights != last:
-                    self.changes.append((time.time(), weights))
-                    last = weights
-            self._stop.wait(self.interval)  # pacing of the poll, not synchronisation
-
-    def __enter__(self) -> WeightWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
     def canary_weight(self) -> int:
         return self.changes[-1][1].get(self.canary, 0) if self.changes else 0
@@ -230,9 +165,6 @@ class WeightWatch:
             if seen_traffic and weight == 0 and at >= since:
                 return at
         return None
-
-    def describe(self) -> str:
-        return "\n".join(f"  {at:.3f} {weights}" for at, weights in self.changes)
 
 
 @dataclass

@@ -22,33 +22,27 @@ import http.client
 import json
 import re
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from aviary.admin.server import AdminConfig
 from aviary.app import ControlPlane
-from aviary.discovery.resources import route_name
-from aviary.policy.rollout_state import Abort, Phase, Resume, RolloutStatus
-from aviary.policy.schema import ListenerSpec
+from aviary.policy.rollout_state import Phase
 from tests.conftest import ControlPlaneFactory, EnvoyFactory, LoadgenFactory
 from tests.rig.admin_cli import run_cli, write_token_file
 from tests.rig.backends import Backends
-from tests.rig.control_plane import RunningControlPlane
-from tests.rig.envoy import EnvoyProcess
-from tests.rig.ports import free_port, port_open
+from tests.rig.ports import free_port
+from tests.rig.stage import HOST, in_background, start_plane_and_envoy, write_results
+from tests.rig.stage import Stage as RolloutStage
 from tests.rig.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-RESULTS_FILE = Path(__file__).resolve().parent / ".results" / "stickiness.json"
 NAME = "shop"
-HOST = "app.example.com"
 V1, V2 = f"{NAME}_v1", f"{NAME}_v2"
 USERS = [f"user-{i}" for i in range(1000)]
 WEIGHTS = [5, 20, 40, 60, 80]
@@ -87,51 +81,15 @@ class Client:
 
 
 @dataclass
-class Stage:
-    plane: RunningControlPlane
-    envoy: EnvoyProcess
-    backends: Backends
-    policies: Path
-    port: int
+class Stage(RolloutStage):
+    """The rollout ``shop`` (``tests/rig/stage.Stage``) and the admin API of its control plane."""
+
     admin: str
     token_file: Path
-    figures: dict[str, Any] = field(default_factory=dict)
 
     def cli(self, *args: str) -> str:
         """``aviary ARGS`` as a user runs it (a subprocess against the admin API): its stdout."""
         return run_cli(self.admin, self.token_file, *args).stdout
-
-    @property
-    def route(self) -> str:
-        return route_name(ListenerSpec(address="127.0.0.1", port=self.port))
-
-    def write(self, version: str, strategy: dict[str, Any] | None = None) -> None:
-        spec: dict[str, Any] = {"listener": {"address": "127.0.0.1", "port": self.port}, "hosts": ["*"],
-                                "version": version, "endpoints": [self.backends.address(version)]}
-        if strategy:
-            spec["strategy"] = strategy
-        doc = {"apiVersion": "aviary.dev/v1", "kind": "Rollout", "metadata": {"name": NAME}, "spec": spec}
-        tmp = self.policies / ".shop.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-        tmp.replace(self.policies / "shop.yaml")
-
-    def status(self) -> RolloutStatus:
-        status = self.plane.call(lambda p: p.runner.status(NAME))
-        assert status is not None
-        return status
-
-    def weights(self) -> dict[str, int]:
-        return self.envoy.route_weights(self.route).get(NAME, {})
-
-    def routes(self) -> list[dict[str, Any]]:
-        """The rollout's routes as Envoy dumps them (weighted default last)."""
-        return self.envoy.virtual_host_routes(self.route).get(NAME, [])
-
-    def rds_updates(self) -> int:
-        return sum(v for k, v in self.envoy.stats().items() if k.endswith(f"rds.{self.route}.update_success"))
-
-    def resume(self) -> None:
-        self.plane.call(lambda p: p.runner.command(NAME, Resume()))
 
     def wait_paused_at(self, step_index: int, weight: int, routes: int = 1) -> None:
         """Paused at ``step_index`` and Envoy's route at ``weight`` % canary with ``routes`` routes."""
@@ -148,25 +106,20 @@ class Stage:
 @pytest.fixture
 def stage(control_plane_factory: ControlPlaneFactory, envoy_factory: EnvoyFactory, backends: Backends,
           workdir: Path) -> Iterator[Stage]:
-    backends.start(["v1", "v2"])
-    policies = workdir / "policies"
-    policies.mkdir()
     token_file = write_token_file(workdir / "admin-token", "e2e-stickiness")
 
     def with_admin(plane: ControlPlane) -> None:
         # The rig builds a ServeConfig without an admin API; add one before the plane serves.
         plane.config = dataclasses.replace(plane.config, admin=AdminConfig("127.0.0.1:0", token_file=token_file))
 
-    plane = control_plane_factory(policies, start=False).start(hook=with_admin)
-    envoy = envoy_factory(plane.xds_port)
+    plane, envoy, policies = start_plane_and_envoy(workdir, backends, control_plane_factory, envoy_factory,
+                                                   hook=with_admin)
     admin = f"127.0.0.1:{plane.call(lambda p: p.admin_port)}"
-    stage = Stage(plane, envoy, backends, policies, free_port(), admin, token_file)
-    stage.write("v1")
-    wait_until(lambda: stage.weights() == {V1: 100} and port_open(stage.port), 15, what="Envoy to route to v1")
+    stage = Stage(plane, envoy, backends, policies, free_port(), admin, token_file, name=NAME)
+    stage.serve_v1()
     yield stage
     RESULTS.update(stage.figures)
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(RESULTS, indent=2, sort_keys=True) + "\n")
+    write_results("stickiness", RESULTS)
 
 
 def paused_steps(weights: list[int]) -> list[Any]:
@@ -327,11 +280,10 @@ def test_rollback_from_a_sticky_step_is_one_push_with_no_failed_request(
     stage.wait_paused_at(1, 40, routes=1 if stickiness == "header" else 2)
     load = loadgen_factory(f"127.0.0.1:{stage.port}", HOST, 4, 40.0)
     load.wait_for_requests(100, timeout=15)
-    stop = threading.Event()
     sticky_counts: dict[str, int] = {"failed": 0}
     key = "x-user-id" if stickiness == "header" else "cookie"
 
-    def sticky_load() -> None:
+    def sticky_load(stop: threading.Event) -> None:
         client = Client(stage.port)
         try:
             while not stop.is_set():
@@ -342,24 +294,14 @@ def test_rollback_from_a_sticky_step_is_one_push_with_no_failed_request(
         finally:
             client.close()
 
-    worker = threading.Thread(target=sticky_load, name="sticky-load", daemon=True)
-    worker.start()
-    try:
+    with in_background(sticky_load, "sticky-load"):
         wait_until(lambda: sticky_counts.get("v2", 0) >= 100, 15, what="sticky users on v2")
         updates_before = stage.rds_updates()
-        aborted_at = time.monotonic()
-        status = stage.plane.call(lambda p: p.runner.command(NAME, Abort()))
-        assert status.phase is Phase.ROLLED_BACK
-        wait_until(lambda: stage.weights() == {V1: 100} and len(stage.routes()) == 1, 10, interval=0.01,
-                   what="the rollback at Envoy")
-        at_envoy_s = time.monotonic() - aborted_at
+        _, at_envoy_s = stage.abort(lambda: stage.weights() == {V1: 100} and len(stage.routes()) == 1)
         v1_before = sticky_counts.get("v1", 0)
         wait_until(lambda: sticky_counts.get("v1", 0) >= v1_before + 200, 15, what="sticky users back on v1")
         load.wait_for_requests(100, timeout=15)
         rds_pushes = stage.rds_updates() - updates_before
-    finally:
-        stop.set()
-        worker.join(10)
     result = load.stop()
     client = Client(stage.port)
     try:

@@ -35,22 +35,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from aviary.discovery.director import RolloutNack
-from aviary.discovery.resources import cluster_name, route_name
+from aviary.discovery.resources import cluster_name
 from aviary.policy.rollout_state import Phase, Resume, RolloutStatus
-from aviary.policy.schema import ListenerSpec
 from tests.conftest import ControlPlaneFactory, EnvoyFactory, LoadgenFactory
 from tests.rig.backends import Backends
-from tests.rig.control_plane import RunningControlPlane
-from tests.rig.envoy import EnvoyProcess
+from tests.rig.control_plane import write_policy
 from tests.rig.ports import free_port, port_open
+from tests.rig.stage import Listener, start_plane_and_envoy, write_results
 from tests.rig.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-RESULTS_FILE = Path(__file__).resolve().parent / ".results" / "vhost_nack.json"
 RESULTS: dict[str, Any] = {}
 GUILTY = "bravo"
 INNOCENT = ("alpha", "charlie")
@@ -74,28 +71,15 @@ def weights_at(name: str, stable: int) -> dict[str, int]:
 
 
 @dataclass
-class Stage:
-    plane: RunningControlPlane
-    envoy: EnvoyProcess
-    backends: Backends
-    policies: Path
-    port: int
+class Stage(Listener):
+    """Every rollout of ``NAMES`` on the one listener, each on its own host."""
+
     blamed: list[RolloutNack] = field(default_factory=list)
     rejected_seen: dict[str, set[str]] = field(default_factory=dict)
 
-    @property
-    def route(self) -> str:
-        return route_name(ListenerSpec(address="127.0.0.1", port=self.port))
-
     def write(self, name: str, version: str, strategy: dict[str, Any] | None = None) -> None:
-        spec: dict[str, Any] = {"listener": {"address": "127.0.0.1", "port": self.port}, "hosts": [host(name)],
-                                "version": version, "endpoints": [self.backends.address(version)]}
-        if strategy:
-            spec["strategy"] = strategy
-        doc = {"apiVersion": "aviary.dev/v1", "kind": "Rollout", "metadata": {"name": name}, "spec": spec}
-        tmp = self.policies / f".{name}.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-        tmp.replace(self.policies / f"{name}.yaml")  # the watcher never reads half a file
+        write_policy(self.policies, name, port=self.port, version=version, endpoints=[self.backends.address(version)],
+                     hosts=(host(name),), strategy=strategy)
 
     def status(self, name: str) -> RolloutStatus:
         status = self.plane.call(lambda p: p.runner.status(name))
@@ -122,11 +106,7 @@ class Stage:
 @pytest.fixture
 def stage(control_plane_factory: ControlPlaneFactory, envoy_factory: EnvoyFactory, backends: Backends,
           workdir: Path) -> Iterator[Stage]:
-    backends.start(["v1", "v2"])
-    policies = workdir / "policies"
-    policies.mkdir()
-    plane = control_plane_factory(policies)
-    envoy = envoy_factory(plane.xds_port)
+    plane, envoy, policies = start_plane_and_envoy(workdir, backends, control_plane_factory, envoy_factory)
     stage = Stage(plane, envoy, backends, policies, free_port())
     # Every NACK the director blames on a rollout, and every rejection status shows (on the loop).
     plane.call(lambda p: p.director.on_nack(stage.blamed.append))
@@ -196,7 +176,7 @@ def test_a_nacked_virtual_host_rolls_back_only_its_own_rollout(
     }
     print(f"\n[vhost-nack] {json.dumps(figures, sort_keys=True)}")
     RESULTS["one_bad_virtual_host"] = figures
-    write_results()
+    write_results("vhost_nack", RESULTS)
 
     assert set(stage.rejected_seen) <= {GUILTY}, stage.rejected_seen
     assert all(text is None for text in rejected_now.values()), rejected_now  # superseded by later ACKs
@@ -205,11 +185,6 @@ def test_a_nacked_virtual_host_rolls_back_only_its_own_rollout(
         assert result.failed == 0, (name, result.failures, result.by_status)
         assert result.by_version.get("v2", 0) > 0, (name, result.by_version)  # every canary took traffic
     assert to_rollback_s < 2.0, figures
-
-
-def write_results() -> None:
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(RESULTS, indent=2, sort_keys=True) + "\n")
 
 
 def envoy_route_rejections(stage: Stage) -> int:
@@ -238,7 +213,7 @@ def test_a_change_pushed_behind_a_rejected_virtual_host_is_not_blamed(stage: Sta
           f"blamed {[n.rollout for n in stage.blamed]}; envoy_rejected seen {stage.rejected_seen}")
     RESULTS["one_push_two_changes"] = {"envoy_route_updates_rejected": rejections,
                                        "blamed": sorted({n.rollout for n in stage.blamed})}
-    write_results()
+    write_results("vhost_nack", RESULTS)
     assert {n.rollout for n in stage.blamed} == {GUILTY}, stage.blamed
     assert set(stage.rejected_seen) <= {GUILTY}, stage.rejected_seen
     assert stage.status(GUILTY).phase is Phase.ROLLED_BACK

@@ -163,23 +163,26 @@ def write_policy(
     hosts: tuple[str, ...] = ("*",),
     address: str = "127.0.0.1",
     file_name: str | None = None,
+    strategy: dict[str, Any] | None = None,
+    analysis: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``<directory>/<name>.yaml``: one Rollout in the schema of policies/checkout.yaml.
+    """Write ``<directory>/<name>.yaml``: one Rollout in the schema of policies/checkout.yaml, with
+    ``strategy`` and ``analysis`` when given.
 
     Written to a temporary name and renamed, so the watcher never reads half a file.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "apiVersion": "aviary.dev/v1",
-        "kind": "Rollout",
-        "metadata": {"name": name},
-        "spec": {
-            "listener": {"address": address, "port": port},
-            "hosts": list(hosts),
-            "version": version,
-            "endpoints": list(endpoints),
-        },
+    spec: dict[str, Any] = {
+        "listener": {"address": address, "port": port},
+        "hosts": list(hosts),
+        "version": version,
+        "endpoints": list(endpoints),
     }
+    if strategy is not None:
+        spec["strategy"] = strategy
+    if analysis is not None:
+        spec["analysis"] = analysis
+    doc = {"apiVersion": "aviary.dev/v1", "kind": "Rollout", "metadata": {"name": name}, "spec": spec}
     path = directory / (file_name or f"{name}.yaml")
     tmp = directory / f".{path.name}.tmp"
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -207,28 +207,16 @@ class EnvoyProcess:
         A route with a plain ``cluster`` (no weighted_clusters) is reported as {cluster: 100}.
         Empty if the route configuration is not (yet) in the dump.
         """
-        section = self._dump_section(".RoutesConfigDump")
-        for entry in section.get("dynamic_route_configs", []):
-            rc = entry.get("route_config", {})
-            if rc.get("name") != route_config_name:
-                continue
-            out: dict[str, dict[str, int]] = {}
-            for vh in rc.get("virtual_hosts", []):
-                routes = vh.get("routes", [])
-                if not routes:
-                    out[vh["name"]] = {}
-                    continue
-                action = routes[-1].get("route", {})
-                if "weighted_clusters" in action:
-                    out[vh["name"]] = {
-                        c["name"]: int(c.get("weight", 0)) for c in action["weighted_clusters"]["clusters"]
-                    }
-                elif "cluster" in action:
-                    out[vh["name"]] = {action["cluster"]: 100}
-                else:
-                    out[vh["name"]] = {}
-            return out
-        return {}
+        out: dict[str, dict[str, int]] = {}
+        for name, routes in self.virtual_host_routes(route_config_name).items():
+            action = routes[-1].get("route", {}) if routes else {}
+            if "weighted_clusters" in action:
+                out[name] = {c["name"]: int(c.get("weight", 0)) for c in action["weighted_clusters"]["clusters"]}
+            elif "cluster" in action:
+                out[name] = {action["cluster"]: 100}
+            else:
+                out[name] = {}
+        return out
 
     def cohort_routes(self, route_config_name: str) -> dict[str, list[dict[str, Any]]]:
         """virtual host name -> its routes before the weighted default (cohort routes), as dumped."""
@@ -247,23 +235,16 @@ class EnvoyProcess:
     def route_mirrors(self, route_config_name: str) -> dict[str, dict[str, int]]:
         """virtual host name -> {cluster: percent} of the weighted default's request_mirror_policies
         (the runtime fraction's default value, in percent); {} for a virtual host that mirrors nothing."""
-        section = self._dump_section(".RoutesConfigDump")
-        for entry in section.get("dynamic_route_configs", []):
-            rc = entry.get("route_config", {})
-            if rc.get("name") != route_config_name:
-                continue
-            out: dict[str, dict[str, int]] = {}
-            for vh in rc.get("virtual_hosts", []):
-                routes = vh.get("routes", [])
-                policies = routes[-1].get("route", {}).get("request_mirror_policies", []) if routes else []
-                out[vh["name"]] = {}
-                for policy in policies:
-                    fraction = policy.get("runtime_fraction", {}).get("default_value", {})
-                    scales = {"HUNDRED": 1, "TEN_THOUSAND": 100, "MILLION": 10_000}
-                    scale = scales[fraction.get("denominator", "HUNDRED")]
-                    out[vh["name"]][policy["cluster"]] = int(fraction.get("numerator", 0)) // scale
-            return out
-        return {}
+        scales = {"HUNDRED": 1, "TEN_THOUSAND": 100, "MILLION": 10_000}
+        out: dict[str, dict[str, int]] = {}
+        for name, routes in self.virtual_host_routes(route_config_name).items():
+            policies = routes[-1].get("route", {}).get("request_mirror_policies", []) if routes else []
+            out[name] = {}
+            for policy in policies:
+                fraction = policy.get("runtime_fraction", {}).get("default_value", {})
+                scale = scales[fraction.get("denominator", "HUNDRED")]
+                out[name][policy["cluster"]] = int(fraction.get("numerator", 0)) // scale
+        return out
 
     def wait_rollout_weights(
         self, route: str, rollout: str, weights: dict[str, int], timeout: float, interval: float = 0.05

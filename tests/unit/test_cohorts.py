@@ -14,37 +14,32 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envoy.config.route.v3 import route_pb2
-from google.protobuf import any_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aviary.admin.convert import WallClock, event_message, rollout_message
 from aviary.admin.render import event_line, rollout_line
-from aviary.discovery import typeurls
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.director import Placement, PublishedState, TrafficDirector
 from aviary.discovery.proxy_status import ProxyStatus
-from aviary.discovery.resources import PublishedRollout, _cookie_matcher, build_snapshot, violations
+from aviary.discovery.resources import _cookie_matcher, build_snapshot, violations
 from aviary.matching import CohortRule, Condition, Match, cookie_regex_problem, re2_problem
-from aviary.policy.loader import parse_policy_text
 from aviary.policy.rollout import (
     Abort,
     Phase,
     Promote,
     RolloutStatus,
-    SetTraffic,
     SpecObserved,
     Tick,
     WeightAcked,
     step,
     traffic_plan,
 )
-from aviary.policy.schema import Endpoint, ListenerSpec, PolicySet, RolloutSpec
+from aviary.policy.schema import ListenerSpec, PolicySet, RolloutSpec
 from aviary.runner import RolloutRunner
 from aviary.store.sqlite import _STATUS, SavedPublished, SavedRollout, decode_published, encode_published
 from aviary.traffic import Backend, TrafficPlan
-from tests.unit.test_snapshot_invariants import bootstrap, envoy_validate
+from tests.unit.builders import V1, V2, assert_envoy_accepts, parse, plans, published, routes_of, spec_of
 
 ISSUE_POLICY = """\
 apiVersion: aviary.dev/v1
@@ -76,15 +71,8 @@ spec:
     interval: 10m
 """
 
-V1 = Backend("v1", (Endpoint.model_validate("127.0.0.1:9001"),))
-V2 = Backend("v2", (Endpoint.model_validate("127.0.0.1:9002"),))
 INTERNAL = CohortRule("internal", (Match(headers=(("x-team", Condition("exact", "qa")),)),
                                    Match(cookies=(("beta", Condition("exact", "1")),))))
-
-
-def parse(text: str) -> tuple[Any, list[str]]:
-    rollout, errors = parse_policy_text(text, "checkout.yaml")
-    return rollout, [str(e) for e in errors]
 
 
 # ---- schema -------------------------------------------------------------------------------------
@@ -181,17 +169,11 @@ def test_a_cookie_condition_matches_exactly_its_own_cookie(
 
 
 def spec(version: str, steps: list[Any] | None = None) -> RolloutSpec:
-    rollout, errors = parse(ISSUE_POLICY.replace("version: v2", f"version: {version}"))
-    assert not errors
-    result: RolloutSpec = rollout.spec
+    result = spec_of(ISSUE_POLICY.replace("version: v2", f"version: {version}"))
     if steps is not None:
         assert result.strategy is not None
         result = result.model_copy(update={"strategy": result.strategy.model_copy(update={"steps": tuple(steps)})})
     return result
-
-
-def plans(actions: list[Any]) -> list[TrafficPlan]:
-    return [a.traffic for a in actions if isinstance(a, SetTraffic)]
 
 
 def canary_at_first_step() -> tuple[RolloutSpec, RolloutStatus, float]:
@@ -272,20 +254,6 @@ def test_cohorts_are_those_of_the_steps_so_far_and_none_without_a_canary(script:
 # ---- rendering ----------------------------------------------------------------------------------
 
 
-def routes_of(snapshot: Any) -> list[Any]:
-    [resource] = [r for n, r in snapshot.items(typeurls.ROUTE).items() if n.startswith("route-")]
-    config = route_pb2.RouteConfiguration()
-    any_pb2.Any.FromString(resource.any_bytes).Unpack(config)
-    return list(config.virtual_hosts[0].routes)
-
-
-def published(plan: TrafficPlan, name: str = "checkout", hosts: tuple[str, ...] = ("*",)) -> PublishedRollout:
-    assert plan.canary is not None
-    return PublishedRollout.of(name, ListenerSpec(address="127.0.0.1", port=10000), hosts,
-                               [(plan.stable, 100 - plan.canary_weight), (plan.canary, plan.canary_weight)],
-                               [plan.stable, plan.canary], [(c, plan.canary) for c in plan.cohorts])
-
-
 def test_cohort_routes_come_first_one_per_entry_conditions_anded() -> None:
     eu = CohortRule("eu-mobile", (Match(headers=(("x-country", Condition("regex", "DE|FR")),
                                                  ("user-agent", Condition("contains", "Mobile")))),))
@@ -330,11 +298,7 @@ def test_every_plan_renders_to_routes_the_checker_accepts(cohorts: tuple[CohortR
 def test_a_sample_of_plans_passes_envoy_validate(tmp_path: Path) -> None:
     if not SAMPLES:
         pytest.skip("run with test_every_plan_renders_to_routes_the_checker_accepts first (same module)")
-    rollouts = [published(plan, f"r{i}", (f"r{i}.example.com",)) for i, plan in enumerate(SAMPLES)]
-    snapshot = build_snapshot(rollouts)
-    assert violations(snapshot) == []
-    result = envoy_validate(bootstrap(snapshot), tmp_path / "plans.json")
-    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert_envoy_accepts(SAMPLES, tmp_path / "plans.json")
 
 
 def test_plan_digest_is_by_content() -> None:

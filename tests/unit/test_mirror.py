@@ -13,21 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envoy.config.route.v3 import route_pb2
 from envoy.type.v3 import percent_pb2
-from google.protobuf import any_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aviary.admin.convert import WallClock, event_message, rollout_message
 from aviary.admin.render import apply_event, as_json, event_line, rollout_detail, rollout_line, watch_view
-from aviary.discovery import typeurls
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.director import Placement, TrafficDirector
 from aviary.discovery.proxy_status import ProxyStatus
 from aviary.discovery.resources import PublishedRollout, build_snapshot, violations
 from aviary.policy.analysis import CheckOutcome, CheckResult, Thresholds, judge
-from aviary.policy.loader import parse_policy_text
 from aviary.policy.rollout import (
     Abort,
     ChecksCompleted,
@@ -35,7 +31,6 @@ from aviary.policy.rollout import (
     Promote,
     RecordEvent,
     RolloutStatus,
-    SetTraffic,
     SetWeight,
     SpecObserved,
     Tick,
@@ -45,11 +40,11 @@ from aviary.policy.rollout import (
     step_mirror,
     traffic_plan,
 )
-from aviary.policy.schema import Endpoint, ListenerSpec, MetricCheck, MirrorStep, RolloutSpec
+from aviary.policy.schema import ListenerSpec, MetricCheck, MirrorStep, RolloutSpec
 from aviary.runner import moves_away_from_stable
 from aviary.store.sqlite import _STATUS, SavedPublished, decode_published, encode_published
 from aviary.traffic import Backend, Stickiness, TrafficPlan
-from tests.unit.test_snapshot_invariants import bootstrap, envoy_validate
+from tests.unit.builders import V1, V2, assert_envoy_accepts, parse, plans, published, routes_of, spec_of
 
 ISSUE_POLICY = """\
 apiVersion: aviary.dev/v1
@@ -80,21 +75,11 @@ spec:
       - {name: success, template: request-success-rate, min: 99}
 """
 
-V1 = Backend("v1", (Endpoint.model_validate("127.0.0.1:9001"),))
-V2 = Backend("v2", (Endpoint.model_validate("127.0.0.1:9002"),))
 PASS, FAIL, INCONCLUSIVE = CheckOutcome.PASS, CheckOutcome.FAIL, CheckOutcome.INCONCLUSIVE
 
 
-def parse(text: str) -> tuple[Any, list[str]]:
-    rollout, errors = parse_policy_text(text, "checkout.yaml")
-    return rollout, [str(e) for e in errors]
-
-
 def spec(version: str) -> RolloutSpec:
-    rollout, errors = parse(ISSUE_POLICY.replace("version: v2", f"version: {version}"))
-    assert not errors
-    result: RolloutSpec = rollout.spec
-    return result
+    return spec_of(ISSUE_POLICY.replace("version: v2", f"version: {version}"))
 
 
 # ---- schema -------------------------------------------------------------------------------------
@@ -133,10 +118,6 @@ def test_bad_mirror_steps_give_one_line_naming_file_and_field(new: str, error: s
 
 
 # ---- the pure engine ----------------------------------------------------------------------------
-
-
-def plans(actions: list[Any]) -> list[TrafficPlan]:
-    return [a.traffic for a in actions if isinstance(a, SetTraffic)]
 
 
 def results(*outcomes: CheckOutcome) -> tuple[CheckResult, ...]:
@@ -281,21 +262,6 @@ def test_mirroring_more_is_a_move_away_from_stable() -> None:
 # ---- rendering ----------------------------------------------------------------------------------
 
 
-def published(plan: TrafficPlan, name: str = "checkout", hosts: tuple[str, ...] = ("*",)) -> PublishedRollout:
-    assert plan.canary is not None
-    return PublishedRollout.of(name, ListenerSpec(address="127.0.0.1", port=10000), hosts,
-                               [(plan.stable, 100 - plan.canary_weight), (plan.canary, plan.canary_weight)],
-                               [plan.stable, plan.canary], [(c, plan.canary) for c in plan.cohorts],
-                               mirror=(plan.canary, plan.mirror) if plan.mirror else None)
-
-
-def routes_of(snapshot: Any, prefix: str = "route-") -> list[Any]:
-    [resource] = [r for n, r in snapshot.items(typeurls.ROUTE).items() if n.startswith(prefix)]
-    config = route_pb2.RouteConfiguration()
-    any_pb2.Any.FromString(resource.any_bytes).Unpack(config)
-    return list(config.virtual_hosts[0].routes)
-
-
 @pytest.mark.parametrize("prefix", ["route-", "grpc-"])
 def test_the_weighted_default_carries_one_mirror_policy_with_a_runtime_fraction(prefix: str) -> None:
     snapshot = build_snapshot([published(TrafficPlan(V1, V2, 5, mirror=37))])
@@ -328,12 +294,8 @@ def test_a_mirror_to_a_missing_cluster_is_a_violation() -> None:
 
 @pytest.mark.timeout(120)
 def test_mirroring_plans_pass_envoy_validate(tmp_path: Path) -> None:
-    rollouts = [published(TrafficPlan(V1, V2, weight, mirror=mirror), f"r{i}", (f"r{i}.example.com",))
-                for i, (weight, mirror) in enumerate([(0, 100), (5, 1), (20, 50), (99, 100)])]
-    snapshot = build_snapshot(rollouts)
-    assert violations(snapshot) == []
-    result = envoy_validate(bootstrap(snapshot), tmp_path / "mirror.json")
-    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert_envoy_accepts([TrafficPlan(V1, V2, weight, mirror=mirror)
+                          for weight, mirror in [(0, 100), (5, 1), (20, 50), (99, 100)]], tmp_path / "mirror.json")
 
 
 # ---- director, store, admin view ----------------------------------------------------------------

@@ -12,30 +12,25 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
-from envoy.config.route.v3 import route_components_pb2, route_pb2
-from google.protobuf import any_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
 from aviary.admin.convert import WallClock, event_message, rollout_message
 from aviary.admin.render import apply_event, as_json, rollout_line, watch_view
-from aviary.discovery import typeurls
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.director import TrafficDirector
 from aviary.discovery.proxy_status import ProxyStatus
-from aviary.discovery.resources import ISSUED_COOKIE_SOURCE, PublishedRollout, build_snapshot, violations
+from aviary.discovery.resources import ISSUED_COOKIE_SOURCE, build_snapshot, violations
 from aviary.matching import CohortRule, Condition, Match
-from aviary.policy.loader import parse_policy_text
 from aviary.policy.rollout import Abort, Phase, RolloutStatus, SetTraffic, SpecObserved, WeightAcked, step, traffic_plan
-from aviary.policy.schema import Endpoint, ListenerSpec, PolicySet, RolloutSpec
+from aviary.policy.schema import PolicySet, RolloutSpec
 from aviary.runner import RolloutRunner
 from aviary.store.sqlite import SavedPublished, decode_published, encode_published
 from aviary.traffic import Backend, Stickiness, TrafficPlan
-from tests.unit.test_snapshot_invariants import bootstrap, envoy_validate
+from tests.unit.builders import V1, V2, assert_envoy_accepts, parse, published, routes_of, spec_of
 
 POLICY = """\
 apiVersion: aviary.dev/v1
@@ -58,24 +53,13 @@ spec:
     interval: 10m
 """
 
-V1 = Backend("v1", (Endpoint.model_validate("127.0.0.1:9001"),))
-V2 = Backend("v2", (Endpoint.model_validate("127.0.0.1:9002"),))
 BETA = CohortRule("beta", (Match(query=(("beta", Condition("exact", "1")),)),))
 BY_HEADER = Stickiness(header="x-user-id")
 BY_COOKIE = Stickiness(cookie="session", ttl=86400.0)
 
 
-def parse(text: str) -> tuple[Any, list[str]]:
-    rollout, errors = parse_policy_text(text, "checkout.yaml")
-    return rollout, [str(e) for e in errors]
-
-
 def spec(version: str = "v2", sticky: str = "{header: X-User-Id}") -> RolloutSpec:
-    rollout, errors = parse(POLICY.replace("version: v2", f"version: {version}")
-                            .replace("{header: X-User-Id}", sticky))
-    assert errors == []
-    result: RolloutSpec = rollout.spec
-    return result
+    return spec_of(POLICY.replace("version: v2", f"version: {version}").replace("{header: X-User-Id}", sticky))
 
 
 # ---- schema -------------------------------------------------------------------------------------
@@ -166,21 +150,6 @@ def test_digests_of_plans_without_the_new_fields_are_unchanged() -> None:
 
 
 # ---- rendering ----------------------------------------------------------------------------------
-
-
-def published(plan: TrafficPlan, name: str = "checkout", hosts: tuple[str, ...] = ("*",)) -> PublishedRollout:
-    assert plan.canary is not None
-    return PublishedRollout.of(name, ListenerSpec(address="127.0.0.1", port=10000), hosts,
-                               [(plan.stable, 100 - plan.canary_weight), (plan.canary, plan.canary_weight)],
-                               [plan.stable, plan.canary], [(c, plan.canary) for c in plan.cohorts],
-                               plan.stickiness)
-
-
-def routes_of(snapshot: Any, prefix: str = "route-") -> list[route_components_pb2.Route]:
-    [resource] = [r for n, r in snapshot.items(typeurls.ROUTE).items() if n.startswith(prefix)]
-    config = route_pb2.RouteConfiguration()
-    any_pb2.Any.FromString(resource.any_bytes).Unpack(config)
-    return list(config.virtual_hosts[0].routes)
 
 
 def test_header_stickiness_hashes_the_weighted_default_with_the_canary_last() -> None:
@@ -281,11 +250,7 @@ def test_every_sticky_plan_renders_to_routes_the_checker_accepts(plan: TrafficPl
 def test_a_sample_of_sticky_plans_passes_envoy_validate(tmp_path: Path) -> None:
     if not SAMPLES:
         pytest.skip("run with test_every_sticky_plan_renders_to_routes_the_checker_accepts first (same module)")
-    rollouts = [published(plan, f"r{i}", (f"r{i}.example.com",)) for i, plan in enumerate(SAMPLES)]
-    snapshot = build_snapshot(rollouts)
-    assert violations(snapshot) == []
-    result = envoy_validate(bootstrap(snapshot), tmp_path / "plans.json")
-    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert_envoy_accepts(SAMPLES, tmp_path / "plans.json")
 
 
 # ---- store, runner, status ----------------------------------------------------------------------
