@@ -18,6 +18,7 @@ from aviary.discovery.proxy_events import (
     ResourcesNacked,
     SubscriptionChanged,
 )
+from aviary.discovery.sharing import shared_sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +86,8 @@ class ProxyStatus:
                     proxy.subscriptions[event.type_url] = Subscription(event.wildcard, event.names)
             case ResourcesAcked():
                 if proxy := self._proxies.get(event.stream_id):
-                    proxy.acked[event.type_url] = MappingProxyType(dict(event.resources))
+                    # Shared with every proxy that ACKed the same (`sharing`); read-only either way.
+                    proxy.acked[event.type_url] = shared_sent(event.type_url, event.version, event.resources)
                     proxy.acked_versions[event.type_url] = event.version
                     self._record_latency(event.at - event.sent_at)
             case ResourcesNacked():

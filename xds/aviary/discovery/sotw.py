@@ -13,6 +13,9 @@ responses to write, so the rules below are tested without sockets:
   name that does not exist yet is remembered and sent when it appears;
 - a response is sent only when what the subscription selects differs from what was last sent;
 - a first wildcard request is always answered, even when empty, so a proxy finishes starting.
+
+What a stream was sent and subscribes to are values shared with every stream sent the same
+(`sharing`): per type, a stream holds its nonces and pointers, not copies.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -35,12 +39,13 @@ from aviary.discovery.proxy_events import (
     ResponseSent,
     SubscriptionChanged,
 )
-from aviary.discovery.snapshot import set_version
+from aviary.discovery.sharing import Sent, selection, shared_names
 
 log = logging.getLogger("aviary.xds")
 
 WILDCARD_TYPES = frozenset({typeurls.LISTENER, typeurls.CLUSTER})
 MAX_RESOURCE_NAMES = 10_000
+_NOTHING: MappingProxyType[str, str] = MappingProxyType({})
 
 
 class StreamError(Exception):
@@ -52,8 +57,7 @@ class _TypeState:
     wildcard: bool = False
     names: frozenset[str] = frozenset()
     last_nonce: str | None = None
-    last_version: str = ""
-    last_sent: dict[str, str] | None = None
+    last_sent: Sent | None = None  # what the latest response carried, and its version
     last_sent_at: float = 0.0
     answered_nonce: str | None = None  # the response whose ACK or NACK was already reported
     checked: str = ""  # the type's snapshot version last compared: unchanged means nothing to send
@@ -105,8 +109,8 @@ class SotwStream:
                     ResourcesAcked(
                         self.stream_id,
                         type_url,
-                        state.last_version,
-                        dict(state.last_sent),
+                        state.last_sent.version,
+                        state.last_sent,  # immutable: shared, not copied
                         state.last_sent_at,
                         time.monotonic(),
                     )
@@ -138,16 +142,18 @@ class SotwStream:
             raise StreamError(f"node.id changed on one stream from {self.node_id!r} to {request.node.id!r}")
 
     def _nacked(self, type_url: str, state: _TypeState, message: str) -> None:
+        sent = state.last_sent
+        version = sent.version if sent is not None else ""
         log.warning(
             "proxy NACKed: node=%s type=%s version=%s: %s",
             self.node_id,
             typeurls.short_name(type_url),
-            state.last_version,
+            version,
             message,
         )
         self.emit(
             ResourcesNacked(
-                self.stream_id, type_url, state.last_version, dict(state.last_sent or {}), message, time.time()
+                self.stream_id, type_url, version, sent if sent is not None else _NOTHING, message, time.time()
             )
         )
 
@@ -156,7 +162,7 @@ class SotwStream:
     ) -> None:
         names = frozenset(request.resource_names)
         wildcard = "*" in names or (type_url in WILDCARD_TYPES and not names)
-        names = names - {"*"}
+        names = shared_names(names - {"*"})
         if (wildcard, names) != (state.wildcard, state.names) or state.last_nonce is None:
             state.wildcard, state.names = wildcard, names
             state.checked = ""  # a new selection: compare it even if the snapshot did not change
@@ -167,18 +173,14 @@ class SotwStream:
         if not force and state.checked == snapshot.type_versions[type_url]:
             return None  # nothing of this type changed since we last looked
         state.checked = snapshot.type_versions[type_url]
-        selected = snapshot.select(type_url, state.names, state.wildcard)
-        contents = {name: r.version for name, r in selected.items()}
-        if not force and (contents == state.last_sent or (state.last_sent is None and not contents)):
+        selected = selection(snapshot, type_url, state.names, state.wildcard)
+        sent, last = selected.sent, state.last_sent
+        # Versions hash the contents (name and version of each resource): equal versions, equal contents.
+        if not force and ((last is not None and sent.version == last.version) or (last is None and not sent)):
             return None
-        if state.wildcard and not state.names:
-            version = snapshot.wildcard_versions[type_url]
-        else:
-            version = set_version(selected.values())
         nonce = str(next(self._nonces))
-        state.last_nonce, state.last_version, state.last_sent = nonce, version, contents
+        state.last_nonce, state.last_sent = nonce, sent
         state.last_sent_at = time.monotonic()
-        entries = (selected[name].entry for name in sorted(selected))
-        response = wire.discovery_response(version, type_url, nonce, entries)
+        response = wire.with_nonce(selected.body, nonce)
         self.emit(ResponseSent(self.stream_id, type_url, len(response)))
         return response

@@ -49,10 +49,18 @@ def resources_entry(any_bytes: bytes) -> bytes:
 
 
 def discovery_response(version: str, type_url: str, nonce: str, entries: Iterable[bytes]) -> bytes:
+    return with_nonce(discovery_response_body(version, type_url, entries), nonce)
+
+
+def discovery_response_body(version: str, type_url: str, entries: Iterable[bytes]) -> bytes:
+    """A DiscoveryResponse but its nonce: the same for every stream sent these resources."""
     return (
         length_delimited(_VERSION_INFO, version.encode())
         + b"".join(entries)
         + length_delimited(_TYPE_URL, type_url.encode())
-        + length_delimited(_NONCE, nonce.encode())
     )
 
+
+def with_nonce(body: bytes, nonce: str) -> bytes:
+    """`body` (from `discovery_response_body`) made one stream's response."""
+    return body + length_delimited(_NONCE, nonce.encode())
