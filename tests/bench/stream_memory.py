@@ -11,10 +11,16 @@ service; `--server bare` is a grpc.aio server that writes the same pre-serialize
 per type, and keeps no state per stream: the floor that grpc and asyncio cost.
 
 memory: RSS after every stream has its first route minus RSS before any connected, divided by
-N (`--trace` also prints the Python allocations still held per stream, by line).
-first-route: how many streams have their first route after each 10 s, when all did, and the CPU
-seconds the server process and the client processes used meanwhile. Each result line carries the
-load average, since other work may share the machine.
+N (`--trace` also prints the Python allocations still held per stream, by line). Each N runs in a
+process of its own: RSS is not given back between runs.
+first-route: how many streams have their first route after each 10 s, when all did (p50 and max
+per client process), the CPU seconds the server and the client processes used, and the streams
+the server ended, by status code (the clients retry them after 1 s, as Envoy does; fanout_client
+does not, so one reset there is a proxy that never gets a route). `--channels N` sets connections
+per client process: 16 by default, `--channels 10000` gives every stream its own, as Envoys have.
+Then five weight changes: the time until all N ACKed, the server CPU, and the longest the event
+loop ran nothing else (what a new stream waits at worst while one push goes to N streams).
+Each result line carries the load average, since other work may share the machine.
 """
 
 from __future__ import annotations
@@ -120,7 +126,7 @@ async def start(kind: str, cache: SnapshotCache, proxies: ProxyStatus) -> tuple[
     return server, port
 
 
-async def clients(port: int, streams: int, procs: int) -> list[asyncio.subprocess.Process]:
+async def clients(port: int, streams: int, procs: int, channels: int = 16) -> list[asyncio.subprocess.Process]:
     out = []
     for p in range(procs):
         count = streams // procs + (1 if p < streams % procs else 0)
@@ -128,6 +134,7 @@ async def clients(port: int, streams: int, procs: int) -> list[asyncio.subproces
             await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tests.bench.stream_memory", "client", str(port),
                 "--streams", str(count), "--first-index", str(p * (streams // procs + 1)),
+                "--channels", str(min(channels, count)),
                 cwd=REPO, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )
         )
@@ -160,9 +167,9 @@ async def measure_memory(kind: str, streams: int, procs: int, rollouts: int, tra
         tracemalloc.start(1)
         traced_before = tracemalloc.take_snapshot()
     started = time.perf_counter()
-    procs = await clients(port, streams, procs)
+    children = await clients(port, streams, procs)
     try:
-        for proc in procs:
+        for proc in children:
             assert proc.stdout is not None
             while (line := await asyncio.wait_for(proc.stdout.readline(), 600)).split()[:1] != [b"ready"]:
                 assert line, "a client process ended before all its streams had a route"
@@ -185,27 +192,30 @@ async def measure_memory(kind: str, streams: int, procs: int, rollouts: int, tra
                       f"  {frame.filename.rsplit('site-packages/', 1)[-1]}:{frame.lineno}", flush=True)
         return result
     finally:
-        await stop(procs)
+        await stop(children)
         await server.stop(0)
 
 
-async def measure_first_route(kind: str, streams: int, procs: int, rollouts: int, timeout: float) -> dict[str, object]:
-    cache, proxies, _director = plane(rollouts)
+async def measure_first_route(
+    kind: str, streams: int, procs: int, rollouts: int, timeout: float, channels: int
+) -> dict[str, object]:
+    cache, proxies, director = plane(rollouts)
     server, port = await start(kind, cache, proxies)
     load_start = loadavg()
     started, cpu_started = time.perf_counter(), cpu_seconds()
-    children = await clients(port, streams, procs)
+    children = await clients(port, streams, procs, channels)
     routed = [0] * len(children)
     done_at: list[float | None] = [None] * len(children)
+    errors = [""] * len(children)
 
     async def follow(i: int, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         while line := await proc.stdout.readline():
-            word, *rest = line.split()
-            if word == b"routed":
-                routed[i] = int(rest[0])
-            elif word == b"ready":
-                routed[i] = int(rest[0]) if rest else routed[i]
+            word, *rest = line.decode().split()
+            if word == "routed":
+                routed[i], errors[i] = int(rest[0]), rest[1]
+            elif word == "ready":
+                routed[i], errors[i] = int(rest[0]), " ".join(rest[1:])
                 done_at[i] = time.perf_counter() - started
                 return
 
@@ -218,15 +228,18 @@ async def measure_first_route(kind: str, streams: int, procs: int, rollouts: int
             progress.append((round(time.perf_counter() - started), sum(routed), round(cpu_seconds() - cpu_started, 1),
                              round(client_cpu, 1)))
             print(f"  t={progress[-1][0]}s routed={progress[-1][1]} server_cpu={progress[-1][2]}s "
-                  f"clients_cpu={progress[-1][3]}s rss={rss_bytes() // 2**20}MB load={loadavg()}", flush=True)
+                  f"clients_cpu={progress[-1][3]}s rss={rss_bytes() // 2**20}MB load={loadavg()} "
+                  f"ended_streams={errors}", flush=True)
         finished = [t for t in done_at if t is not None]
+        pushes = await measure_pushes(director, streams) if kind == "aviary" and len(finished) == len(children) else {}
         return {
-            "server": kind, "streams": streams, "client_procs": procs, "timeout_s": timeout,
+            "server": kind, "streams": streams, "client_procs": procs, "channels_per_proc": channels,
+            "timeout_s": timeout,
             "routed": sum(routed), "all_routed_s": round(max(finished), 1) if len(finished) == len(children) else None,
             "server_cpu_s": round(cpu_seconds() - cpu_started, 1),
             "clients_cpu_s": round(sum(cpu_seconds(p.pid) for p in children), 1),
             "server_rss_mb": rss_bytes() // 2**20, "wall_s": round(time.perf_counter() - started, 1),
-            "loadavg_start": load_start, "loadavg_end": loadavg(),
+            "loadavg_start": load_start, "loadavg_end": loadavg(), "clients": errors, **pushes,
         }  # fmt: skip
     finally:
         for f in followers:
@@ -235,8 +248,42 @@ async def measure_first_route(kind: str, streams: int, procs: int, rollouts: int
         await server.stop(0)
 
 
+async def measure_pushes(director: TrafficDirector, streams: int, changes: int = 5) -> dict[str, object]:
+    """Weight changes once every stream has its route: the time until all N ACKed it, the server CPU it
+    took, and the longest the event loop did not run a 10 ms timer meanwhile (what a new stream or
+    any other callback waits at worst while one push goes to N streams)."""
+    acked = asyncio.Event()
+    director.on_traffic_acked(lambda name, traffic: acked.set() if name == "svc-0" else None)
+    worst_lag = 0.0
+
+    async def ticker() -> None:
+        nonlocal worst_lag
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.01)
+            worst_lag = max(worst_lag, time.perf_counter() - before - 0.01)
+
+    tick = asyncio.create_task(ticker())
+    times, cpu, lags = [], [], []
+    try:
+        for change in range(1, changes + 1):
+            acked.clear()
+            worst_lag = 0.0
+            start, start_cpu = time.perf_counter(), cpu_seconds()
+            director.set_canary_weight("svc-0", 10 + change)
+            await asyncio.wait_for(acked.wait(), 300)
+            times.append(time.perf_counter() - start)
+            cpu.append(cpu_seconds() - start_cpu)
+            lags.append(worst_lag)
+    finally:
+        tick.cancel()
+    return {"push_to_all_acked_s": [round(t, 2) for t in times], "push_server_cpu_s": [round(c, 2) for c in cpu],
+            "push_worst_loop_lag_s": [round(lag, 3) for lag in lags]}  # fmt: skip
+
+
 async def client(port: int, streams: int, first_index: int, channels: int) -> None:
-    """fanout_client's Envoy-like streams, reporting how many have a route every second."""
+    """fanout_client's Envoy-like streams, reporting every second how many have a route, and the
+    streams the server ended (retried after 1 s, as Envoy would) by status code."""
     from envoy.service.discovery.v3 import ads_pb2_grpc
 
     from tests.bench.fanout_client import proxy
@@ -247,16 +294,31 @@ async def client(port: int, streams: int, first_index: int, channels: int) -> No
     ]
     stubs = [ads_pb2_grpc.AggregatedDiscoveryServiceStub(c) for c in chans]
     routes: asyncio.Queue[int] = asyncio.Queue()
-    tasks = [asyncio.create_task(proxy(stubs[i % channels], first_index + i, routes)) for i in range(streams)]
-    seen: set[int] = set()
+    errors: dict[str, int] = {}
+
+    async def envoy(index: int) -> None:
+        while True:
+            try:
+                await proxy(stubs[index % channels], index, routes)
+                return
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                await asyncio.sleep(1)
+
+    started = time.monotonic()
+    tasks = [asyncio.create_task(envoy(first_index + i)) for i in range(streams)]
+    first_route: dict[int, float] = {}
     last_report = time.monotonic()
-    while len(seen) < streams:
+    while len(first_route) < streams:
         with contextlib.suppress(TimeoutError):
-            seen.add(await asyncio.wait_for(routes.get(), 1))
+            index = await asyncio.wait_for(routes.get(), 1)
+            first_route.setdefault(index, time.monotonic() - started)
         if time.monotonic() - last_report >= 1:
             last_report = time.monotonic()
-            print(f"routed {len(seen)}", flush=True)
-    print(f"ready {len(seen)}", flush=True)
+            print(f"routed {len(first_route)} {json.dumps(errors)}", flush=True)
+    times = sorted(first_route.values())
+    print(f"ready {len(first_route)} {json.dumps(errors)} p50={times[len(times) // 2]:.1f}s max={times[-1]:.1f}s",
+          flush=True)  # fmt: skip
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     for task in tasks:
         task.cancel()
@@ -275,6 +337,7 @@ def main() -> None:
         p.add_argument("--rollouts", type=int, default=100)
         p.add_argument("--trace", action="store_true", help="memory: Python allocations per stream, by line")
         p.add_argument("--timeout", type=float, default=180)
+        p.add_argument("--channels", type=int, default=16, help="connections per client process (Envoys: 1 each)")
     c = sub.add_parser("client")
     c.add_argument("port", type=int)
     c.add_argument("--streams", type=int, default=1000)
@@ -294,7 +357,9 @@ def main() -> None:
         if args.mode == "memory":
             result = asyncio.run(measure_memory(args.server, streams, args.procs, args.rollouts, args.trace))
         else:
-            result = asyncio.run(measure_first_route(args.server, streams, args.procs, args.rollouts, args.timeout))
+            result = asyncio.run(measure_first_route(
+                args.server, streams, args.procs, args.rollouts, args.timeout, args.channels
+            ))
         print(json.dumps(result), flush=True)
 
 
