@@ -77,7 +77,9 @@ async def test_a_hanging_prometheus_makes_the_round_inconclusive_on_time(silent:
     results = await run_checks(provider, analysis("1s"), CANARY, STABLE)
     took = time.monotonic() - started
     print(f"round against a silent Prometheus, checkEvery 1s: {took:.2f}s")
-    assert 0.7 < took < 1.3  # 0.8 s, all queries at once (it was 5 s, one after the other)
+    # The round's limit is 0.8 s (the reasons below say so); the wall time is only bounded loosely,
+    # below the provider's own 5 s limit: a tight bound failed on a loaded 2-core machine (1.3 s).
+    assert 0.7 < took < 4.0  # all queries at once, cut at 0.8 s (it was 5 s each, one after the other)
     assert [r.outcome for r in results] == [CheckOutcome.INCONCLUSIVE] * 3
     assert {r.reason for r in results} == {f"request count: Prometheus {silent.url} timed out after 0.8s"}
     # Request count, canary success (asked by two checks, sent once), stable success, p99.
