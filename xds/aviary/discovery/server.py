@@ -74,10 +74,11 @@ def _unimplemented_hint(method: str) -> str:
 
 
 class AggregatedDiscoveryService:
-    def __init__(self, cache: SnapshotCache, emit: Callable[[ProxyEvent], None]) -> None:
+    def __init__(self, cache: SnapshotCache, emit: Callable[[ProxyEvent], None], first_stream_id: int = 1) -> None:
         self._cache = cache
         self._emit = emit
-        self._stream_ids = itertools.count(1)
+        # An xDS worker process numbers from its own range (aviary.discovery.worker_protocol).
+        self._stream_ids = itertools.count(first_stream_id)
         self.open_streams = 0
         self.refused_streams = 0  # ended with INVALID_ARGUMENT for a protocol violation
         self.broken_streams = 0  # ended by an unexpected error in this server: a bug
