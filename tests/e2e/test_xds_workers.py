@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,22 @@ def placement_of(plane: AviaryServe, nodes: set[str]) -> dict[str, int] | None:
 
 def disconnected(plane: AviaryServe, node: str) -> bool:
     return node not in placement(plane)
+
+
+def metric_lines(plane: AviaryServe) -> list[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{plane.metrics_port}/metrics", timeout=5) as answer:
+        text: str = answer.read().decode()
+    return text.splitlines()
+
+
+def worker_metrics(plane: AviaryServe) -> tuple[float, float, float]:
+    """(streams over all workers, connected proxies, worker restarts) from the plane's /metrics."""
+    lines = metric_lines(plane)
+
+    def total(prefix: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+
+    return total("aviary_xds_worker_streams{"), total("aviary_connected_proxies{"), total("aviary_xds_worker_restarts")
 
 
 def acked_route(plane: AviaryServe) -> dict[str, str]:
@@ -206,7 +223,7 @@ def test_every_proxy_on_every_worker_gates_and_a_killed_worker_is_replaced(
         victims = [e.node_id for e in envoys if where[e.node_id] == victim_number]
         victim_pid = worker_pids(proc.pid)[victim_number]
         os.kill(victim_pid, signal.SIGKILL)
-        new_weight = 80 if weight != 80 else 70
+        new_weight = weight + 5  # up: the samplers check that no Envoy ever routes less to the canary
         plane.cli("set-weight", NAME, str(new_weight))
         replaced = wait_until(lambda: two_workers(proc.pid, victim_number), 20, what="the killed worker replaced")
         for envoy in envoys:
@@ -228,6 +245,8 @@ def test_every_proxy_on_every_worker_gates_and_a_killed_worker_is_replaced(
     assert result.total > 100 and result.failed == 0, result.failures
     logs = plane.current.log_text()
     assert f"xDS worker {victim_number} (pid {victim_pid}) exited" in logs
+    # The metrics count every worker's streams (the gating proxy has gone: the Envoys remain).
+    wait_until(lambda: worker_metrics(plane) == (ENVOYS, ENVOYS, 1), 10, what="the worker metrics")
 
     # -- a second instance on the same xDS port is refused, with one line
     second = AviaryServe(workdir / "b", plane.policies, workdir / "b-state" / "state.db")

@@ -150,6 +150,8 @@ class ControlPlane:
             self.xds_workers = XdsWorkers(self.cache, self.proxies.apply, self.config.xds_address,
                                           self.config.xds_workers, self.config.xds_tls)
             self.xds_port = await self.xds_workers.start()
+            pool = self.xds_workers
+            self.metrics.observe_xds_workers(pool.streams, lambda: pool.restarts)
         else:
             self._server, self.xds_port = await start_xds_server(
                 self.config.xds_address, self.ads, self._xds_credentials

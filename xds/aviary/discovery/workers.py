@@ -188,6 +188,12 @@ class XdsWorkers:
     async def stop(self, grace: float) -> None:
         """Stop every worker (streams end with status OK), killing any still alive after `grace` + 2 s."""
         self._stopping = True
+        for task in self._supervisors:  # first: none may start a worker while they are stopped
+            task.cancel()
+        for task in self._supervisors:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._supervisors.clear()
         workers = list(self._workers.values())
         for worker in workers:
             with contextlib.suppress(Exception):
@@ -195,20 +201,16 @@ class XdsWorkers:
                 worker.writer.write_eof()
         deadline = time.monotonic() + grace + 2.0
         for worker in workers:
-            with contextlib.suppress(TimeoutError, ProcessLookupError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(worker.process.wait(), max(0.1, deadline - time.monotonic()))
             if worker.process.returncode is None:
                 log.warning("xDS worker %d (pid %d) did not stop; killing it", worker.number, worker.process.pid)
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.kill()
                 await worker.process.wait()
-        for task in self._supervisors:
-            task.cancel()
-        for task in self._supervisors:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._supervisors.clear()
-        for worker in workers:
+            if worker.reading is not None:
+                with contextlib.suppress(Exception):
+                    await worker.reading
             self._gone(worker)
         if self._reservation is not None:
             self._reservation.release()
