@@ -29,12 +29,14 @@ from aviary.discovery.sotw import SotwStream
 from aviary.discovery.worker_protocol import (
     HEADER,
     WORKER_SHIFT,
+    Barrier,
     ProtocolError,
     Ready,
     SentState,
     SnapshotMirror,
     Stop,
     Sync,
+    barrier_message,
     decode_from_engine,
     decode_from_worker,
     encode_events,
@@ -145,9 +147,11 @@ def test_malformed_frames_are_protocol_errors(data: bytes) -> None:
         decode_from_worker(data)
 
 
-def test_stop_and_ready() -> None:
+def test_stop_ready_and_barriers() -> None:
     assert isinstance(decode_from_engine(payload(stop_message())), Stop)
     assert decode_from_worker(payload(ready_message(18000))) == Ready(18000)
+    assert decode_from_worker(payload(barrier_message(7))) == Barrier(7)
+    assert decode_from_engine(payload(barrier_message(7))) == Barrier(7)
 
 
 def test_every_event_comes_back_equal() -> None:

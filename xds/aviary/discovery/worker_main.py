@@ -7,8 +7,9 @@ Started by ``aviary.discovery.workers`` (see ``worker_protocol`` for the message
 2. listens on ``--address`` (a concrete port) with SO_REUSEPORT, beside the other workers of the
    same ``aviary serve``, and says ``ready``;
 3. serves ADS with the same `AggregatedDiscoveryService` and `SotwStream` as the single process,
-   numbering streams from ``first_stream_id(W)``, and sends every proxy event back, batched per
-   turn of the event loop;
+   numbering streams from ``first_stream_id(W)``, answering a new stream only after a barrier
+   round trip with the engine (so it holds every snapshot published before the stream started),
+   and sends every proxy event back, batched per turn of the event loop;
 4. on ``stop``, on SIGTERM, or when the socket closes (the engine process is gone, even killed),
    ends its streams with status OK and exits: it never outlives the engine.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
 import signal
 import socket
@@ -31,9 +33,12 @@ from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
 from aviary.discovery.worker_protocol import (
     HEADER,
     MAX_FRAME,
+    Barrier,
     ProtocolError,
     SnapshotMirror,
     Stop,
+    Sync,
+    barrier_message,
     decode_from_engine,
     encode_events,
     first_stream_id,
@@ -76,6 +81,36 @@ class _EventSender:
             self._writer.write(encode_events(events))
 
 
+class _Barriers:
+    """Barriers asked of the engine; callers waiting in one turn of the loop share one."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._numbers = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._unsent: tuple[int, asyncio.Future[None]] | None = None
+
+    async def wait(self) -> None:
+        if self._unsent is None:
+            number = next(self._numbers)
+            future = asyncio.get_running_loop().create_future()
+            self._unsent = (number, future)
+            self._waiting[number] = future
+            asyncio.get_running_loop().call_soon(self._send)
+        await asyncio.shield(self._unsent[1])
+
+    def _send(self) -> None:
+        if self._unsent is not None:
+            number, self._unsent = self._unsent[0], None
+            self._writer.write(barrier_message(number))
+
+    def passed(self, number: int) -> None:
+        for waiting in [n for n in self._waiting if n <= number]:
+            future = self._waiting.pop(waiting)
+            if not future.done():
+                future.set_result(None)
+
+
 async def run(fd: int, worker: int, address: str, tls: ServerTls | None) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
     cache = SnapshotCache()
@@ -84,18 +119,19 @@ async def run(fd: int, worker: int, address: str, tls: ServerTls | None) -> int:
     if first is None:
         return 0  # the engine went away before sending anything
     message = decode_from_engine(first)
-    if isinstance(message, Stop):
+    if not isinstance(message, Sync):
         return 0
     cache.publish(mirror.apply(message))
     sender = _EventSender(writer)
-    ads = AggregatedDiscoveryService(cache, sender.emit, first_stream_id(worker))
+    barriers = _Barriers(writer)
+    ads = AggregatedDiscoveryService(cache, sender.emit, first_stream_id(worker), admit=barriers.wait)
     credentials = server_credentials(tls) if tls is not None else None
     server, port = await start_xds_server(address, ads, credentials, reuse_port=True)
     writer.write(ready_message(port))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    reading = asyncio.create_task(_follow(reader, cache, mirror))
+    reading = asyncio.create_task(_follow(reader, cache, mirror, barriers))
     stopping = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -113,8 +149,9 @@ async def run(fd: int, worker: int, address: str, tls: ServerTls | None) -> int:
     return 0
 
 
-async def _follow(reader: asyncio.StreamReader, cache: SnapshotCache, mirror: SnapshotMirror) -> None:
-    """Apply the engine's syncs until it says stop or goes away."""
+async def _follow(reader: asyncio.StreamReader, cache: SnapshotCache, mirror: SnapshotMirror,
+                  barriers: _Barriers) -> None:
+    """Apply the engine's syncs, in order, until it says stop or goes away."""
     while True:
         payload = await read_frame(reader)
         if payload is None:
@@ -122,7 +159,10 @@ async def _follow(reader: asyncio.StreamReader, cache: SnapshotCache, mirror: Sn
         message = decode_from_engine(payload)
         if isinstance(message, Stop):
             return
-        cache.publish(mirror.apply(message))
+        if isinstance(message, Barrier):
+            barriers.passed(message.number)
+        else:
+            cache.publish(mirror.apply(message))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,12 +16,14 @@ Engine -> worker::
         resources       ((type_url, name, version, wildcard, references, any_bytes), ...)
                                                              only resources the worker does not hold
     ("stop",)           close the streams (status OK) and exit
+    ("barrier", n)      the answer to the worker's barrier n: every sync written before it is applied
 
 Worker -> engine::
 
     ("ready", port)     the first sync is in its cache and it listens: it accepts streams only now
     ("events", (event, ...))
                         proxy events (``proxy_events``) as (tag, *fields), in the order emitted
+    ("barrier", n)      before a new stream is answered (see below)
 
 Only what changed travels: a resource is identified by (type URL, name, version), its version
 being a digest of its bytes, and each side keeps exactly the resources that the current groups
@@ -29,6 +31,13 @@ name (`SentState` on the engine side, `SnapshotMirror` in the worker), so both k
 other holds without asking. Each resource is encoded once in the engine (``snapshot.Resource``);
 the worker rebuilds the same `Resource` values from the bytes and the streams concatenate them as
 they do in one process.
+
+Never older: a proxy that ACKed a snapshot on one worker and reconnects to another must not be
+served an older one there. The engine writes each publish to every worker at once, before any
+proxy can ACK it, but the new worker may not have read it yet. So a worker answers a new stream's
+first request only after a barrier: it asks the engine ("barrier", n), the engine answers after
+writing the current snapshots, and frames arrive in order, so by then the worker has everything
+that was published before the stream started. New streams arriving together share one barrier.
 
 Stream ids are unique across processes and restarts: every worker process (a restart too) gets a
 new number `worker` from the engine, and numbers its streams from ``worker << WORKER_SHIFT``; the
@@ -59,12 +68,14 @@ __all__ = [
     "HEADER",
     "MAX_FRAME",
     "WORKER_SHIFT",
+    "Barrier",
     "ProtocolError",
     "Ready",
     "SentState",
     "SnapshotMirror",
     "Stop",
     "Sync",
+    "barrier_message",
     "decode_events",
     "decode_from_engine",
     "decode_from_worker",
@@ -151,6 +162,16 @@ def stop_message() -> bytes:
     return frame(marshal.dumps(("stop",)))
 
 
+def barrier_message(number: int) -> bytes:
+    """Both ways: a worker's request for barrier `number`, and the engine's answer."""
+    return frame(marshal.dumps(("barrier", number)))
+
+
+@dataclass(frozen=True, slots=True)
+class Barrier:
+    number: int
+
+
 @dataclass(frozen=True, slots=True)
 class Sync:
     removed: tuple[str, ...]
@@ -163,11 +184,13 @@ class Stop:
     pass
 
 
-def decode_from_engine(payload: bytes) -> Sync | Stop:
+def decode_from_engine(payload: bytes) -> Sync | Stop | Barrier:
     message = _loads(payload)
     try:
         if message[0] == "stop":
             return Stop()
+        if message[0] == "barrier":
+            return Barrier(int(message[1]))
         if message[0] != "sync":
             raise ProtocolError(f"unknown message {message[0]!r} from the engine")
         _, removed, groups, raw = message
@@ -254,11 +277,13 @@ def decode_events(encoded: Iterable[tuple[Any, ...]]) -> list[ProxyEvent]:
     return events
 
 
-def decode_from_worker(payload: bytes) -> Ready | list[ProxyEvent]:
+def decode_from_worker(payload: bytes) -> Ready | Barrier | list[ProxyEvent]:
     message = _loads(payload)
     try:
         if message[0] == "ready":
             return Ready(int(message[1]))
+        if message[0] == "barrier":
+            return Barrier(int(message[1]))
         if message[0] == "events":
             return decode_events(message[1])
     except (ValueError, TypeError, IndexError) as exc:

@@ -46,9 +46,11 @@ from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.proxy_events import ProxyConnected, ProxyDisconnected, ProxyEvent
 from aviary.discovery.worker_main import read_frame
 from aviary.discovery.worker_protocol import (
+    Barrier,
     ProtocolError,
     Ready,
     SentState,
+    barrier_message,
     decode_from_worker,
     next_failures,
     restart_delay,
@@ -156,10 +158,6 @@ class XdsWorkers:
         cache.subscribe(self._schedule_push)
 
     # ---- reads --------------------------------------------------------------------------------
-
-    def pids(self) -> dict[int, int]:
-        """Worker number -> process id of the live workers."""
-        return {w.number: w.process.pid for w in self._workers.values()}
 
     def streams(self) -> dict[int, int]:
         """Worker number -> streams it holds."""
@@ -304,11 +302,20 @@ class XdsWorkers:
                     if worker.ready is not None and not worker.ready.done():
                         worker.ready.set_result(message.port)
                     continue
+                if isinstance(message, Barrier):  # the current snapshots first, then the answer
+                    update = sync_message(worker.sent, self._cache.snapshots)
+                    if update is not None:
+                        worker.writer.write(update)
+                    worker.writer.write(barrier_message(message.number))
+                    continue
                 for event in message:
                     self._apply(worker, event)
         except (ProtocolError, OSError) as exc:
             log.error("xDS worker %d: %s; stopping it", worker.number, exc)
         finally:
+            if worker.ready is not None and not worker.ready.done():  # died before it listened
+                worker.ready.set_exception(ListenError("xds", self._listen, f"xDS worker {worker.number} exited"))
+                worker.ready.exception()  # retrieved: no "never retrieved" warning when nobody waits
             if worker.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.kill()
