@@ -11,7 +11,9 @@ import marshal
 
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
+from rich.console import Console
 
+from aviary.admin import convert, render
 from aviary.discovery import typeurls, wire
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.proxy_events import (
@@ -23,6 +25,7 @@ from aviary.discovery.proxy_events import (
     ResponseSent,
     SubscriptionChanged,
 )
+from aviary.discovery.proxy_status import ProxyView
 from aviary.discovery.resources import PublishedRollout, build_snapshot
 from aviary.discovery.snapshot import Snapshot
 from aviary.discovery.sotw import SotwStream
@@ -206,3 +209,15 @@ def test_a_wire_response_over_rebuilt_entries_decodes() -> None:
         wire.discovery_response("v", typeurls.ROUTE, "1", (items[n].entry for n in sorted(items)))
     )
     assert [r.type_url for r in response.resources] == [typeurls.ROUTE] * len(items)
+
+
+def test_aviary_proxies_names_the_worker_only_when_there_are_workers() -> None:
+    def table(*stream_ids: int) -> str:
+        proxies = [convert.proxy_message(ProxyView(s, f"envoy-{s}", "edge", "peer", 0.0)) for s in stream_ids]
+        console = Console(width=200, record=True)
+        console.print(render.proxies_table(proxies))
+        return console.export_text()
+
+    assert "WORKER" not in table(1, 2)  # --xds-workers 1: as before
+    assert [p.xds_worker for p in [convert.proxy_message(ProxyView(first_stream_id(2), "n", "", "", 0.0))]] == [2]
+    assert "WORKER" in table(first_stream_id(1), first_stream_id(2))
