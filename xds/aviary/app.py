@@ -185,6 +185,8 @@ class ControlPlane:
         self.watcher.reload()
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        if self.xds_workers is not None:
+            self.xds_workers.closing()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGHUP)

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-client-ca", type=Path)
     args = parser.parse_args(argv)
     logs.configure(args.log_level, args.log_format)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the engine stops us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine process decides when workers stop
     tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert and args.tls_key else None
     return asyncio.run(run(args.fd, args.worker, args.address, tls))
 

@@ -183,6 +183,11 @@ class XdsWorkers:
         ]
         return self.port
 
+    def closing(self) -> None:
+        """The control plane is stopping: a worker that exits now is not restarted (a SIGTERM sent to
+        every process of a service, e.g. by systemd, reaches the workers too)."""
+        self._stopping = True
+
     async def stop(self, grace: float) -> None:
         """Stop every worker (streams end with status OK), killing any still alive after `grace` + 2 s."""
         self._stopping = True
@@ -228,8 +233,8 @@ class XdsWorkers:
             if self._tls.client_ca is not None:
                 args += ["--tls-client-ca", str(self._tls.client_ca)]
         try:
-            process = await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.DEVNULL, pass_fds=(child.fileno(),)
+            process = await asyncio.create_subprocess_exec(  # own session: a Ctrl-C is the engine's to handle
+                *args, stdin=asyncio.subprocess.DEVNULL, pass_fds=(child.fileno(),), start_new_session=True
             )
         finally:
             child.close()
