@@ -26,6 +26,7 @@ from aviary.discovery.director import TrafficDirector
 from aviary.discovery.proxy_events import ProxyConnected, ProxyEvent
 from aviary.discovery.proxy_status import ProxyStatus
 from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
+from aviary.discovery.workers import XdsWorkers
 from aviary.observability import ControlPlaneMetrics
 from aviary.policy.git import redact
 from aviary.policy.git_source import GitPolicySource, is_git_repository
@@ -64,6 +65,7 @@ class ServeConfig:
     # -- admin API and TLS
     admin: AdminConfig | None = None  # None: no admin API
     xds_tls: ServerTls | None = None
+    xds_workers: int = 1  # 1: streams in this process; N > 1: N worker processes (discovery/workers.py)
 
 
 class ControlPlane:
@@ -94,6 +96,7 @@ class ControlPlane:
         self.admin_port = 0
         self._admin: AdminServer | None = None
         self._server: grpc.aio.Server | None = None
+        self.xds_workers: XdsWorkers | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._down: set[str] = set()  # supervised tasks that ended and wait for their restart
         self.restarts: Counter[str] = Counter()
@@ -143,10 +146,19 @@ class ControlPlane:
             self.metrics_port = self.metrics.serve(self.config.metrics_address)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics_address.rpartition(":")[0],
                      self.metrics_port)
-        self._server, self.xds_port = await start_xds_server(
-            self.config.xds_address, self.ads, self._xds_credentials
-        )
-        log.info("xDS (ADS) listening on %s", self.config.xds_address.rsplit(":", 1)[0] + f":{self.xds_port}")
+        if self.config.xds_workers > 1:
+            self.xds_workers = XdsWorkers(self.cache, self.proxies.apply, self.config.xds_address,
+                                          self.config.xds_workers, self.config.xds_tls)
+            self.xds_port = await self.xds_workers.start()
+            pool = self.xds_workers
+            self.metrics.observe_xds_workers(pool.streams, lambda: pool.restarts)
+        else:
+            self._server, self.xds_port = await start_xds_server(
+                self.config.xds_address, self.ads, self._xds_credentials
+            )
+        workers = f" ({self.config.xds_workers} worker processes)" if self.xds_workers is not None else ""
+        log.info("xDS (ADS) listening on %s%s", self.config.xds_address.rsplit(":", 1)[0] + f":{self.xds_port}",
+                 workers)
         self._tasks.append(asyncio.create_task(self._supervised("policy watcher", self.watcher.run),
                                                name="policy-watcher"))
         self._tasks.append(asyncio.create_task(self._supervised("rollout engine", self.runner.run),
@@ -173,6 +185,8 @@ class ControlPlane:
         self.watcher.reload()
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        if self.xds_workers is not None:
+            self.xds_workers.closing()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGHUP)
@@ -190,6 +204,9 @@ class ControlPlane:
             self.ads.close()  # streams end cleanly; proxies keep their config and reconnect later
             await self._server.stop(grace)
             self._server = None
+        if self.xds_workers is not None:
+            await self.xds_workers.stop(grace)  # their streams end cleanly too
+            self.xds_workers = None
         self.metrics.stop()
         if self.store is not None:
             self.store.close()

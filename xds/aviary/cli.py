@@ -69,6 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
         prune=args.prune,
         metrics_address=args.metrics_address or None,
         reconnect_grace=args.reconnect_grace,
+        xds_workers=args.xds_workers,
         **admin_and_tls,
     )
 
@@ -185,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how often to ask the repository for new commits, e.g. 10s, 1m")
     serve.add_argument("--xds-address", default="127.0.0.1:18000", help="HOST:PORT for the ADS gRPC server")
     serve.add_argument(
+        "--xds-workers", type=_positive_int, default=1, metavar="N",
+        help="processes that hold the xDS streams: 1 serves them in this process; N > 1 starts N worker "
+             "processes sharing the xDS port, restarted if they die",
+    )
+    serve.add_argument(
         "--prometheus-url", default=None,
         help="Prometheus for analysis checks whose policy names none (default: none; such policies are refused)",
     )
@@ -219,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=_validate)
     add_admin_commands(commands, validate)  # status, watch, pause, ..., proxies; validate --remote
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def package_version() -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
@@ -83,6 +83,10 @@ class ControlPlaneMetrics:
     def observe_policy_source(self, state: Callable[[], PolicyState]) -> None:
         """Export the policy source's fetch health (git), read from ``state()`` at scrape time."""
         self.registry.register(_PolicySourceCollector(state))
+
+    def observe_xds_workers(self, streams: Callable[[], Mapping[int, int]], restarts: Callable[[], int]) -> None:
+        """Export the xDS worker processes (`--xds-workers N`): streams per worker, restarts."""
+        self.registry.register(_XdsWorkersCollector(streams, restarts))
 
     def serve(self, address: str) -> int:
         """Serve /metrics on HOST:PORT (port 0 picks one); returns the bound port.
@@ -190,6 +194,23 @@ class _StateCollector(Collector):
             "aviary_state_write_errors", "Writes to the state file that failed, retries included",
             value=writes.errors_total,
         )
+
+
+class _XdsWorkersCollector(Collector):
+    """The live xDS worker processes, read when scraped."""
+
+    def __init__(self, streams: Callable[[], Mapping[int, int]], restarts: Callable[[], int]) -> None:
+        self._streams = streams
+        self._restarts = restarts
+
+    def collect(self) -> Iterator[Metric]:
+        streams = GaugeMetricFamily("aviary_xds_worker_streams", "xDS streams held by each worker process "
+                                    "(aviary serve --xds-workers)", labels=["worker"])
+        for worker, count in sorted(self._streams().items()):
+            streams.add_metric([str(worker)], count)
+        yield streams
+        yield CounterMetricFamily("aviary_xds_worker_restarts", "xDS worker processes that died and were started "
+                                  "again", value=self._restarts())
 
 
 class _PolicySourceCollector(Collector):

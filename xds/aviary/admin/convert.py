@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from aviary.admin.v1 import admin_pb2 as pb
 from aviary.discovery.proxy_status import ProxyView
+from aviary.discovery.worker_protocol import worker_of
 from aviary.policy.analysis import CheckResult
 from aviary.policy.rollout_machine import guard_left, step_weight, traffic_plan
 from aviary.policy.rollout_state import Hold, Phase, RolloutStatus, TransitionEvent
@@ -176,6 +177,7 @@ def proxy_message(proxy: ProxyView) -> pb.Proxy:
         peer=proxy.peer,
         connected_since=_wall_timestamp(proxy.connected_at),
         acked=[pb.AckedVersion(type_url=t, version=v) for t, v in sorted(proxy.acked_versions.items())],
+        xds_worker=worker_of(proxy.stream_id),
     )
     nack = proxy.last_nack
     if nack is not None:

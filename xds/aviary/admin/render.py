@@ -241,12 +241,16 @@ def health_line(health: pb.ControlPlaneHealth) -> Text | None:
 
 
 def proxies_table(proxies: Iterable[pb.Proxy]) -> Table:
-    table = Table("NODE", "CLUSTER", "PEER", "CONNECTED", "ACKED", "LAST NACK", box=None, pad_edge=False)
+    proxies = list(proxies)
+    workers = any(p.xds_worker for p in proxies)  # a WORKER column with --xds-workers N > 1 only
+    columns = ("NODE", "CLUSTER", "PEER", *(("WORKER",) if workers else ()), "CONNECTED", "ACKED", "LAST NACK")
+    table = Table(*columns, box=None, pad_edge=False)
     for p in proxies:
         acked = ", ".join(f"{a.type_url.rsplit('.', 1)[-1]}={a.version}" for a in p.acked) or "-"
         nack = f"{p.last_nack.type_url.rsplit('.', 1)[-1]}: {p.last_nack.message}" if p.HasField("last_nack") else "-"
         since = p.connected_since.ToDatetime(tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(p.node_id, p.node_cluster, p.peer, since, acked, nack)
+        worker = (str(p.xds_worker),) if workers else ()
+        table.add_row(p.node_id, p.node_cluster, p.peer, *worker, since, acked, nack)
     return table
 
 

@@ -30,7 +30,12 @@ class SnapshotCache:
     def __init__(self) -> None:
         self._snapshots: Mapping[str, Snapshot] = MappingProxyType({DEFAULT_GROUP: EMPTY})
         self._watches: set[Watch] = set()
+        self._listeners: list[Callable[[], None]] = []
         self.generation = 0
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every publish that changed something (the xDS workers' feed)."""
+        self._listeners.append(listener)
 
     def group_of(self, node_cluster: str) -> str:
         return node_cluster if node_cluster in self._snapshots else DEFAULT_GROUP
@@ -68,6 +73,8 @@ class SnapshotCache:
                 changed_for[cluster] = not self.snapshot_for(cluster).equivalent(before)
             if changed_for[cluster]:
                 watch.wake()
+        for listener in self._listeners:
+            listener()
         return True
 
     def watch(self, node_cluster: str, wake: Callable[[], None]) -> Watch:

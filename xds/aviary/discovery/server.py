@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
@@ -102,10 +102,20 @@ def _unimplemented_hint(method: str) -> str:
 
 
 class AggregatedDiscoveryService:
-    def __init__(self, cache: SnapshotCache, emit: Callable[[ProxyEvent], None]) -> None:
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        emit: Callable[[ProxyEvent], None],
+        first_stream_id: int = 1,
+        admit: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._cache = cache
         self._emit = emit
-        self._stream_ids = itertools.count(1)
+        # Awaited before a stream's first request is answered: an xDS worker process catches up
+        # with the engine's snapshots there (aviary.discovery.worker_protocol, "never older").
+        self._admit = admit
+        # An xDS worker process numbers from its own range (aviary.discovery.worker_protocol).
+        self._stream_ids = itertools.count(first_stream_id)
         self.open_streams = 0
         self.refused_streams = 0  # ended with INVALID_ARGUMENT for a protocol violation
         self.broken_streams = 0  # ended by an unexpected error in this server: a bug
@@ -167,6 +177,8 @@ class AggregatedDiscoveryService:
                     raise item
                 else:
                     assert isinstance(item, discovery_pb2.DiscoveryRequest)
+                    if self._admit is not None and stream.node_id is None:
+                        await self._admit()
                     try:
                         responses = stream.on_request(item)
                     except StreamError as exc:

@@ -224,20 +224,22 @@ class Nack(_message.Message):
     def __init__(self, type_url: _Optional[str] = ..., version: _Optional[str] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Proxy(_message.Message):
-    __slots__ = ("node_id", "node_cluster", "peer", "connected_since", "acked", "last_nack")
+    __slots__ = ("node_id", "node_cluster", "peer", "connected_since", "acked", "last_nack", "xds_worker")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_CLUSTER_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_SINCE_FIELD_NUMBER: _ClassVar[int]
     ACKED_FIELD_NUMBER: _ClassVar[int]
     LAST_NACK_FIELD_NUMBER: _ClassVar[int]
+    XDS_WORKER_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     node_cluster: str
     peer: str
     connected_since: _timestamp_pb2.Timestamp
     acked: _containers.RepeatedCompositeFieldContainer[AckedVersion]
     last_nack: Nack
-    def __init__(self, node_id: _Optional[str] = ..., node_cluster: _Optional[str] = ..., peer: _Optional[str] = ..., connected_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., acked: _Optional[_Iterable[_Union[AckedVersion, _Mapping]]] = ..., last_nack: _Optional[_Union[Nack, _Mapping]] = ...) -> None: ...
+    xds_worker: int
+    def __init__(self, node_id: _Optional[str] = ..., node_cluster: _Optional[str] = ..., peer: _Optional[str] = ..., connected_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., acked: _Optional[_Iterable[_Union[AckedVersion, _Mapping]]] = ..., last_nack: _Optional[_Union[Nack, _Mapping]] = ..., xds_worker: _Optional[int] = ...) -> None: ...
 
 class ValidateRequest(_message.Message):
     __slots__ = ("text", "file")

@@ -1,0 +1,271 @@
+"""`aviary serve --xds-workers 2`: streams in two worker processes, through real Envoys.
+
+One `aviary serve --xds-workers 2` subprocess (tests/rig/serve_process.py) serves four Envoys, which
+land on both workers (`aviary proxies -o json` says which), and a fake proxy
+(tests/rig/gating_proxy.py) that withholds its ACK of the canary's 30 %.
+
+What must hold:
+- the 60 % step does not start while that one proxy holds its ACK, though every Envoy (on either
+  worker) has 30 %: the gate waits for every proxy, whichever worker holds it;
+- SIGKILL of the worker holding some Envoys: it is restarted, its Envoys reconnect and end on the
+  current route (a weight set while they reconnect), the weight they route never goes down, and
+  no request through the Envoys fails meanwhile;
+- a second `aviary serve --xds-workers 2` on the same xDS port exits 2 with one line;
+- stopping `aviary serve` (SIGTERM), or killing it, leaves no worker process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from aviary.discovery.resources import cluster_name
+from tests.conftest import _FAILED, EnvoyFactory, LoadgenFactory
+from tests.rig.backends import Backends
+from tests.rig.envoy import EnvoyProcess
+from tests.rig.envoy_sampler import EnvoySampler
+from tests.rig.gating_proxy import GatingProxy
+from tests.rig.ports import free_ports
+from tests.rig.serve_process import AviaryServe
+from tests.rig.waiting import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
+
+NAME = "shop"
+HOST = "shop.example.com"
+OLD, CANARY = cluster_name(NAME, "v1"), cluster_name(NAME, "v2")
+ENVOYS = 4
+HOLD = 5.0  # seconds the fake proxy withholds its ACK of 30 %: more than twice the interval
+WORKERS = ("--xds-workers", "2")
+
+
+def write_policy(policies: Path, port: int, version: str, endpoint: str, steps: list[int] | None = None) -> None:
+    spec: dict[str, Any] = {
+        "listener": {"address": "127.0.0.1", "port": port},
+        "hosts": [HOST],
+        "version": version,
+        "endpoints": [endpoint],
+    }
+    if steps is not None:
+        spec["strategy"] = {"steps": steps, "interval": "2s"}
+    doc = {"apiVersion": "aviary.dev/v1", "kind": "Rollout", "metadata": {"name": NAME}, "spec": spec}
+    tmp = policies / f".{NAME}.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    tmp.replace(policies / f"{NAME}.yaml")
+
+
+def worker_pids(parent: int) -> dict[int, int]:
+    """Worker number -> pid of the xDS workers whose parent is ``parent`` (from /proc)."""
+    found: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) != parent or b"aviary.discovery.worker_main" not in args:
+            continue
+        found[int(args[args.index(b"--worker") + 1])] = int(entry)
+    return found
+
+
+def two_workers(parent: int | None, without: int | None = None) -> dict[int, int] | None:
+    """The two workers of ``parent`` once there are two (and none is ``without``), else None."""
+    workers = worker_pids(parent or 0)
+    return workers if len(workers) == 2 and without not in workers else None
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not reaped, does not count)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def placement(plane: AviaryServe) -> dict[str, int]:
+    """Node id -> xDS worker number of every connected proxy."""
+    return {p["node_id"]: int(p.get("xds_worker", 0)) for p in plane.cli_json("proxies")}
+
+
+def placement_of(plane: AviaryServe, nodes: set[str]) -> dict[str, int] | None:
+    """`placement` once every one of ``nodes`` is connected, else None."""
+    where = placement(plane)
+    return where if where.keys() >= nodes else None
+
+
+def disconnected(plane: AviaryServe, node: str) -> bool:
+    return node not in placement(plane)
+
+
+def metric_lines(plane: AviaryServe) -> list[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{plane.metrics_port}/metrics", timeout=5) as answer:
+        text: str = answer.read().decode()
+    return text.splitlines()
+
+
+def worker_metrics(plane: AviaryServe) -> tuple[float, float, float]:
+    """(streams over all workers, connected proxies, worker restarts) from the plane's /metrics."""
+    lines = metric_lines(plane)
+
+    def total(prefix: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+
+    return total("aviary_xds_worker_streams{"), total("aviary_connected_proxies{"), total("aviary_xds_worker_restarts")
+
+
+def acked_route(plane: AviaryServe) -> dict[str, str]:
+    """Node id -> the RDS version it ACKed."""
+    out = {}
+    for proxy in plane.cli_json("proxies"):
+        for acked in proxy.get("acked", []):
+            if acked["type_url"].endswith("RouteConfiguration"):
+                out[proxy["node_id"]] = acked["version"]
+    return out
+
+
+@pytest.fixture
+def plane(workdir: Path, request: pytest.FixtureRequest) -> Iterator[AviaryServe]:
+    policies = workdir / "policies"
+    policies.mkdir()
+    serve = AviaryServe(workdir / "aviary", policies, workdir / "state" / "aviary.db")
+    try:
+        yield serve
+    finally:
+        if request.node.stash.get(_FAILED, False):
+            print(f"\n===== {serve.describe()}")
+        serve.stop()
+
+
+def spread_envoys(plane: AviaryServe, envoy_factory: EnvoyFactory, port: int) -> list[EnvoyProcess]:
+    """ENVOYS Envoys, with at least one on each worker (the kernel picks: an Envoy is restarted,
+    i.e. reconnects from another source port, until both workers hold some)."""
+    envoys = [envoy_factory(plane.xds_port, node_id=f"envoy-{i}") for i in range(1, ENVOYS + 1)]
+    for envoy in envoys:
+        envoy.wait_ready()
+        envoy.wait_for_listener(port)
+    nodes = {e.node_id for e in envoys}
+    for attempt in range(12):
+        where = wait_until(lambda: placement_of(plane, nodes), 15, what="every Envoy connected")
+        assert where is not None
+        if len({where[n] for n in nodes}) == 2:
+            return envoys
+        moved = envoys[attempt % ENVOYS]
+        moved.stop()
+        wait_until(lambda: disconnected(plane, moved.node_id), 10, what="the Envoy gone")  # noqa: B023
+        moved.start()
+        moved.wait_ready()
+    raise AssertionError(f"all Envoys stayed on one worker: {placement(plane)}")
+
+
+def test_every_proxy_on_every_worker_gates_and_a_killed_worker_is_replaced(
+    workdir: Path,
+    plane: AviaryServe,
+    backends: Backends,
+    envoy_factory: EnvoyFactory,
+    loadgen_factory: LoadgenFactory,
+) -> None:
+    backends.start(["v1", "v2"])
+    (port,) = free_ports(1)
+    route = f"route-127.0.0.1-{port}"
+    write_policy(plane.policies, port, "v1", backends.address("v1"))
+    proc = plane.start(*WORKERS)
+    assert proc.pid is not None
+    first_workers = wait_until(lambda: two_workers(proc.pid), 10, what="two workers")
+    envoys = spread_envoys(plane, envoy_factory, port)
+    for envoy in envoys:
+        envoy.wait_rollout_weights(route, NAME, {"v1": 100}, 15)
+    where = placement(plane)
+    print(f"\n[xds-workers] workers {first_workers}, proxies on {where}")
+
+    gate = GatingProxy(plane.xds_port, route, CANARY, 30, node_id="gating-proxy")
+    samplers = [EnvoySampler(e, route, NAME).start() for e in envoys]
+    try:
+        gate.start()
+        wait_until(lambda: gate.stats().acks.get("RDS"), 10, what="the gating proxy to ACK the route to v1")
+        gate_worker = placement(plane)["gating-proxy"]
+        others = [e for e in envoys if where[e.node_id] != gate_worker]
+        assert others, f"no Envoy on another worker than the gating proxy's ({gate_worker}): {where}"
+        lg = loadgen_factory(f"127.0.0.1:{port}", HOST, clients=4, rate_per_client=25.0)
+
+        # -- the gate: 30 % everywhere, the 60 % step waits for the one proxy that holds its ACK
+        write_policy(plane.policies, port, "v2", backends.address("v2"), steps=[30, 60, 90])
+        for envoy in envoys:
+            envoy.wait_rollout_weights(route, NAME, {"v1": 70, "v2": 30}, 15)
+        wait_until(gate.holding, 10, what="the gating proxy to hold its ACK of 30 %")
+        held_since = time.monotonic()
+        while time.monotonic() - held_since < HOLD:
+            for envoy in envoys:
+                assert envoy.route_weights(route).get(NAME) == {OLD: 70, CANARY: 30}, envoy.node_id
+            time.sleep(0.2)  # observation cadence, not synchronisation
+        status = plane.cli_json("status", NAME)
+        assert status["weight"] == 30 and float(status.get("seconds_in_step", 0)) < 1.0, status
+        gate.release()
+        for envoy in envoys:
+            envoy.wait_rollout_weights(route, NAME, {"v1": 40, "v2": 60}, 15)
+        plane.cli("pause", NAME)
+        weight = int(plane.cli_json("status", NAME)["weight"])
+        for envoy in envoys:
+            envoy.wait_rollout_weights(route, NAME, {"v1": 100 - weight, "v2": weight}, 15)
+
+        # -- SIGKILL the worker that holds some Envoys; set a new weight while they reconnect
+        victim_number = where[others[0].node_id]
+        victims = [e.node_id for e in envoys if where[e.node_id] == victim_number]
+        victim_pid = worker_pids(proc.pid)[victim_number]
+        os.kill(victim_pid, signal.SIGKILL)
+        new_weight = weight + 5  # up: the samplers check that no Envoy ever routes less to the canary
+        plane.cli("set-weight", NAME, str(new_weight))
+        replaced = wait_until(lambda: two_workers(proc.pid, victim_number), 20, what="the killed worker replaced")
+        for envoy in envoys:
+            envoy.wait_rollout_weights(route, NAME, {"v1": 100 - new_weight, "v2": new_weight}, 20)
+        after = wait_until(lambda: placement_of(plane, set(where)), 20, what="every proxy back")
+        assert after is not None
+        assert victim_number not in after.values(), after  # its streams were reported gone
+        routes = acked_route(plane)
+        assert len({routes[n] for n in where}) == 1, routes  # all on one route version: the current one
+        result = lg.stop()
+    finally:
+        for sampler in samplers:
+            sampler.stop()
+        gate.stop()
+    print(f"[xds-workers] killed worker {victim_number} (pid {victim_pid}, Envoys {victims}); "
+          f"workers now {replaced}; proxies on {after}; load {result.total} requests, {result.failed} failed")
+    for sampler in samplers:
+        assert not sampler.decreases(CANARY), (sampler.envoy.node_id, sampler.changes(CANARY))
+    assert result.total > 100 and result.failed == 0, result.failures
+    logs = plane.current.log_text()
+    assert f"xDS worker {victim_number} (pid {victim_pid}) exited" in logs
+    # The metrics count every worker's streams (the gating proxy has gone: the Envoys remain).
+    wait_until(lambda: worker_metrics(plane) == (ENVOYS, ENVOYS, 1), 10, what="the worker metrics")
+
+    # -- a second instance on the same xDS port is refused, with one line
+    second = AviaryServe(workdir / "b", plane.policies, workdir / "b-state" / "state.db")
+    second.xds_port = plane.xds_port
+    b = second.spawn(*WORKERS)
+    code = b.wait(15)
+    lines = [line for line in b.log_text().splitlines() if line.strip()]
+    assert (code, lines) == (2, [f"aviary serve: --xds-address 127.0.0.1:{plane.xds_port}: address already in use"])
+
+    # -- stopping aviary serve stops every worker
+    workers = worker_pids(proc.pid)
+    assert proc.stop() == 0
+    wait_until(lambda: not any(alive(pid) for pid in workers.values()), 10, what="no worker left")
+
+
+def test_killing_the_engine_process_leaves_no_worker(plane: AviaryServe) -> None:
+    """Workers notice the engine's end (their socket closes) and exit, even after a SIGKILL."""
+    proc = plane.start(*WORKERS)
+    workers = wait_until(lambda: two_workers(proc.pid), 10, what="two workers")
+    assert workers is not None
+    proc.kill9()
+    wait_until(lambda: not any(alive(pid) for pid in workers.values()), 10, what="no worker left")

@@ -1,0 +1,360 @@
+"""xDS streams served by N worker processes (`aviary serve --xds-workers N`, N > 1).
+
+What runs where::
+
+    engine process (aviary serve)                       worker processes (N, exec'd, not forked)
+    policies, engine, director, state, admin, metrics   python -m aviary.discovery.worker_main
+    SnapshotCache: each resource encoded once   --sync-->  SnapshotCache copy (same bytes)
+    ProxyStatus <-- events (connect, ACK, NACK,  <------  AggregatedDiscoveryService + SotwStream,
+                    subscription, sent, gone)             listening on the xDS port, SO_REUSEPORT
+
+One Unix socket pair per worker carries both directions (``worker_protocol`` has the format). The
+engine sends a worker only the groups that changed and the resources it does not hold yet. Events
+come back as the values the single process would emit, with stream ids unique across workers, and
+go to `ProxyStatus.apply`: the director's gates, the admin API's ListProxies and the metrics read
+one status, whichever worker holds a proxy.
+
+Single instance: the engine process holds the xDS port for life, twice. A socket bound to the port
+without SO_REUSEPORT (and not listening) reserves it: a plain server cannot bind it, port 0 becomes
+one concrete port the workers share, and the workers (SO_REUSEPORT) may still bind beside it. And a
+Unix socket in the abstract namespace named after the address is a lock the kernel frees when the
+engine dies: a second ``aviary serve --xds-workers`` on the same address is refused even if it
+starts in the same instant. (``aviary serve`` refuses a port that is already listened on before
+that, ``aviary.listen.check_can_listen``.)
+
+A worker that dies is restarted: its streams are reported gone (``ProxyDisconnected``), its proxies
+reconnect to the other workers at once, and the new process gets the current snapshots before it
+listens, so no proxy is ever served an older configuration than it ACKed. Restarts back off while
+a worker keeps dying (`restart_delay`). Workers exit when the engine closes their socket, so they
+never outlive it, even when it is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aviary.discovery.cache import SnapshotCache
+from aviary.discovery.proxy_events import ProxyConnected, ProxyDisconnected, ProxyEvent
+from aviary.discovery.worker_main import read_frame
+from aviary.discovery.worker_protocol import (
+    Barrier,
+    ProtocolError,
+    Ready,
+    SentState,
+    barrier_message,
+    decode_from_worker,
+    next_failures,
+    restart_delay,
+    stop_message,
+    sync_message,
+    worker_of,
+)
+from aviary.listen import ListenError, split_address
+from aviary.logs import JsonFormatter
+from aviary.tls import ServerTls
+
+__all__ = ["XdsWorkers", "reserve_address"]
+
+log = logging.getLogger("aviary.xds")
+
+READY_SECONDS = 30.0  # a worker that has not listened by then is killed and started again
+
+
+@dataclass(slots=True)
+class _Worker:
+    """One running worker process."""
+
+    slot: int
+    number: int  # unique per process, restarts too: the high bits of its stream ids
+    process: asyncio.subprocess.Process
+    writer: asyncio.StreamWriter
+    reader: asyncio.StreamReader
+    sent: SentState = field(default_factory=SentState)
+    streams: set[int] = field(default_factory=set)
+    ready: asyncio.Future[int] | None = None
+    reading: asyncio.Task[None] | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The engine's hold on the xDS address (see the module docstring)."""
+
+    port: int
+    probe: socket.socket
+    lock: socket.socket
+
+    def release(self) -> None:
+        self.probe.close()
+        self.lock.close()
+
+
+def reserve_address(address: str) -> Reservation:
+    """Take the address for this instance's workers, or raise ``ListenError``."""
+    try:
+        host, port = split_address(address)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (ValueError, socket.gaierror) as exc:
+        raise ListenError("xds", address, str(exc)) from None
+    family, kind, proto, _, sockaddr = infos[0]
+    probe = socket.socket(family, kind, proto)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind(sockaddr)
+    except OSError as exc:
+        probe.close()
+        raise ListenError("xds", address, (exc.strerror or str(exc)).lower()) from None
+    bound = probe.getsockname()[1]
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(f"\0aviary-xds:{sockaddr[0]}:{bound}")
+    except OSError as exc:
+        probe.close()
+        lock.close()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc)).lower()
+        raise ListenError("xds", address, reason) from None
+    return Reservation(bound, probe, lock)
+
+
+def _log_settings() -> tuple[str, str]:
+    root = logging.getLogger()
+    level = logging.getLevelName(root.getEffectiveLevel()).lower()
+    json_format = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    return level, "json" if json_format else "text"
+
+
+class XdsWorkers:
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        emit: Callable[[ProxyEvent], None],
+        address: str,
+        count: int,
+        tls: ServerTls | None = None,
+    ) -> None:
+        self._cache = cache
+        self._emit = emit
+        self._address = address
+        self._count = count
+        self._tls = tls
+        self._numbers = itertools.count(1)
+        self._workers: dict[int, _Worker] = {}  # slot -> the live process
+        self._supervisors: list[asyncio.Task[None]] = []
+        self._reservation: Reservation | None = None
+        self._stopping = False
+        self._push_scheduled = False
+        self.restarts = 0
+        self.port = 0
+        self._listen = address  # HOST:PORT the workers bind: the reserved port once started
+        cache.subscribe(self._schedule_push)
+
+    # ---- reads --------------------------------------------------------------------------------
+
+    def streams(self) -> dict[int, int]:
+        """Worker number -> streams it holds."""
+        return {w.number: len(w.streams) for w in self._workers.values()}
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Reserve the address, start every worker and wait until each listens; returns the port."""
+        self._reservation = reserve_address(self._address)
+        self.port = self._reservation.port
+        host = split_address(self._address)[0]
+        self._listen = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        try:
+            first = [await self._spawn(slot) for slot in range(self._count)]
+            for worker in first:
+                await self._until_ready(worker)
+        except BaseException:
+            await self.stop(0)
+            raise
+        self._supervisors = [
+            asyncio.create_task(self._supervise(w), name=f"xds-worker-{w.slot}") for w in first
+        ]
+        return self.port
+
+    def closing(self) -> None:
+        """The control plane is stopping: a worker that exits now is not restarted (a SIGTERM sent to
+        every process of a service, e.g. by systemd, reaches the workers too)."""
+        self._stopping = True
+
+    async def stop(self, grace: float) -> None:
+        """Stop every worker (streams end with status OK), killing any still alive after `grace` + 2 s."""
+        self._stopping = True
+        for task in self._supervisors:  # first: none may start a worker while they are stopped
+            task.cancel()
+        for task in self._supervisors:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._supervisors.clear()
+        workers = list(self._workers.values())
+        for worker in workers:
+            with contextlib.suppress(Exception):
+                worker.writer.write(stop_message())
+                worker.writer.write_eof()
+        deadline = time.monotonic() + grace + 2.0
+        for worker in workers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(worker.process.wait(), max(0.1, deadline - time.monotonic()))
+            if worker.process.returncode is None:
+                log.warning("xDS worker %d (pid %d) did not stop; killing it", worker.number, worker.process.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+                await worker.process.wait()
+            if worker.reading is not None:
+                with contextlib.suppress(Exception):
+                    await worker.reading
+            self._gone(worker)
+        if self._reservation is not None:
+            self._reservation.release()
+            self._reservation = None
+
+    async def _spawn(self, slot: int) -> _Worker:
+        number = next(self._numbers)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        level, fmt = _log_settings()
+        args = [
+            sys.executable, "-m", "aviary.discovery.worker_main",
+            "--fd", str(child.fileno()), "--worker", str(number), "--address", self._listen,
+            "--log-level", level, "--log-format", fmt,
+        ]  # fmt: skip
+        if self._tls is not None:
+            args += ["--tls-cert", str(self._tls.cert), "--tls-key", str(self._tls.key)]
+            if self._tls.client_ca is not None:
+                args += ["--tls-client-ca", str(self._tls.client_ca)]
+        try:
+            process = await asyncio.create_subprocess_exec(  # own session: a Ctrl-C is the engine's to handle
+                *args, stdin=asyncio.subprocess.DEVNULL, pass_fds=(child.fileno(),), start_new_session=True
+            )
+        finally:
+            child.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+        worker = _Worker(slot, number, process, writer, reader)
+        worker.ready = asyncio.get_running_loop().create_future()
+        self._workers[slot] = worker
+        first = sync_message(worker.sent, self._cache.snapshots)  # always a frame: nothing was sent yet
+        assert first is not None
+        writer.write(first)
+        worker.reading = asyncio.create_task(self._read(worker), name=f"xds-worker-{number}-events")
+        log.info("xDS worker %d started (pid %d)", number, process.pid)
+        return worker
+
+    async def _until_ready(self, worker: _Worker) -> None:
+        assert worker.ready is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.ready), READY_SECONDS)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
+            raise ListenError("xds", self._listen, f"xDS worker {worker.number} did not start listening") from None
+
+    async def _supervise(self, worker: _Worker) -> None:
+        """Wait for this slot's worker to die; then start another (the first sync before it listens)."""
+        failures = 0
+        while True:
+            code = await worker.process.wait()
+            if worker.reading is not None:
+                with contextlib.suppress(Exception):
+                    await worker.reading
+            self._gone(worker)
+            if self._stopping:
+                return
+            failures = next_failures(failures, time.monotonic() - worker.started)
+            delay = restart_delay(failures)
+            self.restarts += 1
+            log.error("xDS worker %d (pid %d) exited with status %s; its proxies reconnect to the others; "
+                      "starting a new worker in %.1fs", worker.number, worker.process.pid, code, delay)
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            try:
+                worker = await self._spawn(worker.slot)
+                await self._until_ready(worker)
+            except (OSError, ListenError) as exc:
+                log.error("xDS worker for slot %d could not start: %s", worker.slot, exc)
+            else:
+                log.info("xDS worker %d listening", worker.number)
+
+    def _gone(self, worker: _Worker) -> None:
+        """The worker's streams are closed: tell the status, so no gate waits on a proxy that left."""
+        if self._workers.get(worker.slot) is worker:
+            del self._workers[worker.slot]
+        for stream_id in sorted(worker.streams):
+            self._emit(ProxyDisconnected(stream_id))
+        worker.streams.clear()
+        with contextlib.suppress(Exception):
+            worker.writer.close()
+        if worker.ready is not None and not worker.ready.done():
+            worker.ready.set_exception(ListenError("xds", self._listen, f"xDS worker {worker.number} exited"))
+            worker.ready.exception()  # retrieved: no "never retrieved" warning when nobody waits
+
+    async def _read(self, worker: _Worker) -> None:
+        """Apply the worker's events until its socket closes (it exited, or broke the protocol)."""
+        try:
+            while (payload := await read_frame(worker.reader)) is not None:
+                message = decode_from_worker(payload)
+                if isinstance(message, Ready):
+                    if worker.ready is not None and not worker.ready.done():
+                        worker.ready.set_result(message.port)
+                    continue
+                if isinstance(message, Barrier):  # the current snapshots first, then the answer
+                    update = sync_message(worker.sent, self._cache.snapshots)
+                    if update is not None:
+                        worker.writer.write(update)
+                    worker.writer.write(barrier_message(message.number))
+                    continue
+                for event in message:
+                    self._apply(worker, event)
+        except (ProtocolError, OSError) as exc:
+            log.error("xDS worker %d: %s; stopping it", worker.number, exc)
+        finally:
+            if worker.ready is not None and not worker.ready.done():  # died before it listened
+                worker.ready.set_exception(ListenError("xds", self._listen, f"xDS worker {worker.number} exited"))
+                worker.ready.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            if worker.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+
+    def _apply(self, worker: _Worker, event: ProxyEvent) -> None:
+        if worker_of(event.stream_id) != worker.number:
+            log.error("xDS worker %d reported stream %d of another worker; ignored", worker.number, event.stream_id)
+            return
+        if isinstance(event, ProxyConnected):
+            worker.streams.add(event.stream_id)
+        elif isinstance(event, ProxyDisconnected):
+            if event.stream_id not in worker.streams:
+                return
+            worker.streams.discard(event.stream_id)
+        elif event.stream_id not in worker.streams:
+            return  # before its ProxyConnected: the single process ignores those too (ProxyStatus)
+        self._emit(event)
+
+    # ---- snapshots out ------------------------------------------------------------------------
+
+    def _schedule_push(self) -> None:
+        """After a publish: one push per turn of the loop, however many publishes it had."""
+        if self._push_scheduled:
+            return
+        self._push_scheduled = True
+        asyncio.get_running_loop().call_soon(self._push)
+
+    def _push(self) -> None:
+        self._push_scheduled = False
+        snapshots = self._cache.snapshots
+        for worker in list(self._workers.values()):
+            if worker.writer.is_closing():
+                continue
+            message = sync_message(worker.sent, snapshots)
+            if message is not None:
+                worker.writer.write(message)
+
