@@ -13,14 +13,16 @@ served. Measured:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from aviary.admin.client import AdminClient
 from aviary.discovery.resources import cluster_name
 from tests.bench.bare_server import rollout_name
-from tests.bench.fanout import aviary_server, clients
+from tests.bench.fanout import LineProcess, aviary_server, clients, poll
 from tests.bench.procstat import cpu_seconds
 from tests.rig.fake_prometheus import Answer, FakePrometheus, vector_body
 
@@ -44,6 +46,28 @@ class Answers:
                 self.first_failure_at = time.time()
             return FAILING
         return HEALTHY
+
+
+async def rollback_arrival(procs: list[LineProcess], admin: AdminClient, victim: str) -> float:
+    """When the route that rolled ``victim`` back reached the client: the first route change after
+    which the admin API shows the victim rolled back with weight 0 ACKed (other pushes may come first)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for proc in procs:
+            proc.send("mark")
+        for proc in procs:
+            await proc.expect("marked", 30)
+        done = [await proc.expect("changed", 120) for proc in procs]
+        arrived = max(float(d[1]) for d in done)
+
+        async def rolled_back() -> bool:
+            rollout = await admin.get_rollout(victim)
+            return rollout.phase == "RolledBack" and rollout.HasField("acked_weight") and rollout.acked_weight == 0
+
+        with contextlib.suppress(TimeoutError):  # not this push: wait for the next one
+            await poll(rolled_back, 2, f"{victim} rolled back")
+            return arrived
+    raise TimeoutError(f"{victim} was not rolled back within 120 s")
 
 
 async def bench_engine(rollouts: int, window: float) -> dict[str, Any]:
@@ -71,15 +95,10 @@ async def bench_engine(rollouts: int, window: float) -> dict[str, Any]:
             await asyncio.sleep(window)  # the measurement window itself, not a wait for an event
             cpu, elapsed = cpu_seconds(pids) - cpu0, time.monotonic() - t0
             queries = len(prometheus.queries) - queries_before
-            for proc in procs:
-                proc.send("mark")
-            for proc in procs:
-                await proc.expect("marked", 30)
             answers.fail(cluster_name(victim, "v2"))
-            done = [await proc.expect("changed", 120) for proc in procs]
-            pushed_at = max(float(d[1]) for d in done)
+            pushed_at = await rollback_arrival(procs, server.extra["admin"], victim)
             rolled = await server.extra["admin"].get_rollout(victim)
-    assert answers.first_failure_at is not None
+    assert answers.first_failure_at is not None, "the engine never asked about the failing canary"
     return {
         "rollouts_under_analysis": rollouts, "check_every_s": 1, "window_s": round(elapsed, 1),
         "engine_cpu_s_per_10s": round(cpu / elapsed * 10, 2),

@@ -10,6 +10,15 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:g}x"
 
 
+def machine_busy(row: dict[str, Any], cores: int) -> int:
+    """Server plus client CPU of a change over what the machine's cores offer during its p50 time.
+
+    Near 100 %, the machine (not one client process, see the busiest client's share) is the limit.
+    """
+    cpu = row["server_cpu_ms_per_change"] + row["client_cpu_ms_per_change"]
+    return round(100 * cpu / (cores * max(row["change_ms"]["p50"], 1e-3)))
+
+
 def markdown(results: dict[str, Any]) -> str:
     """One table row per (N, server) for fan-out; Aviary's rows carry its ratios to both baselines."""
     env = results["environment"]
@@ -18,8 +27,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"({env['cores']} cores shared with other work: indicative numbers). Aviary: {env['aviary_mode']}.",
         "",
         "| N | server | served | first route, all (s) | change p50 / p99 / max (ms) | server CPU / change (ms) "
-        "| RSS / stream (KB) | client CPU / change (ms), busiest client |",
-        "|---|---|---|---|---|---|---|---|",
+        "| RSS / stream (KB) | client CPU / change (ms), busiest client | machine busy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["fanout"]:
         workers = run["workers"]
@@ -31,7 +40,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {run['streams']:,} | {label} ({row['processes']} proc) | {row['clients_served']:,} "
                 f"| {row['time_to_first_route_all_s']} | {change['p50']} / {change['p99']} / {change['max']} "
                 f"| {row['server_cpu_ms_per_change']} | {row['rss_kb_per_stream']} "
-                f"| {row['client_cpu_ms_per_change']}, {int(row['client_busiest_process_cpu_share'] * 100)} % |"
+                f"| {row['client_cpu_ms_per_change']}, {int(row['client_busiest_process_cpu_share'] * 100)} % "
+                f"| {machine_busy(row, env['cores'])} % |"
             )
         for base in bases:
             r = run[f"ratio_to_{base}"]
@@ -39,7 +49,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {run['streams']:,} | aviary ÷ {base} | {_ratio(r['clients_served'])} "
                 f"| {_ratio(r['time_to_first_route_all'])} | {_ratio(r['change_p50'])} / {_ratio(r['change_p99'])} "
                 f"/ {_ratio(r['change_max'])} | {_ratio(r['server_cpu_per_change'])} "
-                f"| {_ratio(r['rss_per_stream'])} | |"
+                f"| {_ratio(r['rss_per_stream'])} | | |"
             )
     lines += ["", "| Real Envoy: RDS push → ACK | p50 (ms) | p99 (ms) | max (ms) |", "|---|---|---|---|"]
     for run in results["envoy_push_ack"]:

@@ -133,6 +133,17 @@ async def main() -> None:
                             else "single process (this aviary serve has no --xds-workers)"),
         },
     }  # fmt: skip
+    OUT.mkdir(parents=True, exist_ok=True)
+    target = args.output or (OUT / "results-quick.json" if quick else REPO / "tests" / "bench" / "results.json")
+    before = json.loads(target.read_text()) if args.add and target.exists() else None
+
+    def save() -> dict[str, Any]:
+        """Write what is measured so far (a later part failing keeps the earlier ones)."""
+        results["environment"]["load_average_end"] = [round(x, 2) for x in load_average()]
+        final = merged(before, results) if before is not None else results
+        target.write_text(json.dumps(final, indent=2) + "\n")
+        return final
+
     results["snapshot_build"] = bench_snapshot_build()
     print("snapshot build:", results["snapshot_build"], flush=True)
     results["fanout"] = []
@@ -141,6 +152,7 @@ async def main() -> None:
             profile = OUT / f"profile-aviary-{n}.txt" if args.profile == n else None
             run = await bench_fanout(n, changes, args.workers, profile)
             results["fanout"].append(run)
+            save()
             if "profile_top" in run:
                 print(f"profile of aviary at N={n}:", json.dumps(run["profile_top"], indent=1), flush=True)
     results["envoy_push_ack"] = []
@@ -148,19 +160,16 @@ async def main() -> None:
         for envoys in (1, 2) if quick else (1, 8):
             run = await bench_envoy_acks(envoys, 10 if quick else 200)
             results["envoy_push_ack"].append(run)
+            save()
             print("RDS push -> ACK, real Envoy:", run, flush=True)
     if "engine" not in skip:
         results["engine"] = await bench_engine(20 if quick else 1000, 3.0 if quick else 10.0)
         print("engine:", results["engine"], flush=True)
+        save()
     if not quick and "reaction" not in skip:
         results["reaction"] = await asyncio.to_thread(bench_reaction)
         print("reaction through real Envoy and Prometheus:", results["reaction"], flush=True)
-    results["environment"]["load_average_end"] = [round(x, 2) for x in load_average()]
-    OUT.mkdir(parents=True, exist_ok=True)
-    target = args.output or (OUT / "results-quick.json" if quick else REPO / "tests" / "bench" / "results.json")
-    if args.add and target.exists():
-        results = merged(json.loads(target.read_text()), results)
-    target.write_text(json.dumps(results, indent=2) + "\n")
+    results = save()
     table = markdown(results)
     (OUT / ("results-quick.md" if quick else "results.md")).write_text(table)
     written = plots(results, OUT)
