@@ -97,6 +97,7 @@ def merged(before: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
     runs.update({run["streams"]: run for run in now.get("fanout", [])})
     out["fanout"] = [runs[n] for n in sorted(runs)]
     out["environment"] = now["environment"]
+    out["environment"]["earlier_runs"] = [*before["environment"].pop("earlier_runs", []), before["environment"]]
     return out
 
 
@@ -151,6 +152,7 @@ async def main() -> None:
         for n in streams:
             profile = OUT / f"profile-aviary-{n}.txt" if args.profile == n else None
             run = await bench_fanout(n, changes, args.workers, profile)
+            run["load_average_after"] = [round(x, 2) for x in load_average()]
             results["fanout"].append(run)
             save()
             if "profile_top" in run:
