@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import statistics
 import subprocess
@@ -390,7 +391,8 @@ class Profiler:
             if not stack or not count_text.isdigit():
                 continue
             count = int(count_text)
-            frames = [f for f in stack.split(";") if f and not f.startswith("process ")]
+            # "func (file.py:LINE)" -> "func (file.py)": one entry per function, not per line
+            frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if f and not f.startswith("process ")]
             if not frames:
                 continue
             total += count

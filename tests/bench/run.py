@@ -3,7 +3,7 @@
     python -m tests.bench.run [--quick] [--streams 1000,5000] [--changes 20] [--workers 2] [--profile N]
 
 Not a pass/fail test: timings are reported, never asserted. Writes tests/bench/results.json, and
-tests/bench/out/ (ignored by git): results.md (the table, also printed) and PNG plots.
+tests/bench/out/ (ignored by git): results.markdown (the table, also printed) and PNG plots.
   - snapshot build: 200 rollouts on one listener, cold and after one weight change (median of 20);
   - fan-out (tests/bench/fanout.py): per N, `aviary serve` against a bare single-process ADS server and
     a bare server with W SO_REUSEPORT processes, same clients, same resources: clients served, time
@@ -173,7 +173,7 @@ async def main() -> None:
         print("reaction through real Envoy and Prometheus:", results["reaction"], flush=True)
     results = save()
     table = markdown(results)
-    (OUT / ("results-quick.md" if quick else "results.md")).write_text(table)
+    (OUT / ("results-quick.markdown" if quick else "results.markdown")).write_text(table)
     written = plots(results, OUT)
     print(table, flush=True)
     print("wrote", target, *(str(p) for p in written), flush=True)
