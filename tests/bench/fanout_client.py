@@ -107,7 +107,7 @@ class Fleet:
 
 
 async def proxy(channel: grpc.aio.Channel, index: int, fleet: Fleet) -> None:
-    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)  # type: ignore[no-untyped-call]
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
     call = stub.StreamAggregatedResources()
     node = base_pb2.Node(id=f"bench-{index}", cluster="edge")
     await call.write(discovery_pb2.DiscoveryRequest(type_url=CDS, node=node))

@@ -15,8 +15,8 @@ def machine_busy(row: dict[str, Any], cores: int) -> int:
 
     Near 100 %, the machine (not one client process, see the busiest client's share) is the limit.
     """
-    cpu = row["server_cpu_ms_per_change"] + row["client_cpu_ms_per_change"]
-    return round(100 * cpu / (cores * max(row["change_ms"]["p50"], 1e-3)))
+    cpu = float(row["server_cpu_ms_per_change"]) + float(row["client_cpu_ms_per_change"])
+    return round(100 * cpu / (cores * max(float(row["change_ms"]["p50"]), 1e-3)))
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -62,7 +62,11 @@ def markdown(results: dict[str, Any]) -> str:
             f"Engine: {engine['rollouts_under_analysis']:,} rollouts under analysis (checkEvery 1s, stub Prometheus, "
             f"{engine['prometheus_queries_per_s']} queries/s): {engine['engine_cpu_s_per_10s']} CPU s per 10 s "
             f"({engine['engine_cpu_cores']} core); failing answer → rollback push "
-            f"{engine['failing_answer_to_rollback_push_ms']} ms."
+            + (
+                f"{engine['failing_answer_to_rollback_push_ms']} ms."
+                if engine.get("failing_answer_to_rollback_push_ms") is not None
+                else f"not measured ({engine.get('rollback_error', 'no push')})."
+            )
         )
     reaction = results.get("reaction")
     if reaction:
@@ -101,7 +105,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
             values = [pick(run[label]) for run in runs]
             line = ax.plot(xs, [v[0] for v in values], marker="o", label=f"{label} p50" if values[0][1] else label)
             if values[0][1] is not None:
-                ax.plot(xs, [v[1] for v in values], marker="x", linestyle="--", color=line[0].get_color(),
+                ax.plot(xs, [float(v[1] or 0) for v in values], marker="x", linestyle="--", color=line[0].get_color(),
                         label=f"{label} p99")  # fmt: skip
         ax.set_xlabel("N (ADS streams)")
         ax.set_title(title)

@@ -120,7 +120,14 @@ async def main() -> None:
         "now (and fan-out at other N): to measure N = 10,000 separately",
     )
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: fanout,envoy,engine,reaction")
+    parser.add_argument("--report", action="store_true", help="measure nothing: table and plots from the output JSON")
     args = parser.parse_args()
+    if args.report:
+        stored = json.loads((args.output or REPO / "tests" / "bench" / "results.json").read_text())
+        table = markdown(stored)
+        (OUT / "results.markdown").write_text(table)
+        print(table, "wrote", *(str(p) for p in plots(stored, OUT)), flush=True)
+        return
     quick = args.quick
     streams = [int(n) for n in (args.streams or ("50" if quick else "1000,5000,10000")).split(",")]
     changes = args.changes or (3 if quick else 20)
