@@ -78,7 +78,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(results: dict[str, Any], out: Path) -> list[Path]:
+def plots(results: dict[str, Any], out: Path, prefix: str = "") -> list[Path]:
     """Change time and RSS per stream against N, one line per server kind."""
     import matplotlib
 
@@ -112,7 +112,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
+        fig.savefig(out / f"{prefix}{name}", dpi=100)
         plt.close(fig)
-        written.append(out / name)
+        written.append(out / f"{prefix}{name}")
     return written

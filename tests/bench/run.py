@@ -181,7 +181,7 @@ async def main() -> None:
     results = save()
     table = markdown(results)
     (OUT / ("results-quick.markdown" if quick else "results.markdown")).write_text(table)
-    written = plots(results, OUT)
+    written = plots(results, OUT, "quick-" if quick else "")  # a quick run leaves the full plots alone
     print(table, flush=True)
     print("wrote", target, *(str(p) for p in written), flush=True)
 

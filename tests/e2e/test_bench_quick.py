@@ -35,4 +35,4 @@ def test_quick_bench_writes_json_table_and_plots(tmp_path: Path) -> None:
     assert "| aviary ÷ bare_1 |" in result.stdout  # the markdown table is printed
     out = REPO / "tests" / "bench" / "out"
     assert (out / "results-quick.markdown").read_text().startswith("Load average")
-    assert (out / "fanout_time.png").stat().st_size > 0
+    assert (out / "quick-fanout_time.png").stat().st_size > 0
