@@ -45,8 +45,9 @@ demo: venv prometheus
 demo-rollback: venv prometheus
 	$(BIN)/python deploy/demo/demo.py --rollback $(DEMO_ARGS)
 
+# QUICK=1: small N, no Prometheus (tests/e2e/test_bench_quick.py runs it). BENCH_ARGS: see tests/bench/run.py.
 bench: venv prometheus
-	$(BIN)/python -m tests.bench.run
+	$(BIN)/python -m tests.bench.run $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,16 +1,32 @@
-"""Hold N ADS streams that behave like Envoy (wildcard CDS/LDS, named EDS/RDS, ACK everything).
+"""One client process of the fan-out benchmark: N ADS streams that behave like Envoy.
 
     python -m tests.bench.fanout_client PORT --streams 1000     (from the repository root)
-Prints "ready" once every stream has ACKed a route, then one line per later route ACK round:
-"acked <route version> <count>" is not printed (too many); the server side measures instead.
-Runs until stdin closes.
+
+Each stream has its own channel, so its own TCP connection, as every Envoy has: the server under
+test pays per connection what it would pay in production. A stream asks like Envoy does (wildcard
+CDS and LDS, then EDS and RDS by the names those carry) and ACKs every response.
+
+The benchmark spreads N streams over several of these processes so that the clients are not what
+is measured; each reports its own CPU time so that the report can show it.
+
+Driven by lines on stdin, answering on stdout (one line each, ``time.time()`` wall clocks, so that
+processes on one machine can be compared):
+  ``connect``  open every stream; once each has a route (or ``--ready-timeout`` passed):
+               ``ready SERVED T_LAST CPU``
+  ``mark``     remember every stream's route version; answers ``marked``. Once every served stream
+               has received a different route version (or ``--change-timeout`` passed):
+               ``changed COUNT T_LAST T_FIRST CPU`` (CPU: this process's seconds since ``mark``)
+  ``quit`` or end of input: close everything and exit.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import sys
+import time
+from collections.abc import Callable
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
@@ -25,7 +41,15 @@ CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 
 
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one (every stream is a socket); returns it."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 def _names(response: discovery_pb2.DiscoveryResponse) -> list[str]:
+    """The EDS cluster names of a CDS response, or the RDS names of an LDS response."""
     if response.type_url == CDS:
         out = []
         for packed in response.resources:
@@ -46,7 +70,44 @@ def _names(response: discovery_pb2.DiscoveryResponse) -> list[str]:
     return routes
 
 
-async def proxy(stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, index: int, on_route: asyncio.Queue[int]) -> None:
+class Fleet:
+    """What every stream of this process has seen, and the two waits the driver asks for."""
+
+    def __init__(self, streams: int) -> None:
+        self.streams = streams
+        self.route_version: dict[int, str] = {}  # stream -> last RDS version received
+        self.first_route_at: dict[int, float] = {}
+        self.marked: dict[int, str] | None = None
+        self.changed_at: dict[int, float] = {}
+        self.progress = asyncio.Event()
+
+    def on_route(self, index: int, version: str) -> None:
+        now = time.time()
+        self.route_version[index] = version
+        self.first_route_at.setdefault(index, now)
+        if self.marked is not None and index not in self.changed_at and self.marked.get(index) != version:
+            self.changed_at[index] = now
+        self.progress.set()
+
+    def mark(self) -> None:
+        self.marked = dict(self.route_version)
+        self.changed_at = {}
+
+    async def wait(self, done: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            self.progress.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self.progress.wait(), left)
+            except TimeoutError:
+                return
+
+
+async def proxy(channel: grpc.aio.Channel, index: int, fleet: Fleet) -> None:
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
     call = stub.StreamAggregatedResources()
     node = base_pb2.Node(id=f"bench-{index}", cluster="edge")
     await call.write(discovery_pb2.DiscoveryRequest(type_url=CDS, node=node))
@@ -71,31 +132,54 @@ async def proxy(stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, index: int, o
                     type_url=below, resource_names=names, response_nonce=nonces.get(below, "")
                 ))  # fmt: skip
         elif response.type_url == RDS:
-            on_route.put_nowait(index)
+            fleet.on_route(index, response.version_info)
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("port", type=int)
     parser.add_argument("--streams", type=int, default=1000)
-    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--first-index", type=int, default=0, help="node ids are bench-<first-index + i>")
+    parser.add_argument("--ready-timeout", type=float, default=300.0)
+    parser.add_argument("--change-timeout", type=float, default=120.0)
     args = parser.parse_args()
-    channels = [
-        grpc.aio.insecure_channel(f"127.0.0.1:{args.port}", options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(args.channels)
-    ]
-    stubs = [ads_pb2_grpc.AggregatedDiscoveryServiceStub(c) for c in channels]
-    routes: asyncio.Queue[int] = asyncio.Queue()
-    tasks = [asyncio.create_task(proxy(stubs[i % len(stubs)], i, routes)) for i in range(args.streams)]
-    seen: set[int] = set()
-    while len(seen) < args.streams:
-        seen.add(await routes.get())
-    print("ready", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    for task in tasks:
-        task.cancel()
-    for channel in channels:
-        await channel.close()
+    raise_fd_limit()
+    loop = asyncio.get_running_loop()
+    fleet = Fleet(args.streams)
+    channels: list[grpc.aio.Channel] = []
+    tasks: list[asyncio.Task[None]] = []
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    print("loaded", flush=True)
+    try:
+        while line := (await stdin.readline()).decode().strip():
+            if line == "connect":
+                for i in range(args.streams):
+                    # a local subchannel pool: each channel its own connection, as each Envoy has
+                    channel = grpc.aio.insecure_channel(
+                        f"127.0.0.1:{args.port}", options=[("grpc.use_local_subchannel_pool", 1)]
+                    )
+                    channels.append(channel)
+                    tasks.append(asyncio.create_task(proxy(channel, args.first_index + i, fleet)))
+                await fleet.wait(lambda: len(fleet.first_route_at) == args.streams, args.ready_timeout)
+                last = max(fleet.first_route_at.values(), default=0.0)
+                print(f"ready {len(fleet.first_route_at)} {last:.6f} {time.process_time():.4f}", flush=True)
+            elif line == "mark":
+                fleet.mark()
+                cpu = time.process_time()
+                print("marked", flush=True)
+                await fleet.wait(lambda: len(fleet.changed_at) >= len(fleet.first_route_at), args.change_timeout)
+                times = fleet.changed_at.values()
+                print(f"changed {len(fleet.changed_at)} {max(times, default=0.0):.6f} "
+                      f"{min(times, default=0.0):.6f} {time.process_time() - cpu:.4f}", flush=True)  # fmt: skip
+            elif line == "quit":
+                break
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
 
 
 if __name__ == "__main__":

@@ -1,27 +1,34 @@
-"""`make bench`: how fast Aviary builds snapshots and pushes a weight change to many proxies.
+"""`make bench`: how Aviary scales, side by side with bare baselines, plus real-Envoy and engine figures.
 
-Numbers go to stdout and tests/bench/results.json. Not a pass/fail test.
-  - snapshot build: 200 rollouts on one listener; cold (every resource encoded) and after one
-    rollout's weight changed (only route configurations encoded again); median of 20
-  - fan-out: one weight change -> every one of N Envoy-like streams ACKed the new route
-    (N = 100 and 1,000 streams in a separate client process; median and p90 of 15 changes)
-  - reaction through a real Envoy and Prometheus (tests/bench/reaction.py): a failing canary's first
-    500 -> weight 0 at Envoy, and a healthy canary's write -> 100 % at Envoy (the README quotes these)
+    python -m tests.bench.run [--quick] [--streams 1000,5000] [--changes 20] [--workers 2] [--profile N]
+
+Not a pass/fail test: timings are reported, never asserted. Writes tests/bench/results.json, and
+tests/bench/out/ (ignored by git): results.markdown (the table, also printed) and PNG plots.
+  - snapshot build: 200 rollouts on one listener, cold and after one weight change (median of 20);
+  - fan-out (tests/bench/fanout.py): per N, `aviary serve` against a bare single-process ADS server and
+    a bare server with W SO_REUSEPORT processes, same clients, same resources: clients served, time
+    to first route for all, weight change p50/p99/max, server CPU per change, RSS per stream, and
+    Aviary's ratios to both baselines; client CPU shows the clients are not the bottleneck;
+  - real Envoy RDS push -> ACK with 1 and 8 Envoys (tests/bench/envoy_acks.py);
+  - the engine with many rollouts under analysis against a stub Prometheus (tests/bench/engine.py);
+  - rollback reaction through real Envoy and Prometheus (tests/bench/reaction.py; not with --quick);
+  - with ``--profile N``: py-spy samples Aviary during the changes at N; the top costs are reported.
+``--quick`` (`make bench QUICK=1`, run by tests/e2e/test_bench_quick.py) does all but the reaction at
+small sizes, so that the benchmark keeps working.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from aviary.discovery.cache import SnapshotCache
-from aviary.discovery.director import Placement, TrafficDirector
-from aviary.discovery.proxy_status import ProxyStatus
 from aviary.discovery.resources import (
     PublishedRollout,
     build_api_listener,
@@ -31,12 +38,18 @@ from aviary.discovery.resources import (
     build_snapshot,
     cluster_name,
 )
-from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
 from aviary.policy.schema import Endpoint, ListenerSpec
-from aviary.traffic import Backend, TrafficPlan
+from aviary.traffic import Backend
+from tests.bench.engine import bench_engine
+from tests.bench.envoy_acks import bench_envoy_acks
+from tests.bench.fanout import aviary_has_workers, bench_fanout
+from tests.bench.fanout_client import raise_fd_limit
+from tests.bench.procstat import load_average
 from tests.bench.reaction import bench_reaction
+from tests.bench.report import markdown, plots
 
 REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "tests" / "bench" / "out"
 LISTENER = ListenerSpec(address="0.0.0.0", port=10000)
 V1 = Backend("v1", (Endpoint.model_validate("10.0.0.1:8080"),))
 V2 = Backend("v2", (Endpoint.model_validate("10.0.0.2:8080"),))
@@ -55,63 +68,122 @@ def bench_snapshot_build() -> dict[str, float]:
         snapshot = build_snapshot(rollouts)
         cold.append(time.perf_counter() - start)
         # One rollout's weight moves: only its route configurations are encoded again.
-        changed = [*rollouts[:-1], replace(rollouts[-1], route=((cluster_name(rollouts[-1].name, "v1"), 80 - i),
-                                                    (cluster_name(rollouts[-1].name, "v2"), 20 + i)))]
+        changed = [
+            *rollouts[:-1],
+            replace(
+                rollouts[-1],
+                route=(
+                    (cluster_name(rollouts[-1].name, "v1"), 80 - i),
+                    (cluster_name(rollouts[-1].name, "v2"), 20 + i),
+                ),
+            ),
+        ]
         start = time.perf_counter()
         build_snapshot(changed)
         weight_change.append(time.perf_counter() - start)
     route = snapshot.items("type.googleapis.com/envoy.config.route.v3.RouteConfiguration")["route-0.0.0.0-10000"]
-    return {"rollouts": 200, "cold_median_ms": round(statistics.median(cold) * 1000, 2),
-            "weight_change_median_ms": round(statistics.median(weight_change) * 1000, 2),
-            "route_config_bytes": len(route.any_bytes)}
+    return {
+        "rollouts": 200,
+        "cold_median_ms": round(statistics.median(cold) * 1000, 2),
+        "weight_change_median_ms": round(statistics.median(weight_change) * 1000, 2),
+        "route_config_bytes": len(route.any_bytes),
+    }
 
 
-async def bench_fanout(streams: int, changes: int = 15) -> dict[str, float]:
-    cache, proxies = SnapshotCache(), ProxyStatus()
-    director = TrafficDirector(cache, proxies)
-    director.set_rollout("checkout", Placement(LISTENER, ("*",)), TrafficPlan(V1, V2, 0))
-    server, port = await start_xds_server("127.0.0.1:0", AggregatedDiscoveryService(cache, proxies.apply))
-    client = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.bench.fanout_client", str(port), "--streams", str(streams),
-        cwd=REPO, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert client.stdout is not None and client.stdin is not None
-        line = await asyncio.wait_for(client.stdout.readline(), 300)
-        assert line.strip() == b"ready", line
-        acked = asyncio.Event()
-        director.on_traffic_acked(lambda name, traffic: acked.set())
-        times, cpu = [], []
-        for change in range(1, changes + 1):
-            acked.clear()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            director.set_canary_weight("checkout", change)
-            await asyncio.wait_for(acked.wait(), 120)
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
-        client.stdin.close()
-        await asyncio.wait_for(client.wait(), 60)
-    finally:
-        if client.returncode is None:
-            client.kill()
-            await client.wait()
-        await server.stop(0)
-    ordered = sorted(times)
-    return {"streams": streams, "median_ms": round(statistics.median(times) * 1000, 1),
-            "p90_ms": round(ordered[int(len(ordered) * 0.9) - 1] * 1000, 1),
-            "server_cpu_ms_median": round(statistics.median(cpu) * 1000, 1)}
+def merged(before: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """``now`` over ``before``: parts measured now win; fan-out runs are kept per N."""
+    out = {**before, **{key: value for key, value in now.items() if value}}
+    runs = {run["streams"]: run for run in before.get("fanout", [])}
+    runs.update({run["streams"]: run for run in now.get("fanout", [])})
+    out["fanout"] = [runs[n] for n in sorted(runs)]
+    out["environment"] = now["environment"]
+    out["environment"]["earlier_runs"] = [*before["environment"].pop("earlier_runs", []), before["environment"]]
+    return out
 
 
 async def main() -> None:
-    results = {"snapshot_build": bench_snapshot_build()}
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, no Prometheus: keeps the bench working")
+    parser.add_argument("--streams", help="comma-separated N (default 1000,5000,10000; quick: 50)")
+    parser.add_argument("--changes", type=int, help="weight changes per N (default 20; quick: 3)")
+    parser.add_argument("--workers", type=int, default=2, help="processes of Aviary and of the bare_W baseline")
+    parser.add_argument("--profile", type=int, default=0, help="py-spy Aviary's changes at this N")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="JSON to write (default tests/bench/results.json; quick: tests/bench/out/results-quick.json)",
+    )
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="keep what the output JSON has for parts not run "
+        "now (and fan-out at other N): to measure N = 10,000 separately",
+    )
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: fanout,envoy,engine,reaction")
+    parser.add_argument("--report", action="store_true", help="measure nothing: table and plots from the output JSON")
+    args = parser.parse_args()
+    if args.report:
+        stored = json.loads((args.output or REPO / "tests" / "bench" / "results.json").read_text())
+        table = markdown(stored)
+        (OUT / "results.markdown").write_text(table)
+        print(table, "wrote", *(str(p) for p in plots(stored, OUT)), flush=True)
+        return
+    quick = args.quick
+    streams = [int(n) for n in (args.streams or ("50" if quick else "1000,5000,10000")).split(",")]
+    changes = args.changes or (3 if quick else 20)
+    skip = set(filter(None, args.skip.split(",")))
+    fd_limit = raise_fd_limit()
+    results: dict[str, Any] = {
+        "environment": {
+            "cores": os.cpu_count(), "load_average_start": [round(x, 2) for x in load_average()],
+            "fd_limit": fd_limit, "quick": quick, "changes": changes, "workers": args.workers,
+            "aviary_mode": (f"--xds-workers {args.workers}" if aviary_has_workers()
+                            else "single process (this aviary serve has no --xds-workers)"),
+        },
+    }  # fmt: skip
+    OUT.mkdir(parents=True, exist_ok=True)
+    target = args.output or (OUT / "results-quick.json" if quick else REPO / "tests" / "bench" / "results.json")
+    before = json.loads(target.read_text()) if args.add and target.exists() else None
+
+    def save() -> dict[str, Any]:
+        """Write what is measured so far (a later part failing keeps the earlier ones)."""
+        results["environment"]["load_average_end"] = [round(x, 2) for x in load_average()]
+        final = merged(before, results) if before is not None else results
+        target.write_text(json.dumps(final, indent=2) + "\n")
+        return final
+
+    results["snapshot_build"] = bench_snapshot_build()
     print("snapshot build:", results["snapshot_build"], flush=True)
-    for streams in (100, 1000):
-        result = await bench_fanout(streams)
-        results[f"fanout_{streams}"] = result
-        print(f"weight change -> all {streams} streams ACKed:", result, flush=True)
-    results["reaction"] = await asyncio.to_thread(bench_reaction)
-    print("reaction through real Envoy and Prometheus:", results["reaction"], flush=True)
-    (REPO / "tests" / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    results["fanout"] = []
+    if "fanout" not in skip:
+        for n in streams:
+            profile = OUT / f"profile-aviary-{n}.txt" if args.profile == n else None
+            run = await bench_fanout(n, changes, args.workers, profile)
+            run["load_average_after"] = [round(x, 2) for x in load_average()]
+            results["fanout"].append(run)
+            save()
+            if "profile_top" in run:
+                print(f"profile of aviary at N={n}:", json.dumps(run["profile_top"], indent=1), flush=True)
+    results["envoy_push_ack"] = []
+    if "envoy" not in skip:
+        for envoys in (1, 2) if quick else (1, 8):
+            run = await bench_envoy_acks(envoys, 10 if quick else 200)
+            results["envoy_push_ack"].append(run)
+            save()
+            print("RDS push -> ACK, real Envoy:", run, flush=True)
+    if "engine" not in skip:
+        results["engine"] = await bench_engine(20 if quick else 1000, 3.0 if quick else 10.0)
+        print("engine:", results["engine"], flush=True)
+        save()
+    if not quick and "reaction" not in skip:
+        results["reaction"] = await asyncio.to_thread(bench_reaction)
+        print("reaction through real Envoy and Prometheus:", results["reaction"], flush=True)
+    results = save()
+    table = markdown(results)
+    (OUT / ("results-quick.markdown" if quick else "results.markdown")).write_text(table)
+    written = plots(results, OUT, "quick-" if quick else "")  # a quick run leaves the full plots alone
+    print(table, flush=True)
+    print("wrote", target, *(str(p) for p in written), flush=True)
 
 
 if __name__ == "__main__":
