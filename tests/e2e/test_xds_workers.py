@@ -22,14 +22,13 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from aviary.discovery.resources import cluster_name
 from tests.conftest import _FAILED, EnvoyFactory, LoadgenFactory
 from tests.rig.backends import Backends
+from tests.rig.control_plane import write_policy as write_rollout
 from tests.rig.envoy import EnvoyProcess
 from tests.rig.envoy_sampler import EnvoySampler
 from tests.rig.gating_proxy import GatingProxy
@@ -48,18 +47,8 @@ WORKERS = ("--xds-workers", "2")
 
 
 def write_policy(policies: Path, port: int, version: str, endpoint: str, steps: list[int] | None = None) -> None:
-    spec: dict[str, Any] = {
-        "listener": {"address": "127.0.0.1", "port": port},
-        "hosts": [HOST],
-        "version": version,
-        "endpoints": [endpoint],
-    }
-    if steps is not None:
-        spec["strategy"] = {"steps": steps, "interval": "2s"}
-    doc = {"apiVersion": "aviary.dev/v1", "kind": "Rollout", "metadata": {"name": NAME}, "spec": spec}
-    tmp = policies / f".{NAME}.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    tmp.replace(policies / f"{NAME}.yaml")
+    strategy = {"steps": steps, "interval": "2s"} if steps is not None else None
+    write_rollout(policies, NAME, port=port, version=version, endpoints=[endpoint], hosts=(HOST,), strategy=strategy)
 
 
 def worker_pids(parent: int) -> dict[int, int]:
