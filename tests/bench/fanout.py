@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import signal
 import statistics
@@ -239,7 +240,9 @@ def client_processes(streams: int) -> int:
 
 
 @contextlib.asynccontextmanager
-async def clients(port: int, streams: int, workdir: Path) -> AsyncIterator[list[LineProcess]]:
+async def clients(
+    port: int, streams: int, workdir: Path, client_args: tuple[str, ...] = ()
+) -> AsyncIterator[list[LineProcess]]:
     count = client_processes(streams)
     shares = [streams // count + (1 if i < streams % count else 0) for i in range(count)]
     procs: list[LineProcess] = []
@@ -248,7 +251,7 @@ async def clients(port: int, streams: int, workdir: Path) -> AsyncIterator[list[
         for i, share in enumerate(shares):
             procs.append(await LineProcess.spawn(
                 f"client-{i}", sys.executable, "-m", "tests.bench.fanout_client", str(port), "--streams", str(share),
-                "--first-index", str(first), log=workdir / f"client-{i}.log",
+                "--first-index", str(first), *client_args, log=workdir / f"client-{i}.log",
             ))  # fmt: skip
             first += share
         for proc in procs:
@@ -260,18 +263,28 @@ async def clients(port: int, streams: int, workdir: Path) -> AsyncIterator[list[
 
 
 async def measure(
-    server: Server, streams: int, changes: int, workdir: Path, on_changes: Callable[[bool], None] | None = None
+    server: Server,
+    streams: int,
+    changes: int,
+    workdir: Path,
+    on_changes: Callable[[bool], None] | None = None,
+    client_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Connect ``streams`` clients to ``server``, then time ``changes`` weight changes."""
     pids = server.pids()
     rss_before = rss_bytes(pids)
-    async with clients(server.port, streams, workdir) as procs:
+    async with clients(server.port, streams, workdir, client_args) as procs:
         start = time.time()
         for proc in procs:
             proc.send("connect")
         ready = [await proc.expect("ready", 600) for proc in procs]
         served = sum(int(r[0]) for r in ready)
         first_route_all = max(float(r[1]) for r in ready) - start
+        ended: dict[str, int] = {}  # streams the server ended before the changes, by status
+        for r in ready:
+            for code, count in json.loads(r[3]).items():
+                ended[code] = ended.get(code, 0) + count
+        retries = sum(int(r[4]) for r in ready)
         rss_after = rss_bytes(server.pids())
         await server.settle()
         times, server_cpu, client_cpu, client_busy = [], [], [], []
@@ -304,6 +317,7 @@ async def measure(
         "server": server.label, "processes": server.processes, "note": server.note,
         "streams": streams, "clients_served": served, "client_processes": len(procs),
         "time_to_first_route_all_s": round(first_route_all, 3),
+        "streams_ended": dict(sorted(ended.items())), "stream_retries": retries,
         "change_ms": {"p50": round(statistics.median(ms), 1), "p99": round(percentile(ms, 99), 1),
                       "max": round(max(ms), 1), "changes": len(ms)},
         # the mean: /proc counts CPU in 10 ms ticks, finer than one change of the bare servers

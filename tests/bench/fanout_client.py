@@ -12,17 +12,25 @@ is measured; each reports its own CPU time so that the report can show it.
 Driven by lines on stdin, answering on stdout (one line each, ``time.time()`` wall clocks, so that
 processes on one machine can be compared):
   ``connect``  open every stream; once each has a route (or ``--ready-timeout`` passed):
-               ``ready SERVED T_LAST CPU``
+               ``ready SERVED T_LAST CPU ENDED RETRIES``: ENDED is a JSON object, how many streams
+               ended and how (the gRPC status code name, ``EOF`` for an OK end), RETRIES how many
+               streams were opened again after one ended
   ``mark``     remember every stream's route version; answers ``marked``. Once every served stream
                has received a different route version (or ``--change-timeout`` passed):
                ``changed COUNT T_LAST T_FIRST CPU`` (CPU: this process's seconds since ``mark``)
   ``quit`` or end of input: close everything and exit.
+
+A stream that ends is opened again after a jittered exponential backoff (0.5 s doubling up to 30 s,
+as Envoy retries its ADS stream), unless ``--no-retry``; either way every end is counted and
+reported, and logged on stderr (the first few in full), with a progress line every 5 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import random
 import resource
 import sys
 import time
@@ -39,6 +47,9 @@ LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+RETRY_BASE = 0.5  # seconds: Envoy's ADS stream backoff, jittered, doubling up to RETRY_MAX
+RETRY_MAX = 30.0
+ENDS_LOGGED = 20  # ended streams logged in full (status and details) per process
 
 
 def raise_fd_limit() -> int:
@@ -80,6 +91,24 @@ class Fleet:
         self.marked: dict[int, str] | None = None
         self.changed_at: dict[int, float] = {}
         self.progress = asyncio.Event()
+        self.ended: dict[str, int] = {}  # status code name ("EOF": ended OK) -> streams ended
+        self.retries = 0
+        self.started = time.time()
+
+    def on_end(self, index: int, code: str, details: str) -> None:
+        self.ended[code] = self.ended.get(code, 0) + 1
+        if sum(self.ended.values()) <= ENDS_LOGGED:
+            routed = "after" if index in self.first_route_at else "before"
+            print(f"stream bench-{index} ended {code} {routed} its first route, {time.time() - self.started:.1f}s "
+                  f"after connect: {details}", file=sys.stderr, flush=True)  # fmt: skip
+
+    async def log_progress(self) -> None:
+        """Every 5 s on stderr: streams with a route, and the ends so far."""
+        while True:
+            await asyncio.sleep(5)
+            print(f"{time.time() - self.started:.0f}s: routed {len(self.first_route_at)}/{self.streams} "
+                  f"ended {json.dumps(self.ended, sort_keys=True)} retries {self.retries}",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
     def on_route(self, index: int, version: str) -> None:
         now = time.time()
@@ -135,6 +164,23 @@ async def proxy(channel: grpc.aio.Channel, index: int, fleet: Fleet) -> None:
             fleet.on_route(index, response.version_info)
 
 
+async def envoy(channel: grpc.aio.Channel, index: int, fleet: Fleet, retry: bool) -> None:
+    """One proxy: its stream, counted when it ends, and opened again after a backoff (``retry``)."""
+    delay = RETRY_BASE
+    while True:
+        try:
+            await proxy(channel, index, fleet)
+            code, details = "EOF", "the server ended the stream with status OK"
+        except grpc.aio.AioRpcError as exc:
+            code, details = exc.code().name, str(exc.details())
+        fleet.on_end(index, code, details)
+        if not retry:
+            return
+        await asyncio.sleep(random.uniform(0, delay))
+        delay = min(2 * delay, RETRY_MAX)
+        fleet.retries += 1
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("port", type=int)
@@ -142,6 +188,7 @@ async def main() -> None:
     parser.add_argument("--first-index", type=int, default=0, help="node ids are bench-<first-index + i>")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     parser.add_argument("--change-timeout", type=float, default=120.0)
+    parser.add_argument("--no-retry", action="store_true", help="a stream that ends stays ended (counted)")
     args = parser.parse_args()
     raise_fd_limit()
     loop = asyncio.get_running_loop()
@@ -154,16 +201,20 @@ async def main() -> None:
     try:
         while line := (await stdin.readline()).decode().strip():
             if line == "connect":
+                fleet.started = time.time()
+                tasks.append(asyncio.create_task(fleet.log_progress()))
                 for i in range(args.streams):
                     # a local subchannel pool: each channel its own connection, as each Envoy has
                     channel = grpc.aio.insecure_channel(
                         f"127.0.0.1:{args.port}", options=[("grpc.use_local_subchannel_pool", 1)]
                     )
                     channels.append(channel)
-                    tasks.append(asyncio.create_task(proxy(channel, args.first_index + i, fleet)))
+                    tasks.append(asyncio.create_task(envoy(channel, args.first_index + i, fleet, not args.no_retry)))
                 await fleet.wait(lambda: len(fleet.first_route_at) == args.streams, args.ready_timeout)
                 last = max(fleet.first_route_at.values(), default=0.0)
-                print(f"ready {len(fleet.first_route_at)} {last:.6f} {time.process_time():.4f}", flush=True)
+                print(f"ready {len(fleet.first_route_at)} {last:.6f} {time.process_time():.4f} "
+                      f"{json.dumps(fleet.ended, sort_keys=True, separators=(',', ':'))} {fleet.retries}",
+                      flush=True)  # fmt: skip
             elif line == "mark":
                 fleet.mark()
                 cpu = time.process_time()

@@ -33,6 +33,13 @@ _END = object()
 # starts were reset by this server (RST_STREAM after a CANCELLED status) while its handlers never
 # saw them. The queue holds calls that have only sent their headers: cheap to keep.
 MAX_PENDING_STREAMS = 20_000
+# A call queued that way is also cancelled once it has waited ``grpc.server_max_unrequested_time_in_server``
+# (default 30 s): the aio server takes one new call per event-loop turn, and with 10,000 Envoys
+# connecting at once (`make bench`, tests/bench/fanout.py) the last ones waited longer than that while
+# the loop served the first ones: 904 of 10,000 streams ended CANCELLED 32.8 s after they connected,
+# never handled, and a stream that is never retried never got its routes. A queued call costs little
+# and is bounded in number above; it waits for its turn instead.
+MAX_UNREQUESTED_SECONDS = 600
 
 
 def _identity(data: bytes) -> bytes:
@@ -243,6 +250,7 @@ async def start_xds_server(
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ("grpc.server.max_pending_requests", MAX_PENDING_STREAMS),
             ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_STREAMS),
+            ("grpc.server_max_unrequested_time_in_server", MAX_UNREQUESTED_SECONDS),
             *grpc_options(reuse_port),
         ]
     )
