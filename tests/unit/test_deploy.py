@@ -291,8 +291,8 @@ def test_the_old_single_file_and_delta_bootstrap_are_gone() -> None:
     assert not (d.KUBERNETES_DIR / "aviary.yaml").exists()
     assert not (d.REPO_ROOT / "deploy" / "envoy" / "bootstrap-delta.yaml").exists()
     for path in (d.REPO_ROOT / "deploy").rglob("*.y*ml"):
-        assert "DELTA_GRPC" not in path.read_text().replace("does not speak DELTA_GRPC", ""), (
-            f"{path}: the server does not speak delta xDS; ship State-of-the-World (api_type: GRPC)"
+        assert "api_type: DELTA_GRPC" not in path.read_text(), (
+            f"{path}: the shipped bootstraps use State-of-the-World (api_type: GRPC); delta is tested in tests/rig"
         )
 
 
@@ -521,10 +521,10 @@ async def test_an_unimplemented_rpc_is_refused_and_logged_once_per_method_and_pe
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server, port = await start_xds_server("127.0.0.1:0", AggregatedDiscoveryService(SnapshotCache(), lambda e: None))
-    delta = f"/{ADS_SERVICE}/DeltaAggregatedResources"
+    clusters = "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters"  # an Envoy without ADS
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            for method in (delta, delta, "/some.Other/Call", delta):
+            for method in (clusters, clusters, "/some.Other/Call", clusters):
                 call = channel.unary_unary(method)
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await call(b"", timeout=5)
@@ -533,8 +533,8 @@ async def test_an_unimplemented_rpc_is_refused_and_logged_once_per_method_and_pe
         await server.stop(0)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unimplemented RPC ")]
     assert len(lines) == 2, lines
-    assert lines[0].startswith(f"unimplemented RPC {delta} from ipv4:127.0.0.1:")
-    assert "api_type to GRPC" in lines[0]
+    assert lines[0].startswith(f"unimplemented RPC {clusters} from ipv4:127.0.0.1:")
+    assert f"/{ADS_SERVICE}/StreamAggregatedResources and DeltaAggregatedResources" in lines[0]
     assert lines[1].startswith("unimplemented RPC /some.Other/Call from ipv4:127.0.0.1:")
     assert "StreamAggregatedResources" in lines[1]
 

@@ -1,7 +1,8 @@
 """The ADS gRPC service on grpc.aio: one coroutine and one reader task per stream.
 
-The method is registered with a pass-through response serializer: `SotwStream` hands us
-responses already encoded from shared per-resource bytes, so nothing is re-serialized here.
+Both methods, State-of-the-World (`SotwStream`) and incremental (`DeltaStream`), are served by the
+same loop and registered with a pass-through response serializer: the streams hand us responses
+already encoded from shared per-resource bytes, so nothing is re-serialized here.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
 from aviary.discovery.cache import SnapshotCache
+from aviary.discovery.delta import DeltaStream
 from aviary.discovery.proxy_events import ProxyDisconnected, ProxyEvent
 from aviary.discovery.sotw import SotwStream, StreamError
 from aviary.listen import ListenError, check_can_listen, grpc_options
@@ -44,6 +47,19 @@ MAX_UNREQUESTED_SECONDS = 600
 
 def _identity(data: bytes) -> bytes:
     return data
+
+
+class _Stream(Protocol):
+    """What the serving loop needs of a stream's protocol state (`SotwStream`, `DeltaStream`)."""
+
+    stream_id: int
+    peer: str
+    node_id: str | None
+    node_cluster: str
+
+    def on_request(self, request: Any, /) -> list[bytes]: ...  # the protocol's request message
+
+    def on_snapshot_changed(self) -> list[bytes]: ...
 
 
 class _Inbox:
@@ -103,9 +119,10 @@ class UnimplementedMethods(grpc.GenericRpcHandler):  # type: ignore[misc]  # grp
 
 
 def _unimplemented_hint(method: str) -> str:
-    if method == f"/{ADS_SERVICE}/DeltaAggregatedResources":
-        return "delta xDS is not supported: set dynamic_resources.ads_config.api_type to GRPC in the Envoy bootstrap"
-    return f"this server serves only /{ADS_SERVICE}/StreamAggregatedResources (State-of-the-World ADS)"
+    return (
+        f"this server serves only /{ADS_SERVICE}/StreamAggregatedResources and DeltaAggregatedResources "
+        "(ADS, State-of-the-World and incremental)"
+    )
 
 
 class AggregatedDiscoveryService:
@@ -148,6 +165,11 @@ class AggregatedDiscoveryService:
                     request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
                     response_serializer=_identity,
                 ),
+                "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self.delta_aggregated_resources,
+                    request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                    response_serializer=_identity,
+                ),
             },
         )
 
@@ -159,6 +181,22 @@ class AggregatedDiscoveryService:
         if self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the control plane is shutting down")
         stream = SotwStream(next(self._stream_ids), context.peer(), self._cache, self._emit)
+        await self._serve(stream, requests, context)
+
+    async def delta_aggregated_resources(
+        self,
+        requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext[discovery_pb2.DeltaDiscoveryRequest, bytes],
+    ) -> None:
+        if self._closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the control plane is shutting down")
+        stream = DeltaStream(next(self._stream_ids), context.peer(), self._cache, self._emit)
+        await self._serve(stream, requests, context)
+
+    async def _serve(
+        self, stream: _Stream, requests: AsyncIterator[object], context: grpc.aio.ServicerContext[object, bytes]
+    ) -> None:
+        """One stream, either protocol: requests and snapshot changes in, encoded responses out."""
         inbox: _Inbox = _Inbox()
         self._inboxes.add(inbox)
         wake_pending = False
@@ -183,7 +221,7 @@ class AggregatedDiscoveryService:
                 elif isinstance(item, BaseException):
                     raise item
                 else:
-                    assert isinstance(item, discovery_pb2.DiscoveryRequest)
+                    assert isinstance(item, discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest)
                     if self._admit is not None and stream.node_id is None:
                         await self._admit()
                     try:
@@ -217,7 +255,7 @@ class AggregatedDiscoveryService:
                 log.info("proxy disconnected: node=%s peer=%s", stream.node_id, stream.peer)
 
     @staticmethod
-    async def _read(requests: AsyncIterator[discovery_pb2.DiscoveryRequest], inbox: _Inbox) -> None:
+    async def _read(requests: AsyncIterator[object], inbox: _Inbox) -> None:
         try:
             async for request in requests:
                 inbox.put_nowait(request)

@@ -64,3 +64,35 @@ def discovery_response_body(version: str, type_url: str, entries: Iterable[bytes
 def with_nonce(body: bytes, nonce: str) -> bytes:
     """`body` (from `discovery_response_body`) made one stream's response."""
     return body + length_delimited(_NONCE, nonce.encode())
+
+
+# ---- incremental (delta) xDS ------------------------------------------------------------------
+# DeltaDiscoveryResponse fields (its nonce is field 5 as well: `with_nonce` serves both)
+_SYSTEM_VERSION_INFO = 1
+_DELTA_RESOURCES = 2
+_DELTA_TYPE_URL = 4
+_REMOVED_RESOURCES = 6
+# envoy.service.discovery.v3.Resource fields
+_RESOURCE_VERSION = 1
+_RESOURCE_BODY = 2
+_RESOURCE_NAME = 3
+
+
+def delta_resource_entry(name: str, version: str, any_bytes: bytes) -> bytes:
+    """One `resources` entry of a DeltaDiscoveryResponse: a `Resource` wrapping the Any, ready to concatenate."""
+    wrapped = (
+        length_delimited(_RESOURCE_VERSION, version.encode())
+        + length_delimited(_RESOURCE_BODY, any_bytes)
+        + length_delimited(_RESOURCE_NAME, name.encode())
+    )
+    return length_delimited(_DELTA_RESOURCES, wrapped)
+
+
+def delta_response_body(system_version: str, type_url: str, entries: Iterable[bytes], removed: Iterable[str]) -> bytes:
+    """A DeltaDiscoveryResponse but its nonce (`with_nonce` adds it)."""
+    return (
+        length_delimited(_SYSTEM_VERSION_INFO, system_version.encode())
+        + b"".join(entries)
+        + length_delimited(_DELTA_TYPE_URL, type_url.encode())
+        + b"".join(length_delimited(_REMOVED_RESOURCES, name.encode()) for name in removed)
+    )

@@ -1,0 +1,131 @@
+"""`DeltaStream`: the incremental xDS rules without sockets (tests/conformance runs them over gRPC)."""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.rpc import status_pb2
+
+from aviary.discovery import typeurls
+from aviary.discovery.cache import SnapshotCache
+from aviary.discovery.delta import DeltaStream, versions_digest
+from aviary.discovery.proxy_events import ProxyEvent, ResourcesAcked, ResourcesNacked
+from aviary.discovery.snapshot import Resource, Snapshot, set_version
+
+CDS, EDS = typeurls.CLUSTER, typeurls.ENDPOINT
+
+
+def cluster(name: str, timeout: int = 1) -> Resource:
+    message = cluster_pb2.Cluster(name=name)
+    message.connect_timeout.seconds = timeout
+    return Resource.from_message(name, CDS, message)
+
+
+def assignment(name: str) -> Resource:
+    return Resource.from_message(name, EDS, endpoint_pb2.ClusterLoadAssignment(cluster_name=name))
+
+
+def publish(cache: SnapshotCache, *resources: Resource) -> None:
+    cache.publish({"": Snapshot.of(resources)})
+
+
+def request(type_url: str, subscribe: tuple[str, ...] = (), unsubscribe: tuple[str, ...] = (), nonce: str = "",
+            error: str | None = None, initial: dict[str, str] | None = None,
+            node: bool = False) -> discovery_pb2.DeltaDiscoveryRequest:
+    message = discovery_pb2.DeltaDiscoveryRequest(
+        type_url=type_url, resource_names_subscribe=subscribe, resource_names_unsubscribe=unsubscribe,
+        response_nonce=nonce, initial_resource_versions=initial or {},
+    )
+    if node:
+        message.node.CopyFrom(base_pb2.Node(id="envoy-1", cluster="edge"))
+    if error is not None:
+        message.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+    return message
+
+
+def decode(responses: list[bytes]) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+    return [discovery_pb2.DeltaDiscoveryResponse.FromString(r) for r in responses]
+
+
+def stream(cache: SnapshotCache, events: list[ProxyEvent]) -> DeltaStream:
+    return DeltaStream(1, "ipv4:127.0.0.1:1", cache, events.append)
+
+
+def test_the_wire_format_decodes_with_the_real_classes_and_carries_per_resource_versions() -> None:
+    cache, events = SnapshotCache(), []
+    a = cluster("a")
+    publish(cache, a)
+    [response] = decode(stream(cache, events).on_request(request(CDS, node=True)))
+    assert response.type_url == CDS and response.nonce == "1"
+    [resource] = response.resources
+    assert (resource.name, resource.version) == ("a", a.version)
+    unpacked = cluster_pb2.Cluster()
+    assert resource.resource.Unpack(unpacked) and unpacked.name == "a"
+
+
+def test_only_what_changed_travels_and_removals_are_named() -> None:
+    cache, events = SnapshotCache(), []
+    publish(cache, cluster("a"), cluster("b"))
+    s = stream(cache, events)
+    [first] = decode(s.on_request(request(CDS, node=True)))
+    assert sorted(r.name for r in first.resources) == ["a", "b"]
+    publish(cache, cluster("a", timeout=2), cluster("c"))
+    [update] = decode(s.on_snapshot_changed())
+    assert sorted(r.name for r in update.resources) == ["a", "c"]
+    assert list(update.removed_resources) == ["b"]
+
+
+def test_ack_reports_the_whole_state_of_the_type_with_the_sotw_version() -> None:
+    cache, events = SnapshotCache(), []
+    a, b = cluster("a"), cluster("b")
+    publish(cache, a, b)
+    s = stream(cache, events)
+    [first] = decode(s.on_request(request(CDS, node=True)))
+    s.on_request(request(CDS, nonce=first.nonce))
+    [ack] = [e for e in events if isinstance(e, ResourcesAcked)]
+    assert dict(ack.resources) == {"a": a.version, "b": b.version}
+    assert ack.version == set_version([a, b]) == versions_digest(ack.resources)
+
+
+def test_a_nack_is_reported_once_and_the_rejected_version_is_not_resent() -> None:
+    cache, events = SnapshotCache(), []
+    publish(cache, cluster("a"))
+    s = stream(cache, events)
+    [_first] = decode(s.on_request(request(CDS, node=True)))
+    publish(cache, cluster("a", timeout=5))
+    [second] = decode(s.on_snapshot_changed())
+    assert s.on_request(request(CDS, nonce=second.nonce, error="bad")) == []
+    assert s.on_request(request(CDS, nonce=second.nonce, error="bad")) == []  # repeated: not reported again
+    nacks = [e for e in events if isinstance(e, ResourcesNacked)]
+    assert [n.message for n in nacks] == ["bad"]
+    assert s.on_snapshot_changed() == []
+
+
+def test_names_that_do_not_exist_are_reported_removed_once_and_sent_when_they_appear() -> None:
+    cache, events = SnapshotCache(), []
+    s = stream(cache, events)
+    [response] = decode(s.on_request(request(EDS, subscribe=("x",), node=True)))
+    assert list(response.removed_resources) == ["x"] and not response.resources
+    publish(cache, cluster("other"))
+    assert s.on_snapshot_changed() == []
+    publish(cache, assignment("x"))
+    [appeared] = decode(s.on_snapshot_changed())
+    assert [r.name for r in appeared.resources] == ["x"]
+
+
+def test_initial_resource_versions_spare_unchanged_resources() -> None:
+    cache, events = SnapshotCache(), []
+    a, b = assignment("a"), assignment("b")
+    publish(cache, a, b)
+    s = stream(cache, events)
+    got = s.on_request(request(EDS, subscribe=("a", "b"), initial={"a": a.version, "b": "old"}, node=True))
+    [response] = decode(got)
+    assert [r.name for r in response.resources] == ["b"]
+
+
+def test_the_first_wildcard_request_is_answered_even_when_empty() -> None:
+    cache, events = SnapshotCache(), []
+    [response] = decode(stream(cache, events).on_request(request(CDS, node=True)))
+    assert not response.resources and not response.removed_resources and response.nonce
