@@ -138,8 +138,9 @@ def plane(workdir: Path, request: pytest.FixtureRequest) -> Iterator[AviaryServe
 
 def spread_envoys(plane: AviaryServe, envoy_factory: EnvoyFactory, port: int) -> list[EnvoyProcess]:
     """ENVOYS Envoys, with at least one on each worker (the kernel picks: an Envoy is restarted,
-    i.e. reconnects from another source port, until both workers hold some)."""
-    envoys = [envoy_factory(plane.xds_port, node_id=f"envoy-{i}") for i in range(1, ENVOYS + 1)]
+    i.e. reconnects from another source port, until both workers hold some). Odd ones speak delta
+    xDS (``DELTA_GRPC``), even ones State-of-the-World: the gate and the worker restart hold for both."""
+    envoys = [envoy_factory(plane.xds_port, node_id=f"envoy-{i}", delta=i % 2 == 1) for i in range(1, ENVOYS + 1)]
     for envoy in envoys:
         envoy.wait_ready()
         envoy.wait_for_listener(port)

@@ -18,7 +18,7 @@ from tests.rig.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BOOTSTRAP_SOTW = REPO_ROOT / "deploy" / "envoy" / "bootstrap.yaml"
-BOOTSTRAP_DELTA = Path(__file__).with_name("bootstrap-delta.yaml")  # test asset: the server speaks no delta yet
+BOOTSTRAP_DELTA = Path(__file__).with_name("bootstrap-delta.yaml")  # test asset: incremental (DELTA_GRPC) ADS
 
 # Warnings every Envoy run prints; not worth reporting.
 _LOG_NOISE = ("no configured limit to the number of allowed active downstream", "caught ENVOY_SIGTERM")

@@ -115,6 +115,18 @@ def test_names_that_do_not_exist_are_reported_removed_once_and_sent_when_they_ap
     assert [r.name for r in appeared.resources] == ["x"]
 
 
+def test_a_reconnect_with_everything_current_gets_an_empty_response_whose_ack_records_the_state() -> None:
+    cache, events = SnapshotCache(), []
+    a = assignment("a")
+    publish(cache, a)
+    s = stream(cache, events)
+    [response] = decode(s.on_request(request(EDS, subscribe=("a",), initial={"a": a.version}, node=True)))
+    assert not response.resources and not response.removed_resources
+    s.on_request(request(EDS, nonce=response.nonce))
+    [ack] = [e for e in events if isinstance(e, ResourcesAcked)]
+    assert dict(ack.resources) == {"a": a.version}
+
+
 def test_initial_resource_versions_spare_unchanged_resources() -> None:
     cache, events = SnapshotCache(), []
     a, b = assignment("a"), assignment("b")

@@ -21,7 +21,9 @@ they read a SotW one. The rules (Envoy's "xDS REST and gRPC protocol", increment
 - ACK and NACK are reported once per response, with the client's whole state of the type after
   that response, which is what SotW reports: `ProxyStatus` holds the same thing for both. A NACKed
   version counts as sent: it is not resent until it changes (no resend loop, as in SotW).
-- the first wildcard request is always answered, even with nothing, so a proxy finishes starting.
+- a type's first request is always answered, even with nothing: a proxy finishes starting, and one
+  that reconnects with everything current (`initial_resource_versions`) ACKs that empty response,
+  which tells the ACK gates what it holds on this stream (its ACKs on the old stream went with it).
 
 Like SotW, a stream holds shared values (`sharing.Sent`, interned name sets) and the responses are
 shared too: streams that go from the same state to the same state (a weight change pushed to a
@@ -129,7 +131,7 @@ class DeltaStream:
         if request.response_nonce:
             self._answered(type_url, state, request)
         self._update_subscription(type_url, state, request, first)
-        response = self._respond(type_url, state, force=first and state.wildcard)
+        response = self._respond(type_url, state, force=first)
         return [response] if response else []
 
     def on_snapshot_changed(self) -> list[bytes]:
