@@ -100,7 +100,9 @@ class Plane:
         return self.sent[node_id, type_url]
 
     def proxy(self, node_id: str = "node-a") -> ProxyView | None:
-        return next((p for p in self.proxies if p.node_id == node_id), None)
+        """The newest stream of `node_id` (an older one may not have been reported gone yet)."""
+        streams = [p for p in self.proxies if p.node_id == node_id]
+        return max(streams, key=lambda p: p.stream_id) if streams else None
 
     async def until(self, check: Callable[[], object], what: str) -> None:
         await async_wait_until(check, 5, what=what)

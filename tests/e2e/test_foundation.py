@@ -232,7 +232,10 @@ def test_nack_is_recorded_not_resent_and_old_config_keeps_serving(stage: Stage) 
         holder.bind(("127.0.0.1", 0))
         holder.listen(1)
         blocked_port = holder.getsockname()[1]
-        lds_before = stage.proxy()["acked_versions"][typeurls.LISTENER]
+        # Envoy serves the listener (the stage waited for that) a moment before its ACK reaches the plane.
+        lds_before = wait_until(
+            lambda: stage.proxy().get("acked_versions", {}).get(typeurls.LISTENER), 10, what="the LDS ACK recorded"
+        )
         lds_sent_before = stage.lds_responses()
         write_policy(
             stage.policies, "blocked", port=blocked_port, version="v1", endpoints=[stage.backends.address("v2")]

@@ -16,6 +16,7 @@ from rich.console import Console
 from aviary.admin import convert, render
 from aviary.discovery import typeurls, wire
 from aviary.discovery.cache import SnapshotCache
+from aviary.discovery.delta import DeltaStream
 from aviary.discovery.proxy_events import (
     ProxyConnected,
     ProxyDisconnected,
@@ -132,6 +133,26 @@ def test_a_worker_stream_serves_the_rebuilt_snapshot_like_the_engine() -> None:
         stream = SotwStream(1, "peer", cache, lambda event: None)
         answers.append(stream.on_request(request))
     assert answers[0] == answers[1] and answers[0]
+
+
+def test_a_worker_delta_stream_serves_the_rebuilt_snapshot_like_the_engine_and_its_events_travel() -> None:
+    """DeltaStream over a worker's cache answers with the engine's bytes; its events cross the pipe equal."""
+    published = {"": snapshot(10)}
+    engine, worker = SnapshotCache(), SnapshotCache()
+    engine.publish(published)
+    worker.publish(SnapshotMirror().apply(to_worker(sync_message(SentState(), published))))
+    request = discovery_pb2.DeltaDiscoveryRequest(type_url=typeurls.CLUSTER)
+    request.node.id = "envoy-1"
+    answers, events = [], []
+    for cache in (engine, worker):
+        stream = DeltaStream(first_stream_id(2), "peer", cache, events.append)
+        [answer] = stream.on_request(request)
+        nonce = discovery_pb2.DeltaDiscoveryResponse.FromString(answer).nonce
+        stream.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=typeurls.CLUSTER, response_nonce=nonce))
+        answers.append(answer)
+    assert answers[0] == answers[1]
+    assert decode_from_worker(payload(encode_events(events))) == events
+    assert any(isinstance(e, ResourcesAcked) for e in events)
 
 
 def test_a_group_naming_an_unknown_resource_is_a_protocol_error() -> None:

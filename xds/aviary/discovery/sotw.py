@@ -9,8 +9,9 @@ responses to write, so the rules below are tested without sockets:
   again: the next response for that type waits for different content (go-control-plane's
   resend loop, its issue #962, is what this avoids);
 - a request with a nonce that is not the latest for its type is stale and ignored;
-- LDS and CDS requests without names (or with "*") are wildcard; RDS and EDS are by name, and a
-  name that does not exist yet is remembered and sent when it appears;
+- LDS and CDS requests without names (or with "*") are wildcard, until a request of that type names
+  something: from then on only "*" is (no names is then no subscription); RDS and EDS are by name,
+  and a name that does not exist yet is remembered and sent when it appears;
 - a response is sent only when what the subscription selects differs from what was last sent;
 - a first wildcard request is always answered, even when empty, so a proxy finishes starting.
 
@@ -56,6 +57,7 @@ class StreamError(Exception):
 class _TypeState:
     wildcard: bool = False
     names: frozenset[str] = frozenset()
+    named: bool = False  # a request of this type has named something: the legacy wildcard is over
     last_nonce: str | None = None
     last_sent: Sent | None = None  # what the latest response carried, and its version
     last_sent_at: float = 0.0
@@ -161,7 +163,8 @@ class SotwStream:
         self, type_url: str, state: _TypeState, request: discovery_pb2.DiscoveryRequest
     ) -> None:
         names = frozenset(request.resource_names)
-        wildcard = "*" in names or (type_url in WILDCARD_TYPES and not names)
+        state.named = state.named or bool(names)
+        wildcard = "*" in names or (type_url in WILDCARD_TYPES and not state.named)
         names = shared_names(names - {"*"})
         if (wildcard, names) != (state.wildcard, state.names) or state.last_nonce is None:
             state.wildcard, state.names = wildcard, names
