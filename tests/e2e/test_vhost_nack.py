@@ -103,10 +103,13 @@ class Stage(Listener):
                 and status.acked_weight == 100 - stable and self.weights().get(name) == weights_at(name, stable))
 
 
-@pytest.fixture
+@pytest.fixture(params=["GRPC", "DELTA_GRPC"])
 def stage(control_plane_factory: ControlPlaneFactory, envoy_factory: EnvoyFactory, backends: Backends,
-          workdir: Path) -> Iterator[Stage]:
-    plane, envoy, policies = start_plane_and_envoy(workdir, backends, control_plane_factory, envoy_factory)
+          workdir: Path, request: pytest.FixtureRequest) -> Iterator[Stage]:
+    """Envoy's ADS in State-of-the-World (GRPC) and in incremental (DELTA_GRPC) mode: the blame of a
+    NACK must not depend on how the route configuration travelled."""
+    plane, envoy, policies = start_plane_and_envoy(workdir, backends, control_plane_factory, envoy_factory,
+                                                   delta=request.param == "DELTA_GRPC")
     stage = Stage(plane, envoy, backends, policies, free_port())
     # Every NACK the director blames on a rollout, and every rejection status shows (on the loop).
     plane.call(lambda p: p.director.on_nack(stage.blamed.append))

@@ -93,14 +93,16 @@ def start_plane_and_envoy(
     control_plane_factory: Callable[..., RunningControlPlane],
     envoy_factory: Callable[..., EnvoyProcess],
     hook: Callable[[ControlPlane], object] | None = None,
+    delta: bool = False,
 ) -> tuple[RunningControlPlane, EnvoyProcess, Path]:
     """Backends v1 and v2, a control plane watching ``workdir/policies`` (``hook`` run on it before
-    it serves) and an Envoy fed by it, from the test's factories (which stop them at teardown)."""
+    it serves) and an Envoy fed by it (incremental ADS if ``delta``), from the test's factories
+    (which stop them at teardown)."""
     backends.start(["v1", "v2"])
     policies = workdir / "policies"
     policies.mkdir()
     plane = control_plane_factory(policies, start=False).start(hook=hook)
-    return plane, envoy_factory(plane.xds_port), policies
+    return plane, envoy_factory(plane.xds_port, delta=delta), policies
 
 
 # ---------------------------------------------------------------- a listener, one rollout on it
