@@ -94,8 +94,9 @@ class UnimplementedMethods(grpc.GenericRpcHandler):  # type: ignore[misc]  # grp
     """Registered after the ADS handler, so it sees only methods this server does not serve.
 
     It answers UNIMPLEMENTED as grpc would, but first logs the method and the peer, once per
-    (method, peer host): an Envoy whose bootstrap says ``api_type: DELTA_GRPC`` retries such a call
-    forever and stays in PRE_INITIALIZING, and without this line the server gives no hint why.
+    (method, peer host): an Envoy configured for a service this server does not offer (per-type
+    discovery services without ADS, say) retries such a call forever and stays in PRE_INITIALIZING,
+    and without this line the server gives no hint why.
     """
 
     _MAX_LOGGED = 1024  # distinct (method, host) pairs remembered; a client inventing names cannot grow it
