@@ -3,7 +3,7 @@ protocol": "Knowing When a Requested Resource Does Not Exist", "Deleting Resourc
 
 from __future__ import annotations
 
-from aviary.discovery.proxy_events import SubscriptionChanged
+from aviary.discovery.proxy_events import ResourcesAcked, SubscriptionChanged
 from tests.conformance.clients import DELTA, SOTW
 from tests.conformance.conftest import CDS, EDS, LDS, RDS, Plane, assignment, cluster, listener, route
 
@@ -16,6 +16,9 @@ async def test_a_name_that_does_not_exist_yet_is_sent_when_it_appears(plane: Pla
         update = await client.receive()
         assert update.removed == ("later",) and not update.resources
         client.ack(update)
+        await plane.until(  # events from worker processes arrive a little after the responses
+            lambda: any(isinstance(e, ResourcesAcked) and e.type_url == EDS for e in plane.events), "the EDS ACK"
+        )
     else:
         await plane.until(
             lambda: any(isinstance(e, SubscriptionChanged) for e in plane.events), "the subscription handled"

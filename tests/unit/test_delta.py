@@ -141,3 +141,31 @@ def test_the_first_wildcard_request_is_answered_even_when_empty() -> None:
     cache, events = SnapshotCache(), []
     [response] = decode(stream(cache, events).on_request(request(CDS, node=True)))
     assert not response.resources and not response.removed_resources and response.nonce
+
+
+def test_a_request_never_overtakes_an_unpushed_change_of_an_earlier_type() -> None:
+    """The wake-up of a publish may be queued behind a request of a later type (an LDS ACK): the
+    stream then answers the request with the clusters first, in PUSH_ORDER, SotW and delta alike."""
+    from envoy.config.listener.v3 import listener_pb2
+
+    from aviary.discovery.sotw import SotwStream
+
+    def listener(port: int) -> Resource:
+        message = listener_pb2.Listener(name="l")
+        message.address.socket_address.port_value = port
+        return Resource.from_message("l", typeurls.LISTENER, message)
+
+    cache = SnapshotCache()
+    publish(cache, cluster("a"), listener(1))
+    sotw = SotwStream(1, "peer", cache, lambda e: None)
+    delta = stream(cache, [])
+    node = base_pb2.Node(id="envoy-1")
+    for type_url in (CDS, typeurls.LISTENER):
+        sotw.on_request(discovery_pb2.DiscoveryRequest(type_url=type_url, node=node))
+        delta.on_request(request(type_url, node=type_url == CDS))
+    publish(cache, cluster("a", timeout=2), listener(2))
+    lds_ack = discovery_pb2.DiscoveryRequest(type_url=typeurls.LISTENER, response_nonce="2")
+    got_sotw = [discovery_pb2.DiscoveryResponse.FromString(r).type_url for r in sotw.on_request(lds_ack)]
+    got_delta = [r.type_url for r in decode(delta.on_request(request(typeurls.LISTENER, nonce="2")))]
+    assert got_sotw == got_delta == [CDS, typeurls.LISTENER]
+    assert sotw.on_snapshot_changed() == delta.on_snapshot_changed() == []  # the queued wake-up: nothing left

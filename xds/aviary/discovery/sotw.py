@@ -118,8 +118,20 @@ class SotwStream:
                     )
                 )
         self._update_subscription(type_url, state, request)
+        # A snapshot change this stream has not pushed yet (its wake-up may be queued behind this
+        # request) goes out for the types before this one first: a response never overtakes a change
+        # of a type that comes before it in PUSH_ORDER (clusters before the routes that name them).
+        responses = self._earlier_changes(type_url)
         response = self._respond(type_url, state, force=first and state.wildcard)
-        return [response] if response else []
+        return [*responses, response] if response else responses
+
+    def _earlier_changes(self, type_url: str) -> list[bytes]:
+        responses = []
+        for earlier in typeurls.PUSH_ORDER[: typeurls.PUSH_ORDER.index(type_url)]:
+            state = self._types.get(earlier)
+            if state is not None and (response := self._respond(earlier, state, force=False)):
+                responses.append(response)
+        return responses
 
     def on_snapshot_changed(self) -> list[bytes]:
         responses = []
