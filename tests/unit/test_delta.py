@@ -169,3 +169,17 @@ def test_a_request_never_overtakes_an_unpushed_change_of_an_earlier_type() -> No
     got_delta = [r.type_url for r in decode(delta.on_request(request(typeurls.LISTENER, nonce="2")))]
     assert got_sotw == got_delta == [CDS, typeurls.LISTENER]
     assert sotw.on_snapshot_changed() == delta.on_snapshot_changed() == []  # the queued wake-up: nothing left
+
+
+def test_shared_bodies_and_entries_are_bounded_by_bytes_and_count() -> None:
+    from aviary.discovery.delta import _Kept
+
+    kept = _Kept(entries=3, size=10, weigh=len)
+    for key in "abcd":
+        kept.keep(key, b"xx")
+    assert list(kept) == ["b", "c", "d"] and kept.held == 6  # the count bound
+    assert kept.get_fresh("b") == b"xx"  # used: now the newest
+    kept.keep("e", b"xxxxxxx")
+    assert list(kept) == ["b", "e"] and kept.held == 9  # the byte bound dropped the two oldest
+    kept.keep("big", b"x" * 50)
+    assert list(kept) == ["big"]  # one entry bigger than the bound is still kept, alone

@@ -39,6 +39,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -261,10 +262,30 @@ class _Diff:
     absent: frozenset[str]  # subscribed names that do not exist, after this response
 
 
-_DIFFS_KEPT = 256
-_diffs: OrderedDict[tuple[str, str, str, frozenset[str], frozenset[str]], _Diff] = OrderedDict()
-_ENTRIES_KEPT = 65_536
-_entries: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
+class _Kept(OrderedDict[Any, Any]):
+    """A least-recently-used cache bounded by the bytes it holds as well as by entries: old resource
+    versions and bodies would otherwise pile up for as long as the process runs."""
+
+    def __init__(self, entries: int, size: int, weigh: Callable[[Any], int]) -> None:
+        super().__init__()
+        self._entries, self._size, self._weigh, self.held = entries, size, weigh, 0
+
+    def get_fresh(self, key: Any) -> Any:
+        found = self.get(key)
+        if found is not None:
+            self.move_to_end(key)
+        return found
+
+    def keep(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.held += self._weigh(value)
+        while len(self) > 1 and (len(self) > self._entries or self.held > self._size):
+            _, dropped = self.popitem(last=False)
+            self.held -= self._weigh(dropped)
+
+
+_diffs = _Kept(256, 64 << 20, lambda diff: len(diff.body))  # a miss recomputes: bounds, not correctness
+_entries = _Kept(65_536, 32 << 20, len)
 
 
 def _diff(
@@ -272,9 +293,8 @@ def _diff(
 ) -> _Diff:
     """What takes a client holding `have` to `target`; keyed by content versions (see `sharing`)."""
     key = (type_url, have.version, target.version, names, absent)
-    found = _diffs.get(key)
+    found: _Diff | None = _diffs.get_fresh(key)
     if found is not None:
-        _diffs.move_to_end(key)
         return found
     items = snapshot.items(type_url)
     changed = sorted(name for name, version in target.items() if have.get(name) != version)
@@ -282,18 +302,15 @@ def _diff(
     entries = (_entry(items[name]) for name in changed)
     body = wire.delta_response_body(target.version, type_url, entries, removed)
     found = _Diff(body, len(changed) + len(removed), shared_names(frozenset(names - target.keys())))
-    _diffs[key] = found
-    if len(_diffs) > _DIFFS_KEPT:
-        _diffs.popitem(last=False)
+    _diffs.keep(key, found)
     return found
 
 
 def _entry(resource: Resource) -> bytes:
     """A resource wrapped for delta once per (type, name, version), for every stream and response."""
     key = (resource.type_url, resource.name, resource.version)
-    found = _entries.get(key)
+    found: bytes | None = _entries.get_fresh(key)
     if found is None:
-        found = _entries[key] = wire.delta_resource_entry(resource.name, resource.version, resource.any_bytes)
-        if len(_entries) > _ENTRIES_KEPT:
-            _entries.popitem(last=False)
+        found = wire.delta_resource_entry(resource.name, resource.version, resource.any_bytes)
+        _entries.keep(key, found)
     return found
