@@ -13,21 +13,23 @@ from typing import Any
 
 import pytest
 import yaml
+from envoy.config.route.v3 import route_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aviary.discovery import typeurls
+from aviary.discovery import resources, typeurls
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.director import TrafficDirector
 from aviary.discovery.proxy_status import ProxyStatus
-from aviary.discovery.snapshot import Resource, Snapshot
+from aviary.discovery.resources import PublishedRollout, build_route_configuration
+from aviary.discovery.snapshot import Resource, Snapshot, digest
 from aviary.policy import loader
 from aviary.policy.loader import parse_policy_text
 from aviary.policy.rollout_state import Abort, Phase, RolloutStatus, Tick
-from aviary.policy.schema import PolicySet
+from aviary.policy.schema import Endpoint, ListenerSpec, PolicySet
 from aviary.runner import RolloutRunner
 from aviary.store.sqlite import Save, StateStore, StateWriteError
-from aviary.traffic import Backend
+from aviary.traffic import Backend, Stickiness
 from aviary.wake_schedule import WakeSchedule
 from tests.rig.policies import rollout_doc
 
@@ -299,3 +301,29 @@ def test_save_many_stores_every_rollout_and_a_changed_policy(tmp_path: Path) -> 
     saved = store.load()
     assert saved["a"].rollout == second and saved["a"].git_commit == "c2" and saved["b"].rollout == other
     store.close()
+
+
+# ---- the shared route configuration, assembled from cached virtual hosts -----------------------
+
+
+def test_an_assembled_route_configuration_is_what_protobuf_serializes() -> None:
+    listener = ListenerSpec(address="0.0.0.0", port=10000)
+    v1 = Backend("v1", (Endpoint.model_validate("10.0.0.1:8080"),))
+    v2 = Backend("v2", (Endpoint.model_validate("backend.internal:8080"),))
+    rollouts = [
+        PublishedRollout.of("b", listener, ("b.example.com", "*.b.example.com"), ((v1, 70), (v2, 30)), (v1, v2),
+                            stickiness=Stickiness(header="x-user"), mirror=(v2, 5)),
+        PublishedRollout.of("a", listener, ("a.example.com",), ((v1, 100),), (v1,)),
+    ]
+    resource = build_route_configuration("route-0.0.0.0-10000", rollouts)
+    message = route_pb2.RouteConfiguration(
+        name="route-0.0.0.0-10000",
+        virtual_hosts=[resources._virtual_host(r, r.hosts) for r in sorted(rollouts, key=lambda r: r.name)])
+    expected = message.SerializeToString(deterministic=True)
+    assert resource == Resource.from_message("route-0.0.0.0-10000", typeurls.ROUTE, message,
+                                             references=resource.references, parts=resource.parts)
+    assert resource.version == digest(expected)
+    assert [name for name, _ in resource.parts] == ["a", "b"]
+    assert dict(resource.parts) == {vh.name: digest(vh.SerializeToString(deterministic=True))
+                                    for vh in message.virtual_hosts}
+    assert resource.references == {"a_v1", "b_v1", "b_v2"}

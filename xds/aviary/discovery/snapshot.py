@@ -64,7 +64,21 @@ class Resource:
         references: Iterable[str] = (),
         parts: Iterable[tuple[str, str]] = (),
     ) -> Resource:
-        value = message.SerializeToString(deterministic=True)
+        return cls.from_bytes(name, type_url, message.SerializeToString(deterministic=True), wildcard=wildcard,
+                              references=references, parts=parts)
+
+    @classmethod
+    def from_bytes(
+        cls,
+        name: str,
+        type_url: str,
+        value: bytes,
+        *,
+        wildcard: bool = True,
+        references: Iterable[str] = (),
+        parts: Iterable[tuple[str, str]] = (),
+    ) -> Resource:
+        """From a message's deterministic serialization (assembled from cached pieces, say)."""
         any_bytes = wire.encode_any(type_url, value)
         return cls(
             name=name,
