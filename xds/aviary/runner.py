@@ -525,11 +525,16 @@ class RolloutRunner:
             self._providers.clear()
 
     def process_queued(self) -> None:
-        """Handle every event queued so far, as the loop does (for driving the runner by hand)."""
-        with self._one_batch():
-            while not self._inbox.empty():
-                name, event = self._inbox.get_nowait()
-                self._handle_safely(name, event)
+        """Handle every event queued so far, as the loop does (for driving the runner by hand):
+        in batches, until the publish that ends one queues nothing more (with no proxy connected,
+        the director reports each publish ACKed at once)."""
+        while not self._inbox.empty():
+            with self._one_batch():
+                while not self._inbox.empty():
+                    name, event = self._inbox.get_nowait()
+                    self._handle_safely(name, event)
+            if self._deferred is not None:
+                return  # inside the loop's batch: what its publish queues is for the next turn
 
     @contextlib.contextmanager
     def _one_batch(self) -> Iterator[None]:
