@@ -127,6 +127,8 @@ async def bench_engine(rollouts: int, window: float, profile_to: Path | None = N
         "prometheus_queries_per_s": round(queries / elapsed, 1),
         # a round asks two queries (request count, success rate): rounds/s against the 1 s the policy asks
         "check_rounds_per_s": round(queries / 2 / elapsed, 1), "check_rounds_per_s_wanted": rollouts,
+        # what a round costs, all in: on a loaded machine the engine gets less CPU and runs fewer rounds
+        "engine_cpu_ms_per_check_round": round(cpu / (queries / 2) * 1000, 3) if queries else None,
         "phases_after_window": dict(sorted(phases.items())), "admin_list_rollouts_ms": round(admin_ms, 1),
         "stub_and_driver_cpu_cores": round(stub_cpu / elapsed, 3),
         "failing_answer_to_rollback_push_ms": (
