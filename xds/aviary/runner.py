@@ -7,7 +7,8 @@ the in-memory event history. Wake-ups are computed from the stored status (`next
 from timers held in memory, so a restarted loop continues from whatever status it is handed.
 
 Everything runs on one event loop task; callbacks from the director only enqueue events, so the
-engine never re-enters itself.
+engine never re-enters itself. Each turn of the loop handles what is queued and what is due as one
+batch (``_one_batch``): its saves commit in one transaction, then the director publishes once.
 
 Faults never end the loop. An exception while handling an event, a wake-up or a check round is
 logged (with its traceback, once per distinct error), counted, shown on the rollout
@@ -788,6 +789,9 @@ class RolloutRunner:
             self._commit(pending)
         except _WRITE_ERRORS as exc:
             self._deferred_failed(pending, exc)
+        except Exception as exc:  # a bug, not the disk: still, what was carried out is retried
+            self._deferred_failed(pending, exc)
+            raise
 
     def _deferred_failed(self, pending: Mapping[str, _Save], exc: BaseException) -> None:
         for name, save in pending.items():
