@@ -119,8 +119,7 @@ async def run_checks(provider: MetricProvider, analysis: Analysis, canary_cluste
 async def _ask(provider: MetricProvider, promql: str, timeout: float) -> float | MetricProviderError | None:
     """The provider's answer or its error; a provider that overruns ``timeout`` is not waited for."""
     try:
-        async with asyncio.timeout(timeout + _GUARD):  # no task of its own, unlike wait_for
-            return await provider.query_scalar(promql, timeout)
+        return await asyncio.wait_for(provider.query_scalar(promql, timeout), timeout + _GUARD)
     except MetricProviderError as exc:
         return exc
     except TimeoutError:

@@ -1,17 +1,17 @@
-"""``MetricProvider`` over Prometheus' HTTP API (``GET /api/v1/query``).
+"""``MetricProvider`` over Prometheus' HTTP API (``/api/v1/query``) via prometheus-api-client.
 
-Queries run on the event loop (``aviary.metrics.http_client``: keep-alive connections, no threads),
-each with the caller's timeout; one that times out is cancelled and its connection closed, so a
-hanging Prometheus holds nothing once the round has given up on it. Still, a Prometheus that is
-slow must not be asked ever more:
+The client is synchronous (requests), so queries run on this provider's own small thread pool
+(``WORKERS`` threads), each with the caller's timeout on the HTTP request (connect and every read)
+and on the wait. A thread cannot be cancelled, so a hanging Prometheus must not make them pile up:
 
-- at most one query of the same PromQL is in flight: asking it again while it has no answer yet
-  fails at once;
-- at most ``MAX_IN_FLIGHT`` queries are waiting or running; more fail at once; they share
-  ``http_client.CONNECTIONS`` connections.
+- at most one query of the same PromQL is in flight: asking again while the last one has no
+  answer yet fails at once (the previous round's query is still hanging);
+- at most ``MAX_IN_FLIGHT`` queries are accepted (running or queued); more fail at once;
+- a queued query whose caller has given up is dropped before it is sent.
 
 It does not retry: a failed query makes the round inconclusive and the next round comes
-``checkEvery`` later anyway. Errors are one line naming Prometheus and the cause:
+``checkEvery`` later anyway, while the library's default retries (with 1 s, 2 s backoff) would
+hold a round for many seconds. Errors are one line naming Prometheus and the cause:
 ``Prometheus http://127.0.0.1:9090 unreachable: connection refused``, ``... timed out after 0.8s``.
 """
 
@@ -20,23 +20,25 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aviary.metrics.http_client import KeepAliveClient, ProtocolError
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from prometheus_api_client.prometheus_connect import PrometheusConnect
+from urllib3.util.retry import Retry
+
 from aviary.metrics.provider import MetricProviderError, MetricQueryError
 
-__all__ = ["MAX_IN_FLIGHT", "PrometheusProvider", "scalar_from_result"]
+__all__ = ["MAX_IN_FLIGHT", "WORKERS", "PrometheusProvider", "scalar_from_result"]
 
 _MAX_MESSAGE = 300
-MAX_IN_FLIGHT = 10_000
-"""Queries per Prometheus asked and not answered yet (sent, or waiting for one of the client's
-``CONNECTIONS``); more fail at once. A safety net: each rollout runs one round at a time, and a
-round gives up on its queries after its timeout, so in flight stays below rollouts x queries."""
-
-
-class HttpStatusError(Exception):
-    """Prometheus answered with a status other than 200 (the cause of the provider's error)."""
+WORKERS = 8
+"""Threads per Prometheus: queries of one round run at once, up to this many."""
+MAX_IN_FLIGHT = 64
+"""Queries per Prometheus accepted but not answered yet (running or queued); more fail at once."""
+_GRACE = 0.2  # seconds the wait outlasts the HTTP timeout, so the thread's own error wins
 
 
 def scalar_from_result(result: Any) -> float | None:
@@ -81,15 +83,18 @@ class PrometheusProvider:
             raise ValueError(f"timeout must be > 0, got {timeout}")
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self._client = KeepAliveClient(self.url)
-        self._in_flight: set[str] = set()  # PromQL sent and not answered (nor given up on) yet
+        # requests takes float seconds; the library annotates its timeouts as int.
+        self._client = PrometheusConnect(url=self.url, disable_ssl=True, retry=Retry(total=0, redirect=0),
+                                         timeout=timeout)  # type: ignore[arg-type]
+        self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="prometheus-query")
+        self._in_flight: set[str] = set()  # PromQL sent (or queued) whose thread has not returned
 
     def __repr__(self) -> str:
         return f"Prometheus {self.url}"
 
     @property
     def in_flight(self) -> int:
-        """Queries sent and not answered nor given up on yet."""
+        """Queries whose worker thread has not returned yet (running or queued)."""
         return len(self._in_flight)
 
     async def query_scalar(self, promql: str, timeout: float | None = None) -> float | None:
@@ -99,35 +104,41 @@ class PrometheusProvider:
         if len(self._in_flight) >= MAX_IN_FLIGHT:
             raise MetricProviderError(f"{self!r} has {len(self._in_flight)} queries unanswered: not sending more")
         self._in_flight.add(promql)
+        deadline = time.monotonic() + limit
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._query, promql, limit, deadline)
+        future.add_done_callback(lambda done: self._finished(promql, done))
         try:
-            async with asyncio.timeout(limit):
-                response = await self._client.get("/api/v1/query", {"query": promql})
-        except TimeoutError:  # the limit, or the socket's own (an OSError too): either way, too slow
+            # shield: on timeout the thread runs on, and _in_flight must keep it until it returns.
+            result = await asyncio.wait_for(asyncio.shield(future), limit + _GRACE)
+        except TimeoutError:
             raise MetricProviderError(f"{self!r} timed out after {limit:g}s") from None
-        except ProtocolError as exc:
-            raise MetricProviderError(f"{self!r} sent a malformed answer: {exc}") from exc
-        except EOFError as exc:
-            raise MetricProviderError(f"{self!r} closed the connection without a whole answer") from exc
-        except OSError as exc:  # refused, reset, unresolvable host
-            raise MetricProviderError(f"{self!r} {_cause(exc, limit)}") from exc
-        finally:
-            self._in_flight.discard(promql)
-        if response.status != 200:
-            text = f"HTTP Status Code {response.status} ({response.body!r})"
-            raise MetricProviderError(f"{self!r} answered {_short(text)}") from HttpStatusError(text)
-        try:
-            result = json.loads(response.body)["data"]["result"]
-        except (ValueError, KeyError, TypeError) as exc:  # not Prometheus JSON
-            raise MetricProviderError(f"{self!r} sent a malformed answer: {exc!r}") from exc
         return scalar_from_result(result)
 
+    def _finished(self, promql: str, future: asyncio.Future[Any]) -> None:
+        self._in_flight.discard(promql)
+        if not future.cancelled():
+            future.exception()  # retrieved: an abandoned query's error is not "never retrieved"
+
+    def _query(self, promql: str, timeout: float, deadline: float) -> Any:
+        if time.monotonic() >= deadline:  # queued behind hanging queries until its caller gave up
+            raise MetricProviderError(f"{self!r} timed out after {timeout:g}s (all {WORKERS} connections busy)")
+        try:
+            return self._client.custom_query(promql, timeout=timeout)  # type: ignore[arg-type]
+        except PrometheusApiClientException as exc:
+            raise MetricProviderError(f"{self!r} answered {_short(str(exc))}") from exc
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            # A 200 whose body is not Prometheus JSON (requests' JSONDecodeError subclasses json's).
+            raise MetricProviderError(f"{self!r} sent a malformed answer: {exc!r}") from exc
+        except OSError as exc:  # requests.RequestException is an OSError: refused, reset, timed out
+            raise MetricProviderError(f"{self!r} {_cause(exc, timeout)}") from exc
+
     def close(self) -> None:
-        """Close idle connections (a query still running closes its own when it ends or is cancelled)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
 
 def _cause(exc: BaseException, timeout: float) -> str:
-    """What went wrong, in a few words, from the exception chain down to the socket's error."""
+    """What went wrong, in a few words, from the chain requests -> urllib3 -> socket."""
     chain: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in chain:
