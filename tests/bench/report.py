@@ -60,8 +60,12 @@ def markdown(results: dict[str, Any]) -> str:
     if engine:
         lines.append(
             f"Engine: {engine['rollouts_under_analysis']:,} rollouts under analysis (checkEvery 1s, stub Prometheus, "
-            f"{engine['prometheus_queries_per_s']} queries/s): {engine['engine_cpu_s_per_10s']} CPU s per 10 s "
-            f"({engine['engine_cpu_cores']} core); failing answer → rollback push "
+            f"{engine['prometheus_queries_per_s']} queries/s"
+            + (f", {engine['check_rounds_per_s']} of {engine['check_rounds_per_s_wanted']:,} check rounds/s wanted"
+               if "check_rounds_per_s" in engine else "")
+            + f"): {engine['engine_cpu_s_per_10s']} CPU s per 10 s ({engine['engine_cpu_cores']} core"
+            + (f", {per_round} ms per round" if (per_round := engine.get("engine_cpu_ms_per_check_round")) else "")
+            + "); failing answer → rollback push "
             + (
                 f"{engine['failing_answer_to_rollback_push_ms']} ms."
                 if engine.get("failing_answer_to_rollback_push_ms") is not None

@@ -12,7 +12,8 @@ tests/bench/out/ (ignored by git): results.markdown (the table, also printed) an
   - real Envoy RDS push -> ACK with 1 and 8 Envoys (tests/bench/envoy_acks.py);
   - the engine with many rollouts under analysis against a stub Prometheus (tests/bench/engine.py);
   - rollback reaction through real Envoy and Prometheus (tests/bench/reaction.py; not with --quick);
-  - with ``--profile N``: py-spy samples Aviary during the changes at N; the top costs are reported.
+  - with ``--profile N``: py-spy samples Aviary during the changes at N; the top costs are reported
+    (``--profile-engine``: during the engine part's window).
 ``--quick`` (`make bench QUICK=1`, run by tests/e2e/test_bench_quick.py) does all but the reaction at
 small sizes, so that the benchmark keeps working.
 """
@@ -29,15 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from aviary.discovery.resources import (
-    PublishedRollout,
-    build_api_listener,
-    build_cluster,
-    build_grpc_route_configuration,
-    build_listener,
-    build_snapshot,
-    cluster_name,
-)
+from aviary.discovery.resources import PublishedRollout, build_snapshot, clear_built, cluster_name
 from aviary.policy.schema import Endpoint, ListenerSpec
 from aviary.traffic import Backend
 from tests.bench.engine import bench_engine
@@ -62,8 +55,7 @@ def bench_snapshot_build() -> dict[str, float]:
     ]
     cold, weight_change = [], []
     for i in range(20):
-        for builder in (build_listener, build_api_listener, build_grpc_route_configuration, build_cluster):
-            builder.cache_clear()
+        clear_built()
         start = time.perf_counter()
         snapshot = build_snapshot(rollouts)
         cold.append(time.perf_counter() - start)
@@ -108,6 +100,7 @@ async def main() -> None:
     parser.add_argument("--changes", type=int, help="weight changes per N (default 20; quick: 3)")
     parser.add_argument("--workers", type=int, default=2, help="processes of Aviary and of the bare_W baseline")
     parser.add_argument("--profile", type=int, default=0, help="py-spy Aviary's changes at this N")
+    parser.add_argument("--profile-engine", action="store_true", help="py-spy the engine part's window")
     parser.add_argument(
         "--output",
         type=Path,
@@ -172,7 +165,8 @@ async def main() -> None:
             save()
             print("RDS push -> ACK, real Envoy:", run, flush=True)
     if "engine" not in skip:
-        results["engine"] = await bench_engine(20 if quick else 1000, 3.0 if quick else 10.0)
+        engine_profile = OUT / "profile-engine.txt" if args.profile_engine else None
+        results["engine"] = await bench_engine(20 if quick else 1000, 3.0 if quick else 10.0, engine_profile)
         print("engine:", results["engine"], flush=True)
         save()
     if not quick and "reaction" not in skip:

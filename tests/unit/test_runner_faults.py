@@ -70,6 +70,11 @@ class FlakyStore:
         self.saved_rollouts[status.rollout] = rollout
         self.events.extend(events)
 
+    def save_many(self, saves: Iterable[tuple[RolloutStatus, Rollout, Sequence[TransitionEvent], str | None]]) -> None:
+        self._check()  # one transaction: all or none
+        for status, rollout, events, git_commit in saves:
+            self.save(status, rollout, events, git_commit)
+
     def delete(self, name: str) -> None:
         self._check()
         self.saved.pop(name, None)
@@ -347,7 +352,7 @@ async def test_admin_commands_status_and_health_while_the_state_cannot_be_writte
                 return not await serving()
 
             assert (await client.get_rollout("shop")).weight == 20 and await serving()
-            monkeypatch.setattr(store, "save", full)
+            monkeypatch.setattr(store, "save_many", full)
             monkeypatch.setattr(store, "mark_alive", full)
 
             with pytest.raises(AdminError) as info:

@@ -7,7 +7,8 @@ the in-memory event history. Wake-ups are computed from the stored status (`next
 from timers held in memory, so a restarted loop continues from whatever status it is handed.
 
 Everything runs on one event loop task; callbacks from the director only enqueue events, so the
-engine never re-enters itself.
+engine never re-enters itself. Each turn of the loop handles what is queued and what is due as one
+batch (``_one_batch``): its saves commit in one transaction, then the director publishes once.
 
 Faults never end the loop. An exception while handling an event, a wake-up or a check round is
 logged (with its traceback, once per distinct error), counted, shown on the rollout
@@ -36,7 +37,7 @@ import logging
 import sqlite3
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 from aviary.discovery.director import Placement, PublishedState, RolloutNack, TrafficDirector
@@ -71,6 +72,7 @@ from aviary.policy.server_rules import PROMETHEUS_NEEDED
 from aviary.store.sqlite import SavedPublished, SavedRollout, StateStore, StateWriteError
 from aviary.store.writes import StateWrites
 from aviary.traffic import TrafficPlan
+from aviary.wake_schedule import WakeSchedule
 
 log = logging.getLogger("aviary.engine")
 
@@ -164,6 +166,16 @@ def stopped_for_restart(status: RolloutStatus, last_alive: float) -> tuple[Rollo
     return stopped, Resumption(elapsed, status.step_index, status.canary.version if status.canary else None)
 
 
+@dataclass(slots=True)
+class _Save:
+    """A save deferred to the end of the batch: the latest status, and every event not saved yet."""
+
+    status: RolloutStatus
+    rollout: Rollout
+    revision: str | None
+    events: list[TransitionEvent]
+
+
 def _placement_of(rollout: Rollout) -> Placement:
     spec = rollout.spec
     return Placement(spec.listener, spec.hosts, spec.proxy_cluster)
@@ -213,6 +225,8 @@ class RolloutRunner:
         self._engine_errors: dict[str, str] = {}
         self._provider_trouble: dict[str, str] = {}  # rollout -> why its provider fails (logged once)
         self._engine_error_counts: Counter[str] = Counter()
+        self._wakes = WakeSchedule(self._wake_time)
+        self._deferred: dict[str, _Save] | None = None  # saves of this batch, committed at its end
         director.on_traffic_acked(self._on_traffic_acked)
         director.on_nack(self._on_nack)
         director.on_published(self._on_published)
@@ -292,7 +306,7 @@ class RolloutRunner:
         again, then continues with the time it had already spent; its analysis starts afresh.
         """
         published = self._store.load_published() if self._store is not None else {}
-        with self._director.batch():  # one publish for all, not one partial snapshot per rollout
+        with self._one_batch():  # one publish for all, not one partial snapshot per rollout
             self._restore_each(saved, published, last_alive)
 
     def _restore_each(self, saved: Mapping[str, SavedRollout], published: Mapping[str, SavedPublished],
@@ -309,6 +323,7 @@ class RolloutRunner:
             self._rollouts[name] = entry.rollout
             self._applied_revision[name] = entry.git_commit
             self._history[name] = deque(entry.events, maxlen=EVENT_HISTORY)
+            self._wakes.mark(name)
             self._publish(entry.rollout, traffic_plan(entry.rollout.spec, status))
             log.info("rollout %s restored: %s", name, _summary(status))
 
@@ -326,7 +341,7 @@ class RolloutRunner:
         in one commit is never published twice.
         """
         self._revision = policy_set.revision
-        with self._director.batch():
+        with self._one_batch():
             for name in sorted(set(self._rollouts) - set(policy_set.rollouts)):
                 if self._prune:
                     log.info("rollout %s removed from policies; pruning it", name)
@@ -412,6 +427,7 @@ class RolloutRunner:
             return
         self._rollouts[name] = rollout
         self._applied_revision[name] = revision
+        self._wakes.mark(name)
         if self._store is not None and self._saved_revision.get(name) != revision:
             self._save_later_if_failed(name)
 
@@ -458,6 +474,7 @@ class RolloutRunner:
         self._rollouts[name] = rollout
         self._applied_revision[name] = revision
         self._status[name] = status
+        self._wakes.mark(name)
         self._engine_recovered(name)
         self._execute(rollout, actions)
         return actions
@@ -478,16 +495,23 @@ class RolloutRunner:
     # ---- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Wait for an event or the next wake-up, then handle everything queued and everything due
+        as one batch (see ``_one_batch``), and let the rest of the process (the admin API, the
+        streams) have the event loop before the next batch."""
         try:
             while True:
                 try:
                     timeout = self._until_next_wakeup()
+                    first: tuple[str, Event] | None = None
                     with contextlib.suppress(TimeoutError):
-                        name, event = await asyncio.wait_for(self._inbox.get(), timeout)
-                        self._handle_safely(name, event)
+                        first = await asyncio.wait_for(self._inbox.get(), timeout)
+                    with self._one_batch():
+                        if first is not None:
+                            self._handle_safely(*first)
                         self.process_queued()
-                    self._wake_due()
+                        self._wake_due()
                     self._engine_recovered(LOOP)
+                    await asyncio.sleep(0)  # a batch never runs back to back with the next one
                 except Exception as exc:  # a bug outside any one rollout: log it, pause, go on
                     self._engine_failed(LOOP, exc, "the engine loop")
                     await asyncio.sleep(RETRY_SECONDS)
@@ -502,10 +526,38 @@ class RolloutRunner:
             self._providers.clear()
 
     def process_queued(self) -> None:
-        """Handle every event queued so far, as the loop does (for driving the runner by hand)."""
+        """Handle every event queued so far, as the loop does (for driving the runner by hand):
+        in batches, until the publish that ends one queues nothing more (with no proxy connected,
+        the director reports each publish ACKed at once)."""
         while not self._inbox.empty():
-            name, event = self._inbox.get_nowait()
-            self._handle_safely(name, event)
+            with self._one_batch():
+                while not self._inbox.empty():
+                    name, event = self._inbox.get_nowait()
+                    self._handle_safely(name, event)
+            if self._deferred is not None:
+                return  # inside the loop's batch: what its publish queues is for the next turn
+
+    @contextlib.contextmanager
+    def _one_batch(self) -> Iterator[None]:
+        """Handle several events as one: the saves commit in one transaction and the director
+        publishes once, when the block ends (the saves first: persist before pushing).
+
+        With 1,000 rollouts checked every second, one transaction and one snapshot per event made
+        each round of checks cost O(R) commits and O(R) full snapshots. Nothing waits to gather a
+        batch: it is whatever was queued or due when the loop woke, so a rollback is delayed by at
+        most the time it takes to handle the events queued before it. A move away from stable still
+        commits at once (with whatever the batch deferred so far), so that a failed save can hold it
+        back before it is carried out (see the module docstring)."""
+        if self._deferred is not None:  # nested: the outer batch commits and publishes
+            with self._director.batch():
+                yield
+            return
+        with self._director.batch():
+            self._deferred = {}
+            try:
+                yield
+            finally:
+                self._flush_deferred()
 
     def _handle_safely(self, name: str, event: Event) -> None:
         try:
@@ -515,24 +567,30 @@ class RolloutRunner:
         except Exception as exc:
             self._engine_failed(name, exc, f"handling {type(event).__name__}")
 
+    def _wake_time(self, name: str) -> float | None:
+        """When the loop should next look at ``name`` (None: nothing is time-driven for it now)."""
+        status, rollout = self._status.get(name), self._rollouts.get(name)
+        if status is None or rollout is None or name in self._checks:
+            return None  # a running round's result arrives through the inbox
+        wake = next_wakeup(rollout.spec, status)
+        if wake is None:
+            return None
+        return max(wake, self._held_until.get(name, wake))  # it backs off after a failure
+
     def _until_next_wakeup(self) -> float | None:
         now = self._clock()
-        times = [
-            max(wake, self._held_until.get(name, wake))
-            for name, status in self._status.items()
-            if name not in self._checks and (wake := next_wakeup(self._rollouts[name].spec, status)) is not None
-        ]
-        if self._retry_at is not None:
-            times.append(self._retry_at)
+        times = [t for t in (self._wakes.next_time(), self._retry_at) if t is not None]
         return max(0.0, min(times) - now) if times else None
 
     def _wake_due(self) -> None:
         now = self._clock()
         if self._retry_at is not None and now >= self._retry_at:
             self.retry()
-        for name, status in list(self._status.items()):
-            if name in self._checks or self._held_until.get(name, now) > now:
-                continue  # its result arrives through the inbox; or it backs off after a failure
+        for name in self._wakes.due(now):
+            self._wakes.mark(name)  # whatever happens to it now, its next time is computed again
+            status = self._status.get(name)
+            if status is None or name in self._checks or self._held_until.get(name, now) > now:
+                continue
             try:
                 spec = self._rollouts[name].spec
                 wake = next_wakeup(spec, status)
@@ -560,6 +618,7 @@ class RolloutRunner:
         for name in sorted((set(self._unsaved) | waiting) & set(self._status)):
             if self._save_later_if_failed(name):
                 self._held_until.pop(name, None)  # a step held back for the save may go now
+                self._wakes.mark(name)
         self._apply_pending()
 
     def _schedule_retry(self) -> None:
@@ -579,12 +638,14 @@ class RolloutRunner:
         self._engine_errors[name] = text
         if name:
             self._held_until[name] = self._clock() + RETRY_SECONDS
+            self._wakes.mark(name)
             self._schedule_retry()
 
     def _engine_recovered(self, name: str) -> None:
         if self._engine_errors.pop(name, None) is not None:
             log.info("%s: the engine steps it again", f"rollout {name}" if name != LOOP else "engine loop")
             self._held_until.pop(name, None)
+            self._wakes.mark(name)
 
     def _start_checks(self, name: str, status: RolloutStatus) -> None:
         spec = self._rollouts[name].spec
@@ -618,8 +679,10 @@ class RolloutRunner:
                 self._engine_failed(name, exc, "a check round")
             finally:
                 self._checks.pop(name, None)
+                self._wakes.mark(name)
 
         self._checks[name] = asyncio.create_task(round_of_checks(), name=f"checks-{name}")
+        self._wakes.mark(name)
 
     def _report_provider_trouble(self, name: str, provider: MetricProvider, results: Iterable[CheckResult]) -> None:
         """Log once per rollout when its metrics provider starts failing (or the cause changes), and
@@ -651,14 +714,15 @@ class RolloutRunner:
         away from stable (nothing happens; retried after RETRY_SECONDS), or let any other move go
         ahead and keep it, with its events, to be saved by ``retry``."""
         name = status.rollout
+        away = moves_away_from_stable(previous, status)
         try:
-            self._write(status, rollout, revision, events)
+            self._write(status, rollout, revision, events, defer=not away)
         except _WRITE_ERRORS as exc:
-            away = moves_away_from_stable(previous, status)
             held = "waits for the save" if away else "carried out, its save is retried"
             error = self._write_failed(name, exc, f"{_summary(status)} {held}")
             if away:
                 self._held_until[name] = self._clock() + RETRY_SECONDS
+                self._wakes.mark(name)
                 self._schedule_retry()
                 raise NotSaved(name, error) from exc
             self._unsaved.setdefault(name, []).extend(events)
@@ -667,7 +731,7 @@ class RolloutRunner:
     def _save_later_if_failed(self, name: str) -> bool:
         """Save the current status of ``name`` (with events not saved yet); True when saved."""
         try:
-            self._write(self._status[name], self._rollouts[name], self._applied_revision.get(name), [])
+            self._write(self._status[name], self._rollouts[name], self._applied_revision.get(name), [], defer=False)
         except _WRITE_ERRORS as exc:
             self._write_failed(name, exc, f"{_summary(self._status[name])} not saved yet")
             self._schedule_retry()
@@ -675,17 +739,66 @@ class RolloutRunner:
         return True
 
     def _write(self, status: RolloutStatus, rollout: Rollout, revision: str | None,
-               events: list[TransitionEvent]) -> None:
-        """One save; on success, whatever was waiting to be saved for this rollout is saved too."""
+               events: list[TransitionEvent], *, defer: bool = True) -> None:
+        """One save; on success, whatever was waiting to be saved for this rollout is saved too.
+
+        In a batch (``_one_batch``) the save is deferred to the batch's transaction, unless ``defer``
+        is False: then it commits now, together with what the batch deferred so far, and raises
+        if that fails (the deferred ones are then carried out and saved later, like any move that
+        is not away from stable)."""
         name = status.rollout
         if self._store is None:
             return
-        self._store.save(status, rollout, [*self._unsaved.get(name, ()), *events], revision)
-        self._saved_revision[name] = revision
-        self._undeleted.discard(name)  # saved again after a prune: its pending deletion is void
-        if self._unsaved.pop(name, None) is not None or self.state_writes.error(_writer(name)):
-            log.info("rollout %s: saved again: %s", name, _summary(status))
-        self.state_writes.succeeded(_writer(name))
+        save = _Save(status, rollout, revision, list(events))
+        if self._deferred is None:
+            self._commit({name: save})
+            return
+        earlier = self._deferred.get(name)
+        if defer:
+            if earlier is not None:
+                save.events[:0] = earlier.events
+            self._deferred[name] = save
+            return
+        pending, self._deferred = self._deferred, {}
+        saves = {**pending, name: replace(save, events=[*(earlier.events if earlier else ()), *save.events])}
+        try:
+            self._commit(saves)
+        except _WRITE_ERRORS as exc:
+            self._deferred_failed(pending, exc)  # ``name``'s earlier events too: they were carried out
+            raise
+
+    def _commit(self, saves: Mapping[str, _Save]) -> None:
+        """Commit ``saves`` in one transaction (raises if it fails), with each rollout's unsaved events."""
+        assert self._store is not None
+        self._store.save_many([(save.status, save.rollout, [*self._unsaved.get(name, ()), *save.events], save.revision)
+                               for name, save in saves.items()])
+        for name, save in saves.items():
+            self._saved_revision[name] = save.revision
+            self._undeleted.discard(name)  # saved again after a prune: its pending deletion is void
+            if self._unsaved.pop(name, None) is not None or self.state_writes.error(_writer(name)):
+                log.info("rollout %s: saved again: %s", name, _summary(save.status))
+            self.state_writes.succeeded(_writer(name))
+
+    def _flush_deferred(self) -> None:
+        """Commit the saves of the batch that ends (before its publish); a failure leaves them to
+        ``retry``: they were moves that may be carried out before they are saved."""
+        pending, self._deferred = self._deferred or {}, None
+        if not pending:
+            return
+        try:
+            self._commit(pending)
+        except _WRITE_ERRORS as exc:
+            self._deferred_failed(pending, exc)
+        except Exception as exc:  # a bug, not the disk: still, what was carried out is retried
+            self._deferred_failed(pending, exc)
+            raise
+
+    def _deferred_failed(self, pending: Mapping[str, _Save], exc: BaseException) -> None:
+        for name, save in pending.items():
+            self._unsaved.setdefault(name, []).extend(save.events)
+            self._write_failed(name, exc, f"{_summary(save.status)} carried out, its save is retried")
+        if pending:
+            self._schedule_retry()
 
     def _write_failed(self, name: str, exc: BaseException, what: str) -> str:
         """Count a failed write and log it once per rollout and error; returns the error text."""
@@ -699,6 +812,8 @@ class RolloutRunner:
     def _delete(self, name: str) -> None:
         if self._store is None:
             return
+        if self._deferred is not None:
+            self._deferred.pop(name, None)  # committed after the deletion, it would bring the row back
         try:
             self._store.delete(name)
         except _WRITE_ERRORS as exc:
@@ -796,6 +911,7 @@ class RolloutRunner:
         task = self._checks.pop(name, None)
         if task is not None:
             task.cancel()
+        self._wakes.mark(name)
         self._director.remove_rollout(name)
 
 

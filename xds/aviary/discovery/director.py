@@ -151,6 +151,7 @@ class TrafficDirector:
         self._route_parts: OrderedDict[str, dict[str, str]] = OrderedDict()  # route version -> vhost digests
         self._route_weights: OrderedDict[str, dict[str, dict[str, int]]] = OrderedDict()  # -> vhost -> split
         self._batching = 0
+        self._batch_changed = False  # a change arrived during the batch: reconcile when it ends
         proxies.subscribe(self._on_proxy_event)
 
     # ---- inputs -------------------------------------------------------------------------
@@ -200,17 +201,22 @@ class TrafficDirector:
         """Apply several changes as one: nothing is published until the block ends.
 
         A host that moves from one rollout to another in one policy commit must not be published
-        half-way (the old rollout still has it, the new one has it too: a duplicate domain)."""
+        half-way (the old rollout still has it, the new one has it too: a duplicate domain).
+        A batch in which nothing was set or removed publishes nothing (and costs nothing): the
+        engine wraps every turn of its loop in one, most of them only check rounds."""
         self._batching += 1
         try:
             yield
         finally:
             self._batching -= 1
-            if not self._batching:
+            if not self._batching and self._batch_changed:
+                self._batch_changed = False
                 self.reconcile()
 
     def _reconcile_unless_batching(self) -> None:
-        if not self._batching:
+        if self._batching:
+            self._batch_changed = True
+        else:
             self.reconcile()
 
     def expect_proxies(self, node_ids: Iterable[str], grace: float) -> None:

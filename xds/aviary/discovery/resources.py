@@ -41,7 +41,7 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
-from aviary.discovery import typeurls
+from aviary.discovery import typeurls, wire
 from aviary.discovery.snapshot import Resource, Snapshot, digest
 from aviary.matching import CohortRule, Condition, Match, cookie_value_regex
 from aviary.policy.schema import ListenerSpec
@@ -357,12 +357,31 @@ def _parts(virtual_hosts: Iterable[route_components_pb2.VirtualHost]) -> list[tu
     return [(vh.name, digest(vh.SerializeToString(deterministic=True))) for vh in virtual_hosts]
 
 
+@functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
+def _encoded_virtual_host(rollout: PublishedRollout) -> tuple[bytes, str, tuple[str, ...]]:
+    """A rollout's virtual host of its listener's route configuration: its bytes (a ``virtual_hosts``
+    entry), their digest, the clusters it names."""
+    data = _virtual_host(rollout, rollout.hosts).SerializeToString(deterministic=True)
+    return wire.length_delimited(_VIRTUAL_HOSTS, data), digest(data), tuple(_route_clusters(rollout))
+
+
+_NAME, _VIRTUAL_HOSTS = 1, 2  # RouteConfiguration's field numbers (envoy/config/route/v3/route.proto)
+
+
 def build_route_configuration(name: str, rollouts: Sequence[PublishedRollout]) -> Resource:
+    """The route configuration that a listener's rollouts share, one virtual host each.
+
+    Assembled from each rollout's encoded virtual host (kept while the rollout's content is the
+    same): a weight change re-encodes one virtual host, not the listener's thousand. The bytes are
+    what ``RouteConfiguration(name=..., virtual_hosts=[...]).SerializeToString(deterministic=True)``
+    gives (fields in number order; tests compare the two).
+    """
     ordered = sorted(rollouts, key=lambda r: r.name)
-    virtual_hosts = [_virtual_host(r, r.hosts) for r in ordered]
-    message = route_pb2.RouteConfiguration(name=name, virtual_hosts=virtual_hosts)
-    references = [c for r in ordered for c in _route_clusters(r)]
-    return Resource.from_message(name, typeurls.ROUTE, message, references=references, parts=_parts(virtual_hosts))
+    encoded = [_encoded_virtual_host(r) for r in ordered]
+    value = (wire.length_delimited(_NAME, name.encode()) if name else b"") + b"".join(e[0] for e in encoded)
+    references = [c for e in encoded for c in e[2]]
+    parts = [(r.name, e[1]) for r, e in zip(ordered, encoded, strict=True)]
+    return Resource.from_bytes(name, typeurls.ROUTE, value, references=references, parts=parts)
 
 
 @functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
@@ -426,25 +445,39 @@ def build_cluster(name: str, backend: Backend) -> tuple[Resource, ...]:
     return (Resource.from_message(name, typeurls.CLUSTER, cluster),)
 
 
+@functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
+def _own_resources(rollout: PublishedRollout) -> tuple[Resource, ...]:
+    """What a rollout has to itself: its clusters (and load assignments), and while it routes, the
+    listener and route configuration of proxyless gRPC clients. One lookup per rollout per publish."""
+    own = [r for name, backend in rollout.clusters for r in build_cluster(name, backend)]
+    if rollout.route:
+        own += [build_api_listener(rollout.name), build_grpc_route_configuration(rollout)]
+    return tuple(own)
+
+
 def _resources(rollouts: Iterable[PublishedRollout]) -> list[tuple[str, Resource]]:
     """Every resource of these rollouts, with the rollout it comes from ("" for shared ones)."""
     resources: list[tuple[str, Resource]] = []
     by_listener: dict[str, list[PublishedRollout]] = {}
     listeners: dict[str, ListenerSpec] = {}
     for rollout in rollouts:
-        for name, backend in rollout.clusters:
-            resources.extend((rollout.name, r) for r in build_cluster(name, backend))
+        resources.extend((rollout.name, r) for r in _own_resources(rollout))
         if not rollout.route:  # being removed: only its clusters remain, until proxies let go
             continue
         by_listener.setdefault(rollout.listener.key, []).append(rollout)
         listeners[rollout.listener.key] = rollout.listener
-        resources.append((rollout.name, build_api_listener(rollout.name)))
-        resources.append((rollout.name, build_grpc_route_configuration(rollout)))
     for key, members in by_listener.items():
         listener = listeners[key]
         resources.append(("", build_listener(listener)))
         resources.append(("", build_route_configuration(route_name(listener), members)))
     return resources
+
+
+def clear_built() -> None:
+    """Forget every memoized resource (the benchmark's cold build)."""
+    for builder in (build_listener, build_api_listener, build_grpc_route_configuration, build_cluster,
+                    _encoded_virtual_host, _own_resources, _route_violations):
+        builder.cache_clear()
 
 
 def build_snapshot(rollouts: Iterable[PublishedRollout]) -> Snapshot:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,8 +214,43 @@ def _read(path: Path) -> tuple[str | None, str, list[PolicyError]]:
         return None, digest, [PolicyError(file, WHOLE_FILE, reason)]
 
 
-def _load_files(paths: Iterable[Path], errors: list[PolicyError]) -> LoadResult:
+Parsed = tuple[Rollout | None, list[PolicyError]]
+
+
+class _ParsedFiles:
+    """What the last directory load parsed, per file: (sha256 of its bytes, the parse result).
+
+    A directory is loaded whole whenever anything in it changes (or seems to: a poll that read its
+    fingerprint while files were being written loads it again). With a thousand policies, parsing
+    every file again took seconds of CPU for one edited file; a file whose bytes are the same parses
+    the same (``parse_policy_text`` is a function of the text and the file name), so only changed
+    files are parsed. Holds the files of the latest load only.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # loads run in a thread at start-up, in a worker later
+        self._by_file: dict[str, tuple[str, Parsed]] = {}
+
+    def parse(self, text: str, file: str, digest: str, seen: dict[str, tuple[str, Parsed]]) -> Parsed:
+        with self._lock:
+            cached = self._by_file.get(file)
+        if cached is None or cached[0] != digest:
+            cached = (digest, parse_policy_text(text, file))
+        seen[file] = cached
+        rollout, errors = cached[1]
+        return rollout, list(errors)
+
+    def keep(self, seen: dict[str, tuple[str, Parsed]]) -> None:
+        with self._lock:
+            self._by_file = seen
+
+
+_PARSED = _ParsedFiles()
+
+
+def _load_files(paths: Iterable[Path], errors: list[PolicyError], cache: _ParsedFiles | None = None) -> LoadResult:
     files: dict[str, str] = {}
+    seen: dict[str, tuple[str, Parsed]] = {}
     valid: dict[str, Rollout] = {}
     modified: dict[str, int] = {}
     for path in paths:
@@ -225,10 +261,15 @@ def _load_files(paths: Iterable[Path], errors: list[PolicyError]) -> LoadResult:
         errors.extend(read_errors)
         if text is None:
             continue
-        rollout, parse_errors = parse_policy_text(text, str(path))
+        if cache is not None:
+            rollout, parse_errors = cache.parse(text, str(path), digest, seen)
+        else:
+            rollout, parse_errors = parse_policy_text(text, str(path))
         errors.extend(parse_errors)
         if rollout is not None:
             valid[str(path)] = rollout
+    if cache is not None:
+        cache.keep(seen)
     result = LoadResult({}, errors, files, valid, modified=modified)
     claims = _Claims()
     for file in sorted(valid, key=result.claim_order):
@@ -247,7 +288,7 @@ def load_directory(path: Path) -> LoadResult:
     except OSError as exc:
         error = PolicyError(str(path), WHOLE_FILE, f"cannot read directory: {exc.strerror or exc}")
         return LoadResult({}, [error], {}, listed=False)
-    return _load_files(paths, [])
+    return _load_files(paths, [], _PARSED)
 
 
 def validate_paths(paths: Sequence[Path]) -> list[PolicyError]:

@@ -38,7 +38,10 @@ from aviary.policy.schema import Endpoint, Rollout
 from aviary.store.lock import LockError, LockHeld, ProcessLock
 from aviary.traffic import Backend, Stickiness
 
-__all__ = ["EVENTS_KEPT", "SCHEMA_VERSION", "SavedRollout", "StateError", "StateInUse", "StateStore", "StateWriteError"]
+__all__ = [
+    "EVENTS_KEPT", "SCHEMA_VERSION", "Save", "SavedRollout", "StateError", "StateInUse", "StateStore",
+    "StateWriteError",
+]
 
 EVENTS_KEPT = 200  # per rollout
 
@@ -192,6 +195,10 @@ class StateWriteError(Exception):
         return f"state file {self.path} cannot be written: {self.reason}"
 
 
+Save = tuple[RolloutStatus, Rollout, Sequence[TransitionEvent], str | None]
+"""One rollout's save: status, policy, new events, git commit (see ``StateStore.save_many``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SavedRollout:
     status: RolloutStatus
@@ -209,6 +216,7 @@ class StateStore:
         a running instance must be refused, not delete the file that instance keeps writing.
         """
         self.path = path
+        self._policies: dict[str, tuple[Rollout, str]] = {}  # rollout -> (policy, its JSON), see _policy_json
         try:
             self._lock = ProcessLock.acquire(path)
         except LockHeld as held:
@@ -305,26 +313,42 @@ class StateStore:
         git_commit: str | None = None,
     ) -> None:
         """Commit one rollout's status (and its new events) durably; call before publishing."""
+        self.save_many([(status, rollout, events, git_commit)])
+
+    def save_many(self, saves: Iterable[Save]) -> None:
+        """Commit several rollouts' statuses (and their new events) in one transaction: all or
+        none. The engine saves what one turn of its loop decided this way, before publishing it:
+        one commit per turn instead of one per rollout."""
         now = time.time()
         with self._write():
-            self._db.execute(
-                "INSERT INTO rollouts (name, status, saved_at, git_commit, policy) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET status=excluded.status, saved_at=excluded.saved_at, "
-                "git_commit=excluded.git_commit, policy=excluded.policy",
-                (status.rollout, _STATUS.dump_json(status).decode(), now, git_commit,
-                 rollout.model_dump_json(by_alias=True)),
-            )
-            for event in events:
+            for status, rollout, events, git_commit in saves:
                 self._db.execute(
-                    "INSERT INTO events (rollout, at, event) VALUES (?, ?, ?)",
-                    (event.rollout, event.at, _EVENT.dump_json(event).decode()),
+                    "INSERT INTO rollouts (name, status, saved_at, git_commit, policy) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET status=excluded.status, saved_at=excluded.saved_at, "
+                    "git_commit=excluded.git_commit, policy=excluded.policy",
+                    (status.rollout, _STATUS.dump_json(status).decode(), now, git_commit, self._policy_json(rollout)),
                 )
-            if events:
-                self._db.execute(
-                    "DELETE FROM events WHERE rollout = ? AND id NOT IN "
-                    "(SELECT id FROM events WHERE rollout = ? ORDER BY id DESC LIMIT ?)",
-                    (status.rollout, status.rollout, EVENTS_KEPT),
-                )
+                for event in events:
+                    self._db.execute(
+                        "INSERT INTO events (rollout, at, event) VALUES (?, ?, ?)",
+                        (event.rollout, event.at, _EVENT.dump_json(event).decode()),
+                    )
+                if events:
+                    self._db.execute(
+                        "DELETE FROM events WHERE rollout = ? AND id NOT IN "
+                        "(SELECT id FROM events WHERE rollout = ? ORDER BY id DESC LIMIT ?)",
+                        (status.rollout, status.rollout, EVENTS_KEPT),
+                    )
+
+    def _policy_json(self, rollout: Rollout) -> str:
+        """The policy as JSON, encoded once per parsed policy (policies are frozen; most saves are
+        of a check round, under the same policy object as the save before)."""
+        cached = self._policies.get(rollout.name)
+        if cached is not None and cached[0] is rollout:
+            return cached[1]
+        text = rollout.model_dump_json(by_alias=True)
+        self._policies[rollout.name] = (rollout, text)
+        return text
 
     def mark_alive(self, at: float, proxies: Iterable[str]) -> None:
         """Record that this process was alive at `at`, serving these proxy node ids."""
@@ -368,6 +392,7 @@ class StateStore:
         return saved
 
     def delete(self, name: str) -> None:
+        self._policies.pop(name, None)
         with self._write():
             self._db.execute("DELETE FROM rollouts WHERE name = ?", (name,))
             self._db.execute("DELETE FROM events WHERE rollout = ?", (name,))
