@@ -55,16 +55,18 @@ def markdown(results: dict[str, Any]) -> str:
     for run in results["envoy_push_ack"]:
         lines.append(f"| {run['envoys']} Envoy(s), {run['pushes']} pushes | {run['p50_ms']} | {run['p99_ms']} "
                      f"| {run['max_ms']} |")  # fmt: skip
-    engine = results.get("engine")
     lines.append("")
-    if engine:
+    for engine in filter(None, (results.get("engine"), results.get("engine_every_second"))):
+        phases = engine.get("phases_after_window")
         lines.append(
-            f"Engine: {engine['rollouts_under_analysis']:,} rollouts under analysis (checkEvery 1s, stub Prometheus, "
+            f"Engine: {engine['rollouts_under_analysis']:,} rollouts under analysis "
+            f"(checkEvery {engine.get('check_every_s', 1)}s, stub Prometheus, "
             f"{engine['prometheus_queries_per_s']} queries/s"
             + (f", {engine['check_rounds_per_s']} of {engine['check_rounds_per_s_wanted']:,} check rounds/s wanted"
                if "check_rounds_per_s" in engine else "")
             + f"): {engine['engine_cpu_s_per_10s']} CPU s per 10 s ({engine['engine_cpu_cores']} core"
             + (f", {per_round} ms per round" if (per_round := engine.get("engine_cpu_ms_per_check_round")) else "")
+            + (f"; phases after the window: {phases}" if phases else "")
             + "); failing answer → rollback push "
             + (
                 f"{engine['failing_answer_to_rollback_push_ms']} ms."
