@@ -27,6 +27,7 @@ from aviary.discovery.proxy_events import (
 )
 from aviary.discovery.proxy_status import ProxyView
 from aviary.discovery.resources import PublishedRollout, build_snapshot
+from aviary.discovery.sharing import shared_sent
 from aviary.discovery.snapshot import Snapshot
 from aviary.discovery.sotw import SotwStream
 from aviary.discovery.worker_protocol import (
@@ -169,6 +170,30 @@ def test_every_event_comes_back_equal() -> None:
     ]
     assert decode_from_worker(payload(encode_events(events))) == events
     assert decode_from_worker(payload(encode_events([]))) == []
+
+
+def test_responses_of_one_type_in_a_frame_fold_into_one_counted_event() -> None:
+    a, b = first_stream_id(1), first_stream_id(1) + 1
+    events: list[ProxyEvent] = [
+        ResponseSent(a, typeurls.ROUTE, 100),
+        ResponseSent(a, typeurls.CLUSTER, 7),
+        ProxyDisconnected(a),
+        ResponseSent(b, typeurls.ROUTE, 50),
+        ResponseSent(b, typeurls.ROUTE, 25, count=2),
+    ]
+    assert decode_from_worker(payload(encode_events(events))) == [
+        ResponseSent(a, typeurls.ROUTE, 175, count=4),  # where the first was: before its stream ended
+        ResponseSent(a, typeurls.CLUSTER, 7),
+        ProxyDisconnected(a),
+    ]
+
+
+def test_the_acks_of_one_response_carry_its_resources_once_per_frame() -> None:
+    sent = shared_sent(typeurls.CLUSTER, "v-all", {f"cluster-{i}": f"{i:016x}" for i in range(200)})
+    acks = [ResourcesAcked(first_stream_id(1) + i, typeurls.CLUSTER, "v-all", sent, 1.0, 2.0) for i in range(100)]
+    one, hundred = len(encode_events(acks[:1])), len(encode_events(acks))
+    assert hundred < one + 99 * 64  # each further ACK: its own fields and a reference to the shared mapping
+    assert decode_from_worker(payload(encode_events(acks))) == acks
 
 
 def test_stream_ids_of_different_workers_never_meet() -> None:
