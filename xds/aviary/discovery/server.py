@@ -1,5 +1,8 @@
 """The ADS gRPC service on grpc.aio: one coroutine and one reader task per stream.
 
+The reader handles a request itself when nothing is queued before it (an ACK, mostly: no switch
+to the coroutine); the coroutine writes responses, in the order they were computed.
+
 The method is registered with a pass-through response serializer: `SotwStream` hands us
 responses already encoded from shared per-resource bytes, so nothing is re-serialized here.
 """
@@ -72,6 +75,10 @@ class _Inbox:
             finally:
                 self._waiter = None
         return self._items.pop(0)
+
+    def empty(self) -> bool:
+        """Nothing waits to be handled: whatever is queued next is computed after now."""
+        return not self._items
 
 
 class UnimplementedMethods(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc ships no types
@@ -169,7 +176,7 @@ class AggregatedDiscoveryService:
                 wake_pending = True
                 inbox.put_nowait(_WAKE)
 
-        reader = asyncio.create_task(self._read(requests, inbox))
+        reader = asyncio.create_task(self._read(requests, inbox, stream))
         watch = None
         self.open_streams += 1
         try:
@@ -180,13 +187,17 @@ class AggregatedDiscoveryService:
                 if item is _WAKE:
                     wake_pending = False
                     responses = stream.on_snapshot_changed()
-                elif isinstance(item, BaseException):
+                elif isinstance(item, list):  # what a request handled by the reader called for
+                    responses = item
+                elif isinstance(item, BaseException) and not isinstance(item, StreamError):
                     raise item
                 else:
-                    assert isinstance(item, discovery_pb2.DiscoveryRequest)
-                    if self._admit is not None and stream.node_id is None:
-                        await self._admit()
                     try:
+                        if isinstance(item, StreamError):  # from a request the reader handled
+                            raise item
+                        assert isinstance(item, discovery_pb2.DiscoveryRequest)
+                        if self._admit is not None and stream.node_id is None:
+                            await self._admit()
                         responses = stream.on_request(item)
                     except StreamError as exc:
                         self.refused_streams += 1
@@ -217,10 +228,29 @@ class AggregatedDiscoveryService:
                 log.info("proxy disconnected: node=%s peer=%s", stream.node_id, stream.peer)
 
     @staticmethod
-    async def _read(requests: AsyncIterator[discovery_pb2.DiscoveryRequest], inbox: _Inbox) -> None:
+    async def _read(
+        requests: AsyncIterator[discovery_pb2.DiscoveryRequest], inbox: _Inbox, stream: SotwStream
+    ) -> None:
+        """Hand the stream's requests over in order; handle one here when nothing is queued before it.
+
+        Most requests are ACKs that call for no response: handled here, they cost no switch to the
+        stream's coroutine (one per proxy per change). Only when the inbox is empty: whatever is
+        queued (a snapshot change, an earlier request) is handled by the coroutine later, and
+        responses must go out in the order they were computed, or a proxy could apply an older one
+        last. The first request waits for `admit` in the coroutine, so it is always handed over.
+        """
         try:
             async for request in requests:
-                inbox.put_nowait(request)
+                if stream.node_id is not None and inbox.empty():
+                    try:
+                        responses = stream.on_request(request)
+                    except StreamError as exc:
+                        inbox.put_nowait(exc)  # the coroutine closes the stream
+                        return
+                    if responses:
+                        inbox.put_nowait(responses)
+                else:
+                    inbox.put_nowait(request)
                 del request  # not kept while waiting for the next one
         except asyncio.CancelledError:
             raise
