@@ -204,3 +204,33 @@ def test_a_weight_is_acked_only_once_every_proxy_of_a_class_acked_it() -> None:
     fleet.ack(5, typeurls.ROUTE)
     assert fleet.acked == [("shop", TrafficPlan(V1, V2, 40))]
     assert fleet.director.behind() == frozenset()
+
+
+def test_after_a_restart_returning_proxies_are_struck_off_one_by_one_without_a_pass_each() -> None:
+    fleet = Fleet()
+    director = fleet.director
+    director.expect_proxies({f"envoy-{i}" for i in range(1, 51)}, grace=600)
+    passes = 0
+    reconcile = director.reconcile
+
+    def counted() -> None:
+        nonlocal passes
+        passes += 1
+        reconcile()
+
+    director.reconcile = counted  # type: ignore[method-assign]
+    director.set_canary_weight("shop", 30)  # decided while the proxies are away: waits for them
+    assert director.published_route("shop") == {"v1": 90, "v2": 10}
+    for stream_id in range(1, 51):
+        fleet.connect(stream_id, "edge")
+        for type_url in TYPES:
+            fleet.ack(stream_id, type_url)
+        if stream_id < 50:
+            assert director.awaited_proxies() == {f"envoy-{i}" for i in range(stream_id + 1, 51)}
+            assert director.published_route("shop") == {"v1": 90, "v2": 10}  # every gate closed
+    assert director.awaited_proxies() == frozenset()
+    assert director.published_route("shop") == {"v1": 70, "v2": 30}  # moved once the last one was back
+    assert passes <= 5  # not a pass per returning proxy's event (there were 50 x 8)
+    # The last one came back with its CDS ACK and then ACKed the moved route too; the others are behind.
+    assert director.behind() == set(range(1, 50))
+    fleet.check()

@@ -227,7 +227,7 @@ class TrafficDirector:
         promote, or remove a cluster a proxy still routes to, before that proxy has even
         reconnected. The proxies the previous process served are waited for instead.
         """
-        self._expected = set(node_ids)
+        self._expected = set(node_ids) - {proxy.node_id for proxy in self._proxies if _is_back(proxy)}
         if not self._expected:
             return
         self._expected_until = time.monotonic() + grace
@@ -252,22 +252,25 @@ class TrafficDirector:
         return frozenset(self._expected)
 
     def _awaiting_reconnect(self) -> bool:
+        """Whether gates stay closed for proxies not back yet (they are struck off as they come
+        back, `_returned`; here only the grace period is checked)."""
         if not self._expected:
             return False
-        # Back means: ACKed a response on its new stream. A stream that has only sent its first
-        # requests has subscribed to some types and not yet to the others, and the gates count a
-        # type a proxy does not subscribe to as done: on its first EDS or LDS request the route
-        # would move and the old cluster go before the proxy had applied anything.
-        # It must also have asked for its routes: Envoy asks in the order CDS, EDS, LDS, RDS, and
-        # one that ACKed clusters but has not yet named a route still routes by the one it had (the
-        # gates count a route it does not subscribe to as done, and would retire what it names).
-        self._expected -= {proxy.node_id for proxy in self._proxies if proxy.acked and _asked_for_routes(proxy)}
-        if self._expected and time.monotonic() >= self._expected_until:
+        if time.monotonic() >= self._expected_until:
             log.warning("proxies did not reconnect within the grace period: %s", ", ".join(sorted(self._expected)))
             self._expected.clear()
-        elif not self._expected:
-            log.info("every proxy served before the restart is back")
         return bool(self._expected)
+
+    def _returned(self, stream_id: int) -> bool:
+        """Strike this event's proxy off the awaited ones if it is back; True if it was the last."""
+        proxy = self._proxies.get(stream_id)
+        if proxy is None or proxy.node_id not in self._expected or not _is_back(proxy):
+            return False
+        self._expected.discard(proxy.node_id)
+        if self._expected:
+            return False
+        log.info("every proxy served before the restart is back")
+        return True
 
     def on_traffic_acked(self, listener: AckListener) -> None:
         """`listener(rollout, traffic)` when every serving proxy ACKed the route for `traffic`."""
@@ -566,13 +569,18 @@ class TrafficDirector:
             self._report_nack(event)
         elif isinstance(event, ResourcesAcked | ProxyDisconnected) and self._rejected:
             self._clear_rejections(event)
+        if self._expected and isinstance(event, ResourcesAcked | SubscriptionChanged) and self._returned(
+                event.stream_id):
+            self.reconcile()  # after a restart, every gate was closed until the last awaited proxy came back
+            return
         # Only while something waits for proxies, and only on what can open a gate: an ACK, a proxy
         # leaving, a subscription narrowing. A full pass runs once the last proxy that held things
         # up has moved on; until then each event looks up the verdict of its proxy's class.
         if not self._unsettled or not isinstance(event, ResourcesAcked | ProxyDisconnected | SubscriptionChanged):
             return
-        if self._expected:
-            self.reconcile()  # after a restart: each returning proxy may be the last one awaited
+        if self._expected:  # every gate is closed: nothing can move until the last one is back
+            if time.monotonic() >= self._expected_until:
+                self.reconcile()  # the grace is over (checked here too when there was no loop for a timer)
             return
         kind = self._proxies.class_of(event.stream_id)
         if kind is not None and self._holds_up_class(kind):
@@ -660,6 +668,17 @@ class TrafficDirector:
         if type_url == typeurls.LISTENER:
             return resource in (name, listener_name(placement.listener))
         return False
+
+
+def _is_back(proxy: ProxyView) -> bool:
+    """A proxy awaited after a restart is back once it ACKed a response on its new stream. A stream
+    that has only sent its first requests has subscribed to some types and not yet to the others,
+    and the gates count a type a proxy does not subscribe to as done: on its first EDS or LDS
+    request the route would move and the old cluster go before the proxy had applied anything.
+    It must also have asked for its routes: Envoy asks in the order CDS, EDS, LDS, RDS, and one
+    that ACKed clusters but has not yet named a route still routes by the one it had (the gates
+    count a route it does not subscribe to as done, and would retire what it names)."""
+    return bool(proxy.acked) and _asked_for_routes(proxy)
 
 
 def _asked_for_routes(proxy: ProxyView) -> bool:
