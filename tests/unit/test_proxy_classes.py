@@ -29,7 +29,7 @@ from aviary.discovery.proxy_events import (
 )
 from aviary.discovery.proxy_status import ProxyStatus, ProxyView
 from aviary.discovery.resources import route_name
-from aviary.discovery.sharing import selection
+from aviary.discovery.sharing import selection, shared_sent
 from aviary.policy.schema import Endpoint, ListenerSpec
 from aviary.traffic import Backend, TrafficPlan
 
@@ -45,7 +45,7 @@ def state_of(proxy: ProxyView) -> tuple[object, ...]:
     return (
         proxy.node_cluster,
         tuple(sorted((t, s.wildcard, s.names) for t, s in proxy.subscriptions.items())),
-        tuple(sorted((t, tuple(sorted(a.items()))) for t, a in proxy.acked.items())),
+        tuple(sorted((t, getattr(a, "version", None), tuple(sorted(a.items()))) for t, a in proxy.acked.items())),
     )
 
 
@@ -67,14 +67,16 @@ def check_classes(proxies: ProxyStatus) -> None:
 
 stream_ids = st.integers(1, 6)
 name_sets = st.sampled_from([frozenset(), frozenset({"a"}), frozenset({"a", "b"}), frozenset({"b"})])
-acked_contents = st.sampled_from([("1", {"a": "x"}), ("2", {"a": "y"}), ("3", {"a": "x", "b": "z"}), ("4", {})])
+_X = {"a": "x"}  # one dict under two versions: what an ACK carries is named by version and content
+acked_contents = st.sampled_from([("1", _X), ("5", _X), ("2", {"a": "y"}), ("3", {"a": "x", "b": "z"}), ("4", {})])
 status_events = st.one_of(
     st.builds(lambda s, c: ProxyConnected(s, f"node-{s}", c, "peer", 0.0),
               stream_ids, st.sampled_from(["edge", "mesh"])),
     st.builds(lambda s, t, w, n: SubscriptionChanged(s, t, w, frozenset(n)),  # a fresh frozenset, as from a worker
               stream_ids, st.sampled_from(TYPES), st.booleans(), name_sets),
-    st.builds(lambda s, t, c: ResourcesAcked(s, t, c[0], dict(c[1]), 0.0, 0.0),
-              stream_ids, st.sampled_from(TYPES), acked_contents),
+    # The same dict object (as the ACKs of one response in a worker's frame), or a copy of it.
+    st.builds(lambda s, t, c, same: ResourcesAcked(s, t, c[0], c[1] if same else dict(c[1]), 0.0, 0.0),
+              stream_ids, st.sampled_from(TYPES), acked_contents, st.booleans()),
     st.builds(lambda s, t: ResourcesNacked(s, t, "9", {"a": "bad"}, "no", 0.0), stream_ids, st.sampled_from(TYPES)),
     st.builds(ProxyDisconnected, stream_ids),
 )
@@ -87,6 +89,9 @@ def test_classes_are_a_recount_of_equal_proxies_after_every_event(events: list[P
     for event in events:
         proxies.apply(event)
         check_classes(proxies)
+        if isinstance(event, ResourcesAcked) and (proxy := proxies.get(event.stream_id)) is not None:
+            acked = proxy.acked[event.type_url]
+            assert dict(acked) == dict(event.resources) and getattr(acked, "version", None) == event.version
 
 
 def test_proxies_that_acked_the_same_share_one_class_and_leave_it_one_by_one() -> None:
@@ -103,6 +108,31 @@ def test_proxies_that_acked_the_same_share_one_class_and_leave_it_one_by_one() -
     proxies.apply(ProxyDisconnected(3))
     (left,) = proxies.classes()
     assert list(left.members) == [2] and left.sample.stream_id == 2
+
+
+def test_one_dict_acked_under_two_versions_is_recorded_under_each() -> None:
+    proxies = ProxyStatus()
+    carried = {ROUTE: "a"}  # a worker's frame hands every ACK of one response the same dict
+    for stream_id, version in ((1, "r1"), (2, "r1"), (3, "r9")):
+        proxies.apply(ProxyConnected(stream_id, f"envoy-{stream_id}", "edge", "peer", 0.0))
+        proxies.apply(ResourcesAcked(stream_id, typeurls.ROUTE, version, carried, 0.0, 0.0))
+    versions = {p.stream_id: getattr(p.acked[typeurls.ROUTE], "version", None) for p in proxies}
+    assert versions == {1: "r1", 2: "r1", 3: "r9"}
+    check_classes(proxies)
+
+
+def test_a_move_to_a_class_that_emptied_since_makes_a_new_class() -> None:
+    proxies = ProxyStatus()
+    old, new = shared_sent(typeurls.ROUTE, "r1", {ROUTE: "a"}), shared_sent(typeurls.ROUTE, "r2", {ROUTE: "b"})
+    other = shared_sent(typeurls.ROUTE, "r3", {ROUTE: "c"})
+    for stream_id in (1, 2):
+        proxies.apply(ProxyConnected(stream_id, f"envoy-{stream_id}", "edge", "peer", 0.0))
+        proxies.apply(ResourcesAcked(stream_id, typeurls.ROUTE, "r1", old, 0.0, 0.0))
+    proxies.apply(ResourcesAcked(1, typeurls.ROUTE, "r2", new, 0.0, 0.0))  # the first to move: remembered
+    proxies.apply(ResourcesAcked(1, typeurls.ROUTE, "r3", other, 0.0, 0.0))  # the class it moved to empties
+    proxies.apply(ResourcesAcked(2, typeurls.ROUTE, "r2", new, 0.0, 0.0))  # the same move, to a class made anew
+    check_classes(proxies)
+    assert sorted(len(kind) for kind in proxies.classes()) == [1, 1]
 
 
 # ---- the director's bookkeeping -------------------------------------------------------------------

@@ -27,7 +27,7 @@ from aviary.discovery.proxy_events import (
     ResourcesNacked,
     SubscriptionChanged,
 )
-from aviary.discovery.sharing import shared_names, shared_sent
+from aviary.discovery.sharing import Sent, shared_names, shared_sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +71,7 @@ class ProxyView:
 
 Listener = Callable[[ProxyEvent], None]
 ClassKey = tuple[Any, ...]
+_MOVES_KEPT = 64  # per class: the moves remembered (one per response its members ACKed since)
 
 
 def class_key(proxy: ProxyView) -> ClassKey:
@@ -96,6 +97,9 @@ class ProxyClass:
     key: ClassKey
     members: dict[int, ProxyView] = field(default_factory=dict)
     _sample: ProxyView | None = None
+    # (type URL, id of the response ACKed) -> the class a member moved to with that ACK: the next
+    # thousand members that ACK the same response move without building their key again
+    acked_moves: dict[tuple[str, int], ProxyClass] = field(default_factory=dict)
 
     @property
     def sample(self) -> ProxyView:
@@ -113,6 +117,7 @@ class ProxyStatus:
         self._proxies: dict[int, ProxyView] = {}
         self._classes: dict[ClassKey, ProxyClass] = {}
         self._class_of: dict[int, ProxyClass] = {}
+        self._last_acked: dict[str, tuple[Mapping[str, str], str, Sent]] = {}  # type URL -> see `_shared_acked`
         self._listeners: list[Listener] = []
         self.push_ack_latencies: list[float] = []  # seconds, most recent last, bounded
 
@@ -125,10 +130,11 @@ class ProxyStatus:
             case ResourcesAcked():
                 if proxy := self._proxies.get(event.stream_id):
                     # Shared with every proxy that ACKed the same (`sharing`); read-only either way.
-                    proxy.acked[event.type_url] = shared_sent(event.type_url, event.version, event.resources)
+                    acked = self._shared_acked(event)
+                    proxy.acked[event.type_url] = acked
                     proxy.acked_versions[event.type_url] = event.version
                     self._record_latency(event.at - event.sent_at)
-                    self._join_class(proxy)
+                    self._move_on_ack(proxy, event.type_url, acked)
             case ProxyConnected():
                 self._leave_class(event.stream_id)  # the same stream id twice: the second wins
                 connected = ProxyView(event.stream_id, event.node_id, event.node_cluster, event.peer, event.at)
@@ -149,6 +155,36 @@ class ProxyStatus:
                     proxy.nacks += 1
         for listener in self._listeners:
             listener(event)
+
+    def _shared_acked(self, event: ResourcesAcked) -> Sent:
+        """`shared_sent` of what the ACK carries; the last one per type is remembered by identity
+        (the ACKs of one response from a worker's frame carry one dict, from a stream its `Sent`)."""
+        last = self._last_acked.get(event.type_url)
+        if last is not None and last[0] is event.resources and last[1] == event.version:
+            return last[2]
+        acked = shared_sent(event.type_url, event.version, event.resources)
+        self._last_acked[event.type_url] = (event.resources, event.version, acked)
+        return acked
+
+    def _move_on_ack(self, proxy: ProxyView, type_url: str, acked: Sent) -> None:
+        """`_join_class` after an ACK, through the move the class's last member with that ACK made
+        (if that class still lives: a class made later for the same key is another object)."""
+        current = self._class_of.get(proxy.stream_id)
+        if current is None:
+            self._join_class(proxy)
+            return
+        move = (type_url, id(acked))  # `acked` is held by this proxy, so its id names it
+        target = current.acked_moves.get(move)
+        if target is None or self._classes.get(target.key) is not target:
+            self._join_class(proxy)
+            if len(current.acked_moves) >= _MOVES_KEPT:
+                current.acked_moves.clear()
+            current.acked_moves[move] = self._class_of[proxy.stream_id]
+            return
+        if target is not current:
+            self._leave_class(proxy.stream_id)
+            target.members[proxy.stream_id] = proxy
+            self._class_of[proxy.stream_id] = target
 
     def _join_class(self, proxy: ProxyView) -> None:
         """Move the proxy to the class of its current state (a new one if none has it)."""
