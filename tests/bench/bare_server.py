@@ -6,7 +6,8 @@ It serves the same resources Aviary would (built once, at start, with Aviary's o
 pre-serialized DiscoveryResponses: no snapshot, no versioning, no ACK bookkeeping. Whatever Aviary
 costs above this is Aviary's; whatever this costs is grpc.aio and Python's. Several of these
 processes can bind one port (grpcio sets SO_REUSEPORT by default; the kernel splits connections),
-which is the baseline for Aviary's stream worker processes.
+which is the baseline for Aviary's stream worker processes. It runs on the event loop Aviary runs
+on (`aviary.eventloop`), so that the loop is not what tells them apart.
 
 Prints ``listening`` once bound. On stdin, ``push K`` writes route version K (0..changes) to every
 stream subscribed to RDS; ``quit`` or end of input stops it.
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
+from aviary import eventloop
 from aviary.discovery.resources import PublishedRollout, build_snapshot
 from aviary.discovery.server import ADS_SERVICE
 from aviary.discovery.wire import discovery_response, resources_entry
@@ -138,4 +140,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    eventloop.run(main())  # the event loop aviary serve runs on (uvloop; AVIARY_UVLOOP=0: asyncio's)

@@ -288,6 +288,7 @@ async def measure(
         rss_after = rss_bytes(server.pids())
         await server.settle()
         times, server_cpu, client_cpu, client_busy = [], [], [], []
+        per_process: list[list[float]] = []  # CPU of each server process per change, the root first
         if on_changes is not None:
             on_changes(True)
         try:
@@ -297,7 +298,7 @@ async def measure(
                 for proc in procs:
                     await proc.expect("marked", 60)
                 pids = server.pids()
-                cpu0 = cpu_seconds(pids)
+                cpu0 = [cpu_seconds([pid]) for pid in pids]
                 t0 = time.time()
                 await server.change(k)
                 done = [await proc.expect("changed", 300) for proc in procs]
@@ -305,7 +306,9 @@ async def measure(
                     raise RuntimeError(f"{server.label}: change {k} reached {sum(int(d[0]) for d in done)}/{served}")
                 elapsed = max(float(d[1]) for d in done) - t0
                 times.append(elapsed)
-                server_cpu.append(cpu_seconds(pids) - cpu0)
+                spent = [cpu_seconds([pid]) - before for pid, before in zip(pids, cpu0, strict=True)]
+                server_cpu.append(sum(spent))
+                per_process.append(spent)
                 client_cpu.append(sum(float(d[3]) for d in done))
                 client_busy.append(max(float(d[3]) for d in done) / max(elapsed, 1e-6))
         finally:
@@ -322,6 +325,10 @@ async def measure(
                       "max": round(max(ms), 1), "changes": len(ms)},
         # the mean: /proc counts CPU in 10 ms ticks, finer than one change of the bare servers
         "server_cpu_ms_per_change": round(sum(server_cpu) / len(server_cpu) * 1000, 1),
+        # Aviary with workers: the engine process first, then each worker (a restart mid-run: fewer)
+        "server_cpu_ms_per_change_by_process": [
+            round(sum(column) / len(column) * 1000, 1) for column in zip(*per_process, strict=False)
+        ],
         "rss_kb_per_stream": round(rss_per_stream / 1024, 1),
         "server_rss_mb": round(rss_after / 2**20, 1),
         "client_cpu_ms_per_change": round(statistics.median(client_cpu) * 1000, 1),
@@ -394,30 +401,50 @@ class Profiler:
                 self.proc.wait()
 
     def top(self, limit: int = 15) -> dict[str, Any]:
-        """Self time (leaf frames) and inclusive time by function, as shares of all samples."""
+        """Self time (leaf frames) and inclusive time by function, as shares of all samples, over the
+        whole tree and per process (the engine and each xDS worker: "pid command")."""
         if not self.output.exists():
             return {"error": "py-spy wrote no profile"}
-        leaf: dict[str, int] = {}
-        inclusive: dict[str, int] = {}
-        total = 0
+        tables: dict[str, _Shares] = {}
+        whole = _Shares()
         for line in self.output.read_text().splitlines():
             stack, _, count_text = line.rpartition(" ")
             if not stack or not count_text.isdigit():
                 continue
-            count = int(count_text)
+            frames = stack.split(";")
+            # --subprocesses: a worker's stack starts with the engine's "process" frame, then its own
+            processes = [i for i, f in enumerate(frames) if f.startswith("process ")]
+            process = frames[processes[-1]] if processes else "process ?"
+            frames = frames[processes[-1] + 1:] if processes else frames
             # "func (file.py:LINE)" -> "func (file.py)": one entry per function, not per line
-            frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if f and not f.startswith("process ")]
+            frames = [re.sub(r":\d+\)$", ")", f) for f in frames if f and not f.startswith("thread ")]
             if not frames:
                 continue
-            total += count
-            leaf[frames[-1]] = leaf.get(frames[-1], 0) + count
-            for frame in set(frames):
-                inclusive[frame] = inclusive.get(frame, 0) + count
+            pid, _, command = process.removeprefix("process ").partition(":")
+            label = f"{pid} {command.strip(chr(34))[:120]}"
+            whole.add(frames, int(count_text))
+            tables.setdefault(label, _Shares()).add(frames, int(count_text))
+        return {**whole.top(limit), "file": str(self.output),
+                "by_process": {label: table.top(limit) for label, table in sorted(tables.items())}}
 
+
+class _Shares:
+    """Samples per function: as the leaf (self) and anywhere in the stack (inclusive)."""
+
+    def __init__(self) -> None:
+        self.leaf: dict[str, int] = {}
+        self.inclusive: dict[str, int] = {}
+        self.total = 0
+
+    def add(self, frames: list[str], count: int) -> None:
+        self.total += count
+        self.leaf[frames[-1]] = self.leaf.get(frames[-1], 0) + count
+        for frame in set(frames):
+            self.inclusive[frame] = self.inclusive.get(frame, 0) + count
+
+    def top(self, limit: int) -> dict[str, Any]:
         def share(table: dict[str, int]) -> list[tuple[str, float]]:
-            return [
-                (name, round(100 * n / total, 1)) for name, n in sorted(table.items(), key=lambda kv: -kv[1])[:limit]
-            ]
+            ranked = sorted(table.items(), key=lambda kv: -kv[1])[:limit]
+            return [(name, round(100 * n / self.total, 1)) for name, n in ranked]
 
-        return {"samples": total, "self_pct": share(leaf), "inclusive_pct": share(inclusive),
-                "file": str(self.output)}  # fmt: skip
+        return {"samples": self.total, "self_pct": share(self.leaf), "inclusive_pct": share(self.inclusive)}

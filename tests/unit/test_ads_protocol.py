@@ -251,3 +251,40 @@ def test_an_ack_repeated_with_a_subscription_change_is_reported_once() -> None:
         stream.on_request(discovery_pb2.DiscoveryRequest(
             type_url=typeurls.ENDPOINT, resource_names=names, response_nonce=response.nonce))
     assert sum(isinstance(e, ResourcesAcked) for e in events) == 1
+
+
+async def test_the_reader_handles_a_request_only_when_nothing_is_queued_before_it() -> None:
+    """An ACK with nothing queued is handled by the reader (no switch to the stream's coroutine); with
+    a snapshot change queued before it, it is queued behind it, so responses go out in the order
+    they were computed (a proxy must never apply an older response last)."""
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    from aviary.discovery.proxy_events import ResourcesAcked
+    from aviary.discovery.server import _END, _WAKE, _Inbox
+    from aviary.discovery.sotw import SotwStream
+
+    cache, proxies = SnapshotCache(), ProxyStatus()
+    TrafficDirector(cache, proxies).set_rollout("checkout", Placement(LISTENER, ("*",)), TrafficPlan(V1))
+    events: list[ProxyEvent] = []
+    stream = SotwStream(1, "peer", cache, events.append)
+    (data,) = stream.on_request(discovery_pb2.DiscoveryRequest(type_url=typeurls.CLUSTER, node=base_pb2.Node(id="n")))
+    ack = discovery_pb2.DiscoveryRequest(
+        type_url=typeurls.CLUSTER, response_nonce=discovery_pb2.DiscoveryResponse.FromString(data).nonce)
+
+    async def requests(*items: discovery_pb2.DiscoveryRequest) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+        for item in items:
+            yield item
+
+    idle = _Inbox()
+    await AggregatedDiscoveryService._read(requests(ack), idle, stream)
+    assert [type(e) for e in events if isinstance(e, ResourcesAcked)] == [ResourcesAcked]  # handled by the reader
+    assert await idle.get() is _END  # and nothing else was queued
+
+    busy = _Inbox()
+    busy.put_nowait(_WAKE)
+    await AggregatedDiscoveryService._read(requests(ack), busy, stream)
+    assert await busy.get() is _WAKE
+    assert await busy.get() is ack  # queued behind the change, for the coroutine
+    assert await busy.get() is _END
+

@@ -28,6 +28,7 @@ from aviary.discovery.proxy_events import (
 )
 from aviary.discovery.proxy_status import ProxyView
 from aviary.discovery.resources import PublishedRollout, build_snapshot
+from aviary.discovery.sharing import shared_sent
 from aviary.discovery.snapshot import Snapshot
 from aviary.discovery.sotw import SotwStream
 from aviary.discovery.worker_protocol import (
@@ -151,7 +152,14 @@ def test_a_worker_delta_stream_serves_the_rebuilt_snapshot_like_the_engine_and_i
         stream.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=typeurls.CLUSTER, response_nonce=nonce))
         answers.append(answer)
     assert answers[0] == answers[1]
-    assert decode_from_worker(payload(encode_events(events))) == events
+    decoded = decode_from_worker(payload(encode_events(events)))
+    # A frame folds the responses of one type into one count (all the engine does with them).
+    assert [e for e in decoded if not isinstance(e, ResponseSent)] == [
+        e for e in events if not isinstance(e, ResponseSent)
+    ]
+    assert sum(e.count for e in decoded if isinstance(e, ResponseSent)) == sum(
+        e.count for e in events if isinstance(e, ResponseSent)
+    )
     assert any(isinstance(e, ResourcesAcked) for e in events)
 
 
@@ -190,6 +198,30 @@ def test_every_event_comes_back_equal() -> None:
     ]
     assert decode_from_worker(payload(encode_events(events))) == events
     assert decode_from_worker(payload(encode_events([]))) == []
+
+
+def test_responses_of_one_type_in_a_frame_fold_into_one_counted_event() -> None:
+    a, b = first_stream_id(1), first_stream_id(1) + 1
+    events: list[ProxyEvent] = [
+        ResponseSent(a, typeurls.ROUTE, 100),
+        ResponseSent(a, typeurls.CLUSTER, 7),
+        ProxyDisconnected(a),
+        ResponseSent(b, typeurls.ROUTE, 50),
+        ResponseSent(b, typeurls.ROUTE, 25, count=2),
+    ]
+    assert decode_from_worker(payload(encode_events(events))) == [
+        ResponseSent(a, typeurls.ROUTE, 175, count=4),  # where the first was: before its stream ended
+        ResponseSent(a, typeurls.CLUSTER, 7),
+        ProxyDisconnected(a),
+    ]
+
+
+def test_the_acks_of_one_response_carry_its_resources_once_per_frame() -> None:
+    sent = shared_sent(typeurls.CLUSTER, "v-all", {f"cluster-{i}": f"{i:016x}" for i in range(200)})
+    acks = [ResourcesAcked(first_stream_id(1) + i, typeurls.CLUSTER, "v-all", sent, 1.0, 2.0) for i in range(100)]
+    one, hundred = len(encode_events(acks[:1])), len(encode_events(acks))
+    assert hundred < one + 99 * 64  # each further ACK: its own fields and a reference to the shared mapping
+    assert decode_from_worker(payload(encode_events(acks))) == acks
 
 
 def test_stream_ids_of_different_workers_never_meet() -> None:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from aviary import logs
+from aviary import eventloop, logs
 from aviary.admin.commands import add_admin_commands
 from aviary.admin.options import add_serve_options, serve_settings
 from aviary.admin.server import AdminConfigError
@@ -127,7 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
             await plane.stop(STOP_GRACE_SECONDS)
 
     try:
-        asyncio.run(run())
+        eventloop.run(run())
     finally:
         if git_lock is not None:
             git_lock.release()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
@@ -34,6 +35,17 @@ from aviary.policy.rollout_state import Phase
 from aviary.policy.schema import PolicyError
 from aviary.policy.source import PolicyState
 from aviary.runner import RolloutRunner
+
+_Metric = TypeVar("_Metric", PromCounter, PromHistogram)
+
+
+def _labelled(children: dict[str, _Metric], metric: _Metric, type_url: str) -> _Metric:
+    """``metric.labels(short name of type_url)``, kept in ``children``."""
+    child = children.get(type_url)
+    if child is None:
+        child = children[type_url] = metric.labels(typeurls.short_name(type_url))
+    return child
+
 
 PUSH_ACK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -61,19 +73,26 @@ class ControlPlaneMetrics:
             "aviary_policy_rejections", "Policy loads that had rejected files or commits", registry=self.registry
         )
         self.registry.register(_StateCollector(proxies, runner))
+        # type URL -> the metric's child labelled with its short name
+        self._response_counts: dict[str, PromCounter] = {}
+        self._byte_counts: dict[str, PromCounter] = {}
+        self._push_acks: dict[str, PromHistogram] = {}
+        self._nack_counts: dict[str, PromCounter] = {}
         proxies.subscribe(self.on_proxy_event)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     def on_proxy_event(self, event: ProxyEvent) -> None:
+        # Called for every response and every ACK of every proxy: each metric's labelled child is
+        # looked up once per type (`labels()` takes a lock and builds a key on every call), and
+        # made only when first needed, so a type that had no NACK has no NACK series, as before.
         if isinstance(event, ResponseSent):
-            kind = typeurls.short_name(event.type_url)
-            self._responses.labels(kind).inc()
-            self._bytes.labels(kind).inc(event.size)
+            _labelled(self._response_counts, self._responses, event.type_url).inc(event.count)
+            _labelled(self._byte_counts, self._bytes, event.type_url).inc(event.size)
         elif isinstance(event, ResourcesAcked):  # the streams report each response's ACK once
-            self._push_ack.labels(typeurls.short_name(event.type_url)).observe(max(0.0, event.at - event.sent_at))
+            _labelled(self._push_acks, self._push_ack, event.type_url).observe(max(0.0, event.at - event.sent_at))
         elif isinstance(event, ResourcesNacked):
-            self._nacks.labels(typeurls.short_name(event.type_url)).inc()
+            _labelled(self._nack_counts, self._nacks, event.type_url).inc()
 
     def policies_applied(self, errors: list[PolicyError]) -> None:
         self._reloads.inc()

@@ -17,8 +17,14 @@ Those decisions (each rollout's stage: adding, shifting, retiring, removing, set
 the one predicate for "this proxy holds it up") are pure functions in `make_before_break`. This
 class is the shell around them: it takes the inputs (plans, placements, proxy events), hands
 `advance` what is published and what the proxies ACKed, publishes the result and repeats while
-something moves, reports ACKs and NACKs, and re-checks only the proxy that just ACKed while
-rollouts wait (`_holds_up`), so a change to N proxies costs O(N), not O(N^2).
+something moves, and reports ACKs and NACKs.
+
+The gates are asked once per class of equal proxies (`ProxyStatus.classes()`: same node cluster,
+subscriptions and ACKed responses), not once per proxy: a pass costs O(classes), a handful however
+many proxies there are. While rollouts wait, the director keeps the proxies still behind (in a
+class that holds a rollout up) and, per event, looks up only the verdict of the class the proxy
+moved to (computed once per class between two passes): an ACK costs O(1), and the full pass runs
+when the last proxy behind caught up.
 
 Nothing is published that Envoy must reject (`resources.render` checks each group's snapshot):
 a rollout whose content would break a rule is held at what was last published for it, the others
@@ -64,7 +70,7 @@ from aviary.discovery.proxy_events import (
     ResourcesNacked,
     SubscriptionChanged,
 )
-from aviary.discovery.proxy_status import ProxyStatus, ProxyView
+from aviary.discovery.proxy_status import ProxyClass, ProxyStatus, ProxyView
 from aviary.discovery.resources import (
     PublishedRollout,
     grpc_route_name,
@@ -137,7 +143,8 @@ class TrafficDirector:
         self._acked: dict[str, TrafficPlan] = {}
         self._built: list[tuple[str, tuple[PublishedRollout, ...]]] | None = None
         self._unsettled: set[str] = set()
-        self._waiting: set[int] = set()  # stream ids of the proxies an unsettled rollout waits for
+        self._behind: set[int] = set()  # stream ids of the proxies an unsettled rollout waits for
+        self._verdicts: dict[ProxyClass, bool] = {}  # does the class hold a rollout up, since the last pass
         self._expected: set[str] = set()  # node ids to wait for after a restart
         self._grace_timer: asyncio.TimerHandle | None = None
         self._expected_until = 0.0
@@ -226,7 +233,7 @@ class TrafficDirector:
         promote, or remove a cluster a proxy still routes to, before that proxy has even
         reconnected. The proxies the previous process served are waited for instead.
         """
-        self._expected = set(node_ids)
+        self._expected = set(node_ids) - {proxy.node_id for proxy in self._proxies if _is_back(proxy)}
         if not self._expected:
             return
         self._expected_until = time.monotonic() + grace
@@ -251,22 +258,25 @@ class TrafficDirector:
         return frozenset(self._expected)
 
     def _awaiting_reconnect(self) -> bool:
+        """Whether gates stay closed for proxies not back yet (they are struck off as they come
+        back, `_returned`; here only the grace period is checked)."""
         if not self._expected:
             return False
-        # Back means: ACKed a response on its new stream. A stream that has only sent its first
-        # requests has subscribed to some types and not yet to the others, and the gates count a
-        # type a proxy does not subscribe to as done: on its first EDS or LDS request the route
-        # would move and the old cluster go before the proxy had applied anything.
-        # It must also have asked for its routes: Envoy asks in the order CDS, EDS, LDS, RDS, and
-        # one that ACKed clusters but has not yet named a route still routes by the one it had (the
-        # gates count a route it does not subscribe to as done, and would retire what it names).
-        self._expected -= {proxy.node_id for proxy in self._proxies if proxy.acked and _asked_for_routes(proxy)}
-        if self._expected and time.monotonic() >= self._expected_until:
+        if time.monotonic() >= self._expected_until:
             log.warning("proxies did not reconnect within the grace period: %s", ", ".join(sorted(self._expected)))
             self._expected.clear()
-        elif not self._expected:
-            log.info("every proxy served before the restart is back")
         return bool(self._expected)
+
+    def _returned(self, stream_id: int) -> bool:
+        """Strike this event's proxy off the awaited ones if it is back; True if it was the last."""
+        proxy = self._proxies.get(stream_id)
+        if proxy is None or proxy.node_id not in self._expected or not _is_back(proxy):
+            return False
+        self._expected.discard(proxy.node_id)
+        if self._expected:
+            return False
+        log.info("every proxy served before the restart is back")
+        return True
 
     def on_traffic_acked(self, listener: AckListener) -> None:
         """`listener(rollout, traffic)` when every serving proxy ACKed the route for `traffic`."""
@@ -328,7 +338,17 @@ class TrafficDirector:
         self._notify_acked()
         removing = {name for name, published in self._published.items() if published.removing}
         self._unsettled = {name for name in self._desired if not self._settled(name)} | removing
-        self._waiting = {p.stream_id for p in self._proxies if self._holds_up(p)} if self._unsettled else set()
+        self._verdicts = {}
+        self._behind = {
+            stream_id
+            for kind in (self._proxies.classes() if self._unsettled else ())
+            if self._holds_up_class(kind)
+            for stream_id in kind.members
+        }
+
+    def behind(self) -> frozenset[int]:
+        """Stream ids of the proxies that an unsettled rollout waits for, as of the last event."""
+        return frozenset(self._behind)
 
     def _settled(self, name: str) -> bool:
         """Published exactly as desired, nothing retiring, and the ACK of it reported."""
@@ -354,7 +374,7 @@ class TrafficDirector:
     def _acks(self) -> Acks:
         """The proxies' ACK state as the gates read it: each with its group and what it is served."""
         awaiting = self._awaiting_reconnect()
-        return Acks(tuple(self._served(proxy) for proxy in self._proxies), awaiting)
+        return Acks(tuple(self._served(kind.sample) for kind in self._proxies.classes()), awaiting)
 
     def _served(self, proxy: ProxyView) -> ServedProxy:
         cluster = proxy.node_cluster
@@ -509,12 +529,21 @@ class TrafficDirector:
         )
 
     def _serving(self, name: str) -> Iterable[tuple[ProxyView, Snapshot]]:
-        """Connected proxies that receive this rollout, with the snapshot they are being served."""
+        """Connected proxies that receive this rollout, one per class of equals (see `_acks`), with
+        the snapshot they are being served."""
         placement = self._placements[name]
-        for proxy in self._proxies:
+        for kind in self._proxies.classes():
+            proxy = kind.sample
             group = self._cache.group_of(proxy.node_cluster)
             if placement.proxy_cluster is None or placement.proxy_cluster == group:
                 yield proxy, self._cache.snapshot_for(proxy.node_cluster)
+
+    def _holds_up_class(self, kind: ProxyClass) -> bool:
+        """`_holds_up` of every member of the class, asked once until the next pass."""
+        verdict = self._verdicts.get(kind)
+        if verdict is None:
+            verdict = self._verdicts[kind] = self._holds_up(kind.sample)
+        return verdict
 
     def _holds_up(self, proxy: ProxyView) -> bool:
         """Whether this proxy is what an unsettled rollout waits for at its current stage."""
@@ -546,19 +575,25 @@ class TrafficDirector:
             self._report_nack(event)
         elif isinstance(event, ResourcesAcked | ProxyDisconnected) and self._rejected:
             self._clear_rejections(event)
+        if self._expected and isinstance(event, ResourcesAcked | SubscriptionChanged) and self._returned(
+                event.stream_id):
+            self.reconcile()  # after a restart, every gate was closed until the last awaited proxy came back
+            return
         # Only while something waits for proxies, and only on what can open a gate: an ACK, a proxy
         # leaving, a subscription narrowing. A full pass runs once the last proxy that held things
-        # up has moved on; until then each event re-checks only its own proxy.
+        # up has moved on; until then each event looks up the verdict of its proxy's class.
         if not self._unsettled or not isinstance(event, ResourcesAcked | ProxyDisconnected | SubscriptionChanged):
             return
-        if self._expected:
-            self.reconcile()  # after a restart: each returning proxy may be the last one awaited
+        if self._expected:  # every gate is closed: nothing can move until the last one is back
+            if time.monotonic() >= self._expected_until:
+                self.reconcile()  # the grace is over (checked here too when there was no loop for a timer)
             return
-        if event.stream_id in self._waiting:
-            proxy = self._proxies.get(event.stream_id)
-            if proxy is None or not self._holds_up(proxy):
-                self._waiting.discard(event.stream_id)
-        if not self._waiting:
+        kind = self._proxies.class_of(event.stream_id)
+        if kind is not None and self._holds_up_class(kind):
+            self._behind.add(event.stream_id)  # e.g. subscribed to a route it has not ACKed yet
+        else:
+            self._behind.discard(event.stream_id)
+        if not self._behind:
             self.reconcile()
 
     def _clear_rejections(self, event: ResourcesAcked | ProxyDisconnected) -> None:
@@ -639,6 +674,17 @@ class TrafficDirector:
         if type_url == typeurls.LISTENER:
             return resource in (name, listener_name(placement.listener))
         return False
+
+
+def _is_back(proxy: ProxyView) -> bool:
+    """A proxy awaited after a restart is back once it ACKed a response on its new stream. A stream
+    that has only sent its first requests has subscribed to some types and not yet to the others,
+    and the gates count a type a proxy does not subscribe to as done: on its first EDS or LDS
+    request the route would move and the old cluster go before the proxy had applied anything.
+    It must also have asked for its routes: Envoy asks in the order CDS, EDS, LDS, RDS, and one
+    that ACKed clusters but has not yet named a route still routes by the one it had (the gates
+    count a route it does not subscribe to as done, and would retire what it names)."""
+    return bool(proxy.acked) and _asked_for_routes(proxy)
 
 
 def _asked_for_routes(proxy: ProxyView) -> bool:

@@ -2,6 +2,14 @@
 
 Read by the traffic director (make-before-break and ACK-gating) and by the admin API. It is fed
 only through `apply(event)`, so it does not care where the streams run.
+
+Proxies are also kept in classes of equals (`ProxyClass`): those of the same node cluster that
+subscribe to the same names and ACKed the same responses of every type. The gates
+(`make_before_break.holds_up`) read nothing else of a proxy, so they answer alike for every member
+of a class, and the director asks them once per class instead of once per proxy: a thousand
+proxies that ACKed the same route are one question, not a thousand. Subscriptions and ACKed
+responses are shared values (`sharing`), so a class is keyed by their identity, and a proxy moves
+between classes in O(1) per event.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from aviary.discovery.proxy_events import (
     ProxyConnected,
@@ -18,7 +27,7 @@ from aviary.discovery.proxy_events import (
     ResourcesNacked,
     SubscriptionChanged,
 )
-from aviary.discovery.sharing import shared_sent
+from aviary.discovery.sharing import Sent, shared_names, shared_sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +70,54 @@ class ProxyView:
 
 
 Listener = Callable[[ProxyEvent], None]
+ClassKey = tuple[Any, ...]
+_MOVES_KEPT = 64  # per class: the moves remembered (one per response its members ACKed since)
+
+
+def class_key(proxy: ProxyView) -> ClassKey:
+    """What the gates can tell apart of a proxy: its node cluster (its proxy group), and per type
+    its subscription and the response it ACKed last, by identity (`sharing` makes equal ones one
+    object; a proxy whose value is not shared simply gets a class of its own)."""
+    return (
+        proxy.node_cluster,
+        tuple(sorted((t, s.wildcard, id(s.names)) for t, s in proxy.subscriptions.items())),
+        tuple(sorted((t, id(acked)) for t, acked in proxy.acked.items())),
+    )
+
+
+@dataclass(eq=False, slots=True)
+class ProxyClass:
+    """Connected proxies that look the same to the gates (see the module docstring).
+
+    Compared by identity: a class that emptied is dropped, and one made later for equal values is
+    another object, so nothing keyed by a class (the director's verdicts) outlives the values it
+    was computed from (the key holds `id()`s, valid while a member holds those objects).
+    """
+
+    key: ClassKey
+    members: dict[int, ProxyView] = field(default_factory=dict)
+    _sample: ProxyView | None = None
+    # (type URL, id of the response ACKed) -> the class a member moved to with that ACK: the next
+    # thousand members that ACK the same response move without building their key again
+    acked_moves: dict[tuple[str, int], ProxyClass] = field(default_factory=dict)
+
+    @property
+    def sample(self) -> ProxyView:
+        """Any one member: what the gates are asked about, for all of them."""
+        if self._sample is None:
+            self._sample = next(iter(self.members.values()))
+        return self._sample
+
+    def __len__(self) -> int:
+        return len(self.members)
 
 
 class ProxyStatus:
     def __init__(self) -> None:
         self._proxies: dict[int, ProxyView] = {}
+        self._classes: dict[ClassKey, ProxyClass] = {}
+        self._class_of: dict[int, ProxyClass] = {}
+        self._last_acked: dict[str, tuple[Mapping[str, str], str, Sent]] = {}  # type URL -> see `_shared_acked`
         self._listeners: list[Listener] = []
         self.push_ack_latencies: list[float] = []  # seconds, most recent last, bounded
 
@@ -74,28 +126,95 @@ class ProxyStatus:
         self._listeners.append(listener)
 
     def apply(self, event: ProxyEvent) -> None:
-        match event:
-            case ProxyConnected():
-                self._proxies[event.stream_id] = ProxyView(
-                    event.stream_id, event.node_id, event.node_cluster, event.peer, event.at
-                )
-            case ProxyDisconnected():
-                self._proxies.pop(event.stream_id, None)
-            case SubscriptionChanged():
-                if proxy := self._proxies.get(event.stream_id):
-                    proxy.subscriptions[event.type_url] = Subscription(event.wildcard, event.names)
+        match event:  # the most frequent first
             case ResourcesAcked():
                 if proxy := self._proxies.get(event.stream_id):
                     # Shared with every proxy that ACKed the same (`sharing`); read-only either way.
-                    proxy.acked[event.type_url] = shared_sent(event.type_url, event.version, event.resources)
+                    acked = self._shared_acked(event)
+                    proxy.acked[event.type_url] = acked
                     proxy.acked_versions[event.type_url] = event.version
                     self._record_latency(event.at - event.sent_at)
+                    self._move_on_ack(proxy, event.type_url, acked)
+            case ProxyConnected():
+                self._leave_class(event.stream_id)  # the same stream id twice: the second wins
+                connected = ProxyView(event.stream_id, event.node_id, event.node_cluster, event.peer, event.at)
+                self._proxies[event.stream_id] = connected
+                self._join_class(connected)
+            case ProxyDisconnected():
+                self._proxies.pop(event.stream_id, None)
+                self._leave_class(event.stream_id)
+            case SubscriptionChanged():
+                if proxy := self._proxies.get(event.stream_id):
+                    # Names from a worker arrive as a new frozenset per event: shared here, for the classes.
+                    names = shared_names(event.names)
+                    proxy.subscriptions[event.type_url] = Subscription(event.wildcard, names)
+                    self._join_class(proxy)
             case ResourcesNacked():
                 if proxy := self._proxies.get(event.stream_id):
                     proxy.last_nack = Nack(event.type_url, event.version, event.message, event.at)
                     proxy.nacks += 1
         for listener in self._listeners:
             listener(event)
+
+    def _shared_acked(self, event: ResourcesAcked) -> Sent:
+        """`shared_sent` of what the ACK carries; the last one per type is remembered by identity
+        (the ACKs of one response from a worker's frame carry one dict, from a stream its `Sent`)."""
+        last = self._last_acked.get(event.type_url)
+        if last is not None and last[0] is event.resources and last[1] == event.version:
+            return last[2]
+        acked = shared_sent(event.type_url, event.version, event.resources)
+        self._last_acked[event.type_url] = (event.resources, event.version, acked)
+        return acked
+
+    def _move_on_ack(self, proxy: ProxyView, type_url: str, acked: Sent) -> None:
+        """`_join_class` after an ACK, through the move the class's last member with that ACK made
+        (if that class still lives: a class made later for the same key is another object)."""
+        current = self._class_of.get(proxy.stream_id)
+        if current is None:
+            self._join_class(proxy)
+            return
+        move = (type_url, id(acked))  # `acked` is held by this proxy, so its id names it
+        target = current.acked_moves.get(move)
+        if target is None or self._classes.get(target.key) is not target:
+            self._join_class(proxy)
+            if len(current.acked_moves) >= _MOVES_KEPT:
+                current.acked_moves.clear()
+            current.acked_moves[move] = self._class_of[proxy.stream_id]
+            return
+        if target is not current:
+            self._leave_class(proxy.stream_id)
+            target.members[proxy.stream_id] = proxy
+            self._class_of[proxy.stream_id] = target
+
+    def _join_class(self, proxy: ProxyView) -> None:
+        """Move the proxy to the class of its current state (a new one if none has it)."""
+        key = class_key(proxy)
+        current = self._class_of.get(proxy.stream_id)
+        if current is not None and current.key == key:
+            return
+        self._leave_class(proxy.stream_id)
+        joined = self._classes.get(key)
+        if joined is None:
+            joined = self._classes[key] = ProxyClass(key)
+        joined.members[proxy.stream_id] = proxy
+        self._class_of[proxy.stream_id] = joined
+
+    def _leave_class(self, stream_id: int) -> None:
+        left = self._class_of.pop(stream_id, None)
+        if left is None:
+            return
+        gone = left.members.pop(stream_id)
+        if left._sample is gone:
+            left._sample = None
+        if not left.members:
+            del self._classes[left.key]
+
+    def classes(self) -> list[ProxyClass]:
+        """Connected proxies by class of equals (see the module docstring), none empty."""
+        return list(self._classes.values())
+
+    def class_of(self, stream_id: int) -> ProxyClass | None:
+        return self._class_of.get(stream_id)
 
     def _record_latency(self, seconds: float) -> None:
         self.push_ack_latencies.append(seconds)

@@ -3,6 +3,9 @@
 Both methods, State-of-the-World (`SotwStream`) and incremental (`DeltaStream`), are served by the
 same loop and registered with a pass-through response serializer: the streams hand us responses
 already encoded from shared per-resource bytes, so nothing is re-serialized here.
+
+The reader handles a request itself when nothing is queued before it (an ACK, mostly: no switch
+to the coroutine); the coroutine writes responses, in the order they were computed.
 """
 
 from __future__ import annotations
@@ -88,6 +91,10 @@ class _Inbox:
             finally:
                 self._waiter = None
         return self._items.pop(0)
+
+    def empty(self) -> bool:
+        """Nothing waits to be handled: whatever is queued next is computed after now."""
+        return not self._items
 
 
 class UnimplementedMethods(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc ships no types
@@ -208,7 +215,7 @@ class AggregatedDiscoveryService:
                 wake_pending = True
                 inbox.put_nowait(_WAKE)
 
-        reader = asyncio.create_task(self._read(requests, inbox))
+        reader = asyncio.create_task(self._read(requests, inbox, stream))
         watch = None
         self.open_streams += 1
         try:
@@ -219,13 +226,17 @@ class AggregatedDiscoveryService:
                 if item is _WAKE:
                     wake_pending = False
                     responses = stream.on_snapshot_changed()
-                elif isinstance(item, BaseException):
+                elif isinstance(item, list):  # what a request handled by the reader called for
+                    responses = item
+                elif isinstance(item, BaseException) and not isinstance(item, StreamError):
                     raise item
                 else:
-                    assert isinstance(item, discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest)
-                    if self._admit is not None and stream.node_id is None:
-                        await self._admit()
                     try:
+                        if isinstance(item, StreamError):  # from a request the reader handled
+                            raise item
+                        assert isinstance(item, discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest)
+                        if self._admit is not None and stream.node_id is None:
+                            await self._admit()
                         responses = stream.on_request(item)
                     except StreamError as exc:
                         self.refused_streams += 1
@@ -256,10 +267,27 @@ class AggregatedDiscoveryService:
                 log.info("proxy disconnected: node=%s peer=%s", stream.node_id, stream.peer)
 
     @staticmethod
-    async def _read(requests: AsyncIterator[object], inbox: _Inbox) -> None:
+    async def _read(requests: AsyncIterator[object], inbox: _Inbox, stream: _Stream) -> None:
+        """Hand the stream's requests over in order; handle one here when nothing is queued before it.
+
+        Most requests are ACKs that call for no response: handled here, they cost no switch to the
+        stream's coroutine (one per proxy per change). Only when the inbox is empty: whatever is
+        queued (a snapshot change, an earlier request) is handled by the coroutine later, and
+        responses must go out in the order they were computed, or a proxy could apply an older one
+        last. The first request waits for `admit` in the coroutine, so it is always handed over.
+        """
         try:
             async for request in requests:
-                inbox.put_nowait(request)
+                if stream.node_id is not None and inbox.empty():
+                    try:
+                        responses = stream.on_request(request)
+                    except StreamError as exc:
+                        inbox.put_nowait(exc)  # the coroutine closes the stream
+                        return
+                    if responses:
+                        inbox.put_nowait(responses)
+                else:
+                    inbox.put_nowait(request)
                 del request  # not kept while waiting for the next one
         except asyncio.CancelledError:
             raise

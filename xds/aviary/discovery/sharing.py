@@ -56,7 +56,14 @@ class Sent(Mapping[str, str]):
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Sent):
             return self is other or self._versions == other._versions
+        if isinstance(other, dict):  # what a worker's ACK carries (`worker_protocol`): no copy
+            return self._versions == other
         return isinstance(other, Mapping) and self._versions == dict(other)
+
+    def as_dict(self) -> dict[str, str]:
+        """The mapping itself, not a copy, for `marshal` (the worker pipe); it must not be changed.
+        Every ACK of one response hands the same dict, so a frame of ACKs carries it once."""
+        return self._versions
 
     __hash__ = None  # type: ignore[assignment]  # a mapping: equal to a dict with the same items
 

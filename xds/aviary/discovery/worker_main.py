@@ -26,7 +26,7 @@ import socket
 import sys
 from pathlib import Path
 
-from aviary import logs
+from aviary import eventloop, logs
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.proxy_events import ProxyEvent
 from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.log_level, args.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine process decides when workers stop
     tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert and args.tls_key else None
-    return asyncio.run(run(args.fd, args.worker, args.address, tls))
+    return eventloop.run(run(args.fd, args.worker, args.address, tls))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ Worker -> engine::
 
     ("ready", port)     the first sync is in its cache and it listens: it accepts streams only now
     ("events", (event, ...))
-                        proxy events (``proxy_events``) as (tag, *fields), in the order emitted
+                        proxy events (``proxy_events``) as (tag, *fields), in the order emitted,
+                        but those of one frame that only count responses (`ResponseSent`) folded
+                        into one per type; the ACKs of one response share its resources
     ("barrier", n)      before a new stream is answered (see below)
 
 Only what changed travels: a resource is identified by (type URL, name, version), its version
@@ -47,8 +49,9 @@ single-process server numbers from 1, i.e. worker 0.
 from __future__ import annotations
 
 import marshal
+import operator
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +65,7 @@ from aviary.discovery.proxy_events import (
     ResponseSent,
     SubscriptionChanged,
 )
+from aviary.discovery.sharing import Sent
 from aviary.discovery.snapshot import Resource, Snapshot
 
 __all__ = [
@@ -247,15 +251,45 @@ _EVENT_TAGS: dict[type[Any], str] = {
 _EVENT_TYPES = {tag: kind for kind, tag in _EVENT_TAGS.items()}
 
 
-def _plain(value: object) -> object:
-    return dict(value) if isinstance(value, Mapping) else value
+def _fields(kind: type[Any]) -> Callable[[Any], tuple[Any, ...]]:
+    """The event's fields in declaration order, as `kind(*fields)` takes them back."""
+    names: tuple[str, ...] = kind.__slots__
+    get = operator.attrgetter(*names)
+    return get if len(names) > 1 else lambda event: (get(event),)
+
+
+_EVENT_FIELDS = {kind: _fields(kind) for kind in _EVENT_TAGS}
+_RESOURCES_AT: dict[type[Any], int] = {
+    kind: kind.__slots__.index("resources") for kind in (ResourcesAcked, ResourcesNacked)
+}
+
+
+def _plain(resources: Mapping[str, str]) -> dict[str, str]:
+    # A `Sent` hands its own dict: the ACKs of one response in a frame share it, and marshal
+    # writes an object it meets again as a back-reference, so the frame carries it once.
+    return resources.as_dict() if isinstance(resources, Sent) else dict(resources)
 
 
 def encode_events(events: Iterable[ProxyEvent]) -> bytes:
-    encoded: tuple[Any, ...] = tuple(
-        (_EVENT_TAGS[type(e)], *(_plain(getattr(e, name)) for name in type(e).__slots__)) for e in events
-    )
-    return frame(marshal.dumps(("events", encoded)))
+    """One frame of events, in order; the `ResponseSent` of one type are folded into the first
+    (responses and bytes added up: all the engine does with them is count)."""
+    encoded: list[tuple[Any, ...]] = []
+    responses: dict[str, int] = {}  # type URL -> index of its folded ResponseSent in `encoded`
+    for event in events:
+        kind = type(event)
+        if isinstance(event, ResponseSent):
+            at = responses.get(event.type_url)
+            if at is not None:
+                tag, stream_id, type_url, size, count = encoded[at]
+                encoded[at] = (tag, stream_id, type_url, size + event.size, count + event.count)
+                continue
+            responses[event.type_url] = len(encoded)
+        fields = _EVENT_FIELDS[kind](event)
+        at = _RESOURCES_AT.get(kind)
+        if at is not None:
+            fields = (*fields[:at], _plain(fields[at]), *fields[at + 1:])
+        encoded.append((_EVENT_TAGS[kind], *fields))
+    return frame(marshal.dumps(("events", tuple(encoded))))
 
 
 def ready_message(port: int) -> bytes:
