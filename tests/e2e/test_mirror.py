@@ -70,13 +70,22 @@ class Canary(Stage):
     def canary_cluster(self) -> str:
         return cluster_name(self.name, "v2")
 
-    def at_envoy(self) -> AtEnvoy:
-        envoy = self.envoy
+    def _rds_updates(self) -> int:
         wanted = quote(f"rds.{self.route}.update_success")
-        stats = json.loads(envoy.admin_get(f"/stats?format=json&filter={wanted}"))
-        updates = sum(int(s["value"]) for s in stats.get("stats", []) if isinstance(s.get("value"), int))
-        return AtEnvoy(time.time(), envoy.route_weights(self.route).get(self.name, {}),
-                       envoy.route_mirrors(self.route).get(self.name, {}), self.backends.counts()["v2"], updates)
+        stats = json.loads(self.envoy.admin_get(f"/stats?format=json&filter={wanted}"))
+        return sum(int(s["value"]) for s in stats.get("stats", []) if isinstance(s.get("value"), int))
+
+    def at_envoy(self) -> AtEnvoy:
+        """Envoy's route and its RDS update count as of one moment: a push landing between reading
+        the count and reading the route would pair an old count with a new route, so both are read
+        again until the count is the same before and after the route."""
+        envoy = self.envoy
+        while True:
+            updates = self._rds_updates()
+            weights = envoy.route_weights(self.route).get(self.name, {})
+            mirror = envoy.route_mirrors(self.route).get(self.name, {})
+            if self._rds_updates() == updates:
+                return AtEnvoy(time.time(), weights, mirror, self.backends.counts()["v2"], updates)
 
     @property
     def mirroring(self) -> dict[str, int]:
