@@ -182,14 +182,15 @@ async def aviary_server(
     policies.mkdir(parents=True, exist_ok=True)
     write_policies(policies, rollouts, "v1")
     xds, admin_port, metrics = free_ports(3)
-    with_workers = workers > 1 and aviary_has_workers()
+    has_flag = aviary_has_workers()
+    with_workers = workers > 1 and has_flag
     args = [
         str(BIN / "aviary"), "--log-level", "warning", "serve", "--policies", str(policies),
         "--xds-address", f"127.0.0.1:{xds}", "--admin-address", f"127.0.0.1:{admin_port}",
         "--metrics-address", f"127.0.0.1:{metrics}", "--state", str(workdir / "state.db"),
         "--reconnect-grace", "0", *extra_args,
     ]  # fmt: skip
-    if with_workers:
+    if has_flag:  # 1 too: the default is one per core
         args += ["--xds-workers", str(workers)]
     log = workdir / "aviary.log"
     with log.open("ab") as out:

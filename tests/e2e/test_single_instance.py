@@ -111,7 +111,10 @@ def stage(
         tmp.write_text(policy_text(port, "v2", backends.address("v2")))
         tmp.replace(policies / f"{NAME}.yaml")
         stage.wait_envoy({"v1": 90, "v2": 10})
-        a.cli("pause", NAME)
+        # set-weight, not pause: it holds the canary at 10 % even when the 2 s step has already
+        # moved on (a CLI call can take that long on a loaded machine).
+        a.cli("set-weight", NAME, "10")
+        stage.wait_envoy({"v1": 90, "v2": 10})
         wait_until(lambda: stage.saved() == ("Paused", 10, [NODE]), 10, what="A's state: paused at 10, envoy-1 saved")
         yield stage
     finally:

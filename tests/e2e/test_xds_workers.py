@@ -1,5 +1,7 @@
 """`aviary serve --xds-workers 2`: streams in two worker processes, through real Envoys.
 
+(Every other e2e test runs `aviary serve` with the default, one worker per core: two here.)
+
 One `aviary serve --xds-workers 2` subprocess (tests/rig/serve_process.py) serves four Envoys, which
 land on both workers (`aviary proxies -o json` says which), and a fake proxy
 (tests/rig/gating_proxy.py) that withholds its ACK of the canary's 30 %.
@@ -11,11 +13,17 @@ What must hold:
   current route (a weight set while they reconnect), the weight they route never goes down, and
   no request through the Envoys fails meanwhile;
 - a second `aviary serve --xds-workers 2` on the same xDS port exits 2 with one line;
-- stopping `aviary serve` (SIGTERM), or killing it, leaves no worker process behind.
+- stopping `aviary serve` (SIGTERM), or killing it, leaves no worker process behind;
+- SIGSTOP of a worker holding some Envoys (alive, answering nothing), then a canary: no Envoy gets
+  a route to it while those Envoys cannot ACK its cluster (make-before-break waits for every
+  proxy); the supervisor finds the worker silent (heartbeats), kills and replaces it; the Envoys
+  reconnect, get the current configuration and the canary steps on, the weight never going down
+  and no request failing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -26,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from aviary.discovery.resources import cluster_name
+from aviary.discovery.workers import HEARTBEAT_SECONDS, HUNG_AFTER, usable_cores
 from tests.conftest import _FAILED, EnvoyFactory, LoadgenFactory
 from tests.rig.backends import Backends
 from tests.rig.control_plane import write_policy as write_rollout
@@ -44,10 +53,11 @@ OLD, CANARY = cluster_name(NAME, "v1"), cluster_name(NAME, "v2")
 ENVOYS = 4
 HOLD = 5.0  # seconds the fake proxy withholds its ACK of 30 %: more than twice the interval
 WORKERS = ("--xds-workers", "2")
+INTERVAL = 2.0  # seconds per canary step
 
 
 def write_policy(policies: Path, port: int, version: str, endpoint: str, steps: list[int] | None = None) -> None:
-    strategy = {"steps": steps, "interval": "2s"} if steps is not None else None
+    strategy = {"steps": steps, "interval": f"{INTERVAL:g}s"} if steps is not None else None
     write_rollout(policies, NAME, port=port, version=version, endpoints=[endpoint], hosts=(HOST,), strategy=strategy)
 
 
@@ -68,10 +78,10 @@ def worker_pids(parent: int) -> dict[int, int]:
     return found
 
 
-def two_workers(parent: int | None, without: int | None = None) -> dict[int, int] | None:
-    """The two workers of ``parent`` once there are two (and none is ``without``), else None."""
+def two_workers(parent: int | None, without: int | None = None, count: int = 2) -> dict[int, int] | None:
+    """The two (``count``) workers of ``parent`` once there are that many (and none is ``without``), else None."""
     workers = worker_pids(parent or 0)
-    return workers if len(workers) == 2 and without not in workers else None
+    return workers if len(workers) == count and without not in workers else None
 
 
 def alive(pid: int) -> bool:
@@ -111,6 +121,11 @@ def worker_metrics(plane: AviaryServe) -> tuple[float, float, float]:
         return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
 
     return total("aviary_xds_worker_streams{"), total("aviary_connected_proxies{"), total("aviary_xds_worker_restarts")
+
+
+def engine_said(plane: AviaryServe, text: str) -> bool:
+    """A line of the engine's log (rollout transitions) contains ``text``."""
+    return any(text in entry.get("message", "") for entry in plane.log_entries())
 
 
 def acked_route(plane: AviaryServe) -> dict[str, str]:
@@ -189,7 +204,8 @@ def test_every_proxy_on_every_worker_gates_and_a_killed_worker_is_replaced(
         lg = loadgen_factory(f"127.0.0.1:{port}", HOST, clients=4, rate_per_client=25.0)
 
         # -- the gate: 30 % everywhere, the 60 % step waits for the one proxy that holds its ACK
-        write_policy(plane.policies, port, "v2", backends.address("v2"), steps=[30, 60, 90])
+        # Small steps after 60 %: the pause below may come a few steps late on a loaded machine.
+        write_policy(plane.policies, port, "v2", backends.address("v2"), steps=[30, 60, *range(65, 100, 5)])
         for envoy in envoys:
             envoy.wait_rollout_weights(route, NAME, {"v1": 70, "v2": 30}, 15)
         wait_until(gate.holding, 10, what="the gating proxy to hold its ACK of 30 %")
@@ -253,9 +269,86 @@ def test_every_proxy_on_every_worker_gates_and_a_killed_worker_is_replaced(
 
 
 def test_killing_the_engine_process_leaves_no_worker(plane: AviaryServe) -> None:
-    """Workers notice the engine's end (their socket closes) and exit, even after a SIGKILL."""
-    proc = plane.start(*WORKERS)
-    workers = wait_until(lambda: two_workers(proc.pid), 10, what="two workers")
+    """Workers notice the engine's end (their socket closes) and exit, even after a SIGKILL. With
+    the default --xds-workers: one per usable core."""
+    cores = usable_cores()
+    if cores == 1:
+        pytest.skip("one usable core: the default is the single process")
+    proc = plane.start()
+    workers = wait_until(lambda: two_workers(proc.pid, count=cores), 10, what=f"{cores} workers")
     assert workers is not None
     proc.kill9()
     wait_until(lambda: not any(alive(pid) for pid in workers.values()), 10, what="no worker left")
+
+
+def test_a_hung_worker_is_replaced_and_the_rollout_waits_for_its_envoys(
+    plane: AviaryServe,
+    backends: Backends,
+    envoy_factory: EnvoyFactory,
+    loadgen_factory: LoadgenFactory,
+) -> None:
+    backends.start(["v1", "v2"])
+    (port,) = free_ports(1)
+    route = f"route-127.0.0.1-{port}"
+    write_policy(plane.policies, port, "v1", backends.address("v1"))
+    proc = plane.start(*WORKERS)
+    assert proc.pid is not None
+    wait_until(lambda: two_workers(proc.pid), 10, what="two workers")
+    envoys = spread_envoys(plane, envoy_factory, port)
+    for envoy in envoys:
+        envoy.wait_rollout_weights(route, NAME, {"v1": 100}, 15)
+    where = placement(plane)
+    victim_number = where[envoys[0].node_id]
+    victims = [e for e in envoys if where[e.node_id] == victim_number]
+    victim_pid = worker_pids(proc.pid)[victim_number]
+    samplers = {e.node_id: EnvoySampler(e, route, NAME).start() for e in envoys}
+    try:
+        lg = loadgen_factory(f"127.0.0.1:{port}", HOST, clients=4, rate_per_client=25.0)
+        # -- SIGSTOP: the worker is alive but answers nothing. Then a canary starts.
+        os.kill(victim_pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        # The first heartbeat it misses is at most one heartbeat after the stop: it is killed no sooner.
+        killed_no_sooner = stopped_at + (HUNG_AFTER - 1) * HEARTBEAT_SECONDS
+        write_policy(plane.policies, port, "v2", backends.address("v2"), steps=[10, 20])
+        wait_until(lambda: engine_said(plane, "Stable -> Progressing, canary v2 at 10%"),
+                   killed_no_sooner - time.monotonic(), what="the canary's first step, before the worker can be hung")
+        decided = time.monotonic() - stopped_at
+        # While it is stopped, its Envoys cannot ACK the canary's cluster, so no Envoy is sent a
+        # route to it (make-before-break waits for every proxy, on every worker), and the step's
+        # clock does not start. An observation that ends after the worker may have been killed is
+        # no evidence: it ends the watch. (The engine's log, not `aviary status`: a CLI process can
+        # take seconds to start on a loaded machine.)
+        held = 0.0
+        while True:
+            weights = {e.node_id: e.route_weights(route).get(NAME) for e in envoys}
+            acked = engine_said(plane, "10% to v2 ACKed by every proxy")
+            if (seen := time.monotonic()) >= killed_no_sooner:
+                break
+            assert all(w == {OLD: 100} for w in weights.values()) and not acked, weights
+            held = seen - stopped_at
+            time.sleep(0.2)  # observation cadence, not synchronisation
+        assert held - decided >= 2 * INTERVAL, (decided, held)  # watched for two step intervals at least
+
+        # -- found silent, killed, replaced; its Envoys reconnect and get the current configuration,
+        # the canary's cluster and its first weight go out, and the steps go on
+        replaced = wait_until(lambda: two_workers(proc.pid, victim_number), 30, what="the hung worker replaced")
+        assert not alive(victim_pid)
+        after = wait_until(lambda: placement_of(plane, set(where)), 20, what="every proxy back")
+        assert after is not None and victim_number not in after.values(), after
+        for sampler in samplers.values():
+            wait_until(lambda: sampler.first_at(CANARY, 20), 30, what="every Envoy at the second step")  # noqa: B023
+        result = lg.stop()
+    finally:
+        for sampler in samplers.values():
+            sampler.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim_pid, signal.SIGCONT)  # if the test failed before the supervisor killed it
+    print(f"\n[xds-workers] SIGSTOP of worker {victim_number} (pid {victim_pid}, Envoys "
+          f"{[e.node_id for e in victims]}); the canary held {held:.1f}s after the stop; "
+          f"workers now {replaced}; load {result.total} requests, {result.failed} failed")
+    for node, sampler in samplers.items():
+        assert not sampler.decreases(CANARY), (node, sampler.changes(CANARY))
+    assert result.total > 100 and result.failed == 0, result.failures
+    logs = plane.current.log_text()
+    assert f"xDS worker {victim_number} (pid {victim_pid}) has not answered for {HUNG_AFTER} heartbeats" in logs
+    assert 'aviary_xds_worker_restarts_total{reason="hung"} 1.0' in metric_lines(plane)

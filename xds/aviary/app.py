@@ -65,7 +65,9 @@ class ServeConfig:
     # -- admin API and TLS
     admin: AdminConfig | None = None  # None: no admin API
     xds_tls: ServerTls | None = None
-    xds_workers: int = 1  # 1: streams in this process; N > 1: N worker processes (discovery/workers.py)
+    # 1: streams in this process; N > 1: N worker processes (discovery/workers.py). `aviary serve`
+    # defaults to one per usable core (workers.usable_cores); a ControlPlane built in code, to 1.
+    xds_workers: int = 1
 
 
 class ControlPlane:

@@ -17,6 +17,7 @@ from aviary.admin.commands import add_admin_commands
 from aviary.admin.options import add_serve_options, serve_settings
 from aviary.admin.server import AdminConfigError
 from aviary.app import STOP_GRACE_SECONDS, ControlPlane, ServeConfig
+from aviary.discovery.workers import usable_cores
 from aviary.flags import Parser, duration
 from aviary.listen import ListenError, check_can_listen
 from aviary.policy.duration import format_duration
@@ -186,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how often to ask the repository for new commits, e.g. 10s, 1m")
     serve.add_argument("--xds-address", default="127.0.0.1:18000", help="HOST:PORT for the ADS gRPC server")
     serve.add_argument(
-        "--xds-workers", type=_positive_int, default=1, metavar="N",
-        help="processes that hold the xDS streams: 1 serves them in this process; N > 1 starts N worker "
-             "processes sharing the xDS port, restarted if they die",
+        "--xds-workers", type=_worker_count, default="auto", metavar="N",
+        help="processes that hold the xDS streams: N > 1 starts N worker processes sharing the xDS port, "
+             "replaced if they die or hang; 1 serves them in this process "
+             f"(default: auto, one per usable core: {usable_cores()} here)",
     )
     serve.add_argument(
         "--prometheus-url", default=None,
@@ -227,11 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
+def _worker_count(text: str) -> int:
+    """``--xds-workers``: "auto" (one per usable core, ``usable_cores``) or a whole number >= 1."""
+    if text.strip().lower() == "auto":
+        return usable_cores()
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value

@@ -103,8 +103,10 @@ class ControlPlaneMetrics:
         """Export the policy source's fetch health (git), read from ``state()`` at scrape time."""
         self.registry.register(_PolicySourceCollector(state))
 
-    def observe_xds_workers(self, streams: Callable[[], Mapping[int, int]], restarts: Callable[[], int]) -> None:
-        """Export the xDS worker processes (`--xds-workers N`): streams per worker, restarts."""
+    def observe_xds_workers(
+        self, streams: Callable[[], Mapping[int, int]], restarts: Callable[[], Mapping[str, int]]
+    ) -> None:
+        """Export the xDS worker processes (`--xds-workers N`): streams per worker, restarts by reason."""
         self.registry.register(_XdsWorkersCollector(streams, restarts))
 
     def serve(self, address: str) -> int:
@@ -218,7 +220,7 @@ class _StateCollector(Collector):
 class _XdsWorkersCollector(Collector):
     """The live xDS worker processes, read when scraped."""
 
-    def __init__(self, streams: Callable[[], Mapping[int, int]], restarts: Callable[[], int]) -> None:
+    def __init__(self, streams: Callable[[], Mapping[int, int]], restarts: Callable[[], Mapping[str, int]]) -> None:
         self._streams = streams
         self._restarts = restarts
 
@@ -228,8 +230,12 @@ class _XdsWorkersCollector(Collector):
         for worker, count in sorted(self._streams().items()):
             streams.add_metric([str(worker)], count)
         yield streams
-        yield CounterMetricFamily("aviary_xds_worker_restarts", "xDS worker processes that died and were started "
-                                  "again", value=self._restarts())
+        restarts = CounterMetricFamily("aviary_xds_worker_restarts", "xDS worker processes replaced, by reason: "
+                                       "exited (died), hung (stopped answering), not_listening (did not start)",
+                                       labels=["reason"])
+        for reason, count in sorted(self._restarts().items()):
+            restarts.add_metric([reason], count)
+        yield restarts
 
 
 class _PolicySourceCollector(Collector):

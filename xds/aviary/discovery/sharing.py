@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, KeysView, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,9 @@ class Sent(Mapping[str, str]):
 
     def get(self, name: str, default: Any = None) -> Any:  # dict's, not Mapping's slower one
         return self._versions.get(name, default)
+
+    def keys(self) -> KeysView[str]:  # dict's: `keys() >= names` runs in C (warm_routes)
+        return self._versions.keys()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._versions)

@@ -13,7 +13,10 @@ responses to write, so the rules below are tested without sockets:
   something: from then on only "*" is (no names is then no subscription); RDS and EDS are by name,
   and a name that does not exist yet is remembered and sent when it appears;
 - a response is sent only when what the subscription selects differs from what was last sent;
-- a first wildcard request is always answered, even when empty, so a proxy finishes starting.
+- a first wildcard request is always answered, even when empty, so a proxy finishes starting;
+- a route configuration waits until this stream has ACKed the clusters it names and their
+  endpoints (`warm_routes`: a proxy that reconnects after a change would otherwise route to a
+  cluster still warming).
 
 What a stream was sent and subscribes to are values shared with every stream sent the same
 (`sharing`): per type, a stream holds its nonces and pointers, not copies.
@@ -41,6 +44,8 @@ from aviary.discovery.proxy_events import (
     SubscriptionChanged,
 )
 from aviary.discovery.sharing import Sent, selection, shared_names
+from aviary.discovery.snapshot import Snapshot
+from aviary.discovery.warm_routes import clusters_acked
 
 log = logging.getLogger("aviary.xds")
 
@@ -62,6 +67,8 @@ class _TypeState:
     last_sent: Sent | None = None  # what the latest response carried, and its version
     last_sent_at: float = 0.0
     answered_nonce: str | None = None  # the response whose ACK or NACK was already reported
+    acked: Sent | None = None  # what the latest ACKed response carried
+    held: bool = False  # a response is due but waits (a route for its clusters' ACKs: warm_routes)
     checked: str = ""  # the type's snapshot version last compared: unchanged means nothing to send
 
 
@@ -102,11 +109,14 @@ class SotwStream:
             return []
         # A proxy repeats the latest nonce on every request until the next response (e.g. when its
         # EDS or RDS subscription changes): the ACK or NACK of a response is reported once.
+        acked = False
         if nonce and state.last_sent is not None and nonce != state.answered_nonce:
             state.answered_nonce = nonce
             if request.HasField("error_detail"):
                 self._nacked(type_url, state, request.error_detail.message)
             else:
+                acked = True
+                state.acked = state.last_sent
                 self.emit(
                     ResourcesAcked(
                         self.stream_id,
@@ -123,7 +133,14 @@ class SotwStream:
         # of a type that comes before it in PUSH_ORDER (clusters before the routes that name them).
         responses = self._earlier_changes(type_url)
         response = self._respond(type_url, state, force=first and state.wildcard)
-        return [*responses, response] if response else responses
+        if response:
+            responses.append(response)
+        routes = self._types.get(typeurls.ROUTE)
+        if acked and routes is not None and routes.held and type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
+            held = self._respond(typeurls.ROUTE, routes, force=False)
+            if held:
+                responses.append(held)
+        return responses
 
     def _earlier_changes(self, type_url: str) -> list[bytes]:
         responses = []
@@ -142,6 +159,17 @@ class SotwStream:
                 if response:
                     responses.append(response)
         return responses
+
+    def _clusters_acked(self, snapshot: Snapshot, routes: Sent) -> bool:
+        clusters, endpoints = self._types.get(typeurls.CLUSTER), self._types.get(typeurls.ENDPOINT)
+        return clusters_acked(
+            snapshot,
+            routes,
+            (clusters.wildcard, clusters.names) if clusters is not None else None,
+            clusters.acked if clusters is not None else None,
+            endpoints.acked if endpoints is not None else None,
+            asks_for_endpoints=endpoints is not None,
+        )
 
     def _check_node(self, request: discovery_pb2.DiscoveryRequest) -> None:
         has_node = request.HasField("node") and request.node.id
@@ -185,14 +213,19 @@ class SotwStream:
 
     def _respond(self, type_url: str, state: _TypeState, force: bool) -> bytes | None:
         snapshot = self.cache.snapshot_for(self.node_cluster)
-        if not force and state.checked == snapshot.type_versions[type_url]:
+        version = snapshot.type_versions[type_url]
+        if not force and state.checked == version:
             return None  # nothing of this type changed since we last looked
-        state.checked = snapshot.type_versions[type_url]
         selected = selection(snapshot, type_url, state.names, state.wildcard)
         sent, last = selected.sent, state.last_sent
         # Versions hash the contents (name and version of each resource): equal versions, equal contents.
         if not force and ((last is not None and sent.version == last.version) or (last is None and not sent)):
+            state.checked, state.held = version, False
             return None
+        if type_url == typeurls.ROUTE and not force and not self._clusters_acked(snapshot, sent):
+            state.held = True  # `checked` stays: looked at again after this stream's next CDS or EDS ACK
+            return None
+        state.checked, state.held = version, False
         nonce = str(next(self._nonces))
         state.last_nonce, state.last_sent = nonce, sent
         state.last_sent_at = time.monotonic()

@@ -9,7 +9,8 @@ Started by ``aviary.discovery.workers`` (see ``worker_protocol`` for the message
 3. serves ADS with the same `AggregatedDiscoveryService` and `SotwStream` as the single process,
    numbering streams from ``first_stream_id(W)``, answering a new stream only after a barrier
    round trip with the engine (so it holds every snapshot published before the stream started),
-   and sends every proxy event back, batched per turn of the event loop;
+   and sends every proxy event back, batched per turn of the event loop; answers the engine's pings
+   from the same loop (one that stops answering is killed and replaced);
 4. on ``stop``, on SIGTERM, or when the socket closes (the engine process is gone, even killed),
    ends its streams with status OK and exits: it never outlives the engine.
 """
@@ -34,6 +35,7 @@ from aviary.discovery.worker_protocol import (
     HEADER,
     MAX_FRAME,
     Barrier,
+    Ping,
     ProtocolError,
     SnapshotMirror,
     Stop,
@@ -42,6 +44,7 @@ from aviary.discovery.worker_protocol import (
     decode_from_engine,
     encode_events,
     first_stream_id,
+    pong_message,
     ready_message,
 )
 from aviary.tls import ServerTls, server_credentials
@@ -131,7 +134,7 @@ async def run(fd: int, worker: int, address: str, tls: ServerTls | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    reading = asyncio.create_task(_follow(reader, cache, mirror, barriers))
+    reading = asyncio.create_task(_follow(reader, writer, cache, mirror, barriers))
     stopping = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -149,9 +152,9 @@ async def run(fd: int, worker: int, address: str, tls: ServerTls | None) -> int:
     return 0
 
 
-async def _follow(reader: asyncio.StreamReader, cache: SnapshotCache, mirror: SnapshotMirror,
-                  barriers: _Barriers) -> None:
-    """Apply the engine's syncs, in order, until it says stop or goes away."""
+async def _follow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cache: SnapshotCache,
+                  mirror: SnapshotMirror, barriers: _Barriers) -> None:
+    """Apply the engine's syncs, in order, and answer its pings, until it says stop or goes away."""
     while True:
         payload = await read_frame(reader)
         if payload is None:
@@ -161,6 +164,8 @@ async def _follow(reader: asyncio.StreamReader, cache: SnapshotCache, mirror: Sn
             return
         if isinstance(message, Barrier):
             barriers.passed(message.number)
+        elif isinstance(message, Ping):  # from this loop: a loop that is stuck does not answer
+            writer.write(pong_message())
         else:
             cache.publish(mirror.apply(message))
 

@@ -17,6 +17,7 @@ Engine -> worker::
                                                              only resources the worker does not hold
     ("stop",)           close the streams (status OK) and exit
     ("barrier", n)      the answer to the worker's barrier n: every sync written before it is applied
+    ("ping",)           a heartbeat: answer ("pong",) (a worker that does not, for long, is hung)
 
 Worker -> engine::
 
@@ -26,6 +27,7 @@ Worker -> engine::
                         but those of one frame that only count responses (`ResponseSent`) folded
                         into one per type; the ACKs of one response share its resources
     ("barrier", n)      before a new stream is answered (see below)
+    ("pong",)           the answer to a ping, from the worker's event loop
 
 Only what changed travels: a resource is identified by (type URL, name, version), its version
 being a digest of its bytes, and each side keeps exactly the resources that the current groups
@@ -73,6 +75,8 @@ __all__ = [
     "MAX_FRAME",
     "WORKER_SHIFT",
     "Barrier",
+    "Ping",
+    "Pong",
     "ProtocolError",
     "Ready",
     "SentState",
@@ -87,6 +91,8 @@ __all__ = [
     "first_stream_id",
     "frame",
     "next_failures",
+    "ping_message",
+    "pong_message",
     "ready_message",
     "restart_delay",
     "stop_message",
@@ -171,9 +177,27 @@ def barrier_message(number: int) -> bytes:
     return frame(marshal.dumps(("barrier", number)))
 
 
+def ping_message() -> bytes:
+    return frame(marshal.dumps(("ping",)))
+
+
+def pong_message() -> bytes:
+    return frame(marshal.dumps(("pong",)))
+
+
 @dataclass(frozen=True, slots=True)
 class Barrier:
     number: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,11 +212,13 @@ class Stop:
     pass
 
 
-def decode_from_engine(payload: bytes) -> Sync | Stop | Barrier:
+def decode_from_engine(payload: bytes) -> Sync | Stop | Barrier | Ping:
     message = _loads(payload)
     try:
         if message[0] == "stop":
             return Stop()
+        if message[0] == "ping":
+            return Ping()
         if message[0] == "barrier":
             return Barrier(int(message[1]))
         if message[0] != "sync":
@@ -311,9 +337,11 @@ def decode_events(encoded: Iterable[tuple[Any, ...]]) -> list[ProxyEvent]:
     return events
 
 
-def decode_from_worker(payload: bytes) -> Ready | Barrier | list[ProxyEvent]:
+def decode_from_worker(payload: bytes) -> Ready | Barrier | Pong | list[ProxyEvent]:
     message = _loads(payload)
     try:
+        if message[0] == "pong":
+            return Pong()
         if message[0] == "ready":
             return Ready(int(message[1]))
         if message[0] == "barrier":

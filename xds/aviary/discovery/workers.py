@@ -1,4 +1,5 @@
-"""xDS streams served by N worker processes (`aviary serve --xds-workers N`, N > 1).
+"""xDS streams served by N worker processes (`aviary serve --xds-workers N`, N > 1; the default is one
+per usable core, `usable_cores`).
 
 What runs where::
 
@@ -27,6 +28,14 @@ reconnect to the other workers at once, and the new process gets the current sna
 listens, so no proxy is ever served an older configuration than it ACKed. Restarts back off while
 a worker keeps dying (`restart_delay`). Workers exit when the engine closes their socket, so they
 never outlive it, even when it is killed.
+
+A worker that hangs (alive, but its event loop stuck: a deadlock, a blocking call, SIGSTOP) would
+hold its proxies' streams open and serve them nothing, and an ACK-gated rollout would wait on them.
+So the supervisor pings each worker every `HEARTBEAT_SECONDS`; the worker answers from its event
+loop, and any frame from it counts as an answer. After `HUNG_AFTER` heartbeats in a row without a
+word (`Silence`) the worker is killed, and replaced like one that died: its proxies' connections
+close with it, and they reconnect. Heartbeats are counted, not timed, so an engine whose own loop
+was held up (a long publish) does not blame a worker for its own delay.
 """
 
 from __future__ import annotations
@@ -36,23 +45,30 @@ import contextlib
 import errno
 import itertools
 import logging
+import math
+import os
+import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.proxy_events import ProxyConnected, ProxyDisconnected, ProxyEvent
 from aviary.discovery.worker_main import read_frame
 from aviary.discovery.worker_protocol import (
     Barrier,
+    Pong,
     ProtocolError,
     Ready,
     SentState,
     barrier_message,
     decode_from_worker,
     next_failures,
+    ping_message,
     restart_delay,
     stop_message,
     sync_message,
@@ -62,11 +78,74 @@ from aviary.listen import ListenError, split_address
 from aviary.logs import JsonFormatter
 from aviary.tls import ServerTls
 
-__all__ = ["XdsWorkers", "reserve_address"]
+__all__ = ["Silence", "XdsWorkers", "reserve_address", "usable_cores"]
 
 log = logging.getLogger("aviary.xds")
 
 READY_SECONDS = 30.0  # a worker that has not listened by then is killed and started again
+HEARTBEAT_SECONDS = 1.0  # how often the supervisor pings each worker
+HUNG_AFTER = 10  # heartbeats in a row without a word from a worker: it is hung, killed and replaced
+WORKER_COMMAND = (sys.executable, "-m", "aviary.discovery.worker_main")
+
+# Why a worker was replaced: the `reason` label of aviary_xds_worker_restarts_total.
+EXITED, HUNG, NOT_LISTENING = "exited", "hung", "not_listening"
+
+
+def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """The default number of xDS workers: the CPUs this process may run on (its affinity: taskset, a
+    cpuset), fewer under a cgroup v2 CPU quota (a container's CPU limit, rounded up); at least 1.
+
+    A container sees every core of its node in its affinity; without the quota a pod limited to one
+    CPU on a 64-core node would start 64 workers.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit(cgroup_root, proc_cgroup)
+    return max(1, min(cores, limit) if limit is not None else cores)
+
+
+def _cgroup_cpu_limit(root: Path, proc_cgroup: Path) -> int | None:
+    """The smallest ``cpu.max`` quota (in CPUs, rounded up) of this process's cgroup v2 and its
+    parents; None without one (cgroup v1, no limit, not Linux)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    path = next((line[3:] for line in lines if line.startswith("0::")), None)
+    if path is None:
+        return None
+    limits = []
+    directory = root / path.lstrip("/")
+    while True:
+        try:
+            quota, period = (directory / "cpu.max").read_text().split()[:2]
+            if quota != "max":
+                limits.append(math.ceil(int(quota) / int(period)))
+        except (OSError, ValueError, ZeroDivisionError):
+            pass
+        if directory == root or root not in directory.parents:
+            break
+        directory = directory.parent
+    return min(limits) if limits else None
+
+
+@dataclass(slots=True)
+class Silence:
+    """Counts the heartbeats a worker lets pass without a word (any frame from it is one)."""
+
+    limit: int
+    heard: int = 0  # frames received from the worker at the last heartbeat
+    quiet: int = 0  # heartbeats in a row since the last one
+
+    def tick(self, heard: int) -> bool:
+        """A heartbeat: the worker has sent `heard` frames in all so far. True: it is hung."""
+        if heard != self.heard:
+            self.heard, self.quiet = heard, 0
+        else:
+            self.quiet += 1
+        return self.quiet >= self.limit
 
 
 @dataclass(slots=True)
@@ -83,6 +162,8 @@ class _Worker:
     ready: asyncio.Future[int] | None = None
     reading: asyncio.Task[None] | None = None
     started: float = field(default_factory=time.monotonic)
+    heard: int = 0  # frames received from it: its heartbeat
+    ended_by: str = EXITED  # why it is replaced when it ends: EXITED, or HUNG / NOT_LISTENING (we killed it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +206,15 @@ def reserve_address(address: str) -> Reservation:
     return Reservation(bound, probe, lock)
 
 
+def _kill(process: asyncio.subprocess.Process) -> None:
+    """SIGKILL, leaving the reaping to asyncio's child watcher. (``Process.kill`` polls first, and
+    that poll can reap a worker that just died: the watcher then reports status 255, not -9.) The
+    pid stays this worker's until the watcher reaps it, and ``returncode`` is set right after."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+
+
 def _log_settings() -> tuple[str, str]:
     root = logging.getLogger()
     level = logging.getLevelName(root.getEffectiveLevel()).lower()
@@ -140,19 +230,27 @@ class XdsWorkers:
         address: str,
         count: int,
         tls: ServerTls | None = None,
+        *,
+        heartbeat: float = HEARTBEAT_SECONDS,
+        hung_after: int = HUNG_AFTER,
+        command: Sequence[str] = WORKER_COMMAND,
     ) -> None:
         self._cache = cache
         self._emit = emit
         self._address = address
         self._count = count
         self._tls = tls
+        self._heartbeat = heartbeat
+        self._hung_after = hung_after
+        self._command = tuple(command)  # tests start a fake worker
         self._numbers = itertools.count(1)
         self._workers: dict[int, _Worker] = {}  # slot -> the live process
         self._supervisors: list[asyncio.Task[None]] = []
         self._reservation: Reservation | None = None
         self._stopping = False
         self._push_scheduled = False
-        self.restarts = 0
+        # reason -> workers replaced; every reason from 0, so each series exists before the first restart
+        self.restarts: Counter[str] = Counter(dict.fromkeys((EXITED, HUNG, NOT_LISTENING), 0))
         self.port = 0
         self._listen = address  # HOST:PORT the workers bind: the reserved port once started
         cache.subscribe(self._schedule_push)
@@ -208,8 +306,7 @@ class XdsWorkers:
                 await asyncio.wait_for(worker.process.wait(), max(0.1, deadline - time.monotonic()))
             if worker.process.returncode is None:
                 log.warning("xDS worker %d (pid %d) did not stop; killing it", worker.number, worker.process.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.kill()
+                _kill(worker.process)
                 await worker.process.wait()
             if worker.reading is not None:
                 with contextlib.suppress(Exception):
@@ -224,7 +321,7 @@ class XdsWorkers:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         level, fmt = _log_settings()
         args = [
-            sys.executable, "-m", "aviary.discovery.worker_main",
+            *self._command,
             "--fd", str(child.fileno()), "--worker", str(number), "--address", self._listen,
             "--log-level", level, "--log-format", fmt,
         ]  # fmt: skip
@@ -254,15 +351,16 @@ class XdsWorkers:
         try:
             await asyncio.wait_for(asyncio.shield(worker.ready), READY_SECONDS)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                worker.process.kill()
+            worker.ended_by = NOT_LISTENING
+            _kill(worker.process)
             raise ListenError("xds", self._listen, f"xDS worker {worker.number} did not start listening") from None
 
     async def _supervise(self, worker: _Worker) -> None:
-        """Wait for this slot's worker to die; then start another (the first sync before it listens)."""
+        """Wait for this slot's worker to die (or hang: `_watch`); then start another (the first sync
+        before it listens)."""
         failures = 0
         while True:
-            code = await worker.process.wait()
+            code = await self._watch(worker)
             if worker.reading is not None:
                 with contextlib.suppress(Exception):
                     await worker.reading
@@ -271,7 +369,7 @@ class XdsWorkers:
                 return
             failures = next_failures(failures, time.monotonic() - worker.started)
             delay = restart_delay(failures)
-            self.restarts += 1
+            self.restarts[worker.ended_by] += 1
             log.error("xDS worker %d (pid %d) exited with status %s; its proxies reconnect to the others; "
                       "starting a new worker in %.1fs", worker.number, worker.process.pid, code, delay)
             await asyncio.sleep(delay)
@@ -284,6 +382,25 @@ class XdsWorkers:
                 log.error("xDS worker for slot %d could not start: %s", worker.slot, exc)
             else:
                 log.info("xDS worker %d listening", worker.number)
+
+    async def _watch(self, worker: _Worker) -> int:
+        """Ping the worker every heartbeat until it exits; kill it if it stays silent (`Silence`).
+        Returns its exit status."""
+        exited = asyncio.ensure_future(worker.process.wait())
+        silence = Silence(self._hung_after, worker.heard)
+        try:
+            while not (await asyncio.wait({exited}, timeout=self._heartbeat))[0]:
+                if silence.tick(worker.heard):
+                    worker.ended_by = HUNG
+                    log.error("xDS worker %d (pid %d) has not answered for %d heartbeats (%gs); killing it",
+                              worker.number, worker.process.pid, silence.quiet, silence.quiet * self._heartbeat)
+                    _kill(worker.process)
+                    break
+                if not worker.writer.is_closing():
+                    worker.writer.write(ping_message())
+            return await exited
+        finally:
+            exited.cancel()
 
     def _gone(self, worker: _Worker) -> None:
         """The worker's streams are closed: tell the status, so no gate waits on a proxy that left."""
@@ -302,7 +419,10 @@ class XdsWorkers:
         """Apply the worker's events until its socket closes (it exited, or broke the protocol)."""
         try:
             while (payload := await read_frame(worker.reader)) is not None:
+                worker.heard += 1
                 message = decode_from_worker(payload)
+                if isinstance(message, Pong):
+                    continue
                 if isinstance(message, Ready):
                     if worker.ready is not None and not worker.ready.done():
                         worker.ready.set_result(message.port)
@@ -322,8 +442,7 @@ class XdsWorkers:
                 worker.ready.set_exception(ListenError("xds", self._listen, f"xDS worker {worker.number} exited"))
                 worker.ready.exception()  # retrieved: no "never retrieved" warning when nobody waits
             if worker.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.kill()
+                _kill(worker.process)
 
     def _apply(self, worker: _Worker, event: ProxyEvent) -> None:
         if worker_of(event.stream_id) != worker.number:
