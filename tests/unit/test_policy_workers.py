@@ -76,6 +76,9 @@ async def test_a_check_over_the_wall_limit_kills_its_worker_and_the_next_gets_a_
         with pytest.raises(ValidationTimedOut, match=r"longer than 0\.2 s"):
             await pool.validate(big_policy(25_000), "big.yaml")
         assert worker.process.returncode == -signal.SIGKILL
+        # The replacement's first answer is not what is timed here (it includes starting a Python
+        # process, which takes longer than 0.2 s on a busy machine): it must simply come.
+        pool.wall_limit = 30.0
         assert await pool.validate(yaml.safe_dump(rollout_doc("shop", "v1")), "next.yaml") == []
         assert pool._idle != [worker]
     finally:
