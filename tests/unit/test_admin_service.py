@@ -26,6 +26,7 @@ from aviary.admin.v1 import admin_pb2 as pb
 from aviary.app import ControlPlane, ServeConfig
 from aviary.discovery import typeurls
 from aviary.policy.loader import parse_policy_text
+from aviary.policy.rollout_machine import Resume
 from aviary.policy.schema import PolicySet
 from aviary.tls import ClientTls, ServerTls, TlsConfigError
 from tests.rig.ads_client import AdsClient
@@ -197,6 +198,23 @@ async def test_pause_resume_set_weight_promote(plane: ControlPlane, client: Admi
         return (shop.phase, shop.stable_version, shop.canary_version) == ("Stable", "v2", "")
 
     await async_wait_until(stable, 5, what="v2 to become stable once 100% is ACKed")
+
+
+async def test_a_resumed_rollout_takes_its_next_step_when_due(plane: ControlPlane, client: AdminClient) -> None:
+    """Resume must wake the engine: a paused rollout's loop had nothing to wait for."""
+    doc = policy(version="v2")
+    doc["spec"]["strategy"]["interval"] = "1s"
+    apply(plane, doc)
+    assert (await client.command("pause", "shop")).phase == "Paused"
+    await async_wait_until(lambda: plane.runner._inbox.empty(), 5, what="the engine idle")
+    plane.runner.command("shop", Resume())  # no await: the loop cannot run in between
+    # Resuming changes no weight, so nothing is published and nothing else would wake the loop.
+    assert not plane.runner._inbox.empty(), "the engine loop was not woken to plan its next step"
+
+    async def next_step() -> bool:
+        return (await client.get_rollout("shop")).weight == 50
+
+    await async_wait_until(next_step, 30, what="the step after 20 % once resumed")  # a hang bound
 
 
 async def test_abort_then_retry(plane: ControlPlane, client: AdminClient) -> None:

@@ -441,6 +441,10 @@ class RolloutRunner:
         if name not in self._rollouts:
             raise KeyError(name)
         actions = self.handle(name, event)
+        # The loop waits with the timeout it planned before the command (none at all while a
+        # rollout was paused): wake it to plan again, or a resumed rollout with nothing else
+        # pending would wait for an unrelated event to take its next step.
+        self._inbox.put_nowait(("", Tick(self._clock())))
         for action in actions:
             if isinstance(action, Rejected):
                 raise CommandRefused(name, action.reason)
