@@ -46,7 +46,6 @@ from envoy.service.discovery.v3 import discovery_pb2
 from aviary.discovery import typeurls, wire
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.proxy_events import (
-    ProxyConnected,
     ProxyEvent,
     ResourcesAcked,
     ResourcesNacked,
@@ -55,7 +54,7 @@ from aviary.discovery.proxy_events import (
 )
 from aviary.discovery.sharing import Sent, selection, shared_names, shared_sent
 from aviary.discovery.snapshot import Resource, Snapshot
-from aviary.discovery.sotw import MAX_RESOURCE_NAMES, WILDCARD_TYPES, StreamError
+from aviary.discovery.sotw import MAX_RESOURCE_NAMES, WILDCARD_TYPES, StreamError, check_node, supported
 
 __all__ = ["DeltaStream", "held"]
 
@@ -102,17 +101,12 @@ class DeltaStream:
     node_cluster: str = ""
     _types: dict[str, _TypeState] = field(default_factory=dict)
     _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    _warned_types: set[str] = field(default_factory=set)
+    warned_types: set[str] = field(default_factory=set)
 
     def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> list[bytes]:
-        self._check_node(request)
+        check_node(self, request)
         type_url = request.type_url
-        if type_url not in typeurls.SUPPORTED:
-            if type_url not in self._warned_types:
-                self._warned_types.add(type_url)
-                log.warning(
-                    "proxy %s asked for unsupported type %r; ignoring its requests", self.node_id, type_url
-                )
+        if not supported(self, type_url):
             return []
         count = (
             len(request.resource_names_subscribe)
@@ -156,20 +150,6 @@ class DeltaStream:
                 if response:
                     responses.append(response)
         return responses
-
-    def _check_node(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
-        has_node = request.HasField("node") and request.node.id
-        if self.node_id is None:
-            if not has_node:
-                raise StreamError("the first DeltaDiscoveryRequest on a stream must carry node.id")
-            self.node_id = request.node.id
-            self.node_cluster = request.node.cluster
-            self.emit(ProxyConnected(self.stream_id, self.node_id, self.node_cluster, self.peer, time.time()))
-            log.info(
-                "proxy connected (delta): node=%s cluster=%s peer=%s", self.node_id, self.node_cluster, self.peer
-            )
-        elif has_node and request.node.id != self.node_id:
-            raise StreamError(f"node.id changed on one stream from {self.node_id!r} to {request.node.id!r}")
 
     def _answered(self, type_url: str, state: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         """Report the ACK or NACK of the response `request.response_nonce` names, once."""

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Protocol
 
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -58,6 +59,51 @@ class StreamError(Exception):
     """A request that breaks the protocol badly enough that the stream must end."""
 
 
+class StreamIdentity(Protocol):
+    """What every stream (SotW here, delta in `delta.py`) knows of its proxy, checked alike."""
+
+    node_id: str | None
+    node_cluster: str
+    warned_types: set[str]
+
+    @property
+    def stream_id(self) -> int: ...
+
+    @property
+    def peer(self) -> str: ...
+
+    @property
+    def emit(self) -> Callable[[ProxyEvent], None]: ...
+
+
+def check_node(
+    stream: StreamIdentity, request: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+) -> None:
+    """The first request names the proxy (reported connected); later ones may omit it, not change it."""
+    has_node = request.HasField("node") and request.node.id
+    if stream.node_id is None:
+        if not has_node:
+            raise StreamError(f"the first {type(request).__name__} on a stream must carry node.id")
+        stream.node_id = request.node.id
+        stream.node_cluster = request.node.cluster
+        stream.emit(ProxyConnected(stream.stream_id, stream.node_id, stream.node_cluster, stream.peer, time.time()))
+        protocol = " (delta)" if isinstance(request, discovery_pb2.DeltaDiscoveryRequest) else ""
+        log.info("proxy connected%s: node=%s cluster=%s peer=%s", protocol, stream.node_id, stream.node_cluster,
+                 stream.peer)  # fmt: skip
+    elif has_node and request.node.id != stream.node_id:
+        raise StreamError(f"node.id changed on one stream from {stream.node_id!r} to {request.node.id!r}")
+
+
+def supported(stream: StreamIdentity, type_url: str) -> bool:
+    """Whether this server serves ``type_url``; an unsupported one is logged once per stream and ignored."""
+    if type_url in typeurls.SUPPORTED:
+        return True
+    if type_url not in stream.warned_types:
+        stream.warned_types.add(type_url)
+        log.warning("proxy %s asked for unsupported type %r; ignoring its requests", stream.node_id, type_url)
+    return False
+
+
 @dataclass(slots=True)
 class _TypeState:
     wildcard: bool = False
@@ -82,17 +128,12 @@ class SotwStream:
     node_cluster: str = ""
     _types: dict[str, _TypeState] = field(default_factory=dict)
     _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    _warned_types: set[str] = field(default_factory=set)
+    warned_types: set[str] = field(default_factory=set)
 
     def on_request(self, request: discovery_pb2.DiscoveryRequest) -> list[bytes]:
-        self._check_node(request)
+        check_node(self, request)
         type_url = request.type_url
-        if type_url not in typeurls.SUPPORTED:
-            if type_url not in self._warned_types:
-                self._warned_types.add(type_url)
-                log.warning(
-                    "proxy %s asked for unsupported type %r; ignoring its requests", self.node_id, type_url
-                )
+        if not supported(self, type_url):
             return []
         if len(request.resource_names) > MAX_RESOURCE_NAMES:
             raise StreamError(
@@ -170,18 +211,6 @@ class SotwStream:
             endpoints.acked if endpoints is not None else None,
             asks_for_endpoints=endpoints is not None,
         )
-
-    def _check_node(self, request: discovery_pb2.DiscoveryRequest) -> None:
-        has_node = request.HasField("node") and request.node.id
-        if self.node_id is None:
-            if not has_node:
-                raise StreamError("the first DiscoveryRequest on a stream must carry node.id")
-            self.node_id = request.node.id
-            self.node_cluster = request.node.cluster
-            self.emit(ProxyConnected(self.stream_id, self.node_id, self.node_cluster, self.peer, time.time()))
-            log.info("proxy connected: node=%s cluster=%s peer=%s", self.node_id, self.node_cluster, self.peer)
-        elif has_node and request.node.id != self.node_id:
-            raise StreamError(f"node.id changed on one stream from {self.node_id!r} to {request.node.id!r}")
 
     def _nacked(self, type_url: str, state: _TypeState, message: str) -> None:
         sent = state.last_sent
