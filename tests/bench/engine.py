@@ -1,7 +1,7 @@
 """The rollout engine under load: many rollouts under analysis at once (part of `make bench`).
 
 `aviary serve` (a real subprocess, tests/bench/fanout.py) runs ``rollouts`` canaries at 10 %, each
-checked every second against a stub Prometheus with fixed answers (tests/rig/fake_prometheus.py: the
+checked every ``check_every`` seconds against a stub Prometheus with fixed answers (tests/rig/fake_prometheus.py: the
 one stub the benchmark allows, so that Prometheus's own cost and timing stay out of the figure; its
 asyncio variant, as the thread-per-connection one cannot answer the 2,000 queries a second that
 1,000 rollouts checked every second ask on 2 cores). One fan-out client stream ACKs every push, as
