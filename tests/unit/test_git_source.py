@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import pytest
 
 from aviary.admin.convert import policy_message
 from aviary.admin.render import as_json, policy_summary
+from aviary.child_process import PIPE, ChildProcess
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.director import TrafficDirector
 from aviary.discovery.proxy_status import ProxyStatus
@@ -156,14 +157,14 @@ async def test_no_new_commit_means_no_callback(tmp_path: Path, remote: GitRepo) 
     source = make_source(tmp_path, remote, recorder)
     await source.load_once()
     calls: list[list[str]] = []
-    real = asyncio.create_subprocess_exec
+    real = git_module.spawn
 
-    async def spy(*args: Any, **kwargs: Any) -> Any:
-        calls.append(list(args))
-        return await real(*args, **kwargs)
+    async def spy(argv: Sequence[str], **kwargs: Any) -> ChildProcess:
+        calls.append(list(argv))
+        return await real(argv, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(asyncio, "create_subprocess_exec", spy)
+        patch.setattr(git_module, "spawn", spy)
         async with running(source):
             await wait_until(lambda: len(calls) >= 1)
             source.reload()
@@ -542,17 +543,19 @@ async def test_git_never_runs_through_a_shell(
 ) -> None:
     sha = remote.commit({"checkout.yaml": policy("checkout")})
     calls: list[tuple[Any, ...]] = []
-    real = asyncio.create_subprocess_exec
+    real = git_module.spawn
 
     async def no_shell(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a shell was used")
 
-    async def spy(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args)
-        return await real(*args, **kwargs)
+    async def spy(argv: Sequence[str], **kwargs: Any) -> ChildProcess:
+        assert "shell" not in kwargs
+        calls.append(tuple(argv))
+        return await real(argv, **kwargs)
 
     monkeypatch.setattr(asyncio, "create_subprocess_shell", no_shell)
-    monkeypatch.setattr(asyncio, "create_subprocess_exec", spy)
+    monkeypatch.setattr(subprocess, "getoutput", no_shell)
+    monkeypatch.setattr(git_module, "spawn", spy)
     assert (await make_source(tmp_path, remote, PolicyRecorder(DEADLINE)).load_once()).revision == sha
     assert calls and all(call[0] == "git" and all(isinstance(arg, str) for arg in call) for call in calls)
     assert ("git", "ls-remote", "--symref", "--", str(remote.path.resolve()), "HEAD") in calls
@@ -583,16 +586,16 @@ async def test_git_runs_without_prompts_or_user_config(tmp_path: Path, monkeypat
 
 async def test_git_timeout_kills_the_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # `git hash-object --stdin` with stdin kept open never finishes on its own.
-    real = asyncio.create_subprocess_exec
-    processes: list[asyncio.subprocess.Process] = []
+    real = git_module.spawn
+    processes: list[ChildProcess] = []
 
-    async def keep_stdin_open(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
-        kwargs["stdin"] = asyncio.subprocess.PIPE
-        process = await real(*args, **kwargs)
+    async def keep_stdin_open(argv: Sequence[str], **kwargs: Any) -> ChildProcess:
+        kwargs["stdin"] = PIPE
+        process = await real(argv, **kwargs)
         processes.append(process)
         return process
 
-    monkeypatch.setattr(asyncio, "create_subprocess_exec", keep_stdin_open)
+    monkeypatch.setattr(git_module, "spawn", keep_stdin_open)
     with pytest.raises(GitError, match=r"timed out after 0\.2s"):
         await git_module.run_git_bytes(["hash-object", "--stdin"], tmp_path, timeout=0.2, stdin=None)
     assert processes and processes[0].returncode is not None

@@ -56,6 +56,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aviary.child_process import DEVNULL, ChildProcess, spawn
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.proxy_events import ProxyConnected, ProxyDisconnected, ProxyEvent
 from aviary.discovery.worker_main import read_frame
@@ -154,7 +155,7 @@ class _Worker:
 
     slot: int
     number: int  # unique per process, restarts too: the high bits of its stream ids
-    process: asyncio.subprocess.Process
+    process: ChildProcess
     writer: asyncio.StreamWriter
     reader: asyncio.StreamReader
     sent: SentState = field(default_factory=SentState)
@@ -206,7 +207,7 @@ def reserve_address(address: str) -> Reservation:
     return Reservation(bound, probe, lock)
 
 
-def _kill(process: asyncio.subprocess.Process) -> None:
+def _kill(process: ChildProcess) -> None:
     """SIGKILL, leaving the reaping to asyncio's child watcher. (``Process.kill`` polls first, and
     that poll can reap a worker that just died: the watcher then reports status 255, not -9.) The
     pid stays this worker's until the watcher reaps it, and ``returncode`` is set right after."""
@@ -330,8 +331,8 @@ class XdsWorkers:
             if self._tls.client_ca is not None:
                 args += ["--tls-client-ca", str(self._tls.client_ca)]
         try:
-            process = await asyncio.create_subprocess_exec(  # own session: a Ctrl-C is the engine's to handle
-                *args, stdin=asyncio.subprocess.DEVNULL, pass_fds=(child.fileno(),), start_new_session=True
+            process = await spawn(  # own session: a Ctrl-C is the engine's to handle
+                args, stdin=DEVNULL, pass_fds=(child.fileno(),), start_new_session=True
             )
         finally:
             child.close()

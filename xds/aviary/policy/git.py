@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from aviary.child_process import DEVNULL, PIPE, ChildProcess, spawn
+
 __all__ = ["GitError", "redact", "run_git", "run_git_bytes", "validate_repository_url"]
 
 KILL_WAIT_SECONDS = 5.0  # after SIGKILL of the group, how long to wait for the exit to be reported
@@ -98,13 +100,13 @@ async def run_git_bytes(args: Sequence[str], cwd: Path, timeout: float, stdin: b
     """Run ``git *args`` in ``cwd``; return stdout. Raises GitError on failure or after ``timeout`` s."""
     command = ["git", *args]
     try:
-        process = await asyncio.create_subprocess_exec(
-            *command,
+        process = await spawn(
+            command,
             cwd=cwd,
             env=_environment(),
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            stdin=PIPE if stdin is not None else DEVNULL,
+            stdout=PIPE,
+            stderr=PIPE,
             start_new_session=True,  # its own process group: the helpers git starts go with it
         )
     except OSError as exc:
@@ -121,7 +123,7 @@ async def run_git_bytes(args: Sequence[str], cwd: Path, timeout: float, stdin: b
     return stdout
 
 
-async def _kill_group(process: asyncio.subprocess.Process) -> None:
+async def _kill_group(process: ChildProcess) -> None:
     """Kill git and every helper it started (fetch runs upload-pack, ssh, remote-https...).
 
     Killing git alone is not enough: a helper that inherited git's stdout keeps the pipe open, and

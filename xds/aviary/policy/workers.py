@@ -52,6 +52,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from aviary.child_process import PIPE, ChildProcess, spawn
 from aviary.policy.loader import MAX_POLICY_BYTES, LoadResult, load_directory, parse_policy_text
 from aviary.policy.schema import PolicyError, Rollout
 from aviary.policy.server_rules import needs_prometheus
@@ -106,7 +107,7 @@ class WorkerFailed(WorkRefused):
 class _Worker:
     """One child process; ``ask`` is used by one caller at a time (the pool guarantees it)."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: ChildProcess) -> None:
         self.process = process
         assert process.stdin is not None and process.stdout is not None
         self._stdin = process.stdin
@@ -115,10 +116,7 @@ class _Worker:
     @classmethod
     async def start(cls) -> _Worker:
         try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "aviary.policy.workers",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            )  # fmt: skip
+            process = await spawn((sys.executable, "-m", "aviary.policy.workers"), stdin=PIPE, stdout=PIPE)
         except OSError as exc:
             raise WorkerFailed(f"cannot start a policy worker ({sys.executable}): {exc.strerror or exc}") from None
         worker = cls(process)
@@ -126,7 +124,9 @@ class _Worker:
             ready = await asyncio.wait_for(worker._read_frame(), START_TIMEOUT_SECONDS)
         except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
             await worker.kill()
-            raise WorkerFailed(f"the policy worker did not start: {type(exc).__name__}") from None
+            raise WorkerFailed(
+                f"the policy worker did not start: {type(exc).__name__} (exit code {worker.process.returncode})"
+            ) from None
         except BaseException:  # the caller went away while it started: it must not outlive that
             await asyncio.shield(worker.kill())
             raise
