@@ -10,12 +10,21 @@ of a class, and the director asks them once per class instead of once per proxy:
 proxies that ACKed the same route are one question, not a thousand. Subscriptions and ACKed
 responses are shared values (`sharing`), so a class is keyed by their identity, and a proxy moves
 between classes in O(1) per event.
+
+A proxy is one view however it connects: an ADS stream carries every type, while an Envoy without
+ADS opens one stream per type (ClusterDiscoveryService and the others; `ProxyConnected.type_url`
+says which). Those per-type streams of one node (`node.id`) are merged into one view (`_Merged`):
+the gates then see its clusters, endpoints, listeners and routes together, as for ADS, and a NACK
+on its RDS stream is blamed with what its other streams ACKed. Listeners get the events of a
+merged stream under the view's id (the id of the node's first per-type stream). A per-type stream
+that ends while others of its node live takes its type's state with it (as a new ADS stream starts
+empty), and listeners are told the type's subscription ended; the view goes with the last one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -112,9 +121,21 @@ class ProxyClass:
         return len(self.members)
 
 
+@dataclass(slots=True)
+class _Merged:
+    """The per-type streams of one node that make up one view (see the module docstring)."""
+
+    node_id: str
+    view_id: int
+    streams: set[int] = field(default_factory=set)
+    owners: dict[str, int] = field(default_factory=dict)  # type URL -> the stream serving it now
+
+
 class ProxyStatus:
     def __init__(self) -> None:
         self._proxies: dict[int, ProxyView] = {}
+        self._merged: dict[str, _Merged] = {}  # node id -> its per-type streams
+        self._merged_of: dict[int, _Merged] = {}  # per-type stream id -> the same
         self._classes: dict[ClassKey, ProxyClass] = {}
         self._class_of: dict[int, ProxyClass] = {}
         self._last_acked: dict[str, tuple[Mapping[str, str], str, Sent]] = {}  # type URL -> see `_shared_acked`
@@ -126,6 +147,11 @@ class ProxyStatus:
         self._listeners.append(listener)
 
     def apply(self, event: ProxyEvent) -> None:
+        if self._merged_of or (isinstance(event, ProxyConnected) and event.type_url):
+            merged = self._merge(event)
+            if merged is None:
+                return
+            event = merged
         match event:  # the most frequent first
             case ResourcesAcked():
                 if proxy := self._proxies.get(event.stream_id):
@@ -155,6 +181,59 @@ class ProxyStatus:
                     proxy.nacks += 1
         for listener in self._listeners:
             listener(event)
+
+    def _merge(self, event: ProxyEvent) -> ProxyEvent | None:
+        """The event as it applies to the merged view of a per-type stream (None: already applied)."""
+        if isinstance(event, ProxyConnected):
+            if not event.type_url:
+                return event
+            merged = self._merged.get(event.node_id)
+            if merged is None or merged.view_id not in self._proxies:
+                merged = self._merged[event.node_id] = _Merged(event.node_id, event.stream_id)
+                merged.streams.add(event.stream_id)
+                merged.owners[event.type_url] = event.stream_id
+                self._merged_of[event.stream_id] = merged
+                return event  # the node's first per-type stream: its view is made as for ADS
+            merged.streams.add(event.stream_id)
+            replaced = merged.owners.get(event.type_url)
+            merged.owners[event.type_url] = event.stream_id  # a reconnected stream: the newest serves the type
+            self._merged_of[event.stream_id] = merged
+            if replaced is not None:
+                self._forget_type(merged, event.type_url)
+            for listener in self._listeners:
+                listener(event)
+            return None
+        merged = self._merged_of.get(event.stream_id)
+        if merged is None:
+            return event
+        if isinstance(event, ProxyDisconnected):
+            del self._merged_of[event.stream_id]
+            merged.streams.discard(event.stream_id)
+            if not merged.streams:
+                del self._merged[merged.node_id]
+                return replace(event, stream_id=merged.view_id)
+            for type_url in [t for t, owner in merged.owners.items() if owner == event.stream_id]:
+                del merged.owners[type_url]
+                self._forget_type(merged, type_url)
+            return None
+        if isinstance(event, ResourcesAcked | ResourcesNacked | SubscriptionChanged) and (
+            merged.owners.get(event.type_url) != event.stream_id
+        ):
+            return None  # from a stream its node has replaced (reconnected): not what the proxy holds now
+        return event if event.stream_id == merged.view_id else replace(event, stream_id=merged.view_id)
+
+    def _forget_type(self, merged: _Merged, type_url: str) -> None:
+        """A per-type stream of the view ended or was replaced: its type starts afresh, as on a new
+        ADS stream, and listeners are told its subscription is gone."""
+        proxy = self._proxies.get(merged.view_id)
+        if proxy is None:
+            return
+        proxy.subscriptions.pop(type_url, None)
+        proxy.acked.pop(type_url, None)
+        proxy.acked_versions.pop(type_url, None)
+        self._join_class(proxy)
+        for listener in self._listeners:
+            listener(SubscriptionChanged(merged.view_id, type_url, False, frozenset()))
 
     def _shared_acked(self, event: ResourcesAcked) -> Sent:
         """`shared_sent` of what the ACK carries; the last one per type is remembered by identity
