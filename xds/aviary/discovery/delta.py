@@ -49,6 +49,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from aviary.discovery import typeurls, wire
 from aviary.discovery.cache import SnapshotCache
+from aviary.discovery.config_sources import for_per_type
 from aviary.discovery.proxy_events import (
     ProxyEvent,
     ResourcesAcked,
@@ -118,6 +119,11 @@ class DeltaStream:
     warned_types: set[str] = field(default_factory=set)
     only_type: str | None = None  # a per-type discovery service's stream: serves this type only
     siblings: NodeStreams | None = None  # this process's per-type streams, for a per-type stream's route hold
+    xds_cluster: str | None = None  # set (check_node) on a per-type LDS or CDS stream: see `config_sources`
+
+    def _snapshot(self) -> Snapshot:
+        snapshot = self.cache.snapshot_for(self.node_cluster)
+        return snapshot if self.xds_cluster is None else for_per_type(snapshot, True, self.xds_cluster)
 
     def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> list[bytes]:
         check_node(self, request)
@@ -220,7 +226,7 @@ class DeltaStream:
         names = set(state.names)
         absent = set(state.absent)
         have = dict(state.have)
-        covered = self.cache.snapshot_for(self.node_cluster).items(type_url)
+        covered = self._snapshot().items(type_url)
         for name in unsubscribe - {WILDCARD} - subscribe:
             names.discard(name)
             absent.discard(name)
@@ -245,7 +251,7 @@ class DeltaStream:
             self.emit(SubscriptionChanged(self.stream_id, type_url, state.wildcard, state.names))
 
     def _respond(self, type_url: str, state: _TypeState, force: bool) -> bytes | None:
-        snapshot = self.cache.snapshot_for(self.node_cluster)
+        snapshot = self._snapshot()
         version = snapshot.type_versions[type_url]
         if not force and state.checked == version:
             return None  # nothing of this type changed since we last looked
@@ -312,23 +318,23 @@ def _diff(
     snapshot: Snapshot, type_url: str, have: Sent, target: Sent, names: frozenset[str], absent: frozenset[str]
 ) -> _Diff:
     """What takes a client holding `have` to `target`; keyed by content versions (see `sharing`)."""
-    key = (type_url, have.version, target.version, names, absent)
+    key = (type_url, have.version, target.version, names, absent, snapshot.flavour)
     found: _Diff | None = _diffs.get_fresh(key)
     if found is not None:
         return found
     items = snapshot.items(type_url)
     changed = sorted(name for name, version in target.items() if have.get(name) != version)
     removed = sorted((have.keys() - target.keys()) | (names - target.keys() - absent))
-    entries = (_entry(items[name]) for name in changed)
+    entries = (_entry(items[name], snapshot.flavour) for name in changed)
     body = wire.delta_response_body(target.version, type_url, entries, removed)
     found = _Diff(body, len(changed) + len(removed), shared_names(frozenset(names - target.keys())))
     _diffs.keep(key, found)
     return found
 
 
-def _entry(resource: Resource) -> bytes:
+def _entry(resource: Resource, flavour: str) -> bytes:
     """A resource wrapped for delta once per (type, name, version), for every stream and response."""
-    key = (resource.type_url, resource.name, resource.version)
+    key = (resource.type_url, resource.name, resource.version, flavour)
     found: bytes | None = _entries.get_fresh(key)
     if found is None:
         found = wire.delta_resource_entry(resource.name, resource.version, resource.any_bytes)

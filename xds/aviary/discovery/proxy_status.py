@@ -15,10 +15,12 @@ A proxy is one view however it connects: an ADS stream carries every type, while
 ADS opens one stream per type (ClusterDiscoveryService and the others; `ProxyConnected.type_url`
 says which). Those per-type streams of one node (`node.id`) are merged into one view (`_Merged`):
 the gates then see its clusters, endpoints, listeners and routes together, as for ADS, and a NACK
-on its RDS stream is blamed with what its other streams ACKed. Listeners get the events of a
-merged stream under the view's id (the id of the node's first per-type stream). A per-type stream
-that ends while others of its node live takes its type's state with it (as a new ADS stream starts
-empty), and listeners are told the type's subscription ended; the view goes with the last one.
+on its RDS stream is blamed with what its other streams ACKed. Envoy opens several streams of one
+type (an EDS stream per cluster, an RDS stream per route configuration): the view holds, per type,
+the union of their subscriptions and of their latest ACKs. Listeners get the events of a merged
+stream under the view's id (the id of the node's first per-type stream). A stream that ends takes
+its part with it (a type no stream serves any more starts afresh, as on a new ADS stream), and
+listeners are told the type's subscription changed; the view goes with the node's last stream.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+from aviary.discovery.delta import versions_digest
 from aviary.discovery.proxy_events import (
     ProxyConnected,
     ProxyDisconnected,
@@ -127,8 +130,27 @@ class _Merged:
 
     node_id: str
     view_id: int
-    streams: set[int] = field(default_factory=set)
-    owners: dict[str, int] = field(default_factory=dict)  # type URL -> the stream serving it now
+    streams: dict[int, str] = field(default_factory=dict)  # stream id -> the type it serves
+    subscriptions: dict[int, Subscription] = field(default_factory=dict)  # by stream
+    acked: dict[int, Mapping[str, str]] = field(default_factory=dict)  # by stream, its latest ACK
+
+    def of_type(self, type_url: str) -> list[int]:
+        return [stream for stream, served in self.streams.items() if served == type_url]
+
+    def subscription(self, type_url: str) -> Subscription:
+        """The union of the type's streams' subscriptions (Envoy opens an EDS stream per cluster)."""
+        streams = [self.subscriptions[s] for s in self.of_type(type_url) if s in self.subscriptions]
+        return Subscription(any(s.wildcard for s in streams), frozenset().union(*(s.names for s in streams)))
+
+    def holds(self, type_url: str) -> Sent | None:
+        """What the type's streams ACKed, together (None before any ACK)."""
+        acked = [self.acked[s] for s in self.of_type(type_url) if s in self.acked]
+        if not acked:
+            return None
+        together: dict[str, str] = {}
+        for mapping in acked:
+            together.update(mapping)
+        return shared_sent(type_url, versions_digest(together), together)
 
 
 class ProxyStatus:
@@ -188,52 +210,62 @@ class ProxyStatus:
             if not event.type_url:
                 return event
             merged = self._merged.get(event.node_id)
-            if merged is None or merged.view_id not in self._proxies:
+            first = merged is None or merged.view_id not in self._proxies
+            if merged is None or first:
                 merged = self._merged[event.node_id] = _Merged(event.node_id, event.stream_id)
-                merged.streams.add(event.stream_id)
-                merged.owners[event.type_url] = event.stream_id
-                self._merged_of[event.stream_id] = merged
-                return event  # the node's first per-type stream: its view is made as for ADS
-            merged.streams.add(event.stream_id)
-            replaced = merged.owners.get(event.type_url)
-            merged.owners[event.type_url] = event.stream_id  # a reconnected stream: the newest serves the type
+            merged.streams[event.stream_id] = event.type_url
             self._merged_of[event.stream_id] = merged
-            if replaced is not None:
-                self._forget_type(merged, event.type_url)
+            if first:
+                return event  # the node's first per-type stream: its view is made as for ADS
             for listener in self._listeners:
                 listener(event)
             return None
         merged = self._merged_of.get(event.stream_id)
         if merged is None:
             return event
+        view = merged.view_id
         if isinstance(event, ProxyDisconnected):
             del self._merged_of[event.stream_id]
-            merged.streams.discard(event.stream_id)
+            type_url = merged.streams.pop(event.stream_id)
+            merged.subscriptions.pop(event.stream_id, None)
+            merged.acked.pop(event.stream_id, None)
             if not merged.streams:
                 del self._merged[merged.node_id]
-                return replace(event, stream_id=merged.view_id)
-            for type_url in [t for t, owner in merged.owners.items() if owner == event.stream_id]:
-                del merged.owners[type_url]
-                self._forget_type(merged, type_url)
-            return None
-        if isinstance(event, ResourcesAcked | ResourcesNacked | SubscriptionChanged) and (
-            merged.owners.get(event.type_url) != event.stream_id
-        ):
-            return None  # from a stream its node has replaced (reconnected): not what the proxy holds now
-        return event if event.stream_id == merged.view_id else replace(event, stream_id=merged.view_id)
+                return replace(event, stream_id=view)
+            return self._merged_type_changed(merged, type_url)
+        if isinstance(event, SubscriptionChanged):
+            merged.subscriptions[event.stream_id] = Subscription(event.wildcard, event.names)
+            together = merged.subscription(event.type_url)
+            return SubscriptionChanged(view, event.type_url, together.wildcard, together.names)
+        if isinstance(event, ResourcesAcked):
+            merged.acked[event.stream_id] = event.resources
+            if len(merged.of_type(event.type_url)) > 1:
+                held = merged.holds(event.type_url)
+                assert held is not None
+                return replace(event, stream_id=view, version=held.version, resources=held)
+        return event if event.stream_id == view else replace(event, stream_id=view)
 
-    def _forget_type(self, merged: _Merged, type_url: str) -> None:
-        """A per-type stream of the view ended or was replaced: its type starts afresh, as on a new
-        ADS stream, and listeners are told its subscription is gone."""
+    def _merged_type_changed(self, merged: _Merged, type_url: str) -> SubscriptionChanged | None:
+        """One of the view's streams of `type_url` ended: the view holds what the others hold (a type
+        none serves any more starts afresh, as on a new ADS stream), told to listeners as a change
+        of the type's subscription."""
         proxy = self._proxies.get(merged.view_id)
         if proxy is None:
-            return
-        proxy.subscriptions.pop(type_url, None)
-        proxy.acked.pop(type_url, None)
-        proxy.acked_versions.pop(type_url, None)
-        self._join_class(proxy)
-        for listener in self._listeners:
-            listener(SubscriptionChanged(merged.view_id, type_url, False, frozenset()))
+            return None
+        held = merged.holds(type_url)
+        if held is None:
+            proxy.acked.pop(type_url, None)
+            proxy.acked_versions.pop(type_url, None)
+        else:
+            proxy.acked[type_url], proxy.acked_versions[type_url] = held, held.version
+        if not merged.of_type(type_url):
+            proxy.subscriptions.pop(type_url, None)
+            self._join_class(proxy)
+            for listener in self._listeners:
+                listener(SubscriptionChanged(merged.view_id, type_url, False, frozenset()))
+            return None
+        together = merged.subscription(type_url)
+        return SubscriptionChanged(merged.view_id, type_url, together.wildcard, together.names)
 
     def _shared_acked(self, event: ResourcesAcked) -> Sent:
         """`shared_sent` of what the ACK carries; the last one per type is remembered by identity

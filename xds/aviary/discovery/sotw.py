@@ -39,6 +39,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from aviary.discovery import typeurls, wire
 from aviary.discovery.cache import SnapshotCache
+from aviary.discovery.config_sources import for_per_type, xds_cluster_of
 from aviary.discovery.proxy_events import (
     ProxyConnected,
     ProxyEvent,
@@ -69,6 +70,7 @@ class StreamIdentity(Protocol):
     node_cluster: str
     warned_types: set[str]
     only_type: str | None  # the one type a per-type stream serves; None for ADS
+    xds_cluster: str | None  # where its listeners' routes and clusters' endpoints come from (config_sources)
 
     @property
     def stream_id(self) -> int: ...
@@ -90,6 +92,8 @@ def check_node(
             raise StreamError(f"the first {type(request).__name__} on a stream must carry node.id")
         stream.node_id = request.node.id
         stream.node_cluster = request.node.cluster
+        if stream.only_type in (typeurls.LISTENER, typeurls.CLUSTER):
+            stream.xds_cluster = xds_cluster_of(request.node)
         stream.emit(ProxyConnected(stream.stream_id, stream.node_id, stream.node_cluster, stream.peer, time.time(),
                                    stream.only_type or ""))  # fmt: skip
         protocol = " (delta)" if isinstance(request, discovery_pb2.DeltaDiscoveryRequest) else ""
@@ -162,6 +166,11 @@ class SotwStream:
     warned_types: set[str] = field(default_factory=set)
     only_type: str | None = None  # a per-type discovery service's stream: serves this type only
     siblings: NodeStreams | None = None  # this process's per-type streams, for a per-type stream's route hold
+    xds_cluster: str | None = None  # set (check_node) on a per-type LDS or CDS stream: see `config_sources`
+
+    def _snapshot(self) -> Snapshot:
+        snapshot = self.cache.snapshot_for(self.node_cluster)
+        return snapshot if self.xds_cluster is None else for_per_type(snapshot, False, self.xds_cluster)
 
     def on_request(self, request: discovery_pb2.DiscoveryRequest) -> list[bytes]:
         check_node(self, request)
@@ -276,7 +285,7 @@ class SotwStream:
             self.emit(SubscriptionChanged(self.stream_id, type_url, wildcard, names))
 
     def _respond(self, type_url: str, state: _TypeState, force: bool) -> bytes | None:
-        snapshot = self.cache.snapshot_for(self.node_cluster)
+        snapshot = self._snapshot()
         version = snapshot.type_versions[type_url]
         if not force and state.checked == version:
             return None  # nothing of this type changed since we last looked

@@ -57,32 +57,60 @@ class NodeStreams:
     """The per-type streams of each node in this process, by (node id, type URL), with the function
     that wakes each one (it then looks at the snapshot again: a held route is reconsidered).
 
-    The newest stream of a (node, type) wins: a proxy that reconnected one stream is registered
-    again before its old stream is seen to end, and the old one's removal leaves the new one.
+    Envoy opens several streams of a type (without ADS, an EDS stream per cluster and an RDS stream
+    per route configuration): `get` reads them as one (`_Together`), `wake` wakes them all.
     """
 
     def __init__(self) -> None:
-        self._streams: dict[tuple[str, str], tuple[AckSource, Callable[[], None]]] = {}
+        # by id(): the streams are dataclasses compared by value, not hashable
+        self._streams: dict[tuple[str, str], dict[int, tuple[AckSource, Callable[[], None]]]] = {}
 
     def add(self, node_id: str, type_url: str, stream: AckSource, wake: Callable[[], None]) -> None:
-        self._streams[node_id, type_url] = (stream, wake)
+        self._streams.setdefault((node_id, type_url), {})[id(stream)] = (stream, wake)
 
     def remove(self, node_id: str, type_url: str, stream: AckSource) -> None:
-        found = self._streams.get((node_id, type_url))
-        if found is not None and found[0] is stream:
-            del self._streams[node_id, type_url]
+        streams = self._streams.get((node_id, type_url))
+        if streams is not None:
+            streams.pop(id(stream), None)
+            if not streams:
+                del self._streams[node_id, type_url]
 
     def get(self, node_id: str, type_url: str) -> AckSource | None:
-        found = self._streams.get((node_id, type_url))
-        return found[0] if found is not None else None
+        streams = self._streams.get((node_id, type_url))
+        if not streams:
+            return None
+        if len(streams) == 1:
+            return next(iter(streams.values()))[0]
+        return _Together(tuple(stream for stream, _ in streams.values()))
 
     def wake(self, node_id: str, type_url: str) -> None:
-        found = self._streams.get((node_id, type_url))
-        if found is not None:
-            found[1]()
+        for _, wake in list(self._streams.get((node_id, type_url), {}).values()):
+            wake()
 
     def __len__(self) -> int:
-        return len(self._streams)
+        return sum(len(streams) for streams in self._streams.values())
+
+
+class _Together:
+    """Several streams of one type read as one: the union of their subscriptions and ACKs."""
+
+    def __init__(self, streams: tuple[AckSource, ...]) -> None:
+        self._streams = streams
+
+    def subscription_of(self, type_url: str) -> tuple[bool, frozenset[str]] | None:
+        found = [s for s in (stream.subscription_of(type_url) for stream in self._streams) if s is not None]
+        if not found:
+            return None
+        return any(wildcard for wildcard, _ in found), frozenset().union(*(names for _, names in found))
+
+    def acked_of(self, type_url: str) -> Mapping[str, str] | None:
+        found = [a for a in (stream.acked_of(type_url) for stream in self._streams) if a is not None]
+        if not found:
+            return None
+        together: dict[str, str] = {}
+        for acked in found:
+            together.update(acked)
+        return together
 
 
 def needs(snapshot: Snapshot, routes: Sent) -> tuple[frozenset[str], frozenset[str]]:
