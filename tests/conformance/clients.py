@@ -11,12 +11,16 @@ replaced, and removed by `removed_resources`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import grpc
+from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from aviary.discovery import typeurls
+from aviary.discovery.server import PER_TYPE_SERVICES
 from aviary.discovery.snapshot import digest
 from tests.rig.ads_client import AdsClient
 from tests.rig.delta_client import DeltaAdsClient
@@ -55,11 +59,56 @@ class XdsClient:
         return update
 
 
+def per_type_method(type_url: str, delta: bool) -> str:
+    """The gRPC method of the per-type discovery service of `type_url` (e.g. ClusterDiscoveryService/StreamClusters)."""
+    ((service, (sotw, incremental, _)),) = [(s, m) for s, m in PER_TYPE_SERVICES.items() if m[2] == type_url]
+    return f"/{service}/{incremental if delta else sotw}"
+
+
+class _PerTypeWire(AdsClient):
+    """`AdsClient` on a per-type service's method instead of ADS (the same wire otherwise; its call is
+    made in its constructor, so this one makes its own, as `AdsClient.__init__` does)."""
+
+    def __init__(self, port: int, node_id: str, node_cluster: str, method: str) -> None:
+        self.node = base_pb2.Node(id=node_id, cluster=node_cluster)
+        self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self._outbox: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+        self._call = self._channel.stream_stream(
+            method,
+            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+        )(self._requests())
+        self._sent_node = False
+        self._inbox: asyncio.Queue[discovery_pb2.DiscoveryResponse | BaseException] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+
+class _PerTypeDeltaWire(DeltaAdsClient):
+    """`DeltaAdsClient` on a per-type service's incremental method (see `_PerTypeWire`)."""
+
+    def __init__(self, port: int, node_id: str, node_cluster: str, method: str) -> None:
+        self.node = base_pb2.Node(id=node_id, cluster=node_cluster)
+        self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self._outbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = asyncio.Queue()
+        self._call = self._channel.stream_stream(
+            method,
+            request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
+            response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
+        )(self._requests())
+        self._sent_node = False
+        self._inbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryResponse | BaseException] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+
 class SotwClient(XdsClient):
-    def __init__(self, port: int, node_id: str, node_cluster: str = "edge") -> None:
+    def __init__(self, port: int, node_id: str, node_cluster: str = "edge", only: str | None = None) -> None:
         super().__init__(SOTW)
         self.port, self.node_id, self.node_cluster = port, node_id, node_cluster
-        self.wire = AdsClient(port, node_id, node_cluster)
+        self.wire = (
+            AdsClient(port, node_id, node_cluster)
+            if only is None
+            else _PerTypeWire(port, node_id, node_cluster, per_type_method(only, delta=False))
+        )
         self.names: dict[str, list[str]] = {}  # type -> what the last request named (SotW repeats it all)
         self.last: dict[str, discovery_pb2.DiscoveryResponse] = {}
         self.acked_version: dict[str, str] = {}
@@ -112,10 +161,14 @@ class SotwClient(XdsClient):
 
 
 class DeltaClient(XdsClient):
-    def __init__(self, port: int, node_id: str, node_cluster: str = "edge") -> None:
+    def __init__(self, port: int, node_id: str, node_cluster: str = "edge", only: str | None = None) -> None:
         super().__init__(DELTA)
         self.port, self.node_id, self.node_cluster = port, node_id, node_cluster
-        self.wire = DeltaAdsClient(port, node_id, node_cluster)
+        self.wire = (
+            DeltaAdsClient(port, node_id, node_cluster)
+            if only is None
+            else _PerTypeDeltaWire(port, node_id, node_cluster, per_type_method(only, delta=True))
+        )
         self.names: dict[str, set[str]] = {}
 
     def start(self, type_url: str, names: Iterable[str] = ()) -> None:
@@ -180,5 +233,10 @@ def _name(type_url: str, value: bytes) -> str:
     return str(kind.FromString(value).name)
 
 
-def new_client(protocol: str, port: int, node_id: str, node_cluster: str = "edge") -> SotwClient | DeltaClient:
-    return SotwClient(port, node_id, node_cluster) if protocol == SOTW else DeltaClient(port, node_id, node_cluster)
+def new_client(
+    protocol: str, port: int, node_id: str, node_cluster: str = "edge", only: str | None = None
+) -> SotwClient | DeltaClient:
+    """An ADS client, or with `only` a client of that type's own discovery service (CDS, EDS, LDS, RDS)."""
+    if protocol == SOTW:
+        return SotwClient(port, node_id, node_cluster, only)
+    return DeltaClient(port, node_id, node_cluster, only)

@@ -79,8 +79,11 @@ class Plane:
         self.events.append(event)
         self.proxies.apply(event)
 
-    def client(self, node_id: str = "node-a", protocol: str | None = None) -> SotwClient | DeltaClient:
-        made = new_client(protocol or self.protocol, self.port, node_id)
+    def client(
+        self, node_id: str = "node-a", protocol: str | None = None, only: str | None = None
+    ) -> SotwClient | DeltaClient:
+        """A client on ADS, or with `only` on that type's own discovery service."""
+        made = new_client(protocol or self.protocol, self.port, node_id, only=only)
         self.clients.append(made)
         return made
 

@@ -5,7 +5,9 @@ cluster (tests/rig/gating_proxy.py) that ACKs everything except the route giving
 A canary with steps 30/60 and a 2 s interval starts. Envoy applies 30 % at once; the fake proxy
 holds its ACK for HOLD seconds (more than twice the interval), then releases it.
 
-Envoy runs once with State-of-the-World ADS (GRPC) and once incremental (DELTA_GRPC).
+Envoy runs once with State-of-the-World ADS (GRPC), once incremental (DELTA_GRPC), and once without
+ADS on the per-type discovery services (PER_TYPE: one stream per type, and per cluster for EDS,
+which the engine must read as one proxy to know it ACKed the canary's cluster and endpoints).
 
 What must hold, read from Envoy's own route (sampled every ~50 ms from /config_dump):
 - while the fake proxy holds, Envoy stays at 30 % (a clock started at the push would have moved it
@@ -59,7 +61,7 @@ def write_policy(policies: Path, port: int, version: str, endpoint: str, steps: 
     tmp.replace(policies / f"{NAME}.yaml")
 
 
-@pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
+@pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC", "PER_TYPE"])
 def test_step_clock_waits_for_every_proxy_to_ack(
     api_type: str,
     workdir: Path,
@@ -79,7 +81,9 @@ def test_step_clock_waits_for_every_proxy_to_ack(
     try:
         write_policy(policies, port, "v1", backends.address("v1"))
         plane.start()
-        envoy = envoy_factory(plane.xds_port, node_id="envoy-1", delta=api_type == "DELTA_GRPC")
+        envoy = envoy_factory(plane.xds_port, node_id="envoy-1", delta=api_type == "DELTA_GRPC", start=False)
+        envoy.per_type = api_type == "PER_TYPE"
+        envoy.start()
         envoy.wait_ready()
         envoy.wait_for_listener(port)
         wait_until(lambda: envoy.route_weights(route).get(NAME) == {OLD: 100}, 10, what="Envoy at 100 % v1")

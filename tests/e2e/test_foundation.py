@@ -1,6 +1,7 @@
 """Foundation end to end: aviary.app.ControlPlane driving a real Envoy 1.40 over ADS.
 
-Each test runs with Envoy's ADS in State-of-the-World (GRPC) and in incremental (DELTA_GRPC) mode.
+Each test runs with Envoy's ADS in State-of-the-World (GRPC) and in incremental (DELTA_GRPC) mode;
+one more runs an Envoy without ADS, on the per-type discovery services (tests/rig/bootstrap-per-type.yaml).
 Each test: HTTP backends (one port per version), a policy directory in tmp, the control plane on
 its own loop thread (tests/rig/control_plane.py), one Envoy. Weights are set only through
 ``TrafficDirector.set_desired_traffic``. Timing numbers are printed (run with ``-s`` to see them),
@@ -12,7 +13,6 @@ from __future__ import annotations
 import socket
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,27 @@ class Stage:
         return self.cp.call(read)
 
 
+def _stage(
+    workdir: Path,
+    backends: Backends,
+    control_plane_factory: ControlPlaneFactory,
+    envoy_factory: EnvoyFactory,
+    delta: bool,
+    per_type: bool = False,
+) -> Stage:
+    backends.start(["v1", "v2"])
+    policies = workdir / "policies"
+    port = free_port()
+    write_policy(policies, NAME, port=port, version="v1", endpoints=[backends.address("v1")], hosts=(HOST,))
+    cp = control_plane_factory(policies, poll_interval=0.2)
+    envoy = envoy_factory(cp.xds_port, node_id=NODE, delta=delta, start=False)
+    envoy.per_type = per_type
+    envoy.start()
+    envoy.wait_ready()
+    envoy.wait_for_listener(port)
+    return Stage(backends, policies, cp, envoy, port)
+
+
 @pytest.fixture(params=["GRPC", "DELTA_GRPC"])
 def stage(
     request: pytest.FixtureRequest,
@@ -101,18 +122,24 @@ def stage(
     backends: Backends,
     control_plane_factory: ControlPlaneFactory,
     envoy_factory: EnvoyFactory,
-) -> Iterator[Stage]:
+) -> Stage:
     """Every test runs twice: Envoy's ADS in State-of-the-World (``api_type: GRPC``) and incremental
     (``DELTA_GRPC``) mode."""
-    backends.start(["v1", "v2"])
-    policies = workdir / "policies"
-    port = free_port()
-    write_policy(policies, NAME, port=port, version="v1", endpoints=[backends.address("v1")], hosts=(HOST,))
-    cp = control_plane_factory(policies, poll_interval=0.2)
-    envoy = envoy_factory(cp.xds_port, node_id=NODE, delta=request.param == "DELTA_GRPC")
-    envoy.wait_ready()
-    envoy.wait_for_listener(port)
-    yield Stage(backends, policies, cp, envoy, port)
+    return _stage(workdir, backends, control_plane_factory, envoy_factory, request.param == "DELTA_GRPC")
+
+
+@pytest.fixture(params=["GRPC", "DELTA_GRPC"])
+def per_type_stage(
+    request: pytest.FixtureRequest,
+    workdir: Path,
+    backends: Backends,
+    control_plane_factory: ControlPlaneFactory,
+    envoy_factory: EnvoyFactory,
+) -> Stage:
+    """An Envoy without ADS: LDS and CDS from ``api_config_source`` (State-of-the-World or incremental),
+    RDS and EDS from the config sources Aviary's listeners and clusters name."""
+    return _stage(workdir, backends, control_plane_factory, envoy_factory, request.param == "DELTA_GRPC",
+                  per_type=True)  # fmt: skip
 
 
 def _percentiles(samples: list[float]) -> str:
@@ -138,6 +165,27 @@ def test_canary_weight_10_splits_requests(stage: Stage) -> None:
     assert counts["failed"] == 0, counts
     assert counts.get("v1", 0) + counts.get("v2", 0) == 2000, counts
     assert 7.0 <= share <= 13.0, counts
+
+
+def test_per_type_streams_serve_routes_and_weight_changes_as_one_proxy(per_type_stage: Stage) -> None:
+    """The foundation path without ADS: the route is served, weight changes reach Envoy, and the
+    director reports each ACKed (its gates read the four streams of the node as one proxy)."""
+    stage = per_type_stage
+    v1, v2 = stage.backend("v1"), stage.backend("v2")
+    assert send_requests(stage.port, HOST, 50) == {"failed": 0, "v1": 50}
+    for weight in (10, 60):
+        traffic = TrafficPlan(v1, v2, canary_weight=weight)
+        stage.set_traffic(traffic)
+        stage.wait_envoy_weights({"v1": 100 - weight, "v2": weight})
+        stage.wait_acked(traffic)
+    counts = send_requests(stage.port, HOST, 200)
+    assert counts["failed"] == 0 and counts.get("v1", 0) + counts.get("v2", 0) == 200, counts
+
+    def views(p: ControlPlane) -> list[tuple[str, list[str]]]:
+        return [(v.node_id, sorted(typeurls.short_name(t) for t in v.acked)) for v in p.proxies]
+
+    assert stage.cp.call(views) == [(NODE, ["CDS", "EDS", "LDS", "RDS"])]
+    assert stage.envoy.log_errors() == []
 
 
 def test_fifty_weight_changes_under_load(stage: Stage, loadgen_factory: LoadgenFactory) -> None:

@@ -19,6 +19,7 @@ from tests.rig.waiting import wait_until
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BOOTSTRAP_SOTW = REPO_ROOT / "deploy" / "envoy" / "bootstrap.yaml"
 BOOTSTRAP_DELTA = Path(__file__).with_name("bootstrap-delta.yaml")  # test asset: incremental (DELTA_GRPC) ADS
+BOOTSTRAP_PER_TYPE = Path(__file__).with_name("bootstrap-per-type.yaml")  # test asset: no ADS, one stream per type
 
 # Warnings every Envoy run prints; not worth reporting.
 _LOG_NOISE = ("no configured limit to the number of allowed active downstream", "caught ENVOY_SIGTERM")
@@ -35,9 +36,18 @@ def render_bootstrap(
     node_id: str = "envoy-1",
     node_cluster: str = "edge",
     delta: bool = False,
+    per_type: bool = False,
 ) -> dict[str, Any]:
-    """The checked-in bootstrap with node, admin port and xds_cluster port patched."""
-    cfg: dict[str, Any] = yaml.safe_load((BOOTSTRAP_DELTA if delta else BOOTSTRAP_SOTW).read_text())
+    """The checked-in bootstrap with node, admin port and xds_cluster port patched.
+
+    `per_type`: per-type discovery streams instead of ADS (bootstrap-per-type.yaml), incremental
+    ones with `delta`."""
+    if per_type:
+        cfg: dict[str, Any] = yaml.safe_load(BOOTSTRAP_PER_TYPE.read_text())
+        for config in ("lds_config", "cds_config"):
+            cfg["dynamic_resources"][config]["api_config_source"]["api_type"] = "DELTA_GRPC" if delta else "GRPC"
+    else:
+        cfg = yaml.safe_load((BOOTSTRAP_DELTA if delta else BOOTSTRAP_SOTW).read_text())
     cfg["node"]["id"] = node_id
     cfg["node"]["cluster"] = node_cluster
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
@@ -61,12 +71,14 @@ class EnvoyProcess:
         node_id: str = "envoy-1",
         node_cluster: str = "edge",
         delta: bool = False,
+        per_type: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.xds_port = xds_port
         self.node_id = node_id
         self.node_cluster = node_cluster
         self.delta = delta
+        self.per_type = per_type  # per-type discovery streams, no ADS (may be set before start())
         self.admin_port = free_port()
         self.bootstrap_path = self.workdir / f"envoy-{node_id}.yaml"
         self.log_path = self.workdir / f"envoy-{node_id}.log"
@@ -87,7 +99,8 @@ class EnvoyProcess:
     def start(self, timeout: float = 15.0) -> EnvoyProcess:
         """Start Envoy and wait until its admin API answers (not until it is LIVE)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg = render_bootstrap(self.xds_port, self.admin_port, self.node_id, self.node_cluster, self.delta)
+        cfg = render_bootstrap(self.xds_port, self.admin_port, self.node_id, self.node_cluster, self.delta,
+                               self.per_type)  # fmt: skip
         self.bootstrap_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.process.start()
         self.wait_admin(timeout)

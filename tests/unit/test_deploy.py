@@ -521,7 +521,7 @@ async def test_an_unimplemented_rpc_is_refused_and_logged_once_per_method_and_pe
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server, port = await start_xds_server("127.0.0.1:0", AggregatedDiscoveryService(SnapshotCache(), lambda e: None))
-    clusters = "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters"  # an Envoy without ADS
+    clusters = "/envoy.service.cluster.v3.ClusterDiscoveryService/FetchClusters"  # REST-style, not served
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             for method in (clusters, clusters, "/some.Other/Call", clusters):

@@ -24,6 +24,10 @@ they read a SotW one. The rules (Envoy's "xDS REST and gRPC protocol", increment
 - a type's first request is always answered, even with nothing: a proxy finishes starting, and one
   that reconnects with everything current (`initial_resource_versions`) ACKs that empty response,
   which tells the ACK gates what it holds on this stream (its ACKs on the old stream went with it).
+- route configurations wait, as in SotW, until the proxy ACKed the clusters they name and their
+  endpoints (`warm_routes`), even on the type's first request: a proxy reconnecting after a change
+  gets the new cluster first, the route to it after.
+- a per-type stream (`only_type`, `server`) serves one type, as in SotW (`sotw.supported`).
 
 Like SotW, a stream holds shared values (`sharing.Sent`, interned name sets) and the responses are
 shared too: streams that go from the same state to the same state (a weight change pushed to a
@@ -45,6 +49,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from aviary.discovery import typeurls, wire
 from aviary.discovery.cache import SnapshotCache
+from aviary.discovery.config_sources import for_per_type
 from aviary.discovery.proxy_events import (
     ProxyEvent,
     ResourcesAcked,
@@ -54,7 +59,15 @@ from aviary.discovery.proxy_events import (
 )
 from aviary.discovery.sharing import Sent, selection, shared_names, shared_sent
 from aviary.discovery.snapshot import Resource, Snapshot
-from aviary.discovery.sotw import MAX_RESOURCE_NAMES, WILDCARD_TYPES, StreamError, check_node, supported
+from aviary.discovery.sotw import (
+    MAX_RESOURCE_NAMES,
+    WILDCARD_TYPES,
+    StreamError,
+    ack_source,
+    check_node,
+    supported,
+)
+from aviary.discovery.warm_routes import NodeStreams, route_may_go
 
 __all__ = ["DeltaStream", "held"]
 
@@ -89,6 +102,8 @@ class _TypeState:
     absent: frozenset[str] = _NO_NAMES  # subscribed names already reported not to exist
     pending: list[tuple[str, Sent, float]] = field(default_factory=list)  # (nonce, held after it, sent at)
     checked: str = ""  # the type's snapshot version last compared: unchanged means nothing to send
+    acked: Sent | None = None  # what the client holds as of its latest ACK (warm_routes reads it)
+    held: bool = False  # a response is due but waits (a route for its clusters' ACKs: warm_routes)
 
 
 @dataclass(slots=True)
@@ -102,6 +117,13 @@ class DeltaStream:
     _types: dict[str, _TypeState] = field(default_factory=dict)
     _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     warned_types: set[str] = field(default_factory=set)
+    only_type: str | None = None  # a per-type discovery service's stream: serves this type only
+    siblings: NodeStreams | None = None  # this process's per-type streams, for a per-type stream's route hold
+    xds_cluster: str | None = None  # set (check_node) on a per-type LDS or CDS stream: see `config_sources`
+
+    def _snapshot(self) -> Snapshot:
+        snapshot = self.cache.snapshot_for(self.node_cluster)
+        return snapshot if self.xds_cluster is None else for_per_type(snapshot, True, self.xds_cluster)
 
     def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> list[bytes]:
         check_node(self, request)
@@ -123,15 +145,22 @@ class DeltaStream:
         if state is None:
             initial = dict(request.initial_resource_versions)
             state = self._types[type_url] = _TypeState(held(type_url, initial))
-        if request.response_nonce:
-            self._answered(type_url, state, request)
+        acked = bool(request.response_nonce) and self._answered(type_url, state, request)
         self._update_subscription(type_url, state, request, first)
         # A snapshot change this stream has not pushed yet (its wake-up may be queued behind this
         # request) goes out for the types before this one first: a response never overtakes a change
         # of a type that comes before it in PUSH_ORDER (clusters before the routes that name them).
         responses = self._earlier_changes(type_url)
         response = self._respond(type_url, state, force=first)
-        return [*responses, response] if response else responses
+        if response:
+            responses.append(response)
+        if acked and type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
+            routes = self._types.get(typeurls.ROUTE)
+            if routes is not None and routes.held and (route := self._respond(typeurls.ROUTE, routes, force=False)):
+                responses.append(route)
+            elif self.only_type is not None and self.siblings is not None and self.node_id is not None:
+                self.siblings.wake(self.node_id, typeurls.ROUTE)  # the node's RDS stream looks again
+        return responses
 
     def _earlier_changes(self, type_url: str) -> list[bytes]:
         responses = []
@@ -151,13 +180,21 @@ class DeltaStream:
                     responses.append(response)
         return responses
 
-    def _answered(self, type_url: str, state: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
-        """Report the ACK or NACK of the response `request.response_nonce` names, once."""
+    def subscription_of(self, type_url: str) -> tuple[bool, frozenset[str]] | None:
+        state = self._types.get(type_url)
+        return (state.wildcard, state.names) if state is not None else None
+
+    def acked_of(self, type_url: str) -> Mapping[str, str] | None:
+        state = self._types.get(type_url)
+        return state.acked if state is not None else None
+
+    def _answered(self, type_url: str, state: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> bool:
+        """Report the ACK or NACK of the response `request.response_nonce` names, once; True for an ACK."""
         nonce = request.response_nonce
         index = next((i for i, (pending, _, _) in enumerate(state.pending) if pending == nonce), None)
         if index is None:
             log.debug("stale nonce %s from %s for %s", nonce, self.node_id, typeurls.short_name(type_url))
-            return
+            return False
         _, after, sent_at = state.pending[index]
         del state.pending[: index + 1]  # a client answers in order: earlier ones are answered or moot
         if request.HasField("error_detail"):
@@ -170,8 +207,10 @@ class DeltaStream:
                 message,
             )
             self.emit(ResourcesNacked(self.stream_id, type_url, after.version, after, message, time.time()))
-        else:
-            self.emit(ResourcesAcked(self.stream_id, type_url, after.version, after, sent_at, time.monotonic()))
+            return False
+        state.acked = after
+        self.emit(ResourcesAcked(self.stream_id, type_url, after.version, after, sent_at, time.monotonic()))
+        return True
 
     def _update_subscription(
         self, type_url: str, state: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest, first: bool
@@ -187,7 +226,7 @@ class DeltaStream:
         names = set(state.names)
         absent = set(state.absent)
         have = dict(state.have)
-        covered = self.cache.snapshot_for(self.node_cluster).items(type_url)
+        covered = self._snapshot().items(type_url)
         for name in unsubscribe - {WILDCARD} - subscribe:
             names.discard(name)
             absent.discard(name)
@@ -212,13 +251,16 @@ class DeltaStream:
             self.emit(SubscriptionChanged(self.stream_id, type_url, state.wildcard, state.names))
 
     def _respond(self, type_url: str, state: _TypeState, force: bool) -> bytes | None:
-        snapshot = self.cache.snapshot_for(self.node_cluster)
-        if not force and state.checked == snapshot.type_versions[type_url]:
+        snapshot = self._snapshot()
+        version = snapshot.type_versions[type_url]
+        if not force and state.checked == version:
             return None  # nothing of this type changed since we last looked
-        state.checked = snapshot.type_versions[type_url]
         target = selection(snapshot, type_url, state.names, state.wildcard).sent
         diff = _diff(snapshot, type_url, state.have, target, state.names, state.absent)
-        state.absent = diff.absent
+        if diff.changes and type_url == typeurls.ROUTE and not self._clusters_acked(snapshot, target):
+            state.held = True  # `checked` stays: looked at again after the proxy's next CDS or EDS ACK
+            return None
+        state.checked, state.absent, state.held = version, diff.absent, False
         if not diff.changes and not force:
             state.have = target  # equal content: share the selection's value
             return None
@@ -230,6 +272,10 @@ class DeltaStream:
         response = wire.with_nonce(diff.body, nonce)
         self.emit(ResponseSent(self.stream_id, type_url, len(response)))
         return response
+
+    def _clusters_acked(self, snapshot: Snapshot, routes: Sent) -> bool:
+        return route_may_go(snapshot, routes, ack_source(self, typeurls.CLUSTER),
+                            ack_source(self, typeurls.ENDPOINT))  # fmt: skip
 
 
 # ---- responses shared between streams -----------------------------------------------------------
@@ -272,23 +318,23 @@ def _diff(
     snapshot: Snapshot, type_url: str, have: Sent, target: Sent, names: frozenset[str], absent: frozenset[str]
 ) -> _Diff:
     """What takes a client holding `have` to `target`; keyed by content versions (see `sharing`)."""
-    key = (type_url, have.version, target.version, names, absent)
+    key = (type_url, have.version, target.version, names, absent, snapshot.flavour)
     found: _Diff | None = _diffs.get_fresh(key)
     if found is not None:
         return found
     items = snapshot.items(type_url)
     changed = sorted(name for name, version in target.items() if have.get(name) != version)
     removed = sorted((have.keys() - target.keys()) | (names - target.keys() - absent))
-    entries = (_entry(items[name]) for name in changed)
+    entries = (_entry(items[name], snapshot.flavour) for name in changed)
     body = wire.delta_response_body(target.version, type_url, entries, removed)
     found = _Diff(body, len(changed) + len(removed), shared_names(frozenset(names - target.keys())))
     _diffs.keep(key, found)
     return found
 
 
-def _entry(resource: Resource) -> bytes:
+def _entry(resource: Resource, flavour: str) -> bytes:
     """A resource wrapped for delta once per (type, name, version), for every stream and response."""
-    key = (resource.type_url, resource.name, resource.version)
+    key = (resource.type_url, resource.name, resource.version, flavour)
     found: bytes | None = _entries.get_fresh(key)
     if found is None:
         found = wire.delta_resource_entry(resource.name, resource.version, resource.any_bytes)

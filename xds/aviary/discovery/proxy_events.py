@@ -18,6 +18,9 @@ class ProxyConnected:
     node_cluster: str
     peer: str
     at: float  # wall-clock seconds
+    # The one type a per-type discovery stream serves (CDS, EDS, LDS or RDS service); "" for ADS.
+    # A node's per-type streams are one proxy to `ProxyStatus`.
+    type_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)

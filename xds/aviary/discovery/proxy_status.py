@@ -10,15 +10,27 @@ of a class, and the director asks them once per class instead of once per proxy:
 proxies that ACKed the same route are one question, not a thousand. Subscriptions and ACKed
 responses are shared values (`sharing`), so a class is keyed by their identity, and a proxy moves
 between classes in O(1) per event.
+
+A proxy is one view however it connects: an ADS stream carries every type, while an Envoy without
+ADS opens one stream per type (ClusterDiscoveryService and the others; `ProxyConnected.type_url`
+says which). Those per-type streams of one node (`node.id`) are merged into one view (`_Merged`):
+the gates then see its clusters, endpoints, listeners and routes together, as for ADS, and a NACK
+on its RDS stream is blamed with what its other streams ACKed. Envoy opens several streams of one
+type (an EDS stream per cluster, an RDS stream per route configuration): the view holds, per type,
+the union of their subscriptions and of their latest ACKs. Listeners get the events of a merged
+stream under the view's id (the id of the node's first per-type stream). A stream that ends takes
+its part with it (a type no stream serves any more starts afresh, as on a new ADS stream), and
+listeners are told the type's subscription changed; the view goes with the node's last stream.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+from aviary.discovery.delta import versions_digest
 from aviary.discovery.proxy_events import (
     ProxyConnected,
     ProxyDisconnected,
@@ -112,9 +124,40 @@ class ProxyClass:
         return len(self.members)
 
 
+@dataclass(slots=True)
+class _Merged:
+    """The per-type streams of one node that make up one view (see the module docstring)."""
+
+    node_id: str
+    view_id: int
+    streams: dict[int, str] = field(default_factory=dict)  # stream id -> the type it serves
+    subscriptions: dict[int, Subscription] = field(default_factory=dict)  # by stream
+    acked: dict[int, Mapping[str, str]] = field(default_factory=dict)  # by stream, its latest ACK
+
+    def of_type(self, type_url: str) -> list[int]:
+        return [stream for stream, served in self.streams.items() if served == type_url]
+
+    def subscription(self, type_url: str) -> Subscription:
+        """The union of the type's streams' subscriptions (Envoy opens an EDS stream per cluster)."""
+        streams = [self.subscriptions[s] for s in self.of_type(type_url) if s in self.subscriptions]
+        return Subscription(any(s.wildcard for s in streams), frozenset().union(*(s.names for s in streams)))
+
+    def holds(self, type_url: str) -> Sent | None:
+        """What the type's streams ACKed, together (None before any ACK)."""
+        acked = [self.acked[s] for s in self.of_type(type_url) if s in self.acked]
+        if not acked:
+            return None
+        together: dict[str, str] = {}
+        for mapping in acked:
+            together.update(mapping)
+        return shared_sent(type_url, versions_digest(together), together)
+
+
 class ProxyStatus:
     def __init__(self) -> None:
         self._proxies: dict[int, ProxyView] = {}
+        self._merged: dict[str, _Merged] = {}  # node id -> its per-type streams
+        self._merged_of: dict[int, _Merged] = {}  # per-type stream id -> the same
         self._classes: dict[ClassKey, ProxyClass] = {}
         self._class_of: dict[int, ProxyClass] = {}
         self._last_acked: dict[str, tuple[Mapping[str, str], str, Sent]] = {}  # type URL -> see `_shared_acked`
@@ -126,6 +169,11 @@ class ProxyStatus:
         self._listeners.append(listener)
 
     def apply(self, event: ProxyEvent) -> None:
+        if self._merged_of or (isinstance(event, ProxyConnected) and event.type_url):
+            merged = self._merge(event)
+            if merged is None:
+                return
+            event = merged
         match event:  # the most frequent first
             case ResourcesAcked():
                 if proxy := self._proxies.get(event.stream_id):
@@ -155,6 +203,69 @@ class ProxyStatus:
                     proxy.nacks += 1
         for listener in self._listeners:
             listener(event)
+
+    def _merge(self, event: ProxyEvent) -> ProxyEvent | None:
+        """The event as it applies to the merged view of a per-type stream (None: already applied)."""
+        if isinstance(event, ProxyConnected):
+            if not event.type_url:
+                return event
+            merged = self._merged.get(event.node_id)
+            first = merged is None or merged.view_id not in self._proxies
+            if merged is None or first:
+                merged = self._merged[event.node_id] = _Merged(event.node_id, event.stream_id)
+            merged.streams[event.stream_id] = event.type_url
+            self._merged_of[event.stream_id] = merged
+            if first:
+                return event  # the node's first per-type stream: its view is made as for ADS
+            for listener in self._listeners:
+                listener(event)
+            return None
+        merged = self._merged_of.get(event.stream_id)
+        if merged is None:
+            return event
+        view = merged.view_id
+        if isinstance(event, ProxyDisconnected):
+            del self._merged_of[event.stream_id]
+            type_url = merged.streams.pop(event.stream_id)
+            merged.subscriptions.pop(event.stream_id, None)
+            merged.acked.pop(event.stream_id, None)
+            if not merged.streams:
+                del self._merged[merged.node_id]
+                return replace(event, stream_id=view)
+            return self._merged_type_changed(merged, type_url)
+        if isinstance(event, SubscriptionChanged):
+            merged.subscriptions[event.stream_id] = Subscription(event.wildcard, event.names)
+            together = merged.subscription(event.type_url)
+            return SubscriptionChanged(view, event.type_url, together.wildcard, together.names)
+        if isinstance(event, ResourcesAcked):
+            merged.acked[event.stream_id] = event.resources
+            if len(merged.of_type(event.type_url)) > 1:
+                held = merged.holds(event.type_url)
+                assert held is not None
+                return replace(event, stream_id=view, version=held.version, resources=held)
+        return event if event.stream_id == view else replace(event, stream_id=view)
+
+    def _merged_type_changed(self, merged: _Merged, type_url: str) -> SubscriptionChanged | None:
+        """One of the view's streams of `type_url` ended: the view holds what the others hold (a type
+        none serves any more starts afresh, as on a new ADS stream), told to listeners as a change
+        of the type's subscription."""
+        proxy = self._proxies.get(merged.view_id)
+        if proxy is None:
+            return None
+        held = merged.holds(type_url)
+        if held is None:
+            proxy.acked.pop(type_url, None)
+            proxy.acked_versions.pop(type_url, None)
+        else:
+            proxy.acked[type_url], proxy.acked_versions[type_url] = held, held.version
+        if not merged.of_type(type_url):
+            proxy.subscriptions.pop(type_url, None)
+            self._join_class(proxy)
+            for listener in self._listeners:
+                listener(SubscriptionChanged(merged.view_id, type_url, False, frozenset()))
+            return None
+        together = merged.subscription(type_url)
+        return SubscriptionChanged(merged.view_id, type_url, together.wildcard, together.names)
 
     def _shared_acked(self, event: ResourcesAcked) -> Sent:
         """`shared_sent` of what the ACK carries; the last one per type is remembered by identity

@@ -1,8 +1,13 @@
-"""The ADS gRPC service on grpc.aio: one coroutine and one reader task per stream.
+"""The xDS gRPC services on grpc.aio: one coroutine and one reader task per stream.
 
-Both methods, State-of-the-World (`SotwStream`) and incremental (`DeltaStream`), are served by the
-same loop and registered with a pass-through response serializer: the streams hand us responses
-already encoded from shared per-resource bytes, so nothing is re-serialized here.
+ADS (`AggregatedDiscoveryService`) and the four per-type discovery services (`PER_TYPE_SERVICES`:
+ClusterDiscoveryService, EndpointDiscoveryService, ListenerDiscoveryService, RouteDiscoveryService,
+for an Envoy configured with ``api_config_source`` instead of ``ads_config``), each in
+State-of-the-World (`SotwStream`) and incremental (`DeltaStream`), are served by the same loop and
+the same stream classes: a per-type stream is one restricted to its type (`only_type`). They are
+registered with a pass-through response serializer: the streams hand us responses already encoded
+from shared per-resource bytes, so nothing is re-serialized here. The per-type streams of a node
+find each other in `NodeStreams` (a route waits for the node's cluster ACKs: `warm_routes`).
 
 The reader handles a request itself when nothing is queued before it (an ACK, mostly: no switch
 to the coroutine); the coroutine writes responses, in the order they were computed.
@@ -11,6 +16,7 @@ to the coroutine); the coroutine writes responses, in the order they were comput
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,15 +25,24 @@ from typing import Any, Protocol
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
+from aviary.discovery import typeurls
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.delta import DeltaStream
 from aviary.discovery.proxy_events import ProxyDisconnected, ProxyEvent
 from aviary.discovery.sotw import SotwStream, StreamError
+from aviary.discovery.warm_routes import AckSource, NodeStreams
 from aviary.listen import ListenError, check_can_listen, grpc_options
 
 log = logging.getLogger("aviary.xds")
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+# service -> (State-of-the-World method, incremental method, the one type its streams serve)
+PER_TYPE_SERVICES: dict[str, tuple[str, str, str]] = {
+    "envoy.service.cluster.v3.ClusterDiscoveryService": ("StreamClusters", "DeltaClusters", typeurls.CLUSTER),
+    "envoy.service.endpoint.v3.EndpointDiscoveryService": ("StreamEndpoints", "DeltaEndpoints", typeurls.ENDPOINT),
+    "envoy.service.listener.v3.ListenerDiscoveryService": ("StreamListeners", "DeltaListeners", typeurls.LISTENER),
+    "envoy.service.route.v3.RouteDiscoveryService": ("StreamRoutes", "DeltaRoutes", typeurls.ROUTE),
+}
 
 _WAKE = object()
 _END = object()
@@ -52,13 +67,14 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-class _Stream(Protocol):
+class _Stream(AckSource, Protocol):
     """What the serving loop needs of a stream's protocol state (`SotwStream`, `DeltaStream`)."""
 
     stream_id: int
     peer: str
     node_id: str | None
     node_cluster: str
+    only_type: str | None
 
     def on_request(self, request: Any, /) -> list[bytes]: ...  # the protocol's request message
 
@@ -98,12 +114,12 @@ class _Inbox:
 
 
 class UnimplementedMethods(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc ships no types
-    """Registered after the ADS handler, so it sees only methods this server does not serve.
+    """Registered after the xDS handlers, so it sees only methods this server does not serve.
 
     It answers UNIMPLEMENTED as grpc would, but first logs the method and the peer, once per
-    (method, peer host): an Envoy configured for a service this server does not offer (per-type
-    discovery services without ADS, say) retries such a call forever and stays in PRE_INITIALIZING,
-    and without this line the server gives no hint why.
+    (method, peer host): an Envoy configured for a service this server does not offer (REST-style
+    Fetch calls, or secrets and runtime discovery, say) retries such a call forever and stays in
+    PRE_INITIALIZING, and without this line the server gives no hint why.
     """
 
     _MAX_LOGGED = 1024  # distinct (method, host) pairs remembered; a client inventing names cannot grow it
@@ -127,9 +143,11 @@ class UnimplementedMethods(grpc.GenericRpcHandler):  # type: ignore[misc]  # grp
 
 
 def _unimplemented_hint(method: str) -> str:
+    per_type = ", ".join(f"{service.rsplit('.', 1)[1]}/{sotw}|{delta}" for service, (sotw, delta, _) in
+                         PER_TYPE_SERVICES.items())  # fmt: skip
     return (
         f"this server serves only /{ADS_SERVICE}/StreamAggregatedResources and DeltaAggregatedResources "
-        "(ADS, State-of-the-World and incremental)"
+        f"(ADS, State-of-the-World and incremental) and the per-type streams {per_type}"
     )
 
 
@@ -153,6 +171,7 @@ class AggregatedDiscoveryService:
         self.broken_streams = 0  # ended by an unexpected error in this server: a bug
         self._inboxes: set[_Inbox] = set()
         self._closing = False
+        self.node_streams = NodeStreams()  # per-type streams, by node and type (warm_routes)
 
     def close(self) -> None:
         """End every stream cleanly (status OK) and refuse new ones: call before stopping the server.
@@ -164,41 +183,57 @@ class AggregatedDiscoveryService:
         for inbox in self._inboxes:
             inbox.put_nowait(_END)
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            ADS_SERVICE,
-            {
-                "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                    self.stream_aggregated_resources,
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        """ADS and the per-type services, both protocols each: one stream loop behind all of them."""
+
+        def methods(sotw: str, delta: str, only_type: str | None) -> dict[str, grpc.RpcMethodHandler]:
+            return {
+                sotw: grpc.stream_stream_rpc_method_handler(
+                    functools.partial(self.stream_sotw, only_type),
                     request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
                     response_serializer=_identity,
                 ),
-                "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                    self.delta_aggregated_resources,
+                delta: grpc.stream_stream_rpc_method_handler(
+                    functools.partial(self.stream_delta, only_type),
                     request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
                     response_serializer=_identity,
                 ),
-            },
-        )
+            }
 
-    async def stream_aggregated_resources(
+        return [
+            grpc.method_handlers_generic_handler(
+                ADS_SERVICE, methods("StreamAggregatedResources", "DeltaAggregatedResources", None)
+            ),
+            *(
+                grpc.method_handlers_generic_handler(service, methods(sotw, delta, only_type))
+                for service, (sotw, delta, only_type) in PER_TYPE_SERVICES.items()
+            ),
+        ]
+
+    async def stream_sotw(
         self,
+        only_type: str | None,
         requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, bytes],
     ) -> None:
+        """A State-of-the-World stream: ADS (`only_type` None) or one per-type service's."""
         if self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the control plane is shutting down")
-        stream = SotwStream(next(self._stream_ids), context.peer(), self._cache, self._emit)
+        stream = SotwStream(next(self._stream_ids), context.peer(), self._cache, self._emit, only_type=only_type,
+                            siblings=self.node_streams)  # fmt: skip
         await self._serve(stream, requests, context)
 
-    async def delta_aggregated_resources(
+    async def stream_delta(
         self,
+        only_type: str | None,
         requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext[discovery_pb2.DeltaDiscoveryRequest, bytes],
     ) -> None:
+        """An incremental stream: ADS (`only_type` None) or one per-type service's."""
         if self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the control plane is shutting down")
-        stream = DeltaStream(next(self._stream_ids), context.peer(), self._cache, self._emit)
+        stream = DeltaStream(next(self._stream_ids), context.peer(), self._cache, self._emit, only_type=only_type,
+                             siblings=self.node_streams)  # fmt: skip
         await self._serve(stream, requests, context)
 
     async def _serve(
@@ -245,6 +280,8 @@ class AggregatedDiscoveryService:
                         return
                     if watch is None and stream.node_id is not None:
                         watch = self._cache.watch(stream.node_cluster, wake)
+                        if stream.only_type is not None:
+                            self.node_streams.add(stream.node_id, stream.only_type, stream, wake)
                 # Nothing stays referenced from this frame while it waits for the next item: the last
                 # request and response would otherwise be kept per idle stream (~8 KB with 200 clusters).
                 item = None
@@ -262,6 +299,8 @@ class AggregatedDiscoveryService:
             reader.cancel()
             if watch is not None:
                 self._cache.cancel(watch)
+            if stream.only_type is not None and stream.node_id is not None:
+                self.node_streams.remove(stream.node_id, stream.only_type, stream)
             if stream.node_id is not None:
                 self._emit(ProxyDisconnected(stream.stream_id))
                 log.info("proxy disconnected: node=%s peer=%s", stream.node_id, stream.peer)
@@ -304,7 +343,7 @@ async def start_xds_server(
     *,
     reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
-    """Start serving ADS on `address`; returns the server and the bound port (for port 0).
+    """Start serving xDS (ADS, per-type services) on `address`; returns the server and the bound port (for port 0).
 
     A busy address is a ``ListenError``: SO_REUSEPORT is off unless ``reuse_port`` (one instance
     sharing the port among its own processes), so a second control plane cannot start silently
@@ -321,7 +360,7 @@ async def start_xds_server(
             *grpc_options(reuse_port),
         ]
     )
-    server.add_generic_rpc_handlers((service.handler(), UnimplementedMethods()))  # the fallback last
+    server.add_generic_rpc_handlers((*service.handlers(), UnimplementedMethods()))  # the fallback last
     try:
         port = (
             server.add_insecure_port(address)

@@ -118,7 +118,7 @@ class Selection:
 
 
 _SELECTIONS_KEPT = 256  # distinct (snapshot content, subscription) pairs; evicted ones are recomputed
-_selections: OrderedDict[tuple[str, str, str, bool, frozenset[str]], Selection] = OrderedDict()
+_selections: OrderedDict[tuple[str, str, str, bool, frozenset[str], str], Selection] = OrderedDict()
 
 
 def selection(snapshot: Snapshot, type_url: str, names: frozenset[str], wildcard: bool) -> Selection:
@@ -127,7 +127,8 @@ def selection(snapshot: Snapshot, type_url: str, names: frozenset[str], wildcard
     Keyed by the type's content versions (every resource, and which are sent to wildcard
     subscribers), not by the snapshot object: an unchanged type in a new snapshot is not recomputed.
     """
-    key = (type_url, snapshot.type_versions[type_url], snapshot.wildcard_versions[type_url], wildcard, names)
+    key = (type_url, snapshot.type_versions[type_url], snapshot.wildcard_versions[type_url], wildcard, names,
+           snapshot.flavour)  # fmt: skip
     found = _selections.get(key)
     if found is not None:
         _selections.move_to_end(key)

@@ -115,6 +115,9 @@ class Snapshot:
     """Everything one group of proxies should have, per type URL, by resource name."""
 
     resources: Mapping[str, Mapping[str, Resource]]
+    # "" as published; a rendering for some proxies (`config_sources.for_per_type`) names itself here,
+    # and whatever caches bytes by content version keys on it too: its resources keep their versions.
+    flavour: str = ""
     wildcard_versions: Mapping[str, str] = field(init=False)
     type_versions: Mapping[str, str] = field(init=False)  # all resources of a type, named ones too
     _problems: tuple[str, ...] | None = field(init=False, default=None, repr=False, compare=False)

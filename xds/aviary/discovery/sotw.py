@@ -14,9 +14,12 @@ responses to write, so the rules below are tested without sockets:
   and a name that does not exist yet is remembered and sent when it appears;
 - a response is sent only when what the subscription selects differs from what was last sent;
 - a first wildcard request is always answered, even when empty, so a proxy finishes starting;
-- a route configuration waits until this stream has ACKed the clusters it names and their
+- a route configuration waits until the proxy has ACKed the clusters it names and their
   endpoints (`warm_routes`: a proxy that reconnects after a change would otherwise route to a
-  cluster still warming).
+  cluster still warming): on this stream for ADS, on the node's CDS and EDS streams for a
+  per-type one;
+- a per-type stream (`only_type`: ClusterDiscoveryService and the others, `server`) serves that
+  one type; a request for another type ends the stream (INVALID_ARGUMENT).
 
 What a stream was sent and subscribes to are values shared with every stream sent the same
 (`sharing`): per type, a stream holds its nonces and pointers, not copies.
@@ -27,7 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
@@ -36,6 +39,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from aviary.discovery import typeurls, wire
 from aviary.discovery.cache import SnapshotCache
+from aviary.discovery.config_sources import for_per_type, xds_cluster_of
 from aviary.discovery.proxy_events import (
     ProxyConnected,
     ProxyEvent,
@@ -46,7 +50,7 @@ from aviary.discovery.proxy_events import (
 )
 from aviary.discovery.sharing import Sent, selection, shared_names
 from aviary.discovery.snapshot import Snapshot
-from aviary.discovery.warm_routes import clusters_acked
+from aviary.discovery.warm_routes import AckSource, NodeStreams, route_may_go
 
 log = logging.getLogger("aviary.xds")
 
@@ -65,6 +69,8 @@ class StreamIdentity(Protocol):
     node_id: str | None
     node_cluster: str
     warned_types: set[str]
+    only_type: str | None  # the one type a per-type stream serves; None for ADS
+    xds_cluster: str | None  # where its listeners' routes and clusters' endpoints come from (config_sources)
 
     @property
     def stream_id(self) -> int: ...
@@ -86,8 +92,13 @@ def check_node(
             raise StreamError(f"the first {type(request).__name__} on a stream must carry node.id")
         stream.node_id = request.node.id
         stream.node_cluster = request.node.cluster
-        stream.emit(ProxyConnected(stream.stream_id, stream.node_id, stream.node_cluster, stream.peer, time.time()))
+        if stream.only_type in (typeurls.LISTENER, typeurls.CLUSTER):
+            stream.xds_cluster = xds_cluster_of(request.node)
+        stream.emit(ProxyConnected(stream.stream_id, stream.node_id, stream.node_cluster, stream.peer, time.time(),
+                                   stream.only_type or ""))  # fmt: skip
         protocol = " (delta)" if isinstance(request, discovery_pb2.DeltaDiscoveryRequest) else ""
+        if stream.only_type is not None:
+            protocol += f" ({typeurls.short_name(stream.only_type)} only)"
         log.info("proxy connected%s: node=%s cluster=%s peer=%s", protocol, stream.node_id, stream.node_cluster,
                  stream.peer)  # fmt: skip
     elif has_node and request.node.id != stream.node_id:
@@ -95,13 +106,37 @@ def check_node(
 
 
 def supported(stream: StreamIdentity, type_url: str) -> bool:
-    """Whether this server serves ``type_url``; an unsupported one is logged once per stream and ignored."""
+    """Whether this server serves ``type_url``; an unsupported one is logged once per stream and ignored.
+
+    A per-type stream serves its one type: a request for another is a protocol error (`StreamError`).
+    """
+    if stream.only_type is not None and type_url != stream.only_type:
+        raise StreamError(
+            f"this stream serves only {typeurls.short_name(stream.only_type)}; a request for "
+            f"{typeurls.short_name(type_url)} belongs on its own discovery service or on ADS"
+        )
     if type_url in typeurls.SUPPORTED:
         return True
     if type_url not in stream.warned_types:
         stream.warned_types.add(type_url)
         log.warning("proxy %s asked for unsupported type %r; ignoring its requests", stream.node_id, type_url)
     return False
+
+
+class _PerTypeStream(AckSource, Protocol):
+    node_id: str | None
+    only_type: str | None
+    siblings: NodeStreams | None
+
+
+def ack_source(stream: _PerTypeStream, type_url: str) -> AckSource | None:
+    """Where `stream` reads the proxy's ACKs of `type_url` (`warm_routes`): itself on ADS, the
+    node's stream of that type in this process on a per-type service (None if there is none)."""
+    if stream.only_type is None:
+        return stream
+    if stream.siblings is None or stream.node_id is None:
+        return None
+    return stream.siblings.get(stream.node_id, type_url)
 
 
 @dataclass(slots=True)
@@ -129,6 +164,13 @@ class SotwStream:
     _types: dict[str, _TypeState] = field(default_factory=dict)
     _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     warned_types: set[str] = field(default_factory=set)
+    only_type: str | None = None  # a per-type discovery service's stream: serves this type only
+    siblings: NodeStreams | None = None  # this process's per-type streams, for a per-type stream's route hold
+    xds_cluster: str | None = None  # set (check_node) on a per-type LDS or CDS stream: see `config_sources`
+
+    def _snapshot(self) -> Snapshot:
+        snapshot = self.cache.snapshot_for(self.node_cluster)
+        return snapshot if self.xds_cluster is None else for_per_type(snapshot, False, self.xds_cluster)
 
     def on_request(self, request: discovery_pb2.DiscoveryRequest) -> list[bytes]:
         check_node(self, request)
@@ -176,11 +218,12 @@ class SotwStream:
         response = self._respond(type_url, state, force=first and state.wildcard)
         if response:
             responses.append(response)
-        routes = self._types.get(typeurls.ROUTE)
-        if acked and routes is not None and routes.held and type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
-            held = self._respond(typeurls.ROUTE, routes, force=False)
-            if held:
+        if acked and type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
+            routes = self._types.get(typeurls.ROUTE)
+            if routes is not None and routes.held and (held := self._respond(typeurls.ROUTE, routes, force=False)):
                 responses.append(held)
+            elif self.only_type is not None and self.siblings is not None and self.node_id is not None:
+                self.siblings.wake(self.node_id, typeurls.ROUTE)  # the node's RDS stream looks again
         return responses
 
     def _earlier_changes(self, type_url: str) -> list[bytes]:
@@ -201,16 +244,17 @@ class SotwStream:
                     responses.append(response)
         return responses
 
+    def subscription_of(self, type_url: str) -> tuple[bool, frozenset[str]] | None:
+        state = self._types.get(type_url)
+        return (state.wildcard, state.names) if state is not None else None
+
+    def acked_of(self, type_url: str) -> Mapping[str, str] | None:
+        state = self._types.get(type_url)
+        return state.acked if state is not None else None
+
     def _clusters_acked(self, snapshot: Snapshot, routes: Sent) -> bool:
-        clusters, endpoints = self._types.get(typeurls.CLUSTER), self._types.get(typeurls.ENDPOINT)
-        return clusters_acked(
-            snapshot,
-            routes,
-            (clusters.wildcard, clusters.names) if clusters is not None else None,
-            clusters.acked if clusters is not None else None,
-            endpoints.acked if endpoints is not None else None,
-            asks_for_endpoints=endpoints is not None,
-        )
+        return route_may_go(snapshot, routes, ack_source(self, typeurls.CLUSTER),
+                            ack_source(self, typeurls.ENDPOINT))  # fmt: skip
 
     def _nacked(self, type_url: str, state: _TypeState, message: str) -> None:
         sent = state.last_sent
@@ -241,7 +285,7 @@ class SotwStream:
             self.emit(SubscriptionChanged(self.stream_id, type_url, wildcard, names))
 
     def _respond(self, type_url: str, state: _TypeState, force: bool) -> bytes | None:
-        snapshot = self.cache.snapshot_for(self.node_cluster)
+        snapshot = self._snapshot()
         version = snapshot.type_versions[type_url]
         if not force and state.checked == version:
             return None  # nothing of this type changed since we last looked

@@ -6,8 +6,8 @@ Started by ``aviary.discovery.workers`` (see ``worker_protocol`` for the message
    first proxy it accepts gets the current configuration, never an older one;
 2. listens on ``--address`` (a concrete port) with SO_REUSEPORT, beside the other workers of the
    same ``aviary serve``, and says ``ready``;
-3. serves ADS with the same `AggregatedDiscoveryService` and `SotwStream` as the single process,
-   numbering streams from ``first_stream_id(W)``, answering a new stream only after a barrier
+3. serves ADS and the per-type services with the same `AggregatedDiscoveryService` and streams as
+   the single process, numbering streams from ``first_stream_id(W)``, answering a new stream only after a barrier
    round trip with the engine (so it holds every snapshot published before the stream started),
    and sends every proxy event back, batched per turn of the event loop; answers the engine's pings
    from the same loop (one that stops answering is killed and replaced);
