@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +37,7 @@ from typing import Any
 
 from tests.bench.bare_server import rollout_name
 from tests.bench.fanout import ROLLOUTS, LineProcess, Server, aviary_server, clients, percentile, write_policies
+from tests.bench.fanout_client import raise_fd_limit
 from tests.bench.procstat import cpu_seconds, rss_bytes
 
 PROTOCOLS = ("sotw", "delta")
@@ -189,11 +192,6 @@ async def bench_protocols(streams: int, changes: int, workers: int, canaries: in
 
 def main() -> None:
     """``python -m tests.bench.fanout_delta [N] [CHANGES] [WORKERS]``: one run, printed as JSON."""
-    import json
-    import sys
-
-    from tests.bench.fanout_client import raise_fd_limit
-
     raise_fd_limit()
     n, changes, workers = (int(a) for a in [*sys.argv[1:], "1000", "10", "2"][:3])
     print(json.dumps(asyncio.run(bench_protocols(n, changes, workers)), indent=1))
