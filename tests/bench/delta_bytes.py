@@ -15,7 +15,8 @@ names following CDS) and ACKs every response. Three changes are measured:
 Bytes are exact (what one stream is sent, every response of the change, subscription follow-ups
 included). CPU is this process's time inside the streams' own calls (requests handled, responses
 computed: the server's part; gRPC's cost per byte comes on top) for ``--streams`` streams of a kind
-and one change, summed per call, so it is noisy.
+and one change, summed per call, so it is noisy. The same changes through real gRPC against
+`aviary serve`, timed: tests/bench/fanout_delta.py (`make bench`).
 """
 
 from __future__ import annotations

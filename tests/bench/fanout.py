@@ -150,9 +150,12 @@ def _policy(name: str, version: str, analysis: dict[str, Any] | None) -> dict[st
     return doc
 
 
-def write_policies(policies: Path, rollouts: int, version: str, analysis: dict[str, Any] | None = None) -> None:
-    """One file per rollout, each written atomically (the server polls the directory)."""
-    for i in range(rollouts):
+def write_policies(
+    policies: Path, rollouts: int | range, version: str, analysis: dict[str, Any] | None = None
+) -> None:
+    """One file per rollout (``rollouts``: how many, or which), each written atomically (the server
+    polls the directory)."""
+    for i in range(rollouts) if isinstance(rollouts, int) else rollouts:
         name = rollout_name(i)
         tmp = policies / f".{name}.tmp"
         tmp.write_text(yaml.safe_dump(_policy(name, version, analysis), sort_keys=False))
@@ -176,8 +179,10 @@ async def aviary_server(
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     analysis: dict[str, Any] | None = None,
+    stable_left: int = 0,
 ) -> AsyncIterator[Server]:
-    """`aviary serve` on ``rollouts`` policies (v1); ``settle`` moves them all to a v2 canary at 10 %."""
+    """`aviary serve` on ``rollouts`` policies (v1); ``settle`` moves them to a v2 canary at 10 %, all
+    but the last ``stable_left`` (left at v1 without a canary, for new canaries later)."""
     policies = workdir / "policies"
     policies.mkdir(parents=True, exist_ok=True)
     write_policies(policies, rollouts, "v1")
@@ -213,18 +218,19 @@ async def aviary_server(
             await client.set_weight(rollout_name(0), 10 + k)
 
         async def settle() -> None:
-            write_policies(policies, rollouts, "v2", analysis)
+            write_policies(policies, range(rollouts - stable_left), "v2", analysis)
+            canaries = {rollout_name(i) for i in range(rollouts - stable_left)}
 
             async def canaries_acked() -> bool:
                 listed = await client.list_rollouts()
                 return all(r.phase == "Progressing" and r.HasField("acked_weight") and r.acked_weight == 10
-                           for r in listed)  # fmt: skip
+                           for r in listed if r.name in canaries)  # fmt: skip
 
             await poll(canaries_acked, 300, "every rollout's canary at 10 %, ACKed")
 
         note = "" if with_workers or workers == 1 else "single process: this aviary serve has no --xds-workers"
         yield Server("aviary", workers if with_workers else 1, xds, lambda: descendants(proc.pid), change, settle,
-                     note, {"admin": client, "pid": proc.pid})  # fmt: skip
+                     note, {"admin": client, "pid": proc.pid, "policies": policies})  # fmt: skip
     finally:
         await client.close()
         if proc.poll() is None:

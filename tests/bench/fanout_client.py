@@ -1,10 +1,14 @@
 """One client process of the fan-out benchmark: N ADS streams that behave like Envoy.
 
-    python -m tests.bench.fanout_client PORT --streams 1000     (from the repository root)
+    python -m tests.bench.fanout_client PORT --streams 1000 [--protocol delta]   (from the repository root)
 
 Each stream has its own channel, so its own TCP connection, as every Envoy has: the server under
 test pays per connection what it would pay in production. A stream asks like Envoy does (wildcard
-CDS and LDS, then EDS and RDS by the names those carry) and ACKs every response.
+CDS and LDS, then EDS and RDS by the names those carry) and ACKs every response: with
+``--protocol sotw`` (the default) on ``StreamAggregatedResources``, with ``--protocol delta`` on
+``DeltaAggregatedResources`` (subscribing to the EDS and RDS names as they appear, unsubscribing
+the EDS names of removed clusters, ACKing with the nonce). Responses are counted in bytes as they
+arrive on the wire (the serialized message, before it is parsed).
 
 The benchmark spreads N streams over several of these processes so that the clients are not what
 is measured; each reports its own CPU time so that the report can show it.
@@ -17,7 +21,10 @@ processes on one machine can be compared):
                streams were opened again after one ended
   ``mark``     remember every stream's route version; answers ``marked``. Once every served stream
                has received a different route version (or ``--change-timeout`` passed):
-               ``changed COUNT T_LAST T_FIRST CPU`` (CPU: this process's seconds since ``mark``)
+               ``changed COUNT T_LAST T_FIRST CPU BYTES MAX_BYTES`` (CPU: this process's seconds since
+               ``mark``; BYTES: response bytes all streams received since ``mark``, MAX_BYTES: the
+               most one stream received)
+  ``count``    ``count BYTES MAX_BYTES`` since ``mark``, now: what arrived after ``changed`` too
   ``quit`` or end of input: close everything and exit.
 
 A stream that ends is opened again after a jittered exponential backoff (0.5 s doubling up to 30 s,
@@ -35,18 +42,20 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
 RETRY_BASE = 0.5  # seconds: Envoy's ADS stream backoff, jittered, doubling up to RETRY_MAX
 RETRY_MAX = 30.0
 ENDS_LOGGED = 20  # ended streams logged in full (status and details) per process
@@ -59,18 +68,18 @@ def raise_fd_limit() -> int:
     return hard
 
 
-def _names(response: discovery_pb2.DiscoveryResponse) -> list[str]:
-    """The EDS cluster names of a CDS response, or the RDS names of an LDS response."""
-    if response.type_url == CDS:
+def _names(type_url: str, resources: list[Any]) -> list[str]:
+    """The EDS cluster names of CDS resources, or the RDS names of LDS resources (packed Anys)."""
+    if type_url == CDS:
         out = []
-        for packed in response.resources:
+        for packed in resources:
             cluster = cluster_pb2.Cluster()
             packed.Unpack(cluster)
             if cluster.type == cluster_pb2.Cluster.DiscoveryType.EDS:
                 out.append(cluster.name)
         return out
     routes = []
-    for packed in response.resources:
+    for packed in resources:
         listener = listener_pb2.Listener()
         packed.Unpack(listener)
         for chain in listener.filter_chains:
@@ -94,6 +103,7 @@ class Fleet:
         self.ended: dict[str, int] = {}  # status code name ("EOF": ended OK) -> streams ended
         self.retries = 0
         self.started = time.time()
+        self.bytes: dict[int, int] = {}  # stream -> response bytes received since ``mark``
 
     def on_end(self, index: int, code: str, details: str) -> None:
         self.ended[code] = self.ended.get(code, 0) + 1
@@ -118,9 +128,17 @@ class Fleet:
             self.changed_at[index] = now
         self.progress.set()
 
+    def received(self, index: int, size: int) -> None:
+        self.bytes[index] = self.bytes.get(index, 0) + size
+
+    def byte_counts(self) -> str:
+        """``BYTES MAX_BYTES`` since ``mark``: all streams, and the stream that received most."""
+        return f"{sum(self.bytes.values())} {max(self.bytes.values(), default=0)}"
+
     def mark(self) -> None:
         self.marked = dict(self.route_version)
         self.changed_at = {}
+        self.bytes = {}
 
     async def wait(self, done: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -135,18 +153,36 @@ class Fleet:
                 return
 
 
+def _counted(response_type: Any) -> Callable[[bytes], tuple[int, Any]]:
+    """A deserializer that keeps the size on the wire next to the parsed response."""
+
+    def parse(raw: bytes) -> tuple[int, Any]:
+        return len(raw), response_type.FromString(raw)
+
+    return parse
+
+
+def _call(channel: grpc.aio.Channel, method: str, request_type: Any, response_type: Any) -> Any:
+    """An ADS stream whose reads yield ``(bytes on the wire, response)``."""
+    return channel.stream_stream(
+        ADS + method, request_serializer=request_type.SerializeToString, response_deserializer=_counted(response_type)
+    )()
+
+
 async def proxy(channel: grpc.aio.Channel, index: int, fleet: Fleet) -> None:
-    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-    call = stub.StreamAggregatedResources()
+    """One state-of-the-world stream, asking as Envoy does."""
+    call = _call(channel, "StreamAggregatedResources", discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse)
     node = base_pb2.Node(id=f"bench-{index}", cluster="edge")
     await call.write(discovery_pb2.DiscoveryRequest(type_url=CDS, node=node))
     await call.write(discovery_pb2.DiscoveryRequest(type_url=LDS))
     subscribed: dict[str, list[str]] = {EDS: [], RDS: []}
     nonces: dict[str, str] = {}
     while True:
-        response = await call.read()
-        if response is grpc.aio.EOF:
+        read = await call.read()
+        if read is grpc.aio.EOF:
             return
+        size, response = read
+        fleet.received(index, size)
         nonces[response.type_url] = response.nonce
         await call.write(discovery_pb2.DiscoveryRequest(
             type_url=response.type_url, response_nonce=response.nonce, version_info=response.version_info,
@@ -154,7 +190,7 @@ async def proxy(channel: grpc.aio.Channel, index: int, fleet: Fleet) -> None:
         ))  # fmt: skip
         if response.type_url in (CDS, LDS):
             below = EDS if response.type_url == CDS else RDS
-            names = _names(response)
+            names = _names(response.type_url, list(response.resources))
             if names != subscribed[below]:
                 subscribed[below] = names
                 await call.write(discovery_pb2.DiscoveryRequest(
@@ -164,12 +200,43 @@ async def proxy(channel: grpc.aio.Channel, index: int, fleet: Fleet) -> None:
             fleet.on_route(index, response.version_info)
 
 
-async def envoy(channel: grpc.aio.Channel, index: int, fleet: Fleet, retry: bool) -> None:
+async def delta_proxy(channel: grpc.aio.Channel, index: int, fleet: Fleet) -> None:
+    """One incremental stream, asking as Envoy does with ``api_type: DELTA_GRPC``: wildcard CDS and LDS
+    (a first request naming nothing), then EDS and RDS by name as clusters and listeners arrive; the
+    EDS name of a removed cluster is unsubscribed. A route's version is its resource's version."""
+    call = _call(channel, "DeltaAggregatedResources", discovery_pb2.DeltaDiscoveryRequest,
+                 discovery_pb2.DeltaDiscoveryResponse)  # fmt: skip
+    node = base_pb2.Node(id=f"bench-{index}", cluster="edge")
+    await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=CDS, node=node))
+    await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=LDS))
+    subscribed: dict[str, set[str]] = {EDS: set(), RDS: set()}
+    while True:
+        read = await call.read()
+        if read is grpc.aio.EOF:
+            return
+        size, response = read
+        fleet.received(index, size)
+        await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce))
+        if response.type_url in (CDS, LDS):
+            below = EDS if response.type_url == CDS else RDS
+            new = set(_names(response.type_url, [r.resource for r in response.resources])) - subscribed[below]
+            gone = set(response.removed_resources) & subscribed[below] if below == EDS else set()
+            if new or gone:
+                subscribed[below] = (subscribed[below] | new) - gone
+                await call.write(discovery_pb2.DeltaDiscoveryRequest(
+                    type_url=below, resource_names_subscribe=sorted(new), resource_names_unsubscribe=sorted(gone)
+                ))  # fmt: skip
+        elif response.type_url == RDS:
+            for resource in response.resources:
+                fleet.on_route(index, resource.version)
+
+
+async def envoy(channel: grpc.aio.Channel, index: int, fleet: Fleet, retry: bool, delta: bool) -> None:
     """One proxy: its stream, counted when it ends, and opened again after a backoff (``retry``)."""
     delay = RETRY_BASE
     while True:
         try:
-            await proxy(channel, index, fleet)
+            await (delta_proxy if delta else proxy)(channel, index, fleet)
             code, details = "EOF", "the server ended the stream with status OK"
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code().name, str(exc.details())
@@ -189,6 +256,7 @@ async def main() -> None:
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     parser.add_argument("--change-timeout", type=float, default=120.0)
     parser.add_argument("--no-retry", action="store_true", help="a stream that ends stays ended (counted)")
+    parser.add_argument("--protocol", choices=("sotw", "delta"), default="sotw", help="the ADS variant to speak")
     args = parser.parse_args()
     raise_fd_limit()
     loop = asyncio.get_running_loop()
@@ -209,7 +277,9 @@ async def main() -> None:
                         f"127.0.0.1:{args.port}", options=[("grpc.use_local_subchannel_pool", 1)]
                     )
                     channels.append(channel)
-                    tasks.append(asyncio.create_task(envoy(channel, args.first_index + i, fleet, not args.no_retry)))
+                    tasks.append(asyncio.create_task(envoy(
+                        channel, args.first_index + i, fleet, not args.no_retry, args.protocol == "delta"
+                    )))
                 await fleet.wait(lambda: len(fleet.first_route_at) == args.streams, args.ready_timeout)
                 last = max(fleet.first_route_at.values(), default=0.0)
                 print(f"ready {len(fleet.first_route_at)} {last:.6f} {time.process_time():.4f} "
@@ -222,7 +292,10 @@ async def main() -> None:
                 await fleet.wait(lambda: len(fleet.changed_at) >= len(fleet.first_route_at), args.change_timeout)
                 times = fleet.changed_at.values()
                 print(f"changed {len(fleet.changed_at)} {max(times, default=0.0):.6f} "
-                      f"{min(times, default=0.0):.6f} {time.process_time() - cpu:.4f}", flush=True)  # fmt: skip
+                      f"{min(times, default=0.0):.6f} {time.process_time() - cpu:.4f} {fleet.byte_counts()}",
+                      flush=True)  # fmt: skip
+            elif line == "count":
+                print(f"count {fleet.byte_counts()}", flush=True)
             elif line == "quit":
                 break
     finally:

@@ -51,6 +51,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"/ {_ratio(r['change_max'])} | {_ratio(r['server_cpu_per_change'])} "
                 f"| {_ratio(r['rss_per_stream'])} | | |"
             )
+    lines += delta_rows(results.get("fanout_delta", []), env["cores"])
     lines += ["", "| Real Envoy: RDS push → ACK | p50 (ms) | p99 (ms) | max (ms) |", "|---|---|---|---|"]
     for run in results["envoy_push_ack"]:
         lines.append(f"| {run['envoys']} Envoy(s), {run['pushes']} pushes | {run['p50_ms']} | {run['p99_ms']} "
@@ -82,6 +83,36 @@ def markdown(results: dict[str, Any]) -> str:
             f"p50 {rb['median']} s over {rb['runs']} runs ({rb['min']} to {rb['max']} s)."
         )
     return "\n".join(lines) + "\n"
+
+
+def delta_rows(runs: list[dict[str, Any]], cores: int) -> list[str]:
+    """SotW against delta: one row per (N, change kind, protocol), then delta ÷ SotW."""
+    if not runs:
+        return []
+    lines = [
+        "",
+        "| N | change | protocol | bytes / stream | change p50 / p99 / max (ms) | server CPU / change (ms) "
+        "| client CPU / change (ms), busiest client | machine busy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        for kind in ("weight", "new canary"):
+            for protocol in ("sotw", "delta"):
+                row = run[protocol][kind]
+                change = row["change_ms"]
+                lines.append(
+                    f"| {run['streams']:,} | {kind} x{row['changes']} | {protocol} | {row['bytes_per_stream']:,} "
+                    f"| {change['p50']} / {change['p99']} / {change['max']} | {row['server_cpu_ms_per_change']} "
+                    f"| {row['client_cpu_ms_per_change']}, {int(row['client_busiest_process_cpu_share'] * 100)} % "
+                    f"| {machine_busy(row, cores)} % |"
+                )
+            r = run["delta_over_sotw"][kind]
+            lines.append(
+                f"| {run['streams']:,} | {kind} | delta ÷ sotw | {_ratio(r['bytes_per_stream'])} "
+                f"| {_ratio(r['change_p50'])} / {_ratio(r['change_p99'])} | {_ratio(r['server_cpu_per_change'])} "
+                "| | |"
+            )
+    return lines
 
 
 def plots(results: dict[str, Any], out: Path, prefix: str = "") -> list[Path]:

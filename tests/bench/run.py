@@ -1,6 +1,7 @@
 """`make bench`: how Aviary scales, side by side with bare baselines, plus real-Envoy and engine figures.
 
-    python -m tests.bench.run [--quick] [--streams 1000,5000] [--changes 20] [--workers 2] [--profile N]
+    python -m tests.bench.run [--quick] [--streams 1000,5000] [--delta-streams 1000] [--changes 20] [--workers 2]
+                              [--profile N]
 
 Not a pass/fail test: timings are reported, never asserted. Writes tests/bench/results.json, and
 tests/bench/out/ (ignored by git): results.markdown (the table, also printed) and PNG plots.
@@ -9,6 +10,10 @@ tests/bench/out/ (ignored by git): results.markdown (the table, also printed) an
     a bare server with W SO_REUSEPORT processes, same clients, same resources: clients served, time
     to first route for all, weight change p50/p99/max, server CPU per change, RSS per stream, and
     Aviary's ratios to both baselines; client CPU shows the clients are not the bottleneck;
+  - SotW against delta (tests/bench/fanout_delta.py): per N, two `aviary serve` side by side, N SotW
+    streams on one and N delta streams on the other, the same weight changes and new canaries
+    interleaved: time per change, bytes per stream, server and client CPU (N up to 5,000 unless
+    ``--delta-streams`` says otherwise);
   - real Envoy RDS push -> ACK with 1 and 8 Envoys (tests/bench/envoy_acks.py);
   - the engine with many rollouts under analysis against a stub Prometheus (tests/bench/engine.py);
   - rollback reaction through real Envoy and Prometheus (tests/bench/reaction.py; not with --quick);
@@ -37,6 +42,7 @@ from tests.bench.engine import bench_engine
 from tests.bench.envoy_acks import bench_envoy_acks
 from tests.bench.fanout import aviary_has_workers, bench_fanout
 from tests.bench.fanout_client import raise_fd_limit
+from tests.bench.fanout_delta import bench_protocols
 from tests.bench.procstat import load_average
 from tests.bench.reaction import bench_reaction
 from tests.bench.report import markdown, plots
@@ -88,6 +94,9 @@ def merged(before: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
     runs = {run["streams"]: run for run in before.get("fanout", [])}
     runs.update({run["streams"]: run for run in now.get("fanout", [])})
     out["fanout"] = [runs[n] for n in sorted(runs)]
+    runs = {run["streams"]: run for run in before.get("fanout_delta", [])}
+    runs.update({run["streams"]: run for run in now.get("fanout_delta", [])})
+    out["fanout_delta"] = [runs[n] for n in sorted(runs)]
     out["environment"] = now["environment"]
     out["environment"]["earlier_runs"] = [*before["environment"].pop("earlier_runs", []), before["environment"]]
     return out
@@ -97,6 +106,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, no Prometheus: keeps the bench working")
     parser.add_argument("--streams", help="comma-separated N (default 1000,5000,10000; quick: 50)")
+    parser.add_argument(
+        "--delta-streams", help="comma-separated N for SotW against delta (default: those of --streams up to 5000)"
+    )
     parser.add_argument("--changes", type=int, help="weight changes per N (default 20; quick: 3)")
     parser.add_argument("--workers", type=int, default=2, help="processes of Aviary and of the bare_W baseline")
     parser.add_argument("--profile", type=int, default=0, help="py-spy Aviary's changes at this N")
@@ -112,7 +124,9 @@ async def main() -> None:
         help="keep what the output JSON has for parts not run "
         "now (and fan-out at other N): to measure N = 10,000 separately",
     )
-    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: fanout,envoy,engine,reaction")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated parts to leave out: fanout,delta,envoy,engine,reaction"
+    )
     parser.add_argument("--report", action="store_true", help="measure nothing: table and plots from the output JSON")
     args = parser.parse_args()
     if args.report:
@@ -124,6 +138,10 @@ async def main() -> None:
     quick = args.quick
     streams = [int(n) for n in (args.streams or ("50" if quick else "1000,5000,10000")).split(",")]
     changes = args.changes or (3 if quick else 20)
+    # two servers and 2N streams at once: 10,000 each takes long on 2 cores, so only when asked
+    delta_streams = [int(n) for n in args.delta_streams.split(",")] if args.delta_streams else [
+        n for n in streams if n <= 5000
+    ]
     skip = set(filter(None, args.skip.split(",")))
     fd_limit = raise_fd_limit()
     results: dict[str, Any] = {
@@ -157,6 +175,14 @@ async def main() -> None:
             save()
             if "profile_top" in run:
                 print(f"profile of aviary at N={n}:", json.dumps(run["profile_top"], indent=1), flush=True)
+    results["fanout_delta"] = []
+    if "delta" not in skip:
+        for n in delta_streams:
+            run = await bench_protocols(n, changes, args.workers)
+            run["load_average_after"] = [round(x, 2) for x in load_average()]
+            results["fanout_delta"].append(run)
+            save()
+            print(f"SotW against delta at N={n}:", json.dumps(run), flush=True)
     results["envoy_push_ack"] = []
     if "envoy" not in skip:
         for envoys in (1, 2) if quick else (1, 8):

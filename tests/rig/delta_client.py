@@ -1,46 +1,20 @@
-"""A minimal in-process incremental (delta) ADS client for protocol tests: the twin of ads_client.py."""
+"""A minimal in-process incremental (delta) ADS client for protocol tests: the twin of ads_client.py,
+sharing its stream (`AdsStream`: connect, send, receive with a deadline, close)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
-import grpc
-from envoy.config.core.v3 import base_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.rpc import status_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from tests.rig.ads_client import AdsStream
 
 
-class DeltaAdsClient:
+class DeltaAdsClient(AdsStream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse]):
+    """Incremental: ``DeltaAggregatedResources``."""
+
     def __init__(self, port: int, node_id: str = "test-node", node_cluster: str = "edge") -> None:
-        self.node = base_pb2.Node(id=node_id, cluster=node_cluster)
-        self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        self._outbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = asyncio.Queue()
-        self._call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel).DeltaAggregatedResources(
-            self._requests()
-        )
-        self._sent_node = False
-        self._inbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryResponse | BaseException] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                response = await self._call.read()
-                if response is grpc.aio.EOF:
-                    self._inbox.put_nowait(EOFError("stream ended"))
-                    return
-                assert isinstance(response, discovery_pb2.DeltaDiscoveryResponse)
-                self._inbox.put_nowait(response)
-        except BaseException as exc:
-            self._inbox.put_nowait(exc)
-
-    async def _requests(self) -> AsyncIterator[discovery_pb2.DeltaDiscoveryRequest]:
-        while True:
-            request = await self._outbox.get()
-            if request is None:
-                return
-            yield request
+        super().__init__(port, "DeltaAggregatedResources", discovery_pb2.DeltaDiscoveryResponse, node_id, node_cluster)
 
     def send(
         self,
@@ -59,30 +33,10 @@ class DeltaAdsClient:
             response_nonce=nonce,
             initial_resource_versions=dict(initial or {}),
         )
-        if node or (node is None and not self._sent_node):
-            request.node.CopyFrom(self.node)
-            self._sent_node = True
-        if error is not None:
-            request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
-        self._outbox.put_nowait(request)
+        self._queue(request, error, node)
 
     def ack(self, response: discovery_pb2.DeltaDiscoveryResponse) -> None:
         self.send(response.type_url, nonce=response.nonce)
 
     def nack(self, response: discovery_pb2.DeltaDiscoveryResponse, message: str) -> None:
         self.send(response.type_url, nonce=response.nonce, error=message)
-
-    async def receive(self, timeout: float = 5.0) -> discovery_pb2.DeltaDiscoveryResponse:
-        item = await asyncio.wait_for(self._inbox.get(), timeout)
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    async def code(self) -> grpc.StatusCode:
-        return await self._call.code()
-
-    async def close(self) -> None:
-        self._outbox.put_nowait(None)
-        self._call.cancel()
-        self._reader.cancel()
-        await self._channel.close()
