@@ -11,12 +11,9 @@ replaced, and removed by `removed_resources`).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import grpc
-from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from aviary.discovery import typeurls
@@ -65,41 +62,6 @@ def per_type_method(type_url: str, delta: bool) -> str:
     return f"/{service}/{incremental if delta else sotw}"
 
 
-class _PerTypeWire(AdsClient):
-    """`AdsClient` on a per-type service's method instead of ADS (the same wire otherwise; its call is
-    made in its constructor, so this one makes its own, as `AdsClient.__init__` does)."""
-
-    def __init__(self, port: int, node_id: str, node_cluster: str, method: str) -> None:
-        self.node = base_pb2.Node(id=node_id, cluster=node_cluster)
-        self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        self._outbox: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
-        self._call = self._channel.stream_stream(
-            method,
-            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
-        )(self._requests())
-        self._sent_node = False
-        self._inbox: asyncio.Queue[discovery_pb2.DiscoveryResponse | BaseException] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read())
-
-
-class _PerTypeDeltaWire(DeltaAdsClient):
-    """`DeltaAdsClient` on a per-type service's incremental method (see `_PerTypeWire`)."""
-
-    def __init__(self, port: int, node_id: str, node_cluster: str, method: str) -> None:
-        self.node = base_pb2.Node(id=node_id, cluster=node_cluster)
-        self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        self._outbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = asyncio.Queue()
-        self._call = self._channel.stream_stream(
-            method,
-            request_serializer=discovery_pb2.DeltaDiscoveryRequest.SerializeToString,
-            response_deserializer=discovery_pb2.DeltaDiscoveryResponse.FromString,
-        )(self._requests())
-        self._sent_node = False
-        self._inbox: asyncio.Queue[discovery_pb2.DeltaDiscoveryResponse | BaseException] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read())
-
-
 class SotwClient(XdsClient):
     def __init__(self, port: int, node_id: str, node_cluster: str = "edge", only: str | None = None) -> None:
         super().__init__(SOTW)
@@ -107,7 +69,7 @@ class SotwClient(XdsClient):
         self.wire = (
             AdsClient(port, node_id, node_cluster)
             if only is None
-            else _PerTypeWire(port, node_id, node_cluster, per_type_method(only, delta=False))
+            else AdsClient(port, node_id, node_cluster, per_type_method(only, delta=False))
         )
         self.names: dict[str, list[str]] = {}  # type -> what the last request named (SotW repeats it all)
         self.last: dict[str, discovery_pb2.DiscoveryResponse] = {}
@@ -167,7 +129,7 @@ class DeltaClient(XdsClient):
         self.wire = (
             DeltaAdsClient(port, node_id, node_cluster)
             if only is None
-            else _PerTypeDeltaWire(port, node_id, node_cluster, per_type_method(only, delta=True))
+            else DeltaAdsClient(port, node_id, node_cluster, per_type_method(only, delta=True))
         )
         self.names: dict[str, set[str]] = {}
 

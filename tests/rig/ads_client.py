@@ -13,15 +13,19 @@ from typing import Generic, TypeVar
 
 import grpc
 from envoy.config.core.v3 import base_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
+
+from aviary.discovery.server import ADS_SERVICE
 
 RequestT = TypeVar("RequestT", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
 ResponseT = TypeVar("ResponseT", discovery_pb2.DiscoveryResponse, discovery_pb2.DeltaDiscoveryResponse)
 
 
 class AdsStream(Generic[RequestT, ResponseT]):
-    """One ADS stream (``method``: the stub's StreamAggregatedResources or DeltaAggregatedResources)."""
+    """One discovery stream. ``method``: ADS's StreamAggregatedResources or DeltaAggregatedResources, or
+    the full path of another discovery method (``/envoy.service.cluster.v3.ClusterDiscoveryService/
+    StreamClusters``: a per-type service speaks the same messages)."""
 
     def __init__(
         self, port: int, method: str, response_type: type[ResponseT], node_id: str, node_cluster: str
@@ -30,8 +34,16 @@ class AdsStream(Generic[RequestT, ResponseT]):
         self._response_type = response_type
         self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         self._outbox: asyncio.Queue[RequestT | None] = asyncio.Queue()
-        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel)
-        self._call = getattr(stub, method)(self._requests())
+        request_type = (
+            discovery_pb2.DeltaDiscoveryRequest
+            if response_type is discovery_pb2.DeltaDiscoveryResponse
+            else discovery_pb2.DiscoveryRequest
+        )
+        self._call = self._channel.stream_stream(
+            method if method.startswith("/") else f"/{ADS_SERVICE}/{method}",
+            request_serializer=request_type.SerializeToString,
+            response_deserializer=response_type.FromString,
+        )(self._requests())
         self._sent_node = False
         # Reads run in one task: cancelling a pending read() would cancel the whole RPC.
         self._inbox: asyncio.Queue[ResponseT | BaseException] = asyncio.Queue()
@@ -95,8 +107,11 @@ class AdsStream(Generic[RequestT, ResponseT]):
 class AdsClient(AdsStream[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse]):
     """State of the world: ``StreamAggregatedResources``."""
 
-    def __init__(self, port: int, node_id: str = "test-node", node_cluster: str = "edge") -> None:
-        super().__init__(port, "StreamAggregatedResources", discovery_pb2.DiscoveryResponse, node_id, node_cluster)
+    def __init__(
+        self, port: int, node_id: str = "test-node", node_cluster: str = "edge",
+        method: str = "StreamAggregatedResources",
+    ) -> None:  # fmt: skip
+        super().__init__(port, method, discovery_pb2.DiscoveryResponse, node_id, node_cluster)
 
     def send(
         self,

@@ -13,8 +13,11 @@ from tests.rig.ads_client import AdsStream
 class DeltaAdsClient(AdsStream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse]):
     """Incremental: ``DeltaAggregatedResources``."""
 
-    def __init__(self, port: int, node_id: str = "test-node", node_cluster: str = "edge") -> None:
-        super().__init__(port, "DeltaAggregatedResources", discovery_pb2.DeltaDiscoveryResponse, node_id, node_cluster)
+    def __init__(
+        self, port: int, node_id: str = "test-node", node_cluster: str = "edge",
+        method: str = "DeltaAggregatedResources",
+    ) -> None:  # fmt: skip
+        super().__init__(port, method, discovery_pb2.DeltaDiscoveryResponse, node_id, node_cluster)
 
     def send(
         self,
