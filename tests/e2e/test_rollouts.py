@@ -1,7 +1,11 @@
 """End-to-end canary rollouts: real Envoy, real Prometheus, backends whose behaviour tests change.
 
 One Envoy, one Prometheus (scraping Envoy's admin ``/stats/prometheus`` every second) and one
-in-process control plane serve the whole module; each test has its own rollout name, listener port
+in-process control plane serve the whole module. Two more Envoys follow the same control plane: one
+on incremental ADS (DELTA_GRPC) and one on the per-type discovery services (no ADS). They carry no
+load, but every step waits for their ACKs too, and the promotion and rollback tests check that
+their routes end where the first Envoy's does: the engine's decisions reach Envoys of all three
+modes. each test has its own rollout name, listener port
 and backends, so the tests never see each other's clusters or metrics. A test writes the policy
 with v1 (stable), waits until Envoy routes to it, starts steady load, then rewrites the file with
 v2 + strategy + analysis.
@@ -46,6 +50,16 @@ RATE_PER_CLIENT = 40.0  # ~160 req/s in all: plenty of canary requests, little C
 @dataclass
 class Rig(BaseRig):
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    other_envoys: list[EnvoyProcess] = field(default_factory=list)  # DELTA_GRPC and per-type: no load
+
+    def wait_for_other_envoys(self, route: str, weights: dict[str, int], timeout: float = 10) -> None:
+        """Wait until the delta and per-type Envoys route ``route`` by exactly ``weights``."""
+
+        def merged(envoy: EnvoyProcess) -> dict[str, int]:
+            return {c: w for vhost in envoy.route_weights(route).values() for c, w in vhost.items() if w}
+
+        wait_until(lambda: all(merged(e) == weights for e in self.other_envoys), timeout,
+                   what=f"route {weights} in the delta and per-type Envoys")  # fmt: skip
 
     def status(self, name: str) -> RolloutStatus | None:
         return self.plane.call(lambda p: p.runner.status(name))
@@ -79,10 +93,20 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     base = tmp_path_factory.mktemp("rollouts")
     started_at = time.monotonic()
     with running_rig(base, Rig) as rig:
-        rig.record("module", setup_s=time.monotonic() - started_at)
-        yield rig
-        rig.record("module", wall_s=time.monotonic() - started_at)
-        write_results("rollouts", rig.timings)
+        try:
+            for mode, delta, per_type in (("delta", True, False), ("per-type", False, True)):
+                envoy = EnvoyProcess(base / f"envoy-{mode}", rig.plane.xds_port, node_id=f"envoy-{mode}",
+                                     delta=delta, per_type=per_type)  # fmt: skip
+                rig.other_envoys.append(envoy)
+                envoy.start()
+            rig.record("module", setup_s=time.monotonic() - started_at)
+            yield rig
+            rig.record("module", wall_s=time.monotonic() - started_at)
+            write_results("rollouts", rig.timings)
+        finally:
+            for envoy in rig.other_envoys:
+                with contextlib.suppress(Exception):
+                    envoy.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +115,7 @@ def _dump_module_processes_on_failure(rig: Rig, request: pytest.FixtureRequest) 
     from tests.conftest import _FAILED  # the flag conftest's report hook sets on the test item
 
     if request.node.stash.get(_FAILED, False):
-        for thing in (rig.envoy, rig.prometheus, rig.plane):
+        for thing in (rig.envoy, *rig.other_envoys, rig.prometheus, rig.plane):
             print(f"\n===== {thing.describe()}")
 
 
@@ -304,6 +328,7 @@ def test_healthy_canary_is_promoted_step_by_step_without_a_failed_request(
     # Envoy: 100 % to v2 and the v1 cluster gone once nothing routes to it.
     canary.wait_for_route({"healthy_v2": 100})
     wait_until(lambda: "healthy_v1" not in rig.envoy.cluster_names(), 10, what="cluster healthy_v1 to leave envoy")
+    rig.wait_for_other_envoys(canary.watch.route, {"healthy_v2": 100})
     assert canary.load is not None
     assert set(_next_requests(canary.load)) == {"v2"}
     result = canary.load.stop()
@@ -332,6 +357,7 @@ def test_canary_answering_500s_is_rolled_back_within_its_first_step(
 
     wait_until(lambda: canary.watch.canary_weight() == 0, 10, what="canary weight 0 in envoy")
     assert max(canary.watch.canary_weights()) == 20, canary.watch.describe()
+    rig.wait_for_other_envoys(canary.watch.route, {"errors_v1": 100})
     assert canary.load is not None
     first_5xx = canary.load.snapshot().first_status_5xx_at
     assert first_5xx is not None
