@@ -37,21 +37,17 @@ fleet) get one body, computed once (`_diff`), each with its own nonce.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from envoy.service.discovery.v3 import discovery_pb2
 
 from aviary.discovery import typeurls, wire
-from aviary.discovery.cache import SnapshotCache
-from aviary.discovery.config_sources import for_per_type
 from aviary.discovery.proxy_events import (
-    ProxyEvent,
     ResourcesAcked,
     ResourcesNacked,
     ResponseSent,
@@ -63,11 +59,10 @@ from aviary.discovery.sotw import (
     MAX_RESOURCE_NAMES,
     WILDCARD_TYPES,
     StreamError,
-    ack_source,
     check_node,
     supported,
 )
-from aviary.discovery.warm_routes import NodeStreams, route_may_go
+from aviary.discovery.typed_streams import TypedStream
 
 __all__ = ["DeltaStream", "held"]
 
@@ -107,23 +102,8 @@ class _TypeState:
 
 
 @dataclass(slots=True)
-class DeltaStream:
-    stream_id: int
-    peer: str
-    cache: SnapshotCache
-    emit: Callable[[ProxyEvent], None]
-    node_id: str | None = None
-    node_cluster: str = ""
-    _types: dict[str, _TypeState] = field(default_factory=dict)
-    _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    warned_types: set[str] = field(default_factory=set)
-    only_type: str | None = None  # a per-type discovery service's stream: serves this type only
-    siblings: NodeStreams | None = None  # this process's per-type streams, for a per-type stream's route hold
-    xds_cluster: str | None = None  # set (check_node) on a per-type LDS or CDS stream: see `config_sources`
-
-    def _snapshot(self) -> Snapshot:
-        snapshot = self.cache.snapshot_for(self.node_cluster)
-        return snapshot if self.xds_cluster is None else for_per_type(snapshot, True, self.xds_cluster)
+class DeltaStream(TypedStream[_TypeState]):
+    DELTA: ClassVar[bool] = True
 
     def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> list[bytes]:
         check_node(self, request)
@@ -147,46 +127,7 @@ class DeltaStream:
             state = self._types[type_url] = _TypeState(held(type_url, initial))
         acked = bool(request.response_nonce) and self._answered(type_url, state, request)
         self._update_subscription(type_url, state, request, first)
-        # A snapshot change this stream has not pushed yet (its wake-up may be queued behind this
-        # request) goes out for the types before this one first: a response never overtakes a change
-        # of a type that comes before it in PUSH_ORDER (clusters before the routes that name them).
-        responses = self._earlier_changes(type_url)
-        response = self._respond(type_url, state, force=first)
-        if response:
-            responses.append(response)
-        if acked and type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
-            routes = self._types.get(typeurls.ROUTE)
-            if routes is not None and routes.held and (route := self._respond(typeurls.ROUTE, routes, force=False)):
-                responses.append(route)
-            elif self.only_type is not None and self.siblings is not None and self.node_id is not None:
-                self.siblings.wake(self.node_id, typeurls.ROUTE)  # the node's RDS stream looks again
-        return responses
-
-    def _earlier_changes(self, type_url: str) -> list[bytes]:
-        responses = []
-        for earlier in typeurls.PUSH_ORDER[: typeurls.PUSH_ORDER.index(type_url)]:
-            state = self._types.get(earlier)
-            if state is not None and (response := self._respond(earlier, state, force=False)):
-                responses.append(response)
-        return responses
-
-    def on_snapshot_changed(self) -> list[bytes]:
-        responses = []
-        for type_url in typeurls.PUSH_ORDER:
-            state = self._types.get(type_url)
-            if state is not None:
-                response = self._respond(type_url, state, force=False)
-                if response:
-                    responses.append(response)
-        return responses
-
-    def subscription_of(self, type_url: str) -> tuple[bool, frozenset[str]] | None:
-        state = self._types.get(type_url)
-        return (state.wildcard, state.names) if state is not None else None
-
-    def acked_of(self, type_url: str) -> Mapping[str, str] | None:
-        state = self._types.get(type_url)
-        return state.acked if state is not None else None
+        return self._ordered(type_url, state, force=first, acked=acked)
 
     def _answered(self, type_url: str, state: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> bool:
         """Report the ACK or NACK of the response `request.response_nonce` names, once; True for an ACK."""
@@ -272,10 +213,6 @@ class DeltaStream:
         response = wire.with_nonce(diff.body, nonce)
         self.emit(ResponseSent(self.stream_id, type_url, len(response)))
         return response
-
-    def _clusters_acked(self, snapshot: Snapshot, routes: Sent) -> bool:
-        return route_may_go(snapshot, routes, ack_source(self, typeurls.CLUSTER),
-                            ack_source(self, typeurls.ENDPOINT))  # fmt: skip
 
 
 # ---- responses shared between streams -----------------------------------------------------------

@@ -27,19 +27,17 @@ What a stream was sent and subscribes to are values shared with every stream sen
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
 
 from envoy.service.discovery.v3 import discovery_pb2
 
 from aviary.discovery import typeurls, wire
-from aviary.discovery.cache import SnapshotCache
-from aviary.discovery.config_sources import for_per_type, xds_cluster_of
+from aviary.discovery.config_sources import xds_cluster_of
 from aviary.discovery.proxy_events import (
     ProxyConnected,
     ProxyEvent,
@@ -49,8 +47,7 @@ from aviary.discovery.proxy_events import (
     SubscriptionChanged,
 )
 from aviary.discovery.sharing import Sent, selection, shared_names
-from aviary.discovery.snapshot import Snapshot
-from aviary.discovery.warm_routes import AckSource, NodeStreams, route_may_go
+from aviary.discovery.typed_streams import TypedStream
 
 log = logging.getLogger("aviary.xds")
 
@@ -123,22 +120,6 @@ def supported(stream: StreamIdentity, type_url: str) -> bool:
     return False
 
 
-class _PerTypeStream(AckSource, Protocol):
-    node_id: str | None
-    only_type: str | None
-    siblings: NodeStreams | None
-
-
-def ack_source(stream: _PerTypeStream, type_url: str) -> AckSource | None:
-    """Where `stream` reads the proxy's ACKs of `type_url` (`warm_routes`): itself on ADS, the
-    node's stream of that type in this process on a per-type service (None if there is none)."""
-    if stream.only_type is None:
-        return stream
-    if stream.siblings is None or stream.node_id is None:
-        return None
-    return stream.siblings.get(stream.node_id, type_url)
-
-
 @dataclass(slots=True)
 class _TypeState:
     wildcard: bool = False
@@ -154,24 +135,7 @@ class _TypeState:
 
 
 @dataclass(slots=True)
-class SotwStream:
-    stream_id: int
-    peer: str
-    cache: SnapshotCache
-    emit: Callable[[ProxyEvent], None]
-    node_id: str | None = None
-    node_cluster: str = ""
-    _types: dict[str, _TypeState] = field(default_factory=dict)
-    _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    warned_types: set[str] = field(default_factory=set)
-    only_type: str | None = None  # a per-type discovery service's stream: serves this type only
-    siblings: NodeStreams | None = None  # this process's per-type streams, for a per-type stream's route hold
-    xds_cluster: str | None = None  # set (check_node) on a per-type LDS or CDS stream: see `config_sources`
-
-    def _snapshot(self) -> Snapshot:
-        snapshot = self.cache.snapshot_for(self.node_cluster)
-        return snapshot if self.xds_cluster is None else for_per_type(snapshot, False, self.xds_cluster)
-
+class SotwStream(TypedStream[_TypeState]):
     def on_request(self, request: discovery_pb2.DiscoveryRequest) -> list[bytes]:
         check_node(self, request)
         type_url = request.type_url
@@ -211,50 +175,7 @@ class SotwStream:
                     )
                 )
         self._update_subscription(type_url, state, request)
-        # A snapshot change this stream has not pushed yet (its wake-up may be queued behind this
-        # request) goes out for the types before this one first: a response never overtakes a change
-        # of a type that comes before it in PUSH_ORDER (clusters before the routes that name them).
-        responses = self._earlier_changes(type_url)
-        response = self._respond(type_url, state, force=first and state.wildcard)
-        if response:
-            responses.append(response)
-        if acked and type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
-            routes = self._types.get(typeurls.ROUTE)
-            if routes is not None and routes.held and (held := self._respond(typeurls.ROUTE, routes, force=False)):
-                responses.append(held)
-            elif self.only_type is not None and self.siblings is not None and self.node_id is not None:
-                self.siblings.wake(self.node_id, typeurls.ROUTE)  # the node's RDS stream looks again
-        return responses
-
-    def _earlier_changes(self, type_url: str) -> list[bytes]:
-        responses = []
-        for earlier in typeurls.PUSH_ORDER[: typeurls.PUSH_ORDER.index(type_url)]:
-            state = self._types.get(earlier)
-            if state is not None and (response := self._respond(earlier, state, force=False)):
-                responses.append(response)
-        return responses
-
-    def on_snapshot_changed(self) -> list[bytes]:
-        responses = []
-        for type_url in typeurls.PUSH_ORDER:
-            state = self._types.get(type_url)
-            if state is not None:
-                response = self._respond(type_url, state, force=False)
-                if response:
-                    responses.append(response)
-        return responses
-
-    def subscription_of(self, type_url: str) -> tuple[bool, frozenset[str]] | None:
-        state = self._types.get(type_url)
-        return (state.wildcard, state.names) if state is not None else None
-
-    def acked_of(self, type_url: str) -> Mapping[str, str] | None:
-        state = self._types.get(type_url)
-        return state.acked if state is not None else None
-
-    def _clusters_acked(self, snapshot: Snapshot, routes: Sent) -> bool:
-        return route_may_go(snapshot, routes, ack_source(self, typeurls.CLUSTER),
-                            ack_source(self, typeurls.ENDPOINT))  # fmt: skip
+        return self._ordered(type_url, state, force=first and state.wildcard, acked=acked)
 
     def _nacked(self, type_url: str, state: _TypeState, message: str) -> None:
         sent = state.last_sent
