@@ -61,13 +61,16 @@ def _wall_timestamp(at: float) -> Timestamp:
 
 
 def check_message(result: CheckResult) -> pb.CheckResult:
-    message = pb.CheckResult(name=result.name, outcome=result.outcome.name.title(), reason=result.reason)
+    message = pb.CheckResult(name=result.name, outcome=result.outcome.name.title(), reason=result.reason,
+                             kind=result.kind, queries=list(result.queries), compare_by=result.thresholds.by or "")
     for field, value in (
         ("value", result.value),
         ("stable_value", result.stable_value),
         ("min", result.thresholds.min),
         ("max", result.thresholds.max),
         ("max_decrease_from_stable", result.thresholds.max_decrease_from_stable),
+        ("canary_samples", result.canary_samples),
+        ("stable_samples", result.stable_samples),
     ):
         if value is not None:
             setattr(message, field, value)
