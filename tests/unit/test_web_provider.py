@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -21,67 +17,14 @@ from aviary.metrics.templates import Side
 from aviary.metrics.web import WebProvider, split_query
 from aviary.policy.analysis import CheckOutcome
 from aviary.policy.schema import Analysis
+from tests.rig.json_server import JsonServer, Page
 from tests.rig.ports import free_port
-
-
-@dataclass
-class Page:
-    status: int = 200
-    body: bytes = b"{}"
-    delay: float = 0.0
-    content_type: str = "application/json"
-
-
-@dataclass
-class JsonServer:
-    """Serves ``pages`` by path (with query string); unknown paths get 404. Records every path asked."""
-
-    pages: dict[str, Page] = field(default_factory=dict)
-    asked: list[str] = field(default_factory=list)
-    server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def json(self, path: str, document: Any, **kwargs: Any) -> None:
-        self.pages[path] = Page(body=json.dumps(document).encode(), **kwargs)
 
 
 @pytest.fixture
 def web() -> Iterator[JsonServer]:
-    fake = JsonServer()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            fake.asked.append(self.path)
-            page = fake.pages.get(self.path, Page(status=404, body=b"no such page", content_type="text/plain"))
-            time.sleep(page.delay)
-            try:
-                self.send_response(page.status)
-                self.send_header("Content-Type", page.content_type)
-                self.send_header("Content-Length", str(len(page.body)))
-                self.end_headers()
-                self.wfile.write(page.body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    server.block_on_close = False
-    fake.server = server
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with JsonServer() as server:
+        yield server
 
 
 @pytest.fixture
