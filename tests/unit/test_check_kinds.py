@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -316,3 +320,62 @@ def test_bad_version_label() -> None:
     assert errors_of("    versionLabel: 'app version'\n    metrics: [{name: a, template: request-rate, max: 1}]\n") == [
         "shop.yaml: spec.analysis.versionLabel: invalid Prometheus label name 'app version': letters, digits "
         "and '_', e.g. version"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian prometheus) not installed")
+def test_new_templates_evaluate_as_intended_in_prometheus(tmp_path: Path) -> None:
+    """`promtool test rules` evaluates the exact rendered queries over synthetic Envoy and application series."""
+
+    def rq_xx(cluster: str, code_class: str, values: str) -> dict[str, str]:
+        labels = f'envoy_cluster_name="{cluster}",envoy_response_code_class="{code_class}",instance="e1"'
+        return {"series": f"envoy_cluster_upstream_rq_xx{{{labels}}}", "values": values}
+
+    def bucket(le: str, values: str) -> dict[str, str]:
+        return {"series": f'envoy_cluster_upstream_rq_time_bucket{{envoy_cluster_name="ok",le="{le}"}}',
+                "values": values}
+
+    def app(metric: str, version: str, instance: str, values: str) -> dict[str, str]:
+        return {"series": f'{metric}{{version="{version}",instance="{instance}"}}', "values": values}
+
+    series = [
+        rq_xx("ok", "2", "0+10x60"),
+        rq_xx("dead", "5", "0+10x60"),
+        rq_xx("half", "2", "0+5x60"), rq_xx("half", "5", "0+3x60"), rq_xx("half", "4", "0+2x60"),
+        bucket("10", "0+9x60"), bucket("100", "0+10x60"), bucket("+Inf", "0+10x60"),
+        app("orders_completed_total", "v2", "a", "0+2x60"), app("orders_completed_total", "v1", "a", "0+9x60"),
+        app("process_cpu_seconds_total", "v2", "a", "0+0.5x60"),
+        app("process_cpu_seconds_total", "v2", "b", "0+0.3x60"),
+        app("process_resident_memory_bytes", "v2", "a", "100x60"),
+        app("process_resident_memory_bytes", "v2", "b", "300x60"),
+        app("go_gc_duration_seconds_sum", "v2", "a", "0+0.002x60"),
+        app("go_gc_duration_seconds_count", "v2", "a", "0+1x60"),
+    ]
+
+    def expect(query: str, value: float | None) -> dict[str, Any]:
+        """Rounded to millionths: promtool compares floats exactly, and 0.5 + 0.3 is not 0.8."""
+        samples = [] if value is None else [{"labels": "{}", "value": round(value * 1e6)}]
+        return {"expr": f"round(({query}) * 1000000)", "eval_time": "60s", "exp_samples": samples}
+
+    ok, v2 = Side("ok", "v2", 10), {"version_label": "version"}
+    tests = [
+        expect(template_query("error-rate-5xx", "ok", 30), 0),
+        expect(template_query("error-rate-5xx", "dead", 30), 100),
+        expect(template_query("error-rate-5xx", "half", 30), 30),
+        expect(template_query("error-rate-4xx", "half", 30), 20),
+        expect(template_query("error-rate-4xx", "missing", 30), None),
+        expect(template_query("request-duration-p50", "ok", 30), 10 * 5 / 9),
+        expect(template_query("request-duration-p95", "ok", 30), 55),
+        expect(template_query("request-rate-per-weight", ok, 30), 1),
+        expect(template_query("version-rate", ok, 30, metric="orders_completed_total", **v2), 2),
+        expect(template_query("version-rate-per-request", ok, 30, metric="orders_completed_total", **v2), 0.2),
+        expect(template_query("version-cpu", ok, 30, **v2), 0.4),
+        expect(template_query("version-cpu-per-request", ok, 30, **v2), 0.08),
+        expect(template_query("version-memory", ok, 30, **v2), 200),
+        expect(template_query("version-gc-pause", ok, 30, **v2), 0.002),
+    ]
+    doc = {"evaluation_interval": "1s",
+           "tests": [{"interval": "1s", "input_series": series, "promql_expr_test": tests}]}
+    path = tmp_path / "templates_test.yml"
+    path.write_text(json.dumps(doc))  # JSON is YAML
+    done = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
