@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from aviary.discovery.cache import SnapshotCache
+from aviary.discovery.director import TrafficDirector
+from aviary.discovery.proxy_status import ProxyStatus
 from aviary.metrics.checks import check_round, run_checks
 from aviary.metrics.kinds import PROMETHEUS, WEB, CompareCheck, RoundContext, ThresholdCheck, checks_of
 from aviary.metrics.provider import MetricProviderError
@@ -19,7 +25,11 @@ from aviary.metrics.templates import Side, TemplateError, render, request_count_
 from aviary.policy.analysis import CheckOutcome, judge_compare
 from aviary.policy.loader import parse_policy_text
 from aviary.policy.rollout_machine import guard_analysis
-from aviary.policy.schema import Analysis, MetricCheck
+from aviary.policy.rollout_state import WeightAcked
+from aviary.policy.schema import Analysis, MetricCheck, PolicySet, Rollout
+from aviary.runner import RolloutRunner
+from tests.rig.policies import rollout_doc
+from tests.rig.waiting import async_wait_until
 
 CANARY = Side("shop_v2", "v2", 10)
 STABLE = Side("shop_v1", "v1", 90)
@@ -379,3 +389,53 @@ def test_new_templates_evaluate_as_intended_in_prometheus(tmp_path: Path) -> Non
     path.write_text(json.dumps(doc))  # JSON is YAML
     done = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------------------------ the runner
+
+
+@dataclass
+class Recording(Scripted):
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_the_runner_gives_each_source_its_provider_with_versions_and_weights() -> None:
+    """The runner makes the web provider at the first web check, renders version and weight for both
+    sides, and closes every provider when its loop ends."""
+    def rollout(version: str) -> Rollout:
+        doc = rollout_doc("shop", version, steps=(20, 50))
+        doc["spec"]["analysis"] = {
+            "prometheus": "http://prometheus.invalid:9090", "checkEvery": "0.2s", "minRequests": 1,
+            "metrics": [
+                {"name": "per-weight", "template": "request-rate-per-weight", "compare": {"by": "ratio", "min": 0.5}},
+                {"name": "orders", "web": {"url": "http://127.0.0.1:1/o/{{ canary_version }}", "jsonPath": "$.n"},
+                 "compare": {"by": "ratio", "min": 0.9}}]}
+        return Rollout.model_validate(doc)
+
+    prometheus, web = Recording({}), Recording({})
+    made: list[Recording] = []
+
+    def web_factory() -> Recording:
+        made.append(web)
+        return web
+
+    runner = RolloutRunner(TrafficDirector(SnapshotCache(), ProxyStatus()), provider_factory=lambda url: prometheus,
+                           clock=time.monotonic, web_factory=web_factory)
+    runner.apply_policies(PolicySet({"shop": rollout("v1")}))
+    runner.apply_policies(PolicySet({"shop": rollout("v2")}))
+    runner.handle("shop", WeightAcked("v2", 20, time.monotonic()))
+    task = asyncio.create_task(runner.run())
+    try:
+        await async_wait_until(lambda: len(web.asked) >= 4, 5.0, what="two rounds of web checks")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert made == [web]  # one web provider for every round
+    assert set(web.asked) == {"http://127.0.0.1:1/o/v2#$.n", "http://127.0.0.1:1/o/v1#$.n"}
+    rate = 'sum(rate(envoy_cluster_upstream_rq_xx{envoy_cluster_name="shop_%s"}[30s]))'
+    assert {rate % "v2" + " / 20", rate % "v1" + " / 80"} <= set(prometheus.asked)
+    assert prometheus.closed and web.closed
