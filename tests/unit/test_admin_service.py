@@ -497,5 +497,8 @@ def test_check_message_carries_kind_queries_and_compare_bounds() -> None:
     assert (message.kind, list(message.queries), message.compare_by, message.max) == (
         "compare", ["q-canary", "q-stable"], "ratio", 1.2)
     assert not message.HasField("canary_samples") and not message.HasField("min")
-    samples = check_message(CheckResult("l", CheckOutcome.PASS, None, None, Thresholds(), "ok", "judge", (), 40, 41))
+    samples = check_message(CheckResult("l", CheckOutcome.PASS, None, None, Thresholds(), "ok", "judge", (), 40, 41,
+                                        2.5, (-1.0, 6.0)))
     assert (samples.canary_samples, samples.stable_samples) == (40, 41)
+    assert (samples.effect, samples.effect_low, samples.effect_high) == (2.5, -1.0, 6.0)
+    assert not message.HasField("effect")

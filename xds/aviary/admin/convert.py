@@ -71,6 +71,9 @@ def check_message(result: CheckResult) -> pb.CheckResult:
         ("max_decrease_from_stable", result.thresholds.max_decrease_from_stable),
         ("canary_samples", result.canary_samples),
         ("stable_samples", result.stable_samples),
+        ("effect", result.effect),
+        ("effect_low", result.effect_interval[0] if result.effect_interval is not None else None),
+        ("effect_high", result.effect_interval[1] if result.effect_interval is not None else None),
     ):
         if value is not None:
             setattr(message, field, value)

@@ -127,6 +127,10 @@ def _measured(check: pb.CheckResult, value: str, samples: str, missing: str) -> 
 
 
 def _thresholds(check: pb.CheckResult) -> str:
+    if check.HasField("effect"):
+        interval = (f" [{_number(check.effect_low)}, {_number(check.effect_high)}]"
+                    if check.HasField("effect_low") and check.HasField("effect_high") else "")
+        return f"effect {_number(check.effect)}{interval}"
     if check.compare_by:
         bounds = [f">= {_number(check.min)}" if check.HasField("min") else "",
                   f"<= {_number(check.max)}" if check.HasField("max") else ""]

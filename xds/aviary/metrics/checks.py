@@ -76,7 +76,8 @@ async def check_round(providers: Providers, analysis: Analysis, canary: Side | s
         reason = (f"round took {took:.1f}s, more than {limit:g}s (was the control plane frozen?): "
                   "its answers are too old to judge")
         results = tuple(dataclasses.replace(result, outcome=CheckOutcome.INCONCLUSIVE, value=None, stable_value=None,
-                                            canary_samples=None, stable_samples=None, reason=reason)
+                                            canary_samples=None, stable_samples=None, effect=None,
+                                            effect_interval=None, reason=reason)
                         for result in results)
     return started, results
 

@@ -92,7 +92,8 @@ class CheckResult:
 
     ``kind`` is the check kind that judged it; ``queries`` the rendered queries it asked (canary
     first); ``canary_samples``/``stable_samples`` how many samples a series-based kind compared
-    (None for scalar kinds). ``reason`` is the rule that produced the outcome, in words.
+    and ``effect``/``effect_interval`` the shift it estimated with its confidence interval (None
+    for scalar kinds). ``reason`` is the rule that produced the outcome, in words.
     """
 
     name: str
@@ -105,6 +106,8 @@ class CheckResult:
     queries: tuple[str, ...] = ()
     canary_samples: int | None = None
     stable_samples: int | None = None
+    effect: float | None = None
+    effect_interval: tuple[float, float] | None = None
 
     def __str__(self) -> str:
         return f"{self.name}: {self.outcome.value}: {self.reason}"
