@@ -118,10 +118,11 @@ def test_compare_plans_the_same_query_for_both_sides() -> None:
         (PROMETHEUS, 'sum(rate(x{cluster="shop_v2"}[30s]))'), (PROMETHEUS, 'sum(rate(x{cluster="shop_v1"}[30s]))')]
 
 
-def test_compare_of_a_query_that_ignores_the_version_is_refused_at_plan() -> None:
-    a = analysis({"name": "q", "query": "sum(up)", "compare": {"by": "ratio", "max": 2}})
+def test_compare_of_a_query_that_ignores_the_version_is_refused() -> None:
+    a = analysis({"name": "q", "query": 'sum(up{v="{{ canary_version }}"})', "compare": {"by": "ratio", "max": 2}})
+    same = Side("shop_v1", "v1", 10)  # cannot happen in a rollout; the plan still refuses it
     with pytest.raises(TemplateError, match="render the same query"):
-        checks_of(a)[0].plan(RoundContext(a, CANARY, STABLE))
+        checks_of(a)[0].plan(RoundContext(a, same, STABLE))
 
 
 async def test_a_round_with_both_kinds() -> None:
@@ -318,6 +319,12 @@ def test_a_policy_with_every_kind_and_source_loads() -> None:
      "supported are .name, ['name'], [N], [*] and .*"),
     ("[{name: a, web: {url: 'http://x/y', jsonPath: $.a}, query: 'up', max: 1}]",
      "shop.yaml: spec.analysis.metrics[0]: give exactly one of template, query or web"),
+    ("[{name: a, query: 'sum(up)', compare: {by: ratio, max: 2}}]",
+     "shop.yaml: spec.analysis.metrics[0].query: a compare check runs this for canary and stable: select the "
+     "version with {{ canary }} or {{ canary_version }} (swapped for the stable side)"),
+    ("[{name: a, web: {url: 'http://x/y', jsonPath: $.a}, compare: {by: ratio, max: 2}}]",
+     "shop.yaml: spec.analysis.metrics[0].web.url: a compare check runs this for canary and stable: select the "
+     "version with {{ canary }} or {{ canary_version }} (swapped for the stable side)"),
     ("[{name: a, query: 'up', maxDecreaseFromStable: 1}]",
      "shop.yaml: spec.analysis.metrics[0].maxDecreaseFromStable: only works with a template (a custom query has "
      "no stable counterpart; use compare: {by: difference, min: -N})"),

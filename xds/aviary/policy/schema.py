@@ -580,6 +580,7 @@ TEMPLATES = ENVOY_TEMPLATES + VERSION_TEMPLATES
 METRIC_TEMPLATES = {"version-rate": True, "version-rate-per-request": True, "version-gc-pause": False}
 """Templates that take ``metric`` (True: required, False: optional with a default)."""
 _METRIC_NAME = re.compile(r"^[A-Za-z_:][A-Za-z0-9_:]*$")
+_SIDE_PLACEHOLDER = re.compile(r"\{\{\s*(canary|stable|canary_version|stable_version)\s*\}\}")
 
 
 def _template(name: str) -> str:
@@ -672,6 +673,12 @@ class MetricCheck(BaseModel):
                              "use compare: {by: difference, min: -N})", "maxDecreaseFromStable")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise FieldIssue(f"min ({self.min:g}) is greater than max ({self.max:g})", "min")
+        if self.compare is not None and self.template is None:
+            text, where = (self.query, ("query",)) if self.query is not None else (
+                self.web.url if self.web is not None else "", ("web", "url"))
+            if not _SIDE_PLACEHOLDER.search(text or ""):
+                raise FieldIssue("a compare check runs this for canary and stable: select the version with "
+                                 "{{ canary }} or {{ canary_version }} (swapped for the stable side)", *where)
         takes = METRIC_TEMPLATES.get(self.template or "")
         if self.metric is not None and takes is None:
             raise FieldIssue(f"only for the templates {', '.join(METRIC_TEMPLATES)}", "metric")
