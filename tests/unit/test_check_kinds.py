@@ -401,17 +401,22 @@ def test_new_templates_evaluate_as_intended_in_prometheus(tmp_path: Path) -> Non
 # ------------------------------------------------------------------------------------ the runner
 
 
-@dataclass
+@dataclass(repr=False)
 class Recording(Scripted):
+    name: str = "recording"
     closed: bool = False
+
+    def __repr__(self) -> str:
+        return self.name
 
     def close(self) -> None:
         self.closed = True
 
 
-async def test_the_runner_gives_each_source_its_provider_with_versions_and_weights() -> None:
+async def test_the_runner_gives_each_source_its_provider_with_versions_and_weights(
+        caplog: pytest.LogCaptureFixture) -> None:
     """The runner makes the web provider at the first web check, renders version and weight for both
-    sides, and closes every provider when its loop ends."""
+    sides, logs a failing web source once, and closes every provider when its loop ends."""
     def rollout(version: str) -> Rollout:
         doc = rollout_doc("shop", version, steps=(20, 50))
         doc["spec"]["analysis"] = {
@@ -422,7 +427,8 @@ async def test_the_runner_gives_each_source_its_provider_with_versions_and_weigh
                  "compare": {"by": "ratio", "min": 0.9}}]}
         return Rollout.model_validate(doc)
 
-    prometheus, web = Recording({}), Recording({})
+    down = MetricProviderError("web GET http://127.0.0.1:1/o/v1 unreachable: connection refused")
+    prometheus, web = Recording({}, name="Prometheus"), Recording({"http://127.0.0.1:1/o/v1#$.n": down}, name="web")
     made: list[Recording] = []
 
     def web_factory() -> Recording:
@@ -446,3 +452,5 @@ async def test_the_runner_gives_each_source_its_provider_with_versions_and_weigh
     rate = 'sum(rate(envoy_cluster_upstream_rq_xx{envoy_cluster_name="shop_%s"}[30s]))'
     assert {rate % "v2" + " / 20", rate % "v1" + " / 80"} <= set(prometheus.asked)
     assert prometheus.closed and web.closed
+    warnings = [r.getMessage() for r in caplog.records if "inconclusive" in r.getMessage()]
+    assert warnings == [f"rollout shop: checks inconclusive: {down}"]

@@ -689,7 +689,7 @@ class RolloutRunner:
             try:
                 # Stamped with when its queries ran (its start), not when the answers came back.
                 started, results = await check_round(providers, analysis, canary_side, stable_side, self._clock)
-                self._report_provider_trouble(name, provider, results)
+                self._report_provider_trouble(name, providers, results)
                 self.submit(name, ChecksCompleted(results, started, canary_version))
             except Exception as exc:  # not a check's outcome (those are results): a fault of ours
                 self._engine_failed(name, exc, "a check round")
@@ -700,19 +700,21 @@ class RolloutRunner:
         self._checks[name] = asyncio.create_task(round_of_checks(), name=f"checks-{name}")
         self._wakes.mark(name)
 
-    def _report_provider_trouble(self, name: str, provider: MetricProvider, results: Iterable[CheckResult]) -> None:
-        """Log once per rollout when its metrics provider starts failing (or the cause changes), and
-        once when it answers again: status shows every round, the log only the changes."""
-        source = repr(provider)
-        cause = next((r.reason for r in results if r.outcome is CheckOutcome.INCONCLUSIVE and source in r.reason),
-                     None)
+    def _report_provider_trouble(self, name: str, providers: Mapping[str, MetricProvider],
+                                 results: Iterable[CheckResult]) -> None:
+        """Log once per rollout when one of its metrics providers starts failing (or the cause
+        changes), and once when it answers again: status shows every round, the log only the changes."""
+        sources = [repr(provider) for provider in providers.values()]
+        cause = next((r.reason for r in results if r.outcome is CheckOutcome.INCONCLUSIVE
+                      and any(source in r.reason for source in sources)), None)
         previous = self._provider_trouble.get(name)
         if cause == previous:
             return
         if cause is not None:
             log.warning("rollout %s: checks inconclusive: %s", name, cause)
             self._provider_trouble[name] = cause
-        else:
+        elif previous is not None:
+            source = next((source for source in sources if source in previous), sources[0])
             log.info("rollout %s: %s answers again", name, source)
             del self._provider_trouble[name]
 
