@@ -32,6 +32,7 @@ from tests.conftest import LoadgenFactory
 from tests.rig.backends import Backends
 from tests.rig.control_plane import write_policy
 from tests.rig.envoy import EnvoyProcess
+from tests.rig.json_server import JsonServer
 from tests.rig.loadgen import LoadGenerator
 from tests.rig.ports import free_port, port_open
 from tests.rig.stage import HOST, RouteWatch, running_rig, write_results
@@ -495,6 +496,63 @@ def test_custom_query_and_decrease_from_stable(rig: Rig, canary_factory: Callabl
         rollback_s = zero_at - first_5xx
         rig.record("custom_query_rolled_back", first_5xx_to_weight_0_s=rollback_s, goal_s=7.0)
         assert rollback_s < 30, story
+
+
+ERRORS_VS_STABLE = {"name": "errors-vs-stable", "template": "error-rate-5xx", "compare": {"by": "difference", "max": 5}}
+
+
+@pytest.mark.parametrize("passing", [True, False])
+def test_compare_check_against_stable(rig: Rig, canary_factory: Callable[..., Canary], passing: bool) -> None:
+    """``compare`` on the 5xx rate: a canary as good as stable is promoted, one 30 points worse is
+    rolled back in its first step; the result names both queries and both values."""
+    name = "compare-ok" if passing else "compare-bad"
+    canary = canary_factory(name)
+    if not passing:
+        canary.backends.set_behaviour("v2", error_rate=0.3)
+    canary.start({"steps": [20, 50], "interval": "3s" if passing else "20s"}, analysis(rig, [ERRORS_VS_STABLE]))
+    status = canary.wait_until_settled(40)
+    story = rig.story(name)
+    checks = [c for e in rig.history(name) for c in e.checks if c.name == "errors-vs-stable"]
+    assert checks, story
+    last = checks[-1]
+    assert last.kind == "compare" and len(last.queries) == 2, story
+    assert f'"{name}_v2"' in last.queries[0] and f'"{name}_v1"' in last.queries[1], story
+    if passing:
+        assert status.phase is Phase.STABLE and status.stable.version == "v2", story
+        passed = [c for c in checks if c.outcome is CheckOutcome.PASS]
+        assert passed and passed[-1].stable_value is not None, story
+    else:
+        assert status.phase is Phase.ROLLED_BACK and status.failed_version == "v2", story
+        assert all(e.step_index == 0 for e in rig.history(name) if e.to_phase is Phase.PROGRESSING), story
+        assert last.outcome is CheckOutcome.FAIL and last.reason.endswith("> max (5)"), story
+        wait_until(lambda: canary.watch.canary_weight() == 0, 10, what="canary weight 0 in envoy")
+
+
+def test_web_metric_rolls_back_a_canary_whose_orders_fall(rig: Rig, canary_factory: Callable[..., Canary]) -> None:
+    """The ``web`` provider drives a rollback: the shop's own JSON says the canary converts 60 %
+    fewer requests into orders than stable, and Envoy's route goes back to v1 in the first step."""
+    with JsonServer() as shop:
+        shop.json("/orders/v1", {"orders": {"perRequest": 0.3}})
+        shop.json("/orders/v2", {"orders": {"perRequest": 0.12}})
+        canary = canary_factory("web-orders")
+        orders = {"name": "orders", "web": {"url": shop.url + "/orders/{{ canary_version }}",
+                                            "jsonPath": "$.orders.perRequest"},
+                  "compare": {"by": "ratio", "min": 0.9}}
+        canary.start({"steps": [20, 50], "interval": "20s"}, analysis(rig, [SUCCESS_RATE, orders]))
+        status = canary.wait_until_settled(40)
+        story = rig.story(canary.name)
+        assert status.phase is Phase.ROLLED_BACK and status.failed_version == "v2", story
+        assert all(e.step_index == 0 for e in rig.history(canary.name) if e.to_phase is Phase.PROGRESSING), story
+        failing = {c.name: c for c in status.last_checks if c.outcome is CheckOutcome.FAIL}
+        assert list(failing) == ["orders"], story
+        assert failing["orders"].reason == "canary 0.12 / stable 0.3 = 0.4 < min (0.9)", story
+        assert failing["orders"].queries == (f"{shop.url}/orders/v2#$.orders.perRequest",
+                                             f"{shop.url}/orders/v1#$.orders.perRequest"), story
+        assert {"/orders/v1", "/orders/v2"} <= set(shop.asked)
+    wait_until(lambda: canary.watch.canary_weight() == 0, 10, what="canary weight 0 in envoy")
+    assert max(canary.watch.canary_weights()) == 20, canary.watch.describe()
+    assert canary.load is not None
+    assert set(_next_requests(canary.load)) == {"v1"}
 
 
 def test_prometheus_outage_holds_the_step_then_the_rollout_carries_on(

@@ -1,4 +1,4 @@
-"""A tiny local HTTP server that answers like Prometheus's ``GET /api/v1/query``.
+"""A tiny local HTTP server that answers like Prometheus's ``GET /api/v1/query`` (and ``query_range``).
 
 What it answers is up to the test: by default the :class:`Answer` stored for the exact query in
 ``answers`` (else ``default``, an empty vector), or whatever a ``respond(query)`` function returns.
@@ -47,6 +47,7 @@ class FakePrometheus:
         self.default = default if default is not None else Answer(body=vector_body())
         self.respond = respond if respond is not None else self.stored_answer
         self.queries: list[str] = []
+        self.ranges: list[dict[str, str]] = []  # parameters of every query_range asked
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -64,11 +65,14 @@ class FakePrometheus:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
-                if parts.path != "/api/v1/query":
+                if parts.path not in ("/api/v1/query", "/api/v1/query_range"):
                     self.send_error(404)
                     return
-                query = parse_qs(parts.query).get("query", [""])[0]
+                params = parse_qs(parts.query)
+                query = params.get("query", [""])[0]
                 fake.queries.append(query)
+                if parts.path.endswith("_range"):
+                    fake.ranges.append({name: values[0] for name, values in params.items()})
                 answer = fake.respond(query)
                 time.sleep(answer.delay)
                 try:

@@ -485,3 +485,20 @@ async def test_mtls_xds(plane_factory: PlaneFactory, pki: Pki) -> None:
 def test_client_tls_needs_cert_and_key_together(pki: Pki) -> None:
     with pytest.raises(TlsConfigError):
         ClientTls(ca=pki.ca, cert=pki.client_cert)
+
+
+def test_check_message_carries_kind_queries_and_compare_bounds() -> None:
+    from aviary.admin.convert import check_message
+    from aviary.policy.analysis import CheckOutcome, CheckResult, Thresholds
+
+    result = CheckResult("p99-vs", CheckOutcome.FAIL, 300.0, 200.0, Thresholds(max=1.2, by="ratio"), "1.5 > max (1.2)",
+                         "compare", ("q-canary", "q-stable"), None, None)
+    message = check_message(result)
+    assert (message.kind, list(message.queries), message.compare_by, message.max) == (
+        "compare", ["q-canary", "q-stable"], "ratio", 1.2)
+    assert not message.HasField("canary_samples") and not message.HasField("min")
+    samples = check_message(CheckResult("l", CheckOutcome.PASS, None, None, Thresholds(), "ok", "judge", (), 40, 41,
+                                        2.5, (-1.0, 6.0)))
+    assert (samples.canary_samples, samples.stable_samples) == (40, 41)
+    assert (samples.effect, samples.effect_low, samples.effect_high) == (2.5, -1.0, 6.0)
+    assert not message.HasField("effect")

@@ -271,3 +271,17 @@ def test_serve_on_a_state_file_with_an_undecodable_row_is_one_line(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"aviary serve: state file {state} is not usable") and err.count("\n") == 1, err
+
+
+def test_rollout_detail_shows_kind_compare_bounds_samples_and_queries() -> None:
+    compare = pb.CheckResult(name="p99-vs", outcome="Fail", kind="compare", value=300, stable_value=200, max=1.2,
+                             compare_by="ratio", reason="canary 300 / stable 200 = 1.5 > max (1.2)",
+                             queries=["histogram_quantile(0.99, canary)", "histogram_quantile(0.99, stable)"])
+    series = pb.CheckResult(name="latency", outcome="Inconclusive", kind="judge", canary_samples=12,
+                            stable_samples=30, effect=4.5, effect_low=-1, effect_high=9, reason="too few samples")
+    text = _text(render.rollout_detail(pb.Rollout(name="shop", phase="Progressing", stable_version="v1",
+                                                  canary_version="v2", steps=3, checks=[compare, series])))
+    for shown in ("compare", "canary / stable <= 1.2", "canary 300 / stable 200 = 1.5 > max (1.2)", "n=12", "n=30",
+                  "histogram_quantile(0.99, canary)", "histogram_quantile(0.99, stable)", "judge",
+                  "effect 4.5 [-1, 9]"):
+        assert shown in text, shown

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -239,3 +240,46 @@ async def test_run_checks_with_an_unknown_placeholder_is_inconclusive() -> None:
     results = await run_checks(ScriptedProvider({request_count_query(CANARY, 30): 100.0}), analysis, CANARY, STABLE)
     assert results[0].outcome is CheckOutcome.INCONCLUSIVE
     assert "unknown placeholder" in results[0].reason
+
+
+# ------------------------------------------------------------------- Prometheus' words, range queries
+
+
+async def test_an_error_answer_quotes_prometheus_own_message(prometheus: FakePrometheus) -> None:
+    prometheus.answers["sum("] = Answer(status=400, body=fixture_body("error_bad_data"))
+    with pytest.raises(MetricProviderError) as raised:
+        await PrometheusProvider(prometheus.url).query_scalar("sum(")
+    assert str(raised.value) == (f"Prometheus {prometheus.url} answered HTTP 400 (bad_data): "
+                                 'invalid parameter "query": 1:5: parse error: unexpected end of input')
+
+
+async def test_a_plain_text_error_answer_is_quoted(prometheus: FakePrometheus) -> None:
+    prometheus.answers["up"] = Answer(status=503, body=b"Service Unavailable\n", content_type="text/plain")
+    with pytest.raises(MetricProviderError) as raised:
+        await PrometheusProvider(prometheus.url).query_scalar("up")
+    assert str(raised.value) == f"Prometheus {prometheus.url} answered HTTP 503: Service Unavailable"
+
+
+def matrix_body(*values: str) -> bytes:
+    samples = [[1767225600 + index, value] for index, value in enumerate(values)]
+    return json.dumps({"status": "success",
+                       "data": {"resultType": "matrix", "result": [{"metric": {}, "values": samples}]}}).encode()
+
+
+async def test_query_series_is_a_range_query_at_the_step(prometheus: FakePrometheus) -> None:
+    prometheus.answers["p"] = Answer(body=matrix_body("1", "2.5", "NaN"))
+    samples = await PrometheusProvider(prometheus.url).query_series("p", 30, 1, 2)
+    assert samples[:2] == (1.0, 2.5) and math.isnan(samples[2])
+    (asked,) = prometheus.ranges
+    assert asked["step"] == "1" and float(asked["end"]) - float(asked["start"]) == pytest.approx(30, abs=1)
+    prometheus.answers["none"] = Answer(body=json.dumps(
+        {"status": "success", "data": {"resultType": "matrix", "result": []}}).encode())
+    assert await PrometheusProvider(prometheus.url).query_series("none", 30, 1, 2) == ()
+
+
+async def test_query_series_of_several_series_is_a_query_error(prometheus: FakePrometheus) -> None:
+    body = json.dumps({"status": "success", "data": {"resultType": "matrix", "result": [
+        {"metric": {"a": "1"}, "values": [[1, "1"]]}, {"metric": {"a": "2"}, "values": [[1, "1"]]}]}}).encode()
+    prometheus.answers["two"] = Answer(body=body)
+    with pytest.raises(MetricQueryError, match="2 series"):
+        await PrometheusProvider(prometheus.url).query_series("two", 30, 1, 2)

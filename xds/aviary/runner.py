@@ -43,8 +43,11 @@ from dataclasses import dataclass, replace
 from aviary.discovery.director import Placement, PublishedState, RolloutNack, TrafficDirector
 from aviary.discovery.resources import cluster_name
 from aviary.metrics.checks import check_round
+from aviary.metrics.kinds import PROMETHEUS, WEB
 from aviary.metrics.prometheus import PrometheusProvider
 from aviary.metrics.provider import MetricProvider
+from aviary.metrics.templates import Side
+from aviary.metrics.web import WebProvider
 from aviary.policy.analysis import CheckOutcome, CheckResult, inconclusive
 from aviary.policy.loader import orphan_conflicts
 from aviary.policy.rollout import (
@@ -193,6 +196,7 @@ class RolloutRunner:
         default_prometheus: str | None = None,
         provider_factory: ProviderFactory = PrometheusProvider,
         clock: Clock = time.time,
+        web_factory: Callable[[], MetricProvider] = WebProvider,
         store: StateStore | None = None,
         prune: bool = False,
     ) -> None:
@@ -203,7 +207,9 @@ class RolloutRunner:
         self._revision: str | None = None
         self._default_prometheus = default_prometheus
         self._provider_factory = provider_factory
-        self._providers: dict[str, MetricProvider] = {}
+        self._providers: dict[str, MetricProvider] = {}  # Prometheus by URL
+        self._web_factory = web_factory
+        self._web: MetricProvider | None = None  # one for every web check, made at the first
         self._clock = clock
         self._rollouts: dict[str, Rollout] = {}
         self._status: dict[str, RolloutStatus] = {}
@@ -523,11 +529,12 @@ class RolloutRunner:
             for task in self._checks.values():
                 task.cancel()
             self._checks.clear()
-            for provider in self._providers.values():
+            for provider in [*self._providers.values(), *([self._web] if self._web is not None else [])]:
                 close = getattr(provider, "close", None)
                 if close is not None:
                     close()  # its threads and HTTP session; a hanging query is abandoned, not awaited
             self._providers.clear()
+            self._web = None
 
     def process_queued(self) -> None:
         """Handle every event queued so far, as the loop does (for driving the runner by hand):
@@ -669,15 +676,20 @@ class RolloutRunner:
         provider = self._providers.get(url)
         if provider is None:
             provider = self._providers[url] = self._provider_factory(url)
+        providers = {PROMETHEUS: provider}
+        if any(metric.web is not None for metric in analysis.metrics):
+            if self._web is None:
+                self._web = self._web_factory()
+            providers[WEB] = self._web
+        stable_version = status.stable.version
+        canary_side = Side(cluster_name(name, canary_version), canary_version, status.weight)
+        stable_side = Side(cluster_name(name, stable_version), stable_version, 100 - status.weight)
 
         async def round_of_checks() -> None:
             try:
                 # Stamped with when its queries ran (its start), not when the answers came back.
-                started, results = await check_round(
-                    provider, analysis, cluster_name(name, canary_version), cluster_name(name, status.stable.version),
-                    self._clock,
-                )
-                self._report_provider_trouble(name, provider, results)
+                started, results = await check_round(providers, analysis, canary_side, stable_side, self._clock)
+                self._report_provider_trouble(name, providers, results)
                 self.submit(name, ChecksCompleted(results, started, canary_version))
             except Exception as exc:  # not a check's outcome (those are results): a fault of ours
                 self._engine_failed(name, exc, "a check round")
@@ -688,19 +700,21 @@ class RolloutRunner:
         self._checks[name] = asyncio.create_task(round_of_checks(), name=f"checks-{name}")
         self._wakes.mark(name)
 
-    def _report_provider_trouble(self, name: str, provider: MetricProvider, results: Iterable[CheckResult]) -> None:
-        """Log once per rollout when its metrics provider starts failing (or the cause changes), and
-        once when it answers again: status shows every round, the log only the changes."""
-        source = repr(provider)
-        cause = next((r.reason for r in results if r.outcome is CheckOutcome.INCONCLUSIVE and source in r.reason),
-                     None)
+    def _report_provider_trouble(self, name: str, providers: Mapping[str, MetricProvider],
+                                 results: Iterable[CheckResult]) -> None:
+        """Log once per rollout when one of its metrics providers starts failing (or the cause
+        changes), and once when it answers again: status shows every round, the log only the changes."""
+        sources = [repr(provider) for provider in providers.values()]
+        cause = next((r.reason for r in results if r.outcome is CheckOutcome.INCONCLUSIVE
+                      and any(source in r.reason for source in sources)), None)
         previous = self._provider_trouble.get(name)
         if cause == previous:
             return
         if cause is not None:
             log.warning("rollout %s: checks inconclusive: %s", name, cause)
             self._provider_trouble[name] = cause
-        else:
+        elif previous is not None:
+            source = next((source for source in sources if source in previous), sources[0])
             log.info("rollout %s: %s answers again", name, source)
             del self._provider_trouble[name]
 

@@ -61,13 +61,19 @@ def _wall_timestamp(at: float) -> Timestamp:
 
 
 def check_message(result: CheckResult) -> pb.CheckResult:
-    message = pb.CheckResult(name=result.name, outcome=result.outcome.name.title(), reason=result.reason)
+    message = pb.CheckResult(name=result.name, outcome=result.outcome.name.title(), reason=result.reason,
+                             kind=result.kind, queries=list(result.queries), compare_by=result.thresholds.by or "")
     for field, value in (
         ("value", result.value),
         ("stable_value", result.stable_value),
         ("min", result.thresholds.min),
         ("max", result.thresholds.max),
         ("max_decrease_from_stable", result.thresholds.max_decrease_from_stable),
+        ("canary_samples", result.canary_samples),
+        ("stable_samples", result.stable_samples),
+        ("effect", result.effect),
+        ("effect_low", result.effect_interval[0] if result.effect_interval is not None else None),
+        ("effect_high", result.effect_interval[1] if result.effect_interval is not None else None),
     ):
         if value is not None:
             setattr(message, field, value)

@@ -117,7 +117,25 @@ def rollouts_table(rollouts: Iterable[pb.Rollout]) -> Table:
     return table
 
 
+def _measured(check: pb.CheckResult, value: str, samples: str, missing: str) -> str:
+    """A check's value (``12.5``), with its sample count when a kind compared series (``12.5 (n=40)``)."""
+    text = _number(getattr(check, value)) if check.HasField(value) else missing
+    if check.HasField(samples):
+        count = f"n={getattr(check, samples)}"
+        return f"{text} ({count})" if text != missing else count
+    return text
+
+
 def _thresholds(check: pb.CheckResult) -> str:
+    if check.HasField("effect"):
+        interval = (f" [{_number(check.effect_low)}, {_number(check.effect_high)}]"
+                    if check.HasField("effect_low") and check.HasField("effect_high") else "")
+        return f"effect {_number(check.effect)}{interval}"
+    if check.compare_by:
+        bounds = [f">= {_number(check.min)}" if check.HasField("min") else "",
+                  f"<= {_number(check.max)}" if check.HasField("max") else ""]
+        what = "canary / stable" if check.compare_by == "ratio" else "canary - stable"
+        return f"{what} {', '.join(bound for bound in bounds if bound)}"
     limits = []
     if check.HasField("min"):
         limits.append(f"min {_number(check.min)}")
@@ -174,12 +192,20 @@ def rollout_detail(r: pb.Rollout) -> Group:
         facts.add_row(Text("engine error", style="bold red"), Text(r.engine_error, style="red"))
     parts += [Text(""), facts]
     if r.checks:
-        checks = Table("CHECK", "OUTCOME", "VALUE", "STABLE", "THRESHOLDS", "REASON", box=None, pad_edge=False)
+        checks = Table("CHECK", "KIND", "OUTCOME", "VALUE", "STABLE", "THRESHOLDS", "REASON", box=None, pad_edge=False)
         for c in r.checks:
-            checks.add_row(c.name, _OUTCOME_MARK.get(c.outcome, "") + " " + c.outcome,
-                           _number(c.value) if c.HasField("value") else "n/a",
-                           _number(c.stable_value) if c.HasField("stable_value") else "-", _thresholds(c), c.reason)
+            checks.add_row(c.name, c.kind or "threshold", _OUTCOME_MARK.get(c.outcome, "") + " " + c.outcome,
+                           _measured(c, "value", "canary_samples", "n/a"),
+                           _measured(c, "stable_value", "stable_samples", "-"), _thresholds(c), c.reason)
         parts += [Text(""), checks]
+        sides = ("canary", "stable")
+        queries = [(c.name, sides[i] if i < len(sides) else f"#{i + 1}", query)
+                   for c in r.checks for i, query in enumerate(c.queries)]
+        if queries:
+            shown = Table.grid(padding=(0, 2))
+            for name, side, query in queries:
+                shown.add_row(name, side, Text(query, style="dim"))
+            parts += [Text(""), Text("queries", style="bold"), shown]
     if r.events:
         parts += [Text(""), Text("recent events", style="bold")]
         parts += [Text(event_line(e)) for e in r.events[-10:]]

@@ -1,7 +1,9 @@
-"""One check round: ask the metric provider, judge every metric of the analysis.
+"""One check round: plan every check, ask the providers, let each check judge its answers.
 
-The only I/O on the analysis path; the verdicts come from ``aviary.policy.analysis.judge``. A
+The only I/O on the analysis path; what to ask and how to judge it belongs to the check kinds
+(``aviary.metrics.kinds``), the verdicts to pure functions in ``aviary.policy.analysis``. A
 provider error never escapes: it becomes an INCONCLUSIVE result carrying the error as reason.
+Providers are given per source (``prometheus``, ``web``); the caller owns their lifecycle.
 
 Timing (what keeps a hanging Prometheus from slowing rollouts down):
 
@@ -18,12 +20,17 @@ Timing (what keeps a hanging Prometheus from slowing rollouts down):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 
+from aviary.metrics.kinds import PROMETHEUS, Answer, Ask, Check, RoundContext, checks_of
 from aviary.metrics.provider import MetricProvider, MetricProviderError
-from aviary.metrics.templates import TemplateError, render, request_count_query, template_query
-from aviary.policy.analysis import CheckResult, inconclusive, judge
-from aviary.policy.schema import Analysis, MetricCheck
+from aviary.metrics.templates import Side, TemplateError, request_count_query
+from aviary.policy.analysis import CheckOutcome, CheckResult
+from aviary.policy.schema import Analysis
+
+Providers = MetricProvider | Mapping[str, MetricProvider]
+"""The providers of a round by source; a single provider is the Prometheus one."""
 
 __all__ = [
     "DEFAULT_QUERY_TIMEOUT",
@@ -58,68 +65,69 @@ def late_after(analysis: Analysis) -> float:
     return max(analysis.window, query_timeout(analysis.check_every) + LATE_GRACE)
 
 
-async def check_round(provider: MetricProvider, analysis: Analysis, canary_cluster: str, stable_cluster: str,
+async def check_round(providers: Providers, analysis: Analysis, canary: Side | str, stable: Side | str,
                       clock: Callable[[], float]) -> tuple[float, tuple[CheckResult, ...]]:
     """``run_checks`` stamped with when it started on ``clock``; all INCONCLUSIVE if it ended late."""
     started = clock()
-    results = await run_checks(provider, analysis, canary_cluster, stable_cluster)
+    results = await run_checks(providers, analysis, canary, stable)
     took = clock() - started
     limit = late_after(analysis)
     if took > limit:
         reason = (f"round took {took:.1f}s, more than {limit:g}s (was the control plane frozen?): "
                   "its answers are too old to judge")
-        results = tuple(inconclusive(check, reason) for check in analysis.metrics)
+        results = tuple(dataclasses.replace(result, outcome=CheckOutcome.INCONCLUSIVE, value=None, stable_value=None,
+                                            canary_samples=None, stable_samples=None, effect=None,
+                                            effect_interval=None, reason=reason)
+                        for result in results)
     return started, results
 
 
-async def run_checks(provider: MetricProvider, analysis: Analysis, canary_cluster: str,
-                     stable_cluster: str) -> tuple[CheckResult, ...]:
-    """Judge every metric of ``analysis`` for the canary; one result per metric, in order.
+async def run_checks(providers: Providers, analysis: Analysis, canary: Side | str, stable: Side | str,
+                     checks: tuple[Check, ...] | None = None) -> tuple[CheckResult, ...]:
+    """Judge every check of ``analysis`` (or ``checks``) for the canary, in order.
 
-    All queries run concurrently, each distinct query once per round: the canary's request count
-    (for minRequests), each metric, and the stable's value for ``maxDecreaseFromStable``. Each gets
-    ``query_timeout(analysis.check_every)`` seconds.
+    All asks run concurrently, each distinct ask once per round: the canary's request count (for
+    minRequests) and what every check planned. Each gets ``query_timeout(analysis.check_every)``
+    seconds. ``canary``/``stable`` may be bare cluster names (no version or weight known).
     """
-    window = analysis.window
+    context = RoundContext(analysis, Side.of(canary), Side.of(stable))
+    checks = checks_of(analysis) if checks is None else checks
+    by_source = providers if isinstance(providers, Mapping) else {PROMETHEUS: providers}
     timeout = query_timeout(analysis.check_every)
-    count_query = request_count_query(canary_cluster, window)
-    plans: list[tuple[str, str | None] | TemplateError] = []
-    for check in analysis.metrics:
+    count = Ask(PROMETHEUS, request_count_query(context.canary.cluster, analysis.window))
+    plans: list[tuple[Ask, ...] | TemplateError] = []
+    for check in checks:
         try:
-            value_query = render(check, canary_cluster, stable_cluster, window)
-            stable_query = (template_query(check.template, stable_cluster, window)
-                            if check.template is not None and check.max_decrease_from_stable is not None
-                            else None)
-            plans.append((value_query, stable_query))
+            plans.append(check.plan(context))
         except TemplateError as exc:
             plans.append(exc)
-    wanted = [count_query] + [q for plan in plans if isinstance(plan, tuple) for q in plan if q is not None]
+    wanted = [count] + [ask for plan in plans if isinstance(plan, tuple) for ask in plan]
     distinct = list(dict.fromkeys(wanted))
-    answers = dict(zip(distinct, await asyncio.gather(*(_ask(provider, q, timeout) for q in distinct)), strict=True))
+    answered = await asyncio.gather(*(_ask(by_source.get(ask.source), ask, timeout) for ask in distinct))
+    answers = dict(zip(distinct, answered, strict=True))
 
-    requests = answers[count_query]
+    requests = answers[count]
     if isinstance(requests, MetricProviderError):
-        return tuple(inconclusive(check, f"request count: {requests}") for check in analysis.metrics)
+        return tuple(result for check in checks for result in check.unanswered(f"request count: {requests}"))
+    canary_requests = requests if isinstance(requests, float | int) or requests is None else None
 
-    def one(check: MetricCheck, plan: tuple[str, str | None] | TemplateError) -> CheckResult:
+    def one(check: Check, plan: tuple[Ask, ...] | TemplateError) -> tuple[CheckResult, ...]:
         if isinstance(plan, TemplateError):
-            return inconclusive(check, str(plan))
-        value_query, stable_query = plan
-        value = answers[value_query]
-        stable_value = answers[stable_query] if stable_query is not None else None
-        if isinstance(value, MetricProviderError):
-            return inconclusive(check, str(value))
-        if isinstance(stable_value, MetricProviderError):
-            return inconclusive(check, str(stable_value))
-        return judge(check, value, stable_value, requests, analysis.min_requests)
+            return check.unanswered(str(plan))
+        return check.judge(context, tuple(answers[ask] for ask in plan), canary_requests)
 
-    return tuple(one(check, plan) for check, plan in zip(analysis.metrics, plans, strict=True))
+    return tuple(result for check, plan in zip(checks, plans, strict=True) for result in one(check, plan))
 
 
-async def _ask(provider: MetricProvider, promql: str, timeout: float) -> float | MetricProviderError | None:
+async def _ask(provider: MetricProvider | None, ask: Ask, timeout: float) -> Answer:
     """The provider's answer or its error; a provider that overruns ``timeout`` is not waited for."""
+    if provider is None:
+        return MetricProviderError(f"no {ask.source} provider for this round")
     try:
-        return await asyncio.wait_for(provider.query_scalar(promql, timeout), timeout + _GUARD)
+        if ask.window is None or ask.step is None:
+            return await asyncio.wait_for(provider.query_scalar(ask.query, timeout), timeout + _GUARD)
+        series = provider.query_series(ask.query, ask.window, ask.step, timeout)
+        return await asyncio.wait_for(series, timeout + _GUARD)
     except MetricProviderError as exc:
         return exc
     except TimeoutError:

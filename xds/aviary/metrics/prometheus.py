@@ -1,4 +1,5 @@
-"""``MetricProvider`` over Prometheus' HTTP API (``/api/v1/query``) via prometheus-api-client.
+"""``MetricProvider`` over Prometheus' HTTP API (``/api/v1/query`` and ``/api/v1/query_range``)
+via prometheus-api-client.
 
 The client is synchronous (requests), so queries run on this provider's own small thread pool
 (``WORKERS`` threads), each with the caller's timeout on the HTTP request (connect and every read)
@@ -12,17 +13,23 @@ and on the wait. A thread cannot be cancelled, so a hanging Prometheus must not 
 It does not retry: a failed query makes the round inconclusive and the next round comes
 ``checkEvery`` later anyway, while the library's default retries (with 1 s, 2 s backoff) would
 hold a round for many seconds. Errors are one line naming Prometheus and the cause:
-``Prometheus http://127.0.0.1:9090 unreachable: connection refused``, ``... timed out after 0.8s``.
+``Prometheus http://127.0.0.1:9090 unreachable: connection refused``, ``... timed out after 0.8s``;
+an error answer quotes Prometheus' own message: ``... answered HTTP 400 (bad_data): 1:5: parse
+error: unexpected end of input``.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
+import re
 import socket
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prometheus_api_client.exceptions import PrometheusApiClientException
@@ -31,7 +38,14 @@ from urllib3.util.retry import Retry
 
 from aviary.metrics.provider import MetricProviderError, MetricQueryError
 
-__all__ = ["MAX_IN_FLIGHT", "WORKERS", "PrometheusProvider", "scalar_from_result"]
+__all__ = [
+    "MAX_IN_FLIGHT",
+    "WORKERS",
+    "PrometheusProvider",
+    "error_message",
+    "scalar_from_result",
+    "series_from_result",
+]
 
 _MAX_MESSAGE = 300
 WORKERS = 8
@@ -64,6 +78,55 @@ def scalar_from_result(result: Any) -> float | None:
     raise MetricQueryError(f"unexpected query result: {_short(repr(result))}")
 
 
+def series_from_result(result: Any) -> tuple[float, ...]:
+    """The samples of a range query's ``data.result`` (a matrix), in time order; () for no series.
+
+    Like ``scalar_from_result``, at most one series (aggregate with ``sum``).
+    """
+    if not isinstance(result, Sequence) or isinstance(result, str | bytes):
+        raise MetricQueryError(f"unexpected range query result: {_short(repr(result))}")
+    if not result:
+        return ()
+    if len(result) > 1:
+        labels = ", ".join(str(series.get("metric", {})) if isinstance(series, dict) else "?" for series in result[:3])
+        raise MetricQueryError(f"query returned {len(result)} series, expected one (use sum): {labels}")
+    series = result[0]
+    values = series.get("values") if isinstance(series, dict) else None
+    if not isinstance(values, Sequence) or not all(isinstance(v, Sequence) and len(v) == 2 for v in values):
+        raise MetricQueryError(f"unexpected range query result: {_short(repr(result))}")
+    return tuple(_number(str(value)) for _, value in values)
+
+
+_STATUS = re.compile(r"^HTTP Status Code (\d+) \((b'.*'|b\".*\")\)$", re.DOTALL)
+
+
+def error_message(exc: Exception) -> str:
+    """Prometheus' own words from prometheus-api-client's exception for a non-200 answer.
+
+    The library puts the raw body in its message (``HTTP Status Code 400 (b'{"status":"error",
+    "errorType":"bad_data","error":"..."}')``); Prometheus' JSON error becomes ``HTTP 400
+    (bad_data): <error>``, any other body is quoted as text.
+    """
+    text = str(exc)
+    match = _STATUS.match(text)
+    if match is None:
+        return _short(text)
+    status, literal = match.groups()
+    try:
+        body = ast.literal_eval(literal)
+        answer = json.loads(body)
+    except (ValueError, SyntaxError):
+        try:
+            shown = ast.literal_eval(literal).decode("utf-8", "replace").strip()
+        except (ValueError, SyntaxError):
+            shown = literal
+        return f"HTTP {status}: {_short(shown)}" if shown else f"HTTP {status}"
+    if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+        kind = answer.get("errorType")
+        return f"HTTP {status}{f' ({kind})' if isinstance(kind, str) and kind else ''}: {_short(answer['error'])}"
+    return f"HTTP {status}: {_short(json.dumps(answer))}"
+
+
 def _number(text: str) -> float:
     try:
         return float(text)  # accepts "NaN", "+Inf", "-Inf"
@@ -73,6 +136,15 @@ def _number(text: str) -> float:
 
 def _short(text: str) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class _Range:
+    """The span of a range query: from ``start`` to ``end`` at one sample every ``step``."""
+
+    start: datetime
+    end: datetime
+    step: str
 
 
 class PrometheusProvider:
@@ -98,34 +170,52 @@ class PrometheusProvider:
         return len(self._in_flight)
 
     async def query_scalar(self, promql: str, timeout: float | None = None) -> float | None:
+        return scalar_from_result(await self._run(promql, promql, timeout))
+
+    async def query_series(self, promql: str, window: float, step: float,
+                           timeout: float | None = None) -> tuple[float, ...]:
+        """Samples of ``promql`` over the last ``window`` seconds, ``step`` seconds apart (query_range)."""
+        if window <= 0 or step <= 0:
+            raise MetricQueryError(f"window and step must be > 0, got {window:g}s and {step:g}s")
+        end = datetime.now(UTC)
+        start = end - timedelta(seconds=window)
+        key = f"range {window:g}s/{step:g}s: {promql}"
+        return series_from_result(await self._run(key, promql, timeout, _Range(start, end, f"{step:g}")))
+
+    async def _run(self, key: str, promql: str, timeout: float | None, span: _Range | None = None) -> Any:
+        """One query (instant, or over ``span``) on the pool, under the in-flight limits (by ``key``)."""
         limit = self.timeout if timeout is None else min(timeout, self.timeout)
-        if promql in self._in_flight:
+        if key in self._in_flight:
             raise MetricProviderError(f"{self!r} has not answered the same query of the previous round yet")
         if len(self._in_flight) >= MAX_IN_FLIGHT:
             raise MetricProviderError(f"{self!r} has {len(self._in_flight)} queries unanswered: not sending more")
-        self._in_flight.add(promql)
+        self._in_flight.add(key)
         deadline = time.monotonic() + limit
-        future = asyncio.get_running_loop().run_in_executor(self._pool, self._query, promql, limit, deadline)
-        future.add_done_callback(lambda done: self._finished(promql, done))
+        extra = () if span is None else (span,)
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._query, promql, limit, deadline, *extra)
+        future.add_done_callback(lambda done: self._finished(key, done))
         try:
             # shield: on timeout the thread runs on, and _in_flight must keep it until it returns.
-            result = await asyncio.wait_for(asyncio.shield(future), limit + _GRACE)
+            return await asyncio.wait_for(asyncio.shield(future), limit + _GRACE)
         except TimeoutError:
             raise MetricProviderError(f"{self!r} timed out after {limit:g}s") from None
-        return scalar_from_result(result)
 
-    def _finished(self, promql: str, future: asyncio.Future[Any]) -> None:
-        self._in_flight.discard(promql)
+    def _finished(self, key: str, future: asyncio.Future[Any]) -> None:
+        self._in_flight.discard(key)
         if not future.cancelled():
             future.exception()  # retrieved: an abandoned query's error is not "never retrieved"
 
-    def _query(self, promql: str, timeout: float, deadline: float) -> Any:
+    def _query(self, promql: str, timeout: float, deadline: float, span: _Range | None = None) -> Any:
         if time.monotonic() >= deadline:  # queued behind hanging queries until its caller gave up
             raise MetricProviderError(f"{self!r} timed out after {timeout:g}s (all {WORKERS} connections busy)")
         try:
-            return self._client.custom_query(promql, timeout=timeout)  # type: ignore[arg-type]
+            # requests takes float seconds; the library annotates its timeouts as int.
+            if span is None:
+                return self._client.custom_query(promql, timeout=timeout)  # type: ignore[arg-type]
+            return self._client.custom_query_range(promql, start_time=span.start, end_time=span.end, step=span.step,
+                                                   timeout=timeout)  # type: ignore[arg-type]
         except PrometheusApiClientException as exc:
-            raise MetricProviderError(f"{self!r} answered {_short(str(exc))}") from exc
+            raise MetricProviderError(f"{self!r} answered {error_message(exc)}") from exc
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             # A 200 whose body is not Prometheus JSON (requests' JSONDecodeError subclasses json's).
             raise MetricProviderError(f"{self!r} sent a malformed answer: {exc!r}") from exc

@@ -1,12 +1,15 @@
-"""The one threshold evaluator, and the counters that turn check rounds into decisions.
+"""The rules that judge check answers (threshold, compare), and the counters that turn check
+rounds into decisions.
 
-A *check* is one metric of ``analysis.metrics`` evaluated once; a *round* is every metric of the
-analysis evaluated together (what ``run_checks`` returns). Each check ends in one of three outcomes:
+A *check* is one metric of ``analysis.metrics`` evaluated once (by its kind, see
+``aviary.metrics.kinds``: ``judge`` for a threshold check, ``judge_compare`` for a compare
+check); a *round* is every metric of the analysis evaluated together (what ``run_checks``
+returns). Each check ends in one of three outcomes:
 
-- ``PASS``: there was enough data and every threshold held;
+- ``PASS``: there was enough data and every threshold (or compare bound) held;
 - ``FAIL``: there was enough data and a threshold was broken;
 - ``INCONCLUSIVE``: no answer to judge by: no data, NaN, fewer than ``minRequests`` canary requests,
-  or Prometheus unreachable / answering with an error. Inconclusive is never a pass.
+  or the provider unreachable / answering with an error. Inconclusive is never a pass.
 
 Outcomes are ordered worst-wins, FAIL > INCONCLUSIVE > PASS (``worst``): a round fails if any check
 failed, even when another was inconclusive, so a missing metric can never hide a broken one.
@@ -30,7 +33,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from aviary.policy.schema import Analysis, MetricCheck
+from aviary.policy.schema import Analysis, Compare, MetricCheck
 
 __all__ = [
     "CheckOutcome",
@@ -41,6 +44,7 @@ __all__ = [
     "inconclusive",
     "inconclusive_limit_reason",
     "judge",
+    "judge_compare",
     "round_outcome",
     "worst",
 ]
@@ -72,15 +76,25 @@ class Thresholds:
     min: float | None = None
     max: float | None = None
     max_decrease_from_stable: float | None = None
+    by: str | None = None
+    """For a compare check: "ratio" or "difference", what ``min`` and ``max`` bound."""
 
     @classmethod
     def of(cls, check: MetricCheck) -> Thresholds:
+        if check.compare is not None:
+            return cls(check.compare.min, check.compare.max, None, check.compare.by)
         return cls(check.min, check.max, check.max_decrease_from_stable)
 
 
 @dataclass(frozen=True, slots=True)
 class CheckResult:
-    """One metric judged once. ``value``/``stable_value`` are what Prometheus answered (None = no data)."""
+    """One metric judged once. ``value``/``stable_value`` are what the provider answered (None = no data).
+
+    ``kind`` is the check kind that judged it; ``queries`` the rendered queries it asked (canary
+    first); ``canary_samples``/``stable_samples`` how many samples a series-based kind compared
+    and ``effect``/``effect_interval`` the shift it estimated with its confidence interval (None
+    for scalar kinds). ``reason`` is the rule that produced the outcome, in words.
+    """
 
     name: str
     outcome: CheckOutcome
@@ -88,6 +102,12 @@ class CheckResult:
     stable_value: float | None
     thresholds: Thresholds
     reason: str
+    kind: str = "threshold"
+    queries: tuple[str, ...] = ()
+    canary_samples: int | None = None
+    stable_samples: int | None = None
+    effect: float | None = None
+    effect_interval: tuple[float, float] | None = None
 
     def __str__(self) -> str:
         return f"{self.name}: {self.outcome.value}: {self.reason}"
@@ -110,7 +130,7 @@ def inconclusive(check: MetricCheck, reason: str, value: float | None = None,
                  stable_value: float | None = None) -> CheckResult:
     """A result with no verdict, e.g. when Prometheus could not be asked."""
     thresholds = Thresholds.of(check)
-    return CheckResult(check.name, CheckOutcome.INCONCLUSIVE, value, stable_value, thresholds, reason)
+    return CheckResult(check.name, CheckOutcome.INCONCLUSIVE, value, stable_value, thresholds, reason, check.kind)
 
 
 def judge(check: MetricCheck, value: float | None, stable_value: float | None,
@@ -161,6 +181,65 @@ def judge(check: MetricCheck, value: float | None, stable_value: float | None,
     if unknown:
         return result(CheckOutcome.INCONCLUSIVE, "; ".join(unknown))
     return result(CheckOutcome.PASS, "; ".join(passes))
+
+
+def _too_little_traffic(canary_requests: float | None, min_requests: int) -> str | None:
+    if min_requests > 0:
+        if canary_requests is None or math.isnan(canary_requests):
+            return "no request count for the canary"
+        if canary_requests < min_requests:
+            return f"canary requests ({_fmt(canary_requests)}) < minRequests ({min_requests})"
+    return None
+
+
+def _bound(text: str, measured: float, compare: Compare) -> tuple[bool, str]:
+    """(broken, reason) for ``measured`` against compare's min and max; the broken bound first."""
+    if compare.min is not None and measured < compare.min:
+        return True, f"{text} < min ({_fmt(compare.min)})"
+    if compare.max is not None and measured > compare.max:
+        return True, f"{text} > max ({_fmt(compare.max)})"
+    held = [f">= min ({_fmt(compare.min)})" if compare.min is not None else "",
+            f"<= max ({_fmt(compare.max)})" if compare.max is not None else ""]
+    return False, f"{text} {' and '.join(part for part in held if part)}"
+
+
+def judge_compare(check: MetricCheck, value: float | None, stable_value: float | None,
+                  canary_requests: float | None, min_requests: int) -> CheckResult:
+    """Judge the canary against stable on the same query: ``compare.by`` ratio or difference.
+
+    Order: too little canary traffic, or either value missing or NaN -> INCONCLUSIVE. Ratio:
+    ``canary / stable``, where 0 / 0 reads as 1 (both equal) and x / 0 as +infinity (for x > 0),
+    so a canary with errors where stable has none breaks a ``max``. Difference: ``canary - stable``
+    in the metric's unit. A value outside ``[min, max]`` fails.
+    """
+    compare = check.compare
+    if compare is None:
+        raise ValueError(f"check {check.name!r} is not a compare check")
+    thresholds = Thresholds.of(check)
+
+    def result(outcome: CheckOutcome, reason: str) -> CheckResult:
+        return CheckResult(check.name, outcome, value, stable_value, thresholds, reason, "compare")
+
+    short = _too_little_traffic(canary_requests, min_requests)
+    if short is not None:
+        return result(CheckOutcome.INCONCLUSIVE, short)
+    missing = _missing(value)
+    if missing is not None or value is None:
+        return result(CheckOutcome.INCONCLUSIVE, f"value: {missing}")
+    stable_missing = _missing(stable_value)
+    if stable_missing is not None or stable_value is None:
+        return result(CheckOutcome.INCONCLUSIVE, f"stable value: {stable_missing}")
+    if compare.by == "ratio":
+        if stable_value == 0:
+            measured = 1.0 if value == 0 else math.copysign(math.inf, value)
+        else:
+            measured = value / stable_value
+        text = f"canary {_fmt(value)} / stable {_fmt(stable_value)} = {_fmt(measured)}"
+    else:
+        measured = value - stable_value
+        text = f"canary {_fmt(value)} - stable {_fmt(stable_value)} = {_fmt(measured)}"
+    broken, reason = _bound(text, measured, compare)
+    return result(CheckOutcome.FAIL if broken else CheckOutcome.PASS, reason)
 
 
 def round_outcome(results: Iterable[CheckResult]) -> CheckOutcome:

@@ -93,8 +93,8 @@ def parse_policy_text(text: str, file: str) -> tuple[Rollout | None, list[Policy
         details = exc.errors()
     except (RecursionError, ValueError) as exc:
         return None, [PolicyError(file, WHOLE_FILE, f"cannot be read: {exc}")]
-    # "needs at least 1 item" next to the reason the only item was dropped is noise.
-    inner = {tuple(error["loc"][:-1]) for error in details if error["loc"]}
+    # "needs at least 1 item" next to the reason the only item was dropped (however deep) is noise.
+    inner = {tuple(error["loc"][:depth]) for error in details for depth in range(len(error["loc"]))}
     kept = [e for e in details if not (e["type"] == "too_short" and tuple(e["loc"]) in inner)]
     return None, [_translate(file, error) for error in kept]
 

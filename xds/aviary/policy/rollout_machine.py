@@ -146,7 +146,8 @@ def step_weight(spec: RolloutSpec, index: int) -> int:
 
 
 def guard_analysis(analysis: Analysis | None) -> Analysis | None:
-    """The checks of the afterPromotion window: ``analysis`` without ``maxDecreaseFromStable``.
+    """The checks of the afterPromotion window: ``analysis`` without ``maxDecreaseFromStable`` and
+    without ``compare`` checks.
 
     During the window the stable version gets no request, so a comparison with it would only ever
     be inconclusive (and, with enough rounds, revert a healthy version). A metric with min or max
@@ -158,7 +159,8 @@ def guard_analysis(analysis: Analysis | None) -> Analysis | None:
         metric.model_copy(update={"max_decrease_from_stable": None}) if metric.max_decrease_from_stable is not None
         else metric
         for metric in analysis.metrics
-        if metric.max_decrease_from_stable is None or metric.min is not None or metric.max is not None
+        if metric.compare is None
+        and (metric.max_decrease_from_stable is None or metric.min is not None or metric.max is not None)
     )
     return analysis.model_copy(update={"metrics": metrics}) if metrics else None
 

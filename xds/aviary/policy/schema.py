@@ -42,14 +42,20 @@ from aviary.matching import (
     cookie_regex_problem,
     re2_problem,
 )
+from aviary.metrics.jsonpath import JsonPathError
+from aviary.metrics.jsonpath import parse as parse_json_path
 from aviary.policy.duration import parse_duration
 
 __all__ = [
     "API_VERSION",
+    "ENVOY_TEMPLATES",
     "KIND",
+    "TEMPLATES",
+    "VERSION_TEMPLATES",
     "AfterPromotion",
     "Analysis",
     "CohortStep",
+    "Compare",
     "Duration",
     "Endpoint",
     "FieldIssue",
@@ -66,6 +72,7 @@ __all__ = [
     "StickinessSpec",
     "StickyCookie",
     "Strategy",
+    "WebSource",
 ]
 
 API_VERSION = "aviary.dev/v1"
@@ -558,37 +565,149 @@ class Strategy(BaseModel):
         return tuple(step for step in self.steps if isinstance(step, int))
 
 
-class MetricCheck(BaseModel):
-    """One Prometheus check: a built-in template or a custom query, with at least one threshold."""
+ENVOY_TEMPLATES = (
+    "request-success-rate", "error-rate-5xx", "error-rate-4xx",
+    "request-duration-p50", "request-duration-p95", "request-duration-p99",
+    "request-rate", "request-rate-per-weight",
+)
+"""Built-in templates over Envoy's own cluster statistics (``aviary.metrics.templates``)."""
+VERSION_TEMPLATES = (
+    "version-rate", "version-rate-per-request",
+    "version-cpu", "version-cpu-per-request", "version-memory", "version-gc-pause",
+)
+"""Built-in templates over the application's own metrics, selected by ``analysis.versionLabel``."""
+TEMPLATES = ENVOY_TEMPLATES + VERSION_TEMPLATES
+METRIC_TEMPLATES = {"version-rate": True, "version-rate-per-request": True, "version-gc-pause": False}
+"""Templates that take ``metric`` (True: required, False: optional with a default)."""
+_METRIC_NAME = re.compile(r"^[A-Za-z_:][A-Za-z0-9_:]*$")
+_SIDE_PLACEHOLDER = re.compile(r"\{\{\s*(canary|stable|canary_version|stable_version)\s*\}\}")
+
+
+def _template(name: str) -> str:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r} (one of {', '.join(TEMPLATES)})")
+    return name
+
+
+def _metric_name(name: str) -> str:
+    if not _METRIC_NAME.match(name):
+        raise ValueError(f"invalid Prometheus metric name {name!r}: letters, digits, '_' and ':' only")
+    return name
+
+
+class WebSource(BaseModel):
+    """``web: {url, jsonPath}``: an HTTP GET of JSON; the JSONPath picks the number (or numbers).
+
+    The URL may use the placeholders of custom queries (``{{ canary_version }}``...); for the stable
+    side of a ``compare`` check they are swapped (see ``aviary.metrics.templates``).
+    """
 
     model_config = _CONFIG
 
-    name: str = Field(strict=True, min_length=1, max_length=63, pattern=_IDENTIFIER.pattern)
-    template: Literal["request-success-rate", "request-duration-p99", "request-rate"] | None = None
-    query: str | None = Field(default=None, strict=True, min_length=1)
+    url: Annotated[str, Field(strict=True), AfterValidator(lambda url: _http_url(url, placeholders=True))]
+    json_path: str = Field(alias="jsonPath", strict=True, min_length=1)
+
+    @field_validator("json_path")
+    @classmethod
+    def _json_path(cls, path: str) -> str:
+        try:
+            parse_json_path(path)
+        except JsonPathError as exc:
+            raise ValueError(str(exc)) from None
+        return path
+
+
+class Compare(BaseModel):
+    """``compare: {by: ratio, max: 1.2}``: canary against stable on the same query and window.
+
+    ``ratio`` bounds canary / stable, ``difference`` bounds canary - stable (in the metric's unit).
+    """
+
+    model_config = _CONFIG
+
+    by: Literal["ratio", "difference"]
     min: Number | None = None
     max: Number | None = None
-    max_decrease_from_stable: Number | None = Field(default=None, alias="maxDecreaseFromStable", ge=0)
 
     @model_validator(mode="after")
-    def _coherent(self) -> MetricCheck:
-        if (self.template is None) == (self.query is None):
-            raise ValueError("give exactly one of template or query")
-        if self.min is None and self.max is None and self.max_decrease_from_stable is None:
-            raise ValueError("needs a threshold: min, max or maxDecreaseFromStable")
-        if self.max_decrease_from_stable is not None and self.template is None:
-            raise FieldIssue("only works with a template (a custom query has no stable counterpart)",
-                             "maxDecreaseFromStable")
+    def _a_bound(self) -> Compare:
+        if self.min is None and self.max is None:
+            raise ValueError("needs a bound: min, max or both (e.g. {by: ratio, max: 1.2})")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise FieldIssue(f"min ({self.min:g}) is greater than max ({self.max:g})", "min")
         return self
 
 
-def _http_url(url: str) -> str:
-    parts = urlsplit(url)
+class MetricCheck(BaseModel):
+    """One check: a source (built-in template, custom PromQL query or web JSON) and its kind.
+
+    The kind follows from the fields: ``compare: {...}`` makes a ``compare`` check (canary vs
+    stable), ``min``/``max``/``maxDecreaseFromStable`` a ``threshold`` check (today's checks).
+    """
+
+    model_config = _CONFIG
+
+    name: str = Field(strict=True, min_length=1, max_length=63, pattern=_IDENTIFIER.pattern)
+    template: Annotated[str, Field(strict=True), AfterValidator(_template)] | None = None
+    metric: Annotated[str, Field(strict=True), AfterValidator(_metric_name)] | None = None
+    query: str | None = Field(default=None, strict=True, min_length=1)
+    web: WebSource | None = None
+    min: Number | None = None
+    max: Number | None = None
+    max_decrease_from_stable: Number | None = Field(default=None, alias="maxDecreaseFromStable", ge=0)
+    compare: Compare | None = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> MetricCheck:
+        if sum(source is not None for source in (self.template, self.query, self.web)) != 1:
+            raise ValueError("give exactly one of template or query" if self.web is None
+                             else "give exactly one of template, query or web")
+        thresholds = self.min is not None or self.max is not None or self.max_decrease_from_stable is not None
+        if self.compare is not None and thresholds:
+            field = "min" if self.min is not None else "max" if self.max is not None else "maxDecreaseFromStable"
+            raise FieldIssue("a compare check keeps its bounds inside compare: {by, min, max}", field)
+        if self.compare is None and not thresholds:
+            raise ValueError("needs a threshold: min, max or maxDecreaseFromStable (or compare: {by, min, max})")
+        if self.max_decrease_from_stable is not None and self.template is None:
+            raise FieldIssue("only works with a template (a custom query has no stable counterpart; "
+                             "use compare: {by: difference, min: -N})", "maxDecreaseFromStable")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise FieldIssue(f"min ({self.min:g}) is greater than max ({self.max:g})", "min")
+        if self.compare is not None and self.template is None:
+            text, where = (self.query, ("query",)) if self.query is not None else (
+                self.web.url if self.web is not None else "", ("web", "url"))
+            if not _SIDE_PLACEHOLDER.search(text or ""):
+                raise FieldIssue("a compare check runs this for canary and stable: select the version with "
+                                 "{{ canary }} or {{ canary_version }} (swapped for the stable side)", *where)
+        takes = METRIC_TEMPLATES.get(self.template or "")
+        if self.metric is not None and takes is None:
+            raise FieldIssue(f"only for the templates {', '.join(METRIC_TEMPLATES)}", "metric")
+        if takes and self.metric is None:
+            raise FieldIssue(f"template {self.template} needs metric: the name of the application's metric, "
+                             "e.g. orders_completed_total", "metric")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """``compare`` or ``threshold``: which check kind judges it (``aviary.metrics.kinds``)."""
+        return "compare" if self.compare is not None else "threshold"
+
+
+def _http_url(url: str, placeholders: bool = False) -> str:
+    # A web check's URL may carry placeholders ("{{ canary_version }}"): checked with a stand-in.
+    parts = urlsplit(re.sub(r"\{\{[^}]*\}\}", "x", url) if placeholders else url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http(s) URL such as http://127.0.0.1:9090, got {url!r}")
     return url
+
+
+_LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _label_name(name: str) -> str:
+    if not _LABEL_NAME.match(name) or name.startswith("__"):
+        raise ValueError(f"invalid Prometheus label name {name!r}: letters, digits and '_', e.g. version")
+    return name
 
 
 class Analysis(BaseModel):
@@ -603,6 +722,8 @@ class Analysis(BaseModel):
     failure_limit: Count = Field(default=0, alias="failureLimit")
     inconclusive_limit: Count = Field(default=3, alias="inconclusiveLimit")
     on_inconclusive: Literal["rollback", "pause"] = Field(default="rollback", alias="onInconclusive")
+    version_label: Annotated[str, Field(strict=True), AfterValidator(_label_name)] | None = Field(
+        default=None, alias="versionLabel")
     metrics: tuple[MetricCheck, ...] = Field(min_length=1)
 
     @field_validator("metrics")
@@ -615,6 +736,15 @@ class Analysis(BaseModel):
                                  index, "name")
             seen[metric.name] = index
         return metrics
+
+    @model_validator(mode="after")
+    def _version_label_given(self) -> Analysis:
+        if self.version_label is None:
+            for index, metric in enumerate(self.metrics):
+                if metric.template in VERSION_TEMPLATES:
+                    raise FieldIssue(f"template {metric.template} selects the version by a label: set "
+                                     "analysis.versionLabel (e.g. versionLabel: version)", "metrics", index, "template")
+        return self
 
 
 def _version(value: str) -> str:

@@ -74,7 +74,7 @@ class WatchRolloutsRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class CheckResult(_message.Message):
-    __slots__ = ("name", "outcome", "value", "stable_value", "min", "max", "max_decrease_from_stable", "reason")
+    __slots__ = ("name", "outcome", "value", "stable_value", "min", "max", "max_decrease_from_stable", "reason", "kind", "queries", "canary_samples", "stable_samples", "compare_by", "effect", "effect_low", "effect_high")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,14 @@ class CheckResult(_message.Message):
     MAX_FIELD_NUMBER: _ClassVar[int]
     MAX_DECREASE_FROM_STABLE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    CANARY_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STABLE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    COMPARE_BY_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_LOW_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_HIGH_FIELD_NUMBER: _ClassVar[int]
     name: str
     outcome: str
     value: float
@@ -91,7 +99,15 @@ class CheckResult(_message.Message):
     max: float
     max_decrease_from_stable: float
     reason: str
-    def __init__(self, name: _Optional[str] = ..., outcome: _Optional[str] = ..., value: _Optional[float] = ..., stable_value: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., max_decrease_from_stable: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    kind: str
+    queries: _containers.RepeatedScalarFieldContainer[str]
+    canary_samples: int
+    stable_samples: int
+    compare_by: str
+    effect: float
+    effect_low: float
+    effect_high: float
+    def __init__(self, name: _Optional[str] = ..., outcome: _Optional[str] = ..., value: _Optional[float] = ..., stable_value: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., max_decrease_from_stable: _Optional[float] = ..., reason: _Optional[str] = ..., kind: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ..., canary_samples: _Optional[int] = ..., stable_samples: _Optional[int] = ..., compare_by: _Optional[str] = ..., effect: _Optional[float] = ..., effect_low: _Optional[float] = ..., effect_high: _Optional[float] = ...) -> None: ...
 
 class RolloutEvent(_message.Message):
     __slots__ = ("rollout", "time", "from_phase", "to_phase", "weight", "stable_version", "canary_version", "step", "reason", "checks", "cohorts", "mirror")
