@@ -286,3 +286,22 @@ def test_a_30_percent_slower_canary_is_caught() -> None:
     rng = np.random.default_rng(7)
     stops = [simulate(latency_config(), rng, 40, BATCH, slower=1.3).failed_at for _ in range(40)]
     assert sum(s is not None for s in stops) >= 38  # the simulation measures ~100 % within 400 samples
+
+
+@pytest.mark.parametrize("shift", [-2.0, 2.0])
+def test_either_direction_fails_both_ways_at_half_the_alpha(shift: float) -> None:
+    metric = JudgeMetric("m", Direction.EITHER)
+    verdict = judge_metric(metric, shifted(10, 200, shift), one(metric))
+    assert verdict.outcome is FAIL and verdict.stats is not None
+    assert verdict.stats.alpha == pytest.approx(0.025)
+    assert verdict.reason.startswith("higher: a change" if shift > 0 else "lower: a change")
+
+
+def test_a_relative_allowance_scales_with_the_stable_median() -> None:
+    rng = np.random.default_rng(11)
+    stable = list(rng.lognormal(5.0, 0.5, 400))
+    canary = list(rng.lognormal(5.0, 0.5, 400) * 1.3)
+    tolerant = JudgeMetric("latency", allowed=Allowed.parse("60%"))
+    strict = JudgeMetric("latency", allowed=Allowed.parse("5%"))
+    assert judge_metric(tolerant, MetricSamples(canary, stable), one(tolerant)).outcome is PASS
+    assert judge_metric(strict, MetricSamples(canary, stable), one(strict)).outcome is FAIL
