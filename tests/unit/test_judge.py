@@ -272,7 +272,7 @@ def test_a_a_false_rollbacks_stay_within_alpha_when_checked_every_round() -> Non
     """200 unchanged canaries judged at each of 20 rounds (10 new samples per side per round).
 
     If the true rate were alpha (5 %), the count of wrongly failed canaries would be Binomial(200, 0.05);
-    more than its 99.9th percentile (20) would reject "rate <= 5 %" at the 0.1 % level. The seed is
+    more than its 99.9th percentile (21) would reject "rate <= 5 %" at the 0.1 % level. The seed is
     fixed, so this either always passes or always fails for a given judge.
     """
     rng = np.random.default_rng(20261202)
