@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTO_SRC := protos/aviary/admin/v1/admin.proto
 
-.PHONY: venv test unit e2e lint typecheck protos bench prometheus clean demo demo-rollback
+.PHONY: venv test unit e2e lint typecheck protos bench bench-judge prometheus clean demo demo-rollback
 
 venv: $(STAMP)
 
@@ -48,6 +48,11 @@ demo-rollback: venv prometheus
 # QUICK=1: small N, no Prometheus (tests/e2e/test_bench_quick.py runs it). BENCH_ARGS: see tests/bench/run.py.
 bench: venv prometheus
 	$(BIN)/python -m tests.bench.run $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+# The statistical judge by simulation (no processes, a few CPU minutes): A/A false rollbacks, detection
+# speed against a fixed-horizon test. JUDGE_ARGS: see tests/bench/judge_simulation.py (--quick: 200 runs).
+bench-judge: venv
+	$(BIN)/python -m tests.bench.judge_simulation $(JUDGE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
