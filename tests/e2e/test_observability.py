@@ -392,7 +392,7 @@ def test_log_format_json_every_line_is_an_object(workdir: Path, request: pytest.
         assert isinstance(entry["message"], str) and entry["message"], line
         entries.append(entry)
     messages = [e["message"] for e in entries]
-    assert any(m.startswith("xDS (ADS) listening on 127.0.0.1:") for m in messages), messages
+    assert any(m.startswith("xDS (ADS and per-type services) listening on 127.0.0.1:") for m in messages), messages
     assert any(e["level"] == "warning" and "broken.yaml" in e["message"] for e in entries), messages
     with contextlib.suppress(KeyError):
         print(f"\n[observability] json log: {len(entries)} lines, loggers {sorted({e['logger'] for e in entries})}")

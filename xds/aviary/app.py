@@ -159,8 +159,8 @@ class ControlPlane:
                 self.config.xds_address, self.ads, self._xds_credentials
             )
         workers = f" ({self.config.xds_workers} worker processes)" if self.xds_workers is not None else ""
-        log.info("xDS (ADS) listening on %s%s", self.config.xds_address.rsplit(":", 1)[0] + f":{self.xds_port}",
-                 workers)
+        host = self.config.xds_address.rsplit(":", 1)[0]
+        log.info("xDS (ADS and per-type services) listening on %s%s", f"{host}:{self.xds_port}", workers)
         self._tasks.append(asyncio.create_task(self._supervised("policy watcher", self.watcher.run),
                                                name="policy-watcher"))
         self._tasks.append(asyncio.create_task(self._supervised("rollout engine", self.runner.run),
