@@ -1,12 +1,20 @@
 """HTTP/1.1 demo backends (used by `make demo` and the tests): one process, one port per version.
 
 Every request on a version port gets 200, body = version, header ``x-version: <version>``,
-unless the port's behaviour says otherwise (error_rate -> 500, latency_ms -> added delay).
+unless the port's behaviour says otherwise (error_rate -> 500, client_error_rate -> 404,
+latency_ms -> added delay). Each 200 completes ``orders_per_request`` orders on average (a shop's
+conversion, counted exactly: 0.25 is one order every fourth 200, no dice).
+
+``GET /metrics`` on a version port is that version's Prometheus exposition (not counted as a
+request), every series labelled ``version="<version>"`` as a real deployment's relabelling would:
+  orders_completed_total{version}        orders the version completed (a business metric)
+  shop_requests_total{version, code}     requests it answered, by status code
 
 Control port (loopback):
   GET  /ready                                         -> 200 "ok"
-  GET  /behaviour                                     -> JSON {port: {error_rate, latency_ms}}
-  POST /behaviour?port=P&error_rate=0.3&latency_ms=800  (either parameter may be left out)
+  GET  /behaviour                                     -> JSON {port: {error_rate, client_error_rate, ...}}
+  POST /behaviour?port=P&error_rate=0.3&latency_ms=800  (any of error_rate, client_error_rate,
+                                                         latency_ms, orders_per_request; left out: kept)
   GET  /counts                                        -> JSON {port: requests served}
 
 Usage: python deploy/demo/backend.py --ports-file FILE VERSION[=PORT] ...   (PORT 0 or missing: kernel picks)
@@ -22,17 +30,54 @@ import os
 import random
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 MAX_HEADER_BYTES = 64 * 1024
+EXPOSITION = {"content-type": "text/plain; version=0.0.4"}  # Prometheus' text format
 
 
 @dataclass
 class Behaviour:
-    error_rate: float = 0.0
+    error_rate: float = 0.0  # share answered 500
+    client_error_rate: float = 0.0  # share answered 404 (a canary that lost a route, say)
     latency_ms: float = 0.0
+    orders_per_request: float = 0.25  # orders completed per 200 answer
+
+
+RATES = ("error_rate", "client_error_rate")  # shares in [0, 1]
+
+
+@dataclass
+class VersionMetrics:
+    """What ``GET /metrics`` of a version port exports: counters since the process started."""
+
+    version: str
+    orders: int = 0
+    order_credit: float = 0.0  # fractional orders carried to the next 200 (exact conversion, no dice)
+    by_code: dict[int, int] = field(default_factory=dict)
+
+    def answered(self, code: int, orders_per_request: float) -> None:
+        self.by_code[code] = self.by_code.get(code, 0) + 1
+        if code == 200:
+            self.order_credit += orders_per_request
+            whole = int(self.order_credit)
+            self.orders += whole
+            self.order_credit -= whole
+
+    def exposition(self) -> bytes:
+        version = self.version.replace("\\", "\\\\").replace('"', '\\"')
+        lines = [
+            "# HELP orders_completed_total Orders completed by this version.",
+            "# TYPE orders_completed_total counter",
+            f'orders_completed_total{{version="{version}"}} {self.orders}',
+            "# HELP shop_requests_total Requests this version answered, by status code.",
+            "# TYPE shop_requests_total counter",
+            *(f'shop_requests_total{{version="{version}",code="{code}"}} {n}'
+              for code, n in sorted(self.by_code.items())),
+        ]
+        return ("\n".join(lines) + "\n").encode()
 
 
 class Request:
@@ -95,6 +140,7 @@ class Backends:
     def __init__(self) -> None:
         self.behaviour: dict[int, Behaviour] = {}
         self.counts: dict[int, int] = {}
+        self.metrics: dict[int, VersionMetrics] = {}
         self.handlers: dict[int, Handler] = {}  # local port -> handler, filled in once bound
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -115,15 +161,25 @@ class Backends:
 
     def version_handler(self, port: int, version: str) -> Handler:
         body = version.encode()
+        metrics = self.metrics[port] = VersionMetrics(version)
+        headers = {"x-version": version}
 
         async def handle(req: Request) -> bytes:
+            if req.method == "GET" and req.target == "/metrics":  # Prometheus, not a user
+                return response(200, metrics.exposition(), req.keep_alive, EXPOSITION)
             self.counts[port] = self.counts.get(port, 0) + 1
             b = self.behaviour[port]
             if b.latency_ms > 0:
                 await asyncio.sleep(b.latency_ms / 1000.0)
-            if b.error_rate > 0 and random.random() < b.error_rate:
-                return response(500, f"error from {version}".encode(), req.keep_alive, {"x-version": version})
-            return response(200, body, req.keep_alive, {"x-version": version})
+            draw = random.random()
+            if draw < b.error_rate:
+                status, answer = 500, f"error from {version}".encode()
+            elif draw < b.error_rate + b.client_error_rate:
+                status, answer = 404, f"not found on {version}".encode()
+            else:
+                status, answer = 200, body
+            metrics.answered(status, b.orders_per_request)
+            return response(status, answer, req.keep_alive, headers)
 
         return handle
 
@@ -139,15 +195,17 @@ class Backends:
             return response(200, json.dumps(out).encode(), req.keep_alive)
         if url.path == "/behaviour" and req.method == "POST":
             try:
-                b = self.behaviour[int(q["port"])]
-                error_rate = float(q.get("error_rate", b.error_rate))
-                latency_ms = float(q.get("latency_ms", b.latency_ms))
-            except (KeyError, ValueError) as exc:
+                port = int(q.pop("port"))
+                changed = {key: float(value) for key, value in q.items()}
+                new = Behaviour(**{**asdict(self.behaviour[port]), **changed})
+            except (KeyError, ValueError, TypeError) as exc:
                 return response(400, f"bad request: {exc!r}".encode(), req.keep_alive)
-            if not (0.0 <= error_rate <= 1.0) or latency_ms < 0:
-                return response(400, b"error_rate must be in [0,1], latency_ms >= 0", req.keep_alive)
-            b.error_rate, b.latency_ms = error_rate, latency_ms
-            return response(200, json.dumps(asdict(b)).encode(), req.keep_alive)
+            if any(not 0.0 <= getattr(new, r) <= 1.0 for r in RATES) or new.error_rate + new.client_error_rate > 1.0:
+                return response(400, b"error rates must be in [0,1] and add up to 1 at most", req.keep_alive)
+            if not (new.latency_ms >= 0 and new.orders_per_request >= 0):  # NaN too
+                return response(400, b"latency_ms and orders_per_request must be >= 0", req.keep_alive)
+            self.behaviour[port] = new
+            return response(200, json.dumps(asdict(new)).encode(), req.keep_alive)
         return response(404, b"not found", req.keep_alive)
 
 

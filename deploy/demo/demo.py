@@ -1,6 +1,6 @@
 """`make demo` and `make demo-rollback`: a live canary through a real Envoy, from nothing.
 
-Starts, all on 127.0.0.1: two demo backends (v1 and v2, `deploy/demo/backend.py`), Prometheus with
+Starts, all on 127.0.0.1: three demo backends (v1, v2, v3, `deploy/demo/backend.py`), Prometheus with
 `deploy/prometheus/prometheus.yml`, Envoy with `deploy/envoy/bootstrap.yaml`, and `aviary serve` on a
 git repository made in a temporary directory from `policies/demo/`. It sends steady traffic through
 Envoy (a quarter of it from "internal" users, header `x-team: qa`; every request names its user in
@@ -11,6 +11,12 @@ reach v2), then mirrors every other request to v2 (users keep v1's answers), the
 else 10, 30, 60 % (sticky by user: nobody moves back to v1) and promotes, keeping v1 warm for 10 s
 in case v2 fails after all. With `--rollback`, v2 fails about 20 % of its requests and the summary
 says how long it took from the first failed request to 0 % at Envoy.
+
+Then (not with `--rollback`) a second scene: v3 answers every request but completes 0.05 orders per
+request where v2 completes 0.25. The backends export `orders_completed_total{version="..."}` on their
+`/metrics`, Prometheus scrapes it (job `shop`), and the policy's `orders` check compares the canary's
+orders per request with stable's (`versionLabel: version`, template `version-rate-per-request`,
+`compare: {by: ratio}`): v3 is rolled back while no request failed.
 
 Ctrl-C stops everything it started. Without a terminal (`CI=true`, or stdout not a tty) it prints
 plain progress lines. Exit status: 0 when the canary ended as expected (promoted; rolled back with
@@ -55,8 +61,9 @@ POLICY = REPO / "policies" / "demo" / "shop.yaml"
 ROLLOUT = "shop"
 HOST = "shop.example.com"
 PORTS = {"listener": 10000, "envoy-admin": 9901, "xds": 18000, "admin": 18001, "metrics": 18002,
-         "prometheus": 9090, "v1": 8081, "v2": 8082}  # fmt: skip
+         "prometheus": 9090, "v1": 8081, "v2": 8082, "v3": 8083}  # fmt: skip
 REQUESTS_PER_SECOND = 50
+ORDERS_PER_REQUEST = {"v1": 0.25, "v2": 0.25, "v3": 0.05}  # the second scene's v3 converts worse
 USERS_PER_CLIENT = 50  # each client thread sends as its own users (x-user-id), none shared
 
 
@@ -172,11 +179,12 @@ def envoy_bootstrap(ports: dict[str, int]) -> dict[str, Any]:
 
 
 def prometheus_config(ports: dict[str, int]) -> dict[str, Any]:
-    """deploy/prometheus/prometheus.yml, scraping the demo's Envoy and Aviary."""
+    """deploy/prometheus/prometheus.yml, scraping the demo's Envoy, Aviary and backends."""
     config: dict[str, Any] = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
-    targets = {"envoy": f"127.0.0.1:{ports['envoy-admin']}", "aviary": f"127.0.0.1:{ports['metrics']}"}
+    targets = {"envoy": [f"127.0.0.1:{ports['envoy-admin']}"], "aviary": [f"127.0.0.1:{ports['metrics']}"],
+               "shop": [f"127.0.0.1:{ports[v]}" for v in ORDERS_PER_REQUEST]}  # fmt: skip
     for job in config["scrape_configs"]:
-        job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+        job["static_configs"] = [{"targets": targets[job["job_name"]]}]
     return config
 
 
@@ -278,7 +286,7 @@ class EnvoyView:
         return f"Envoy: canary {self.weight}%{routes}"
 
 
-def envoy_canary(envoy_admin: int, listener_port: int) -> EnvoyView | None:
+def envoy_canary(envoy_admin: int, listener_port: int, canary_version: str = "v2") -> EnvoyView | None:
     """None before Envoy has the route (or while its admin is busy)."""
     try:
         status, body = _http_get(envoy_admin, "/config_dump?resource=dynamic_route_configs")
@@ -286,7 +294,7 @@ def envoy_canary(envoy_admin: int, listener_port: int) -> EnvoyView | None:
     except (OSError, ValueError):  # not up yet, or busy
         return None
     route = route_name(ListenerSpec(address="127.0.0.1", port=listener_port))
-    canary = cluster_name(ROLLOUT, "v2")
+    canary = cluster_name(ROLLOUT, canary_version)
     for config in configs:
         rc = config.get("route_config", {})
         if rc.get("name") != route:
@@ -326,13 +334,12 @@ class Demo:
         p = self.ports
         self.say(f"[demo] working directory {self.work} (logs in {self.work / 'logs'})")
         self.processes.start("backends", [sys.executable, REPO / "deploy" / "demo" / "backend.py", "--ports-file",
-                                          self.work / "backends.json", f"v1={p['v1']}", f"v2={p['v2']}"])
+                                          self.work / "backends.json", *(f"{v}={p[v]}" for v in ORDERS_PER_REQUEST)])
         _wait(lambda: (self.work / "backends.json").exists(), 15, "the demo backends")
+        for version, orders in ORDERS_PER_REQUEST.items():
+            self.behave(version, orders_per_request=orders)
         if self.rollback:
-            control = json.loads((self.work / "backends.json").read_text())["control"]
-            conn = http.client.HTTPConnection("127.0.0.1", control, timeout=5)
-            conn.request("POST", f"/behaviour?port={p['v2']}&error_rate=0.2")
-            conn.getresponse().read()
+            self.behave("v2", error_rate=0.2)
             self.say("[demo] v2 will fail 20 % of its requests")
         repo = PolicyRepository(self.work / "policies")
         repo.commit(policy(p, "v1"), "shop v1")
@@ -360,6 +367,18 @@ class Demo:
                  f"admin API 127.0.0.1:{p['admin']}, Prometheus http://127.0.0.1:{p['prometheus']}")
         return repo
 
+    def behave(self, version: str, **behaviour: float) -> None:
+        """Set a backend's behaviour through its control port (deploy/demo/backend.py)."""
+        control = json.loads((self.work / "backends.json").read_text())["control"]
+        query = "&".join(f"{key}={value}" for key, value in behaviour.items())
+        conn = http.client.HTTPConnection("127.0.0.1", control, timeout=5)
+        try:
+            conn.request("POST", f"/behaviour?port={self.ports[version]}&{query}")
+            if conn.getresponse().status != 200:
+                raise DemoError(f"the demo backends refused {query} for {version}")
+        finally:
+            conn.close()
+
     def _check(self) -> bool:
         self.processes.check_alive()
         return True
@@ -368,7 +387,7 @@ class Demo:
         rollout: pb.Rollout = self.admin.GetRollout(pb.GetRolloutRequest(name=ROLLOUT), timeout=5)
         return rollout
 
-    def follow(self, traffic: Traffic, timeout: float) -> pb.Rollout:
+    def follow(self, traffic: Traffic, timeout: float, canary: str = "v2") -> pb.Rollout:
         """Show the canary until it is decided and Envoy serves the decision."""
         deadline = time.monotonic() + timeout
         recent: deque[pb.RolloutEvent] = deque(maxlen=8)
@@ -379,7 +398,7 @@ class Demo:
             while time.monotonic() < deadline:
                 self.processes.check_alive()
                 rollout = self.rollout()
-                envoy = envoy_canary(self.ports["envoy-admin"], self.ports["listener"])
+                envoy = envoy_canary(self.ports["envoy-admin"], self.ports["listener"], canary)
                 if envoy is not None and (not self.envoy_views or self.envoy_views[-1][1] != envoy):
                     self.envoy_views.append((time.time(), envoy))
                 events = list(rollout.events)
@@ -392,7 +411,7 @@ class Demo:
                     if line != last_line:
                         self.say(f"{line}; requests {traffic.sent}, failed {traffic.failed}")
                         last_line = line
-                promoted = rollout.phase == "Stable" and rollout.stable_version == "v2" and envoy == EnvoyView(100, 0)
+                promoted = rollout.phase == "Stable" and rollout.stable_version == canary and envoy == EnvoyView(100, 0)
                 if promoted or (rollout.phase == "RolledBack" and envoy == EnvoyView(0, 0)):
                     return rollout
                 time.sleep(0.25)  # refresh rate of the view
@@ -472,6 +491,33 @@ class Demo:
         if rollout.phase != expected:
             self.say(f"[demo] expected {expected}, got {rollout.phase}")
             return 1
+        return 0 if self.rollback else self.orders_scene(repo)
+
+    def orders_scene(self, repo: PolicyRepository) -> int:
+        """v3 answers every request but converts worse: the orders check against stable rolls it back."""
+        self.say(f"[demo] scene 2: v3 completes {ORDERS_PER_REQUEST['v3']} orders per request, v2 "
+                 f"{ORDERS_PER_REQUEST['v2']}; every answer is a 200. The backends export "
+                 'orders_completed_total{version="..."} and the policy compares orders per request with stable')
+        self.envoy_views = []
+        traffic = Traffic(self.ports["listener"]).start()
+        try:
+            bumped_at = time.time()
+            repo.commit(policy(self.ports, "v3"), "shop v3")
+            self.say("[demo] committed shop v3 to the policy repository: the canary starts")
+            rollout = self.follow(traffic, timeout=60, canary="v3")
+        finally:
+            traffic.stop()
+        self.say(f"[demo] result: {render.rollout_line(rollout)}")
+        decided = [(e, e.time.ToNanoseconds() / 1e9) for e in rollout.events if e.to_phase == "RolledBack"]
+        for event, at in [(e, at) for e, at in decided if at >= bumped_at][:1]:
+            self.say(f"[demo]   {event.to_phase} {at - bumped_at:.1f} s after the v3 commit")
+            for check in event.checks:
+                value = f"{check.value:.4g}" if check.HasField("value") else "-"
+                self.say(f"[demo]   check {check.name}: {check.outcome} (value {value}) {check.reason}".rstrip())
+        self.say(f"[demo] requests sent {traffic.sent}, failed {traffic.failed}: only the orders check saw v3's fault")
+        if rollout.phase != "RolledBack":
+            self.say(f"[demo] expected v3 RolledBack, got {rollout.phase}")
+            return 1
         return 0
 
 
@@ -480,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollback", action="store_true", help="v2 fails ~20%% of requests: watch it roll back")
     parser.add_argument("--free-ports", action="store_true",
                         help="pick free ports instead of the documented ones "
-                             "(10000, 9901, 18000-18002, 9090, 8081-8082)")
+                             "(10000, 9901, 18000-18002, 9090, 8081-8083)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, state) afterwards")
     args = parser.parse_args(argv)
     live = sys.stdout.isatty() and not os.environ.get("CI")

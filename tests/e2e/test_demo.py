@@ -41,10 +41,22 @@ def test_make_demo_promotes_v2_through_envoy() -> None:
     assert copies > 50, output  # 5 s of three quarters of 50 requests/s, each copied
     assert "users moved back from v2 to v1 while the canary ran: 0 " in output, output
     assert re.search(r"v1 kept warm in Envoy for \d+\.\d s \(afterPromotion\), then retired", output), output
+    # Scene 2: v3 answers every request but converts worse; the orders check against stable (the
+    # backends' orders_completed_total by versionLabel) rolls it back.
+    scene = output[output.index("[demo] scene 2:"):]
+    assert "check orders: Pass" in output[: -len(scene)], output  # v2 converted as well as v1
+    assert "[demo] result: shop: RolledBack, stable v2: rolled back v3" in scene, output
+    number = r"[\d.e-]+"
+    fail = rf"check orders: Fail \(value {number}\) canary {number} / stable {number} = {number} < min \(0\.5\)"
+    assert re.search(fail, scene), output
+    assert "check success: Pass" in scene, output  # a success rate alone would have promoted v3
+    sent, failed = map(int, re.search(r"requests sent (\d+), failed (\d+): only the orders check", scene).groups())  # type: ignore[union-attr]
+    assert sent > 20 and failed == 0, output
 
 
 def test_make_demo_rollback_rolls_back_and_times_it() -> None:
     output = run_make("demo-rollback")
+    assert "scene 2" not in output, output
     assert "[demo] result: shop: RolledBack, stable v1" in output
     assert "check success: Fail" in output
     out_of_route = r"first failed request -> canary out of Envoy's route \(0 %, no cohort route\): \d+\.\d\d s"

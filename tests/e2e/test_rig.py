@@ -60,6 +60,26 @@ def test_backends_answer_with_their_version_and_obey_behaviour(backends: Backend
     assert backends.counts() == {"v1": 3, "v2": 2}
 
 
+def test_backends_answer_404s_and_export_orders_per_version(backends: Backends) -> None:
+    """The behaviours behind tests/e2e/test_templates.py: a share of 404s, and orders counted
+    exactly (0.25 per 200 is one order every fourth 200) on the version's own ``/metrics``."""
+    ports = backends.start(["v1", "v2"])
+    backends.set_behaviour("v2", client_error_rate=1.0)
+    assert http_request(ports["v2"], "/").status == 404
+    backends.set_behaviour("v2", client_error_rate=0.0, orders_per_request=0.5)
+    for _ in range(8):
+        assert http_request(ports["v1"], "/").status == 200
+        assert http_request(ports["v2"], "/").status == 200
+    v1, v2 = backends.metrics("v1"), backends.metrics("v2")
+    assert 'orders_completed_total{version="v1"} 2\n' in v1  # 8 x 0.25
+    assert 'orders_completed_total{version="v2"} 4\n' in v2  # 8 x 0.5; the 404 completed none
+    assert 'shop_requests_total{version="v2",code="404"} 1\n' in v2
+    assert 'shop_requests_total{version="v2",code="200"} 8\n' in v2
+    assert backends.counts() == {"v1": 8, "v2": 9}  # scrapes of /metrics are not requests
+    with pytest.raises(RuntimeError, match="add up to 1"):
+        backends.set_behaviour("v2", error_rate=0.6, client_error_rate=0.6)
+
+
 def test_send_requests_counts_by_body(backends: Backends) -> None:
     ports = backends.start(["v1"])
     assert send_requests(ports["v1"], "app.example.com", 500) == {"v1": 500, "failed": 0}

@@ -19,7 +19,9 @@ class Backends:
     """``with Backends(workdir) as b: ports = b.start(["v1", "v2"])``.
 
     Each version port answers 200 with body = version and header ``x-version``; behaviour
-    (error_rate, latency_ms) can be changed while it runs.
+    (error_rate, client_error_rate, latency_ms, orders_per_request) can be changed while it runs.
+    ``GET /metrics`` on a version port is its Prometheus exposition (``orders_completed_total``
+    and ``shop_requests_total``, labelled ``version``): :meth:`address` is a scrape target.
     """
 
     def __init__(self, workdir: Path, name: str = "backends") -> None:
@@ -83,17 +85,33 @@ class Backends:
         return f"127.0.0.1:{self.ports[version]}"
 
     def set_behaviour(
-        self, version: str, error_rate: float | None = None, latency_ms: float | None = None
+        self,
+        version: str,
+        error_rate: float | None = None,
+        latency_ms: float | None = None,
+        *,
+        client_error_rate: float | None = None,
+        orders_per_request: float | None = None,
     ) -> None:
-        """Change a version's behaviour; parameters left as None keep their current value."""
+        """Change a version's behaviour; parameters left as None keep their current value.
+
+        ``error_rate``: share answered 500; ``client_error_rate``: share answered 404;
+        ``orders_per_request``: orders each 200 completes (``orders_completed_total``, 0.25 at start).
+        """
         params: dict[str, str] = {"port": str(self.ports[version])}
-        if error_rate is not None:
-            params["error_rate"] = str(error_rate)
-        if latency_ms is not None:
-            params["latency_ms"] = str(latency_ms)
+        given = {"error_rate": error_rate, "latency_ms": latency_ms, "client_error_rate": client_error_rate,
+                 "orders_per_request": orders_per_request}  # fmt: skip
+        params.update({key: str(value) for key, value in given.items() if value is not None})
         resp = http_request(self._control(), f"/behaviour?{urlencode(params)}", method="POST")
         if resp.status != 200:
             raise RuntimeError(f"set_behaviour({version}) failed: {resp.status} {resp.body}")
+
+    def metrics(self, version: str) -> str:
+        """The version's Prometheus exposition (``GET /metrics`` on its port, what Prometheus scrapes)."""
+        resp = http_request(self.ports[version], "/metrics")
+        if resp.status != 200:
+            raise RuntimeError(f"metrics of {version}: {resp.status} {resp.body}")
+        return resp.body
 
     def counts(self) -> dict[str, int]:
         """Requests served per version so far."""

@@ -1,4 +1,5 @@
-"""A real Prometheus (Debian's /usr/bin/prometheus) scraping Envoy admin ports on loopback."""
+"""A real Prometheus (Debian's /usr/bin/prometheus) scraping Envoy admin ports on loopback, and
+optionally applications' ``/metrics`` (the demo backends' per-version business metrics)."""
 
 from __future__ import annotations
 
@@ -17,18 +18,22 @@ from tests.rig.waiting import wait_until
 
 PROMETHEUS_BINARY = Path("/usr/bin/prometheus")
 JOB_NAME = "envoy"
+APP_JOB_NAME = "app"
 
 
 class PrometheusProcess:
-    """Scrapes ``/stats/prometheus`` of each ``host:port`` in ``scrape_targets``.
+    """Scrapes ``/stats/prometheus`` of each ``host:port`` in ``scrape_targets`` (job ``envoy``) and
+    ``/metrics`` of each in ``app_targets`` (job ``app``; their own labels, such as ``version``, kept).
 
     The listen port and the TSDB directory survive :meth:`stop`, so ``start()`` after ``stop()``
     brings back the same URL with the same data.
     """
 
-    def __init__(self, workdir: Path, scrape_targets: list[str], scrape_interval: str = "1s") -> None:
+    def __init__(self, workdir: Path, scrape_targets: list[str], scrape_interval: str = "1s",
+                 app_targets: list[str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.scrape_targets = list(scrape_targets)
+        self.app_targets = list(app_targets or [])
         self.scrape_interval = scrape_interval
         self.port = free_port()
         self.config_path = self.workdir / "prometheus.yml"
@@ -51,19 +56,18 @@ class PrometheusProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def render_config(self) -> dict[str, Any]:
+        jobs: list[dict[str, Any]] = [{"job_name": JOB_NAME, "metrics_path": "/stats/prometheus",
+                                       "static_configs": [{"targets": self.scrape_targets}]}]
+        if self.app_targets:
+            jobs.append({"job_name": APP_JOB_NAME, "metrics_path": "/metrics",
+                         "static_configs": [{"targets": self.app_targets}]})  # fmt: skip
         return {
             "global": {
                 "scrape_interval": self.scrape_interval,
                 "scrape_timeout": self.scrape_interval,  # must not exceed the interval (default 10s)
                 "evaluation_interval": self.scrape_interval,
             },
-            "scrape_configs": [
-                {
-                    "job_name": JOB_NAME,
-                    "metrics_path": "/stats/prometheus",
-                    "static_configs": [{"targets": self.scrape_targets}],
-                }
-            ],
+            "scrape_configs": jobs,
         }
 
     def _write_config(self) -> None:
@@ -145,21 +149,21 @@ class PrometheusProcess:
         return active
 
     def wait_for_target_up(self, target: str | None = None, timeout: float = 30.0) -> None:
-        """Poll until ``target`` (default: every scrape target) was scraped successfully by this
-        process and ``up`` is 1 for it.
+        """Poll until ``target`` (default: every target of both jobs) was scraped successfully by
+        this process and ``up`` is 1 for it.
 
         The targets API is checked first: after a restart ``up`` still returns the samples of
         the previous run (5 min lookback). Prometheus 2.42 hands static targets to the scraper
         only after about 5 s (its discovery manager's update tick), so expect ~5 s here.
         """
-        wanted = {target} if target is not None else set(self.scrape_targets)
+        wanted = {target} if target is not None else {*self.scrape_targets, *self.app_targets}
 
         def all_up() -> bool:
             self.process.ensure_alive()
             health = {t["labels"].get("instance"): t.get("health") for t in self.targets()}
             if not all(health.get(t) == "up" for t in wanted):
                 return False
-            ups = {r["metric"].get("instance"): r["value"][1] for r in self.query(f'up{{job="{JOB_NAME}"}}')}
+            ups = {r["metric"].get("instance"): r["value"][1] for r in self.query("up")}
             return all(ups.get(t) == "1" for t in wanted)
 
         wait_until(all_up, timeout, interval=0.1, what=f"prometheus target(s) {sorted(wanted)} up")

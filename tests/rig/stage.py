@@ -1,7 +1,8 @@
 """What the e2e modules that drive rollouts through one real Envoy share.
 
-- ``running_rig``: a control plane, an Envoy and a Prometheus scraping Envoy's admin every second,
-  for a whole module; all three stopped on the way out, even after a failure.
+- ``running_rig``: a control plane, an Envoy and a Prometheus scraping Envoy's admin (and the
+  backends' ``/metrics``, if given) every second, for a whole module; all three stopped on the way
+  out, even after a failure.
 - ``start_plane_and_envoy``: backends v1/v2, a control plane and an Envoy for one test, from its
   fixtures.
 - ``Listener``: one listener of that Envoy (its route, the RDS updates of its route); ``Stage``:
@@ -63,9 +64,10 @@ RigT = TypeVar("RigT", bound=Rig)
 
 
 @contextlib.contextmanager
-def running_rig(base: Path, rig_type: type[RigT]) -> Iterator[RigT]:
+def running_rig(base: Path, rig_type: type[RigT], app_targets: list[str] | None = None) -> Iterator[RigT]:
     """An in-process control plane watching ``base/policies``, an Envoy fed by it and a Prometheus
-    scraping that Envoy every second (its target up); all stopped on the way out."""
+    scraping that Envoy (and ``/metrics`` of each of ``app_targets``) every second, every target
+    up; all stopped on the way out."""
     policies = base / "policies"
     policies.mkdir()
     plane = RunningControlPlane(policies, poll_interval=0.2)
@@ -74,7 +76,8 @@ def running_rig(base: Path, rig_type: type[RigT]) -> Iterator[RigT]:
     try:
         plane.start()
         envoy = EnvoyProcess(base / "envoy", plane.xds_port).start()
-        prometheus = PrometheusProcess(base / "prometheus", [f"127.0.0.1:{envoy.admin_port}"], "1s").start()
+        prometheus = PrometheusProcess(base / "prometheus", [f"127.0.0.1:{envoy.admin_port}"], "1s",
+                                       app_targets=app_targets).start()
         prometheus.wait_for_target_up(timeout=30)
         yield rig_type(plane, envoy, prometheus, policies)
     finally:
