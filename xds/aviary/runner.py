@@ -43,12 +43,12 @@ from dataclasses import dataclass, replace
 from aviary.discovery.director import Placement, PublishedState, RolloutNack, TrafficDirector
 from aviary.discovery.resources import cluster_name
 from aviary.metrics.checks import check_round
-from aviary.metrics.kinds import PROMETHEUS, WEB
+from aviary.metrics.kinds import PROMETHEUS, WEB, checks_of
 from aviary.metrics.prometheus import PrometheusProvider
 from aviary.metrics.provider import MetricProvider
 from aviary.metrics.templates import Side
 from aviary.metrics.web import WebProvider
-from aviary.policy.analysis import CheckOutcome, CheckResult, inconclusive
+from aviary.policy.analysis import CheckOutcome, CheckResult
 from aviary.policy.loader import orphan_conflicts
 from aviary.policy.rollout import (
     Action,
@@ -667,7 +667,7 @@ class RolloutRunner:
         url = analysis.prometheus or self._default_prometheus
         canary_version = canary.version
         if url is None:  # a policy restored from state, applied when the server had a --prometheus-url
-            results = tuple(inconclusive(check, PROMETHEUS_NEEDED) for check in analysis.metrics)
+            results = tuple(result for check in checks_of(analysis) for result in check.unanswered(PROMETHEUS_NEEDED))
             if self._provider_trouble.get(name) != PROMETHEUS_NEEDED:
                 log.warning("rollout %s: checks inconclusive: %s", name, PROMETHEUS_NEEDED)
                 self._provider_trouble[name] = PROMETHEUS_NEEDED
@@ -683,12 +683,15 @@ class RolloutRunner:
             providers[WEB] = self._web
         stable_version = status.stable.version
         canary_side = Side(cluster_name(name, canary_version), canary_version, status.weight)
+        started_at = status.canary_started_at
+        since = self._clock() - started_at if started_at is not None else None
         stable_side = Side(cluster_name(name, stable_version), stable_version, 100 - status.weight)
 
         async def round_of_checks() -> None:
             try:
                 # Stamped with when its queries ran (its start), not when the answers came back.
-                started, results = await check_round(providers, analysis, canary_side, stable_side, self._clock)
+                started, results = await check_round(providers, analysis, canary_side, stable_side, self._clock,
+                                                     since=since, judge_failed=status.judge_failed)
                 self._report_provider_trouble(name, providers, results)
                 self.submit(name, ChecksCompleted(results, started, canary_version))
             except Exception as exc:  # not a check's outcome (those are results): a fault of ours

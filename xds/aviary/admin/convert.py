@@ -62,7 +62,8 @@ def _wall_timestamp(at: float) -> Timestamp:
 
 def check_message(result: CheckResult) -> pb.CheckResult:
     message = pb.CheckResult(name=result.name, outcome=result.outcome.name.title(), reason=result.reason,
-                             kind=result.kind, queries=list(result.queries), compare_by=result.thresholds.by or "")
+                             kind=result.kind, queries=list(result.queries), compare_by=result.thresholds.by or "",
+                             rule=result.rule or "", shown_only=not result.counted)
     for field, value in (
         ("value", result.value),
         ("stable_value", result.stable_value),

@@ -104,6 +104,12 @@ class RolloutStatus:
     manual_weight: int | None = None
     reason: str = ""
     updated_at: float = 0.0
+    canary_started_at: float | None = None
+    """When this canary's first step started (its first ACK): the judge's samples reach back there."""
+    judge_failed: tuple[tuple[str, str], ...] = ()
+    """Judged metrics (``analysis.judge``) this canary has failed, with the reason then: a metric
+    that failed stays failed for the run (``aviary.policy.judge.JudgeState``). Reset with the
+    counters, by a new canary or Retry."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.weight <= 100:

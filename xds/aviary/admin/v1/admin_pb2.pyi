@@ -74,7 +74,7 @@ class WatchRolloutsRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class CheckResult(_message.Message):
-    __slots__ = ("name", "outcome", "value", "stable_value", "min", "max", "max_decrease_from_stable", "reason", "kind", "queries", "canary_samples", "stable_samples", "compare_by", "effect", "effect_low", "effect_high")
+    __slots__ = ("name", "outcome", "value", "stable_value", "min", "max", "max_decrease_from_stable", "reason", "kind", "queries", "canary_samples", "stable_samples", "compare_by", "effect", "effect_low", "effect_high", "rule", "shown_only")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,8 @@ class CheckResult(_message.Message):
     EFFECT_FIELD_NUMBER: _ClassVar[int]
     EFFECT_LOW_FIELD_NUMBER: _ClassVar[int]
     EFFECT_HIGH_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    SHOWN_ONLY_FIELD_NUMBER: _ClassVar[int]
     name: str
     outcome: str
     value: float
@@ -107,7 +109,9 @@ class CheckResult(_message.Message):
     effect: float
     effect_low: float
     effect_high: float
-    def __init__(self, name: _Optional[str] = ..., outcome: _Optional[str] = ..., value: _Optional[float] = ..., stable_value: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., max_decrease_from_stable: _Optional[float] = ..., reason: _Optional[str] = ..., kind: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ..., canary_samples: _Optional[int] = ..., stable_samples: _Optional[int] = ..., compare_by: _Optional[str] = ..., effect: _Optional[float] = ..., effect_low: _Optional[float] = ..., effect_high: _Optional[float] = ...) -> None: ...
+    rule: str
+    shown_only: bool
+    def __init__(self, name: _Optional[str] = ..., outcome: _Optional[str] = ..., value: _Optional[float] = ..., stable_value: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., max_decrease_from_stable: _Optional[float] = ..., reason: _Optional[str] = ..., kind: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ..., canary_samples: _Optional[int] = ..., stable_samples: _Optional[int] = ..., compare_by: _Optional[str] = ..., effect: _Optional[float] = ..., effect_low: _Optional[float] = ..., effect_high: _Optional[float] = ..., rule: _Optional[str] = ..., shown_only: _Optional[bool] = ...) -> None: ...
 
 class RolloutEvent(_message.Message):
     __slots__ = ("rollout", "time", "from_phase", "to_phase", "weight", "stable_version", "canary_version", "step", "reason", "checks", "cohorts", "mirror")
