@@ -18,7 +18,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from rich.console import Console
 
+from aviary.admin import convert, render
 from aviary.discovery.resources import route_name
 from aviary.policy.analysis import CheckOutcome
 from aviary.policy.rollout_state import Phase
@@ -127,6 +129,16 @@ def test_judge_rolls_back_a_canary_30_percent_slower_that_a_p99_threshold_passes
                effect_ms=latency.effect, interval_ms=list(latency.effect_interval or ()),
                threshold_p99_ms=threshold.value, requests=result.total, test_s=time.monotonic() - started)
     assert zero_at - traffic_at < 50, story
+
+    # What `aviary explain` shows: the rounds, samples growing until the judge could decide.
+    rounds = rig.plane.call(lambda p: p.runner.rounds(canary.name))
+    history = rig.history(canary.name)
+    explained = convert.explanation_message(canary.name, rounds, history, convert.WallClock.now(rig.engine_now()))
+    Console(width=250).print(render.explanation(explained))
+    samples = [check.canary_samples for r in rounds for check in r.checks if check.name == "latency"]
+    assert samples and samples[-1] is not None and samples[-1] >= 10, samples
+    assert any(check.rule == "min-samples" for r in rounds for check in r.checks), "no round waited for samples"
+    assert "rolled back v2" in rounds[-1].transitions[0]
 
 
 def test_judge_promotes_an_identical_canary(rig: Rig, canary_factory: Callable[..., Canary]) -> None:

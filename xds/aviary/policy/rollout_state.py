@@ -19,6 +19,7 @@ __all__ = [
     "Abort",
     "Action",
     "AdminCommand",
+    "CheckRound",
     "ChecksCompleted",
     "Event",
     "Hold",
@@ -287,3 +288,18 @@ class Rejected:
 
 
 Action = SetTraffic | RecordEvent | Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRound:
+    """One check round as the engine took it, for ``aviary explain``: when, at which step and
+    weight, every check's result, the round's outcome and the transitions it caused (reasons)."""
+
+    rollout: str
+    at: float
+    canary_version: str
+    step_index: int
+    weight: int
+    outcome: CheckOutcome
+    checks: tuple[CheckResult, ...]
+    transitions: tuple[str, ...] = ()

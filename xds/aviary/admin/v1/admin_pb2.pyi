@@ -284,3 +284,31 @@ class ValidateResponse(_message.Message):
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     errors: _containers.RepeatedCompositeFieldContainer[ValidateError]
     def __init__(self, errors: _Optional[_Iterable[_Union[ValidateError, _Mapping]]] = ...) -> None: ...
+
+class CheckRound(_message.Message):
+    __slots__ = ("time", "canary_version", "step", "weight", "outcome", "checks", "transitions")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    TRANSITIONS_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    canary_version: str
+    step: int
+    weight: int
+    outcome: str
+    checks: _containers.RepeatedCompositeFieldContainer[CheckResult]
+    transitions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., canary_version: _Optional[str] = ..., step: _Optional[int] = ..., weight: _Optional[int] = ..., outcome: _Optional[str] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., transitions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("name", "rounds", "events")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rounds: _containers.RepeatedCompositeFieldContainer[CheckRound]
+    events: _containers.RepeatedCompositeFieldContainer[RolloutEvent]
+    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[CheckRound, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ...) -> None: ...
