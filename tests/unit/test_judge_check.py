@@ -4,6 +4,7 @@ results) and what the rollout machine does with its rounds (state, waiting for s
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,3 +253,42 @@ def test_a_failed_judged_metric_is_remembered_for_the_run_and_reset_by_a_new_can
     v3 = spec_with_judge("v3")
     status, _ = step(v3, status, SpecObserved(v3), 4.0)
     assert status.judge_failed == () and status.canary_started_at is None
+
+
+# --------------------------------------------------------------------------------- status, restart
+
+
+def test_status_says_which_metric_is_short_of_samples() -> None:
+    import io
+
+    from rich.console import Console
+
+    from aviary.admin import render
+    from aviary.admin.convert import check_message
+    from aviary.admin.v1 import admin_pb2 as pb
+
+    results = judged({"latency": (FAST[:7], FAST[:9]), "errors": (ZEROS, ZEROS)})
+    rollout = pb.Rollout(name="shop", phase="Progressing", stable_version="v1", canary_version="v2", weight=50,
+                         step=1, steps=1, checks=[check_message(result) for result in results.values()])
+    out = io.StringIO()
+    Console(file=out, width=400).print(render.rollout_detail(rollout))
+    text = out.getvalue()
+    assert re.search(r"samples +waiting for samples: latency 7/10 \(canary/stable, the fewer\)", text), text
+    assert "[min-samples]" in text and "(shown)" in text
+    assert check_message(results["latency"]).shown_only and not check_message(results["judge"]).shown_only
+
+
+def test_a_restart_restarts_the_judges_samples_but_keeps_its_failures() -> None:
+    from dataclasses import replace
+
+    from aviary.runner import stopped_for_restart
+
+    v1, v2 = spec_with_judge("v1"), spec_with_judge("v2")
+    status, _ = step(v1, None, SpecObserved(v1), 0.0, rollout="shop")
+    status, _ = step(v2, status, SpecObserved(v2), 1.0)
+    status, _ = step(v2, status, WeightAcked("v2", 50, 1.0), 1.0)
+    status = replace(status, judge_failed=(("errors", "higher then"),))
+    restored, _ = stopped_for_restart(status, 5.0)
+    assert restored.canary_started_at is None and restored.judge_failed == (("errors", "higher then"),)
+    acked, _ = step(v2, restored, WeightAcked("v2", 50, 100.0), 100.0)
+    assert acked.canary_started_at == 100.0
