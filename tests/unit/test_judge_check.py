@@ -292,3 +292,12 @@ def test_a_restart_restarts_the_judges_samples_but_keeps_its_failures() -> None:
     assert restored.canary_started_at is None and restored.judge_failed == (("errors", "higher then"),)
     acked, _ = step(v2, restored, WeightAcked("v2", 50, 100.0), 100.0)
     assert acked.canary_started_at == 100.0
+
+
+def test_a_failing_threshold_check_counts_even_while_the_judge_waits_for_samples() -> None:
+    from aviary.policy.analysis import Thresholds
+
+    short = round_of({"latency": (FAST[:5], FAST[:5]), "errors": (ZEROS[:5], ZEROS[:5])})
+    broken = CheckResult("success", CheckOutcome.FAIL, 90.0, None, Thresholds(min=99.0), "90 < min (99)")
+    assert gathering(short) and not gathering((broken, *short))
+    assert round_outcome((broken, *short)) is CheckOutcome.FAIL

@@ -262,7 +262,10 @@ def gathering(results: Iterable[CheckResult]) -> bool:
     """True for an inconclusive round whose every counted inconclusive check is only short of
     samples: the canary is being measured, not silent, so the round does not count towards
     ``inconclusiveLimit`` (the step waits for the samples instead)."""
-    open_ = [result for result in results if result.counted and result.outcome is CheckOutcome.INCONCLUSIVE]
+    counted = [result for result in results if result.counted]
+    if any(result.outcome is CheckOutcome.FAIL for result in counted):
+        return False  # a failed round counts, whatever else is still measuring
+    open_ = [result for result in counted if result.outcome is CheckOutcome.INCONCLUSIVE]
     return bool(open_) and all(result.rule == GATHERING for result in open_)
 
 

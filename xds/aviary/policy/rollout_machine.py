@@ -16,11 +16,15 @@ Rules (the contract the tests pin down):
 - A step's clock starts when every proxy ACKed its weight (``WeightAcked``), never before.
 - A step ADVANCES when ``now >= step_started_at + duration`` (the interval, or a timed Pause's
   duration) AND, if analysis is configured and the canary has traffic, the latest check round taken
-  in this step (at or after ``step_started_at``) PASSED. So a step needs at least one passing round,
+  in this step (at or after ``step_started_at``) PASSED, and no metric of ``analysis.judge`` in it
+  is still short of its ``minSamples`` (rule ``min-samples``). So a step needs at least one passing round,
   a failure below failureLimit holds the step until a later round passes, and an inconclusive
   round never advances anything. One call advances at most one step.
 - Rounds are counted as described in ``aviary.policy.analysis``: ``failed > failureLimit`` rolls
   back at once, mid-step; ``inconclusive > inconclusiveLimit`` (consecutive) rolls back or pauses.
+  An inconclusive round that only waits for the judge's samples (``analysis.gathering``) is not
+  counted. The judged metrics that failed are kept in ``judge_failed`` for the canary's run, and
+  the first step's ACK sets ``canary_started_at`` (where the judge's samples begin).
 - A ``{cohorts: [...]}`` step opens those cohorts: their requests reach the canary whatever the
   weight (it keeps the previous weight step's weight). Opened cohorts stay open until promotion or
   rollback; a step's clock starts when the plan's weight AND cohorts are ACKed.
