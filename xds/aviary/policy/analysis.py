@@ -3,8 +3,9 @@ rounds into decisions.
 
 A *check* is one metric of ``analysis.metrics`` evaluated once (by its kind, see
 ``aviary.metrics.kinds``: ``judge`` for a threshold check, ``judge_compare`` for a compare
-check); a *round* is every metric of the analysis evaluated together (what ``run_checks``
-returns). Each check ends in one of three outcomes:
+check; ``analysis.judge`` is judged by ``aviary.policy.judge`` and reports one result per judged
+metric, shown but not counted, plus its verdict, which counts); a *round* is every metric of the
+analysis evaluated together (what ``run_checks`` returns). Each check ends in one of three outcomes:
 
 - ``PASS``: there was enough data and every threshold (or compare bound) held;
 - ``FAIL``: there was enough data and a threshold was broken;
