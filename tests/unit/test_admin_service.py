@@ -502,3 +502,43 @@ def test_check_message_carries_kind_queries_and_compare_bounds() -> None:
     assert (samples.canary_samples, samples.stable_samples) == (40, 41)
     assert (samples.effect, samples.effect_low, samples.effect_high) == (2.5, -1.0, 6.0)
     assert not message.HasField("effect")
+
+
+async def test_explain_lists_every_round_with_its_checks_and_transitions(plane: ControlPlane,
+                                                                         client: AdminClient) -> None:
+    import io
+
+    from rich.console import Console
+
+    from aviary.admin import render
+    from aviary.policy.analysis import CheckOutcome, CheckResult, Thresholds
+    from aviary.policy.rollout_state import ChecksCompleted
+
+    doc = policy(version="v2")
+    doc["spec"]["analysis"] = {"prometheus": "http://127.0.0.1:9", "checkEvery": "1h",
+                               "metrics": [{"name": "success", "template": "request-success-rate", "min": 99}]}
+    apply(plane, doc)
+
+    def started() -> bool:
+        status = plane.runner.status("shop")
+        return status is not None and status.step_started_at is not None
+
+    await async_wait_until(started, 10, what="step 1 ACKed")
+    at = plane.runner.now()
+    passing = (CheckResult("success", CheckOutcome.PASS, 99.5, None, Thresholds(min=99.0), "99.5 >= min (99)",
+                           queries=("sum(x)",)),)
+    failing = (CheckResult("success", CheckOutcome.FAIL, 90.0, None, Thresholds(min=99.0), "90 < min (99)"),)
+    plane.runner.handle("shop", ChecksCompleted(passing, at, "v2"))
+    plane.runner.handle("shop", ChecksCompleted(failing, at + 0.001, "v2"))
+    explained = await client.explain("shop")
+    assert explained.name == "shop"
+    assert [(r.outcome, r.step, r.weight, r.canary_version) for r in explained.rounds] == [
+        ("Pass", 1, 20, "v2"), ("Fail", 1, 20, "v2")]
+    assert explained.rounds[0].checks[0].queries == ["sum(x)"] and not explained.rounds[0].transitions
+    assert "rolled back v2" in explained.rounds[1].transitions[0]
+    assert explained.events[-1].to_phase == "RolledBack"
+    out = io.StringIO()
+    Console(file=out, width=300).print(render.explanation(explained))
+    assert "90 < min (99)" in out.getvalue() and "rolled back v2" in out.getvalue()
+    assert "rolled back v2" in render.as_json(explained)
+    await refused(client.explain("nope"))

@@ -229,7 +229,7 @@ REJECTIONS: list[tuple[str, Any, str, str]] = [
     ("spec.analysis.inconclusiveLimit", "3", "spec.analysis.inconclusiveLimit", "valid integer"),
     ("spec.analysis.onInconclusive", "ignore", "spec.analysis.onInconclusive", "'rollback' or 'pause'"),
     ("spec.analysis.metrics", [], "spec.analysis.metrics", "at least 1"),
-    ("spec.analysis.metrics", ..., "spec.analysis.metrics", "required field is missing"),
+    ("spec.analysis.metrics", ..., "spec.analysis.metrics", "needs checks: at least 1 in metrics, or a judge"),
     ("spec.analysis.metrics.1.name", "success", "spec.analysis.metrics[1].name",
      "duplicate metric name 'success' (also metrics[0])"),
     ("spec.analysis.metrics.0.name", "", "spec.analysis.metrics[0].name", "at least 1 character"),

@@ -43,12 +43,12 @@ from dataclasses import dataclass, replace
 from aviary.discovery.director import Placement, PublishedState, RolloutNack, TrafficDirector
 from aviary.discovery.resources import cluster_name
 from aviary.metrics.checks import check_round
-from aviary.metrics.kinds import PROMETHEUS, WEB
+from aviary.metrics.kinds import PROMETHEUS, WEB, checks_of
 from aviary.metrics.prometheus import PrometheusProvider
 from aviary.metrics.provider import MetricProvider
 from aviary.metrics.templates import Side
 from aviary.metrics.web import WebProvider
-from aviary.policy.analysis import CheckOutcome, CheckResult, inconclusive
+from aviary.policy.analysis import CheckOutcome, CheckResult, round_outcome
 from aviary.policy.loader import orphan_conflicts
 from aviary.policy.rollout import (
     Action,
@@ -69,7 +69,7 @@ from aviary.policy.rollout import (
     step,
     traffic_plan,
 )
-from aviary.policy.rollout_state import traffic_text
+from aviary.policy.rollout_state import CheckRound, traffic_text
 from aviary.policy.schema import PolicyError, PolicySet, Rollout
 from aviary.policy.server_rules import PROMETHEUS_NEEDED
 from aviary.store.sqlite import SavedPublished, SavedRollout, StateStore, StateWriteError
@@ -80,6 +80,8 @@ from aviary.wake_schedule import WakeSchedule
 log = logging.getLogger("aviary.engine")
 
 EVENT_HISTORY = 200
+ROUND_HISTORY = 500
+"""Check rounds kept per rollout for ``aviary explain`` (in memory)."""
 LOOP = ""  # the key of errors of the engine loop itself, outside any one rollout
 RETRY_SECONDS = 1.0  # how often a failed save, a pending policy or a failing rollout is tried again
 ProviderFactory = Callable[[str], MetricProvider]
@@ -160,9 +162,12 @@ def stopped_for_restart(status: RolloutStatus, last_alive: float) -> tuple[Rollo
     time-driven until every proxy has confirmed the restored weight, so a step cannot end (and a
     canary cannot be promoted) while Envoy is still reconnecting. The time the step had run before
     the crash is returned, to be credited when the ACK comes. The analysis starts afresh: the step
-    needs a new passing round over a window that begins after the restart. Counters are kept.
+    needs a new passing round over a window that begins after the restart. Counters are kept, and
+    so are the judged metrics that failed (``judge_failed``); the judge's samples start again at
+    the restored step's ACK (``canary_started_at`` was on the old process' clock).
     """
-    stopped = replace(status, step_started_at=None, step_outcome=None, step_checked_at=None)
+    stopped = replace(status, step_started_at=None, step_outcome=None, step_checked_at=None,
+                      canary_started_at=None)
     if status.step_started_at is None:
         return stopped, None
     elapsed = max(0.0, last_alive - status.step_started_at)
@@ -218,6 +223,7 @@ class RolloutRunner:
         self._applied_revision: dict[str, str | None] = {}
         self._resuming: dict[str, Resumption] = {}
         self._history: dict[str, deque[TransitionEvent]] = {}
+        self._rounds: dict[str, deque[CheckRound]] = {}
         self._inbox: asyncio.Queue[tuple[str, Event]] = asyncio.Queue()
         self._checks: dict[str, asyncio.Task[None]] = {}
         self._listeners: list[Callable[[TransitionEvent], None]] = []
@@ -249,6 +255,11 @@ class RolloutRunner:
 
     def history(self, name: str) -> list[TransitionEvent]:
         return list(self._history.get(name, ()))
+
+    def rounds(self, name: str) -> list[CheckRound]:
+        """The check rounds the engine took for ``name`` (the latest ``ROUND_HISTORY``, since this
+        process started: unlike transitions, rounds are not saved)."""
+        return list(self._rounds.get(name, ()))
 
     def rollout(self, name: str) -> Rollout | None:
         return self._rollouts.get(name)
@@ -481,6 +492,14 @@ class RolloutRunner:
             self._save_or_hold(previous, status, rollout, revision, events)
         if resumed:
             del self._resuming[name]
+        records = [a.event for a in actions if isinstance(a, RecordEvent)]
+        taken = status.last_checks is event.results or any(r.checks is event.results for r in records) \
+            if isinstance(event, ChecksCompleted) else False
+        if isinstance(event, ChecksCompleted) and taken and previous is not None and previous.canary is not None:
+            transitions = tuple(record.reason for record in records)
+            self._rounds.setdefault(name, deque(maxlen=ROUND_HISTORY)).append(CheckRound(
+                name, event.at, previous.canary.version, previous.step_index, previous.weight,
+                round_outcome(event.results), event.results, transitions))
         self._rollouts[name] = rollout
         self._applied_revision[name] = revision
         self._status[name] = status
@@ -667,7 +686,7 @@ class RolloutRunner:
         url = analysis.prometheus or self._default_prometheus
         canary_version = canary.version
         if url is None:  # a policy restored from state, applied when the server had a --prometheus-url
-            results = tuple(inconclusive(check, PROMETHEUS_NEEDED) for check in analysis.metrics)
+            results = tuple(result for check in checks_of(analysis) for result in check.unanswered(PROMETHEUS_NEEDED))
             if self._provider_trouble.get(name) != PROMETHEUS_NEEDED:
                 log.warning("rollout %s: checks inconclusive: %s", name, PROMETHEUS_NEEDED)
                 self._provider_trouble[name] = PROMETHEUS_NEEDED
@@ -683,12 +702,15 @@ class RolloutRunner:
             providers[WEB] = self._web
         stable_version = status.stable.version
         canary_side = Side(cluster_name(name, canary_version), canary_version, status.weight)
+        started_at = status.canary_started_at
+        since = self._clock() - started_at if started_at is not None else None
         stable_side = Side(cluster_name(name, stable_version), stable_version, 100 - status.weight)
 
         async def round_of_checks() -> None:
             try:
                 # Stamped with when its queries ran (its start), not when the answers came back.
-                started, results = await check_round(providers, analysis, canary_side, stable_side, self._clock)
+                started, results = await check_round(providers, analysis, canary_side, stable_side, self._clock,
+                                                     since=since, judge_failed=status.judge_failed)
                 self._report_provider_trouble(name, providers, results)
                 self.submit(name, ChecksCompleted(results, started, canary_version))
             except Exception as exc:  # not a check's outcome (those are results): a fault of ours

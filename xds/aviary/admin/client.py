@@ -113,6 +113,10 @@ class AdminClient:
         rollout: pb.Rollout = await self._call("GetRollout", pb.GetRolloutRequest(name=name))
         return rollout
 
+    async def explain(self, name: str) -> pb.Explanation:
+        explanation: pb.Explanation = await self._call("Explain", pb.GetRolloutRequest(name=name))
+        return explanation
+
     async def command(self, verb: str, name: str) -> pb.Rollout:
         """``verb`` is a key of COMMANDS (pause, resume, promote, abort, retry)."""
         rollout: pb.Rollout = await self._call(COMMANDS[verb], pb.RolloutRequest(name=name))

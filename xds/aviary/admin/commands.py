@@ -114,6 +114,12 @@ async def _status(client: AdminClient, args: argparse.Namespace, console: Consol
     return 0
 
 
+async def _explain(client: AdminClient, args: argparse.Namespace, console: Console) -> int:
+    explanation = await client.explain(args.name)
+    print(render.as_json(explanation)) if _json(args) else console.print(render.explanation(explanation))
+    return 0
+
+
 async def _proxies(client: AdminClient, args: argparse.Namespace, console: Console) -> int:
     proxies = await client.list_proxies()
     print(render.as_json(proxies)) if _json(args) else console.print(render.proxies_table(proxies))
@@ -253,6 +259,9 @@ def add_admin_commands(commands: Any, validate: argparse.ArgumentParser | None =
 
     status = add("status", _status, "show rollouts: phase, versions, weight, step, last check")
     status.add_argument("name", nargs="?", help="one rollout, in detail")
+    explain = add("explain", _explain, "show why: every check round (queries, values, samples, effects, "
+                                        "verdicts, rules) and every transition of one rollout")
+    explain.add_argument("name", help="rollout name")
     watch = add("watch", _watch, "follow rollouts live as they change (Ctrl-C to stop)")
     watch.add_argument("name", nargs="?", help="only this rollout")
     watch.add_argument("--refresh", type=duration(), default="2s", metavar="DURATION",

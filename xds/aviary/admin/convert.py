@@ -17,7 +17,7 @@ from aviary.discovery.proxy_status import ProxyView
 from aviary.discovery.worker_protocol import worker_of
 from aviary.policy.analysis import CheckResult
 from aviary.policy.rollout_machine import guard_left, step_weight, traffic_plan
-from aviary.policy.rollout_state import Hold, Phase, RolloutStatus, TransitionEvent
+from aviary.policy.rollout_state import CheckRound, Hold, Phase, RolloutStatus, TransitionEvent
 from aviary.policy.schema import PolicyError, RolloutSpec
 from aviary.policy.source import PolicyState
 from aviary.runner import EngineHealth
@@ -62,7 +62,8 @@ def _wall_timestamp(at: float) -> Timestamp:
 
 def check_message(result: CheckResult) -> pb.CheckResult:
     message = pb.CheckResult(name=result.name, outcome=result.outcome.name.title(), reason=result.reason,
-                             kind=result.kind, queries=list(result.queries), compare_by=result.thresholds.by or "")
+                             kind=result.kind, queries=list(result.queries), compare_by=result.thresholds.by or "",
+                             rule=result.rule or "", shown_only=not result.counted)
     for field, value in (
         ("value", result.value),
         ("stable_value", result.stable_value),
@@ -95,6 +96,19 @@ def event_message(event: TransitionEvent, clock: WallClock) -> pb.RolloutEvent:
         cohorts=list(event.cohorts),
         mirror=event.mirror,
     )
+
+
+def round_message(round_: CheckRound, clock: WallClock) -> pb.CheckRound:
+    return pb.CheckRound(time=clock.timestamp(round_.at), canary_version=round_.canary_version,
+                         step=round_.step_index + 1, weight=round_.weight, outcome=round_.outcome.name.title(),
+                         checks=[check_message(check) for check in round_.checks],
+                         transitions=list(round_.transitions))
+
+
+def explanation_message(name: str, rounds: Sequence[CheckRound], history: Sequence[TransitionEvent],
+                        clock: WallClock) -> pb.Explanation:
+    return pb.Explanation(name=name, rounds=[round_message(r, clock) for r in rounds],
+                          events=[event_message(event, clock) for event in history])
 
 
 def _overrides(status: RolloutStatus) -> list[pb.Override]:

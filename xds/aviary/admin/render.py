@@ -12,6 +12,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -176,6 +177,9 @@ def rollout_detail(r: pb.Rollout) -> Group:
         if r.HasField("acked_mirror") and r.acked_mirror != r.mirror:
             facts.add_row("acked mirror", f"{r.acked_mirror}%" if r.acked_mirror else "off")
         facts.add_row("time in step", f"{r.seconds_in_step:.0f}s" if r.seconds_in_step else "not started")
+        short = next((c for c in r.checks if c.rule == "min-samples" and not c.shown_only), None)
+        if short is not None:  # the judge holds the step until every metric has its minSamples
+            facts.add_row(Text("samples", style="bold yellow"), Text(short.reason.split(";")[0], style="yellow"))
     if r.plan:
         facts.add_row("plan", f"{r.plan} ({r.stage or 'stage unknown'})")
     for override in r.overrides:
@@ -194,7 +198,7 @@ def rollout_detail(r: pb.Rollout) -> Group:
     if r.checks:
         checks = Table("CHECK", "KIND", "OUTCOME", "VALUE", "STABLE", "THRESHOLDS", "REASON", box=None, pad_edge=False)
         for c in r.checks:
-            checks.add_row(c.name, c.kind or "threshold", _OUTCOME_MARK.get(c.outcome, "") + " " + c.outcome,
+            checks.add_row(c.name, c.kind or "threshold", _outcome(c),
                            _measured(c, "value", "canary_samples", "n/a"),
                            _measured(c, "stable_value", "stable_samples", "-"), _thresholds(c), c.reason)
         parts += [Text(""), checks]
@@ -209,6 +213,48 @@ def rollout_detail(r: pb.Rollout) -> Group:
     if r.events:
         parts += [Text(""), Text("recent events", style="bold")]
         parts += [Text(event_line(e)) for e in r.events[-10:]]
+    return Group(*parts)
+
+
+def _when(stamp: Any) -> str:
+    return str(stamp.ToDatetime(tzinfo=UTC).astimezone().strftime("%H:%M:%S"))
+
+
+def _short(query: str, width: int = 60) -> str:
+    return query if len(query) <= width else query[: width - 1] + "…"
+
+
+def _outcome(check: pb.CheckResult) -> str:
+    rule = escape(f" [{check.rule}]") if check.rule else ""  # not rich markup
+    counted = " (shown)" if check.shown_only else ""
+    return f"{_OUTCOME_MARK.get(check.outcome, '')} {check.outcome}{rule}{counted}"
+
+
+def explanation(e: pb.Explanation) -> Group:
+    """``aviary explain NAME``: the decision history, one table row per check of every round (with
+    the round's time, step, weight and outcome on its first row, and the transitions it caused),
+    then the transitions kept. ``-o json`` carries the same, queries in full."""
+    parts: list[RenderableType] = [Text(f"rollout {e.name}: {len(e.rounds)} check rounds", style="bold")]
+    table = Table("TIME", "CANARY", "STEP", "WEIGHT", "ROUND", "CHECK", "KIND", "QUERY (canary)", "CANARY VALUE",
+                  "STABLE VALUE", "EFFECT [INTERVAL]", "OUTCOME [RULE]", "REASON", box=None, pad_edge=False)
+    for r in e.rounds:
+        first = True
+        for c in r.checks:
+            head = ((_when(r.time), r.canary_version, str(r.step), f"{r.weight}%",
+                     f"{_OUTCOME_MARK.get(r.outcome, '')} {r.outcome}") if first else ("", "", "", "", ""))
+            first = False
+            table.add_row(*head, c.name, c.kind or "threshold", Text(_short(c.queries[0]) if c.queries else "-",
+                                                                     style="dim"),
+                          _measured(c, "value", "canary_samples", "n/a"),
+                          _measured(c, "stable_value", "stable_samples", "-"),
+                          _thresholds(c) if c.HasField("effect") else "-", _outcome(c), c.reason)
+        for transition in r.transitions:
+            table.add_row("", "", "", "", "", Text("->", style="bold"), "", "", "", "", "", "",
+                          Text(transition, style="bold"))
+    parts += [table]
+    if e.events:
+        parts += [Text(""), Text("transitions", style="bold")]
+        parts += [Text(event_line(event)) for event in e.events]
     return Group(*parts)
 
 

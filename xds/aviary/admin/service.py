@@ -174,6 +174,11 @@ class AdminService:
     async def GetRollout(self, request: pb.GetRolloutRequest, context: Context) -> pb.Rollout:
         return self._message(await self._known(request.name, context))
 
+    async def Explain(self, request: pb.GetRolloutRequest, context: Context) -> pb.Explanation:
+        await self._known(request.name, context)
+        return convert.explanation_message(request.name, self._runner.rounds(request.name),
+                                           self._runner.history(request.name), self._clock())
+
     async def ListProxies(self, request: pb.ListProxiesRequest, context: Context) -> pb.ListProxiesResponse:
         proxies = sorted(self._proxies, key=lambda p: (p.node_id, p.stream_id))
         return pb.ListProxiesResponse(proxies=[convert.proxy_message(p) for p in proxies])

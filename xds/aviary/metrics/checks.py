@@ -66,10 +66,12 @@ def late_after(analysis: Analysis) -> float:
 
 
 async def check_round(providers: Providers, analysis: Analysis, canary: Side | str, stable: Side | str,
-                      clock: Callable[[], float]) -> tuple[float, tuple[CheckResult, ...]]:
-    """``run_checks`` stamped with when it started on ``clock``; all INCONCLUSIVE if it ended late."""
+                      clock: Callable[[], float], *, since: float | None = None,
+                      judge_failed: tuple[tuple[str, str], ...] = ()) -> tuple[float, tuple[CheckResult, ...]]:
+    """``run_checks`` stamped with when it started on ``clock``; all INCONCLUSIVE if it ended late.
+    ``since``/``judge_failed``: see ``RoundContext`` (what the judge needs of the canary's run)."""
     started = clock()
-    results = await run_checks(providers, analysis, canary, stable)
+    results = await run_checks(providers, analysis, canary, stable, since=since, judge_failed=judge_failed)
     took = clock() - started
     limit = late_after(analysis)
     if took > limit:
@@ -77,20 +79,21 @@ async def check_round(providers: Providers, analysis: Analysis, canary: Side | s
                   "its answers are too old to judge")
         results = tuple(dataclasses.replace(result, outcome=CheckOutcome.INCONCLUSIVE, value=None, stable_value=None,
                                             canary_samples=None, stable_samples=None, effect=None,
-                                            effect_interval=None, reason=reason)
+                                            effect_interval=None, reason=reason, rule=None)
                         for result in results)
     return started, results
 
 
 async def run_checks(providers: Providers, analysis: Analysis, canary: Side | str, stable: Side | str,
-                     checks: tuple[Check, ...] | None = None) -> tuple[CheckResult, ...]:
+                     checks: tuple[Check, ...] | None = None, *, since: float | None = None,
+                     judge_failed: tuple[tuple[str, str], ...] = ()) -> tuple[CheckResult, ...]:
     """Judge every check of ``analysis`` (or ``checks``) for the canary, in order.
 
     All asks run concurrently, each distinct ask once per round: the canary's request count (for
     minRequests) and what every check planned. Each gets ``query_timeout(analysis.check_every)``
     seconds. ``canary``/``stable`` may be bare cluster names (no version or weight known).
     """
-    context = RoundContext(analysis, Side.of(canary), Side.of(stable))
+    context = RoundContext(analysis, Side.of(canary), Side.of(stable), since, judge_failed)
     checks = checks_of(analysis) if checks is None else checks
     by_source = providers if isinstance(providers, Mapping) else {PROMETHEUS: providers}
     timeout = query_timeout(analysis.check_every)

@@ -9,6 +9,8 @@ answers, in the order it planned them. So a new kind is one class with three met
   today's ``maxDecreaseFromStable``; judged by ``aviary.policy.analysis.judge``.
 - ``CompareCheck`` (``kind: compare``): the same query for canary and stable over the same window,
   bounded by ratio or difference; judged by ``aviary.policy.analysis.judge_compare``.
+- ``JudgeCheck`` (``analysis.judge``): every judged metric as two sample series (canary, stable)
+  since the canary started, compared by the sequential rank test of ``aviary.policy.judge``.
 
 A statistical kind plans series asks (``Ask.window``/``Ask.step`` set: a range query at the
 scrape step) for canary and stable per metric, and reports sample counts in its results.
@@ -18,14 +20,17 @@ Verdicts stay pure functions in ``aviary.policy``; this module only wires them t
 from __future__ import annotations
 
 import dataclasses
+import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from aviary.metrics.provider import MetricProviderError
 from aviary.metrics.templates import Side, TemplateError, render
-from aviary.policy.analysis import CheckResult, inconclusive, judge, judge_compare
-from aviary.policy.schema import Analysis, MetricCheck
+from aviary.policy import judge as judging
+from aviary.policy.analysis import GATHERING, CheckOutcome, CheckResult, Thresholds, inconclusive, judge, judge_compare
+from aviary.policy.schema import JUDGE_VERDICT, Analysis, JudgeMetricSpec, JudgeSpec, MetricCheck
 
 __all__ = [
     "PROMETHEUS",
@@ -34,10 +39,13 @@ __all__ = [
     "Ask",
     "Check",
     "CompareCheck",
+    "JudgeCheck",
     "RoundContext",
     "ThresholdCheck",
     "check_of",
     "checks_of",
+    "judge_config",
+    "judge_window",
 ]
 
 PROMETHEUS = "prometheus"
@@ -66,6 +74,11 @@ class RoundContext:
     analysis: Analysis
     canary: Side
     stable: Side
+    since: float | None = None
+    """Seconds since the canary's first step started (the judge's samples reach back that far);
+    None: unknown, the judge then looks back ``minSamples`` steps."""
+    judge_failed: tuple[tuple[str, str], ...] = ()
+    """Judged metrics that failed in an earlier round of this canary, with the reason then."""
 
 
 class Check(Protocol):
@@ -173,5 +186,115 @@ def check_of(metric: MetricCheck) -> Check:
 
 
 def checks_of(analysis: Analysis) -> tuple[Check, ...]:
-    """Every check a round of ``analysis`` runs, in policy order (a ``judge`` block goes here too)."""
-    return tuple(check_of(metric) for metric in analysis.metrics)
+    """Every check a round of ``analysis`` runs, in policy order, the ``judge`` block last."""
+    judged: tuple[Check, ...] = (JudgeCheck(analysis.judge),) if analysis.judge is not None else ()
+    return tuple(check_of(metric) for metric in analysis.metrics) + judged
+
+
+def judge_config(spec: JudgeSpec) -> judging.JudgeConfig:
+    """The pure judge's configuration for ``analysis.judge``."""
+    metrics = tuple(
+        judging.JudgeMetric(metric.name, judging.Direction(metric.direction), judging.Allowed.parse(metric.allowed),
+                            metric.critical, metric.must_have_data, metric.weight, metric.min_samples)
+        for metric in spec.metrics)
+    return judging.JudgeConfig(metrics, spec.pass_score, spec.marginal, spec.alpha, spec.min_samples)
+
+
+def judge_window(spec: JudgeSpec, since: float | None) -> float:
+    """Seconds of samples a judge round asks for: since the canary started, at least two steps,
+    at most ``maxWindow`` (older samples then drop out)."""
+    wanted = since if since is not None and math.isfinite(since) else spec.step * spec.min_samples
+    return min(spec.max_window, max(2 * spec.step, wanted))
+
+
+def _samples(answer: Answer) -> tuple[float, ...]:
+    if isinstance(answer, tuple):
+        return answer
+    if answer is None or isinstance(answer, MetricProviderError):
+        return ()
+    return (answer,)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    finite = [value for value in values if math.isfinite(value)]
+    return statistics.median(finite) if finite else None
+
+
+@dataclass(frozen=True, slots=True)
+class JudgeCheck:
+    """``analysis.judge``: per metric, canary and stable sample series since the canary started.
+
+    A sample is the metric's query evaluated over one ``step`` (its ``[{{ window }}]`` is the step)
+    at every step of a range query: disjoint sub-windows, so the samples of a side are roughly
+    independent, as the rank test assumes. Its results are one per metric (shown, not counted: the
+    judge scores them) and the verdict (named ``judge``), which is what the round counts. A verdict
+    still short of samples carries the rule ``min-samples``: the round does not count as
+    inconclusive and the step waits.
+    """
+
+    spec: JudgeSpec
+    kind: str = "judge"
+
+    def _render(self, metric: JudgeMetricSpec, context: RoundContext, measured: Side, other: Side) -> Ask:
+        query = render(metric, measured, other, self.spec.step, context.analysis.version_label)
+        return Ask(PROMETHEUS, query, judge_window(self.spec, context.since), self.spec.step)
+
+    def plan(self, context: RoundContext) -> tuple[Ask, ...]:
+        asks: list[Ask] = []
+        for metric in self.spec.metrics:
+            canary = self._render(metric, context, context.canary, context.stable)
+            stable = self._render(metric, context, context.stable, context.canary)
+            if canary == stable:
+                raise TemplateError(f"judge metric {metric.name!r}: canary and stable render the same query; "
+                                    "select the version with {{ canary }} or {{ canary_version }}")
+            asks.extend((canary, stable))
+        return tuple(asks)
+
+    def judge(self, context: RoundContext, answers: Sequence[Answer],
+              canary_requests: float | None) -> tuple[CheckResult, ...]:
+        error = _error(answers)
+        if error is not None:
+            return self.unanswered(str(error))
+        plan = self.plan(context)
+        config = judge_config(self.spec)
+        known = {metric.name for metric in self.spec.metrics}
+        state = judging.JudgeState(tuple((name, why) for name, why in context.judge_failed if name in known))
+        samples = {metric.name: judging.MetricSamples(_samples(answers[2 * i]), _samples(answers[2 * i + 1]))
+                   for i, metric in enumerate(self.spec.metrics)}
+        verdict, _ = judging.judge(state, samples, config)
+        results: list[CheckResult] = []
+        for i, (metric, judged) in enumerate(zip(self.spec.metrics, verdict.metrics, strict=True)):
+            stats = judged.stats
+            results.append(CheckResult(
+                metric.name, judged.outcome, _median(samples[metric.name].canary),
+                _median(samples[metric.name].stable), Thresholds(), judged.reason, self.kind,
+                (plan[2 * i].query, plan[2 * i + 1].query), judged.canary_samples, judged.stable_samples,
+                stats.estimate if stats else None, stats.interval if stats else None, judged.rule.value,
+                counted=False))
+        short = [judged for judged in verdict.metrics if judged.rule is judging.Rule.MIN_SAMPLES]
+        undecided = [judged for judged in verdict.metrics if judged.outcome is CheckOutcome.INCONCLUSIVE]
+        rule = None
+        reason = verdict.reason
+        if verdict.outcome is CheckOutcome.INCONCLUSIVE and short and len(short) == len(undecided):
+            rule = GATHERING
+            needs = ", ".join(
+                f"{judged.name} {min(judged.canary_samples, judged.stable_samples)}/"
+                f"{_minimum(self.spec, judged.name)}" for judged in short)
+            reason = f"waiting for samples: {needs} (canary/stable, the fewer); {verdict.reason}"
+        score = verdict.score
+        results.append(CheckResult(
+            JUDGE_VERDICT, verdict.outcome, score if score is not None else verdict.score_low, None, Thresholds(),
+            reason, self.kind, (), sum(v.canary_samples for v in verdict.metrics),
+            sum(v.stable_samples for v in verdict.metrics), rule=rule))
+        return tuple(results)
+
+    def unanswered(self, reason: str) -> tuple[CheckResult, ...]:
+        metrics = tuple(CheckResult(metric.name, CheckOutcome.INCONCLUSIVE, None, None, Thresholds(), reason,
+                                    self.kind, counted=False) for metric in self.spec.metrics)
+        return (*metrics, CheckResult(JUDGE_VERDICT, CheckOutcome.INCONCLUSIVE, None, None, Thresholds(), reason,
+                                      self.kind))
+
+
+def _minimum(spec: JudgeSpec, name: str) -> int:
+    metric = next(metric for metric in spec.metrics if metric.name == name)
+    return metric.min_samples if metric.min_samples is not None else spec.min_samples

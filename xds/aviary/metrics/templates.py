@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from aviary.policy.schema import MetricCheck
+from aviary.policy.schema import JudgeMetricSpec, MetricCheck
 
 __all__ = [
     "CPU_SECONDS",
@@ -182,7 +182,7 @@ def template_query(template: str, side: Side | str, window_seconds: float, *, ve
     raise TemplateError(f"unknown template {template!r}")
 
 
-def render(check: MetricCheck, measured: Side | str, other: Side | str, window_seconds: float,
+def render(check: MetricCheck | JudgeMetricSpec, measured: Side | str, other: Side | str, window_seconds: float,
            version_label: str | None = None) -> str:
     """The query that measures ``measured`` for ``check`` (the canary, or the stable side of a
     compare check with the roles swapped): PromQL, or ``URL#JSONPATH`` for a web check."""
@@ -199,7 +199,7 @@ def render(check: MetricCheck, measured: Side | str, other: Side | str, window_s
     return _substitute(check, check.query, measured, other, window_seconds, version_label, _label)
 
 
-def _substitute(check: MetricCheck, text: str, measured: Side, other: Side, window_seconds: float,
+def _substitute(check: MetricCheck | JudgeMetricSpec, text: str, measured: Side, other: Side, window_seconds: float,
                 version_label: str | None, escape: Callable[[str], str]) -> str:
     values = {"canary": escape(measured.cluster), "stable": escape(other.cluster),
               "window": promql_duration(window_seconds),

@@ -3,8 +3,9 @@ rounds into decisions.
 
 A *check* is one metric of ``analysis.metrics`` evaluated once (by its kind, see
 ``aviary.metrics.kinds``: ``judge`` for a threshold check, ``judge_compare`` for a compare
-check); a *round* is every metric of the analysis evaluated together (what ``run_checks``
-returns). Each check ends in one of three outcomes:
+check; ``analysis.judge`` is judged by ``aviary.policy.judge`` and reports one result per judged
+metric, shown but not counted, plus its verdict, which counts); a *round* is every metric of the
+analysis evaluated together (what ``run_checks`` returns). Each check ends in one of three outcomes:
 
 - ``PASS``: there was enough data and every threshold (or compare bound) held;
 - ``FAIL``: there was enough data and a threshold was broken;
@@ -36,11 +37,13 @@ from dataclasses import dataclass
 from aviary.policy.schema import Analysis, Compare, MetricCheck
 
 __all__ = [
+    "GATHERING",
     "CheckOutcome",
     "CheckResult",
     "Counters",
     "Thresholds",
     "failure_limit_reason",
+    "gathering",
     "inconclusive",
     "inconclusive_limit_reason",
     "judge",
@@ -108,6 +111,11 @@ class CheckResult:
     stable_samples: int | None = None
     effect: float | None = None
     effect_interval: tuple[float, float] | None = None
+    rule: str | None = None
+    """The rule of a kind that names its rules (the judge's ``aviary.policy.judge.Rule`` values)."""
+    counted: bool = True
+    """False: shown, but not part of the round's outcome (the judge's per-metric results: its
+    verdict result, which scores them, is what counts)."""
 
     def __str__(self) -> str:
         return f"{self.name}: {self.outcome.value}: {self.reason}"
@@ -243,8 +251,23 @@ def judge_compare(check: MetricCheck, value: float | None, stable_value: float |
 
 
 def round_outcome(results: Iterable[CheckResult]) -> CheckOutcome:
-    """The outcome of a round: the worst of its checks (an empty round is inconclusive)."""
-    return worst(result.outcome for result in results)
+    """The outcome of a round: the worst of its counted checks (an empty round is inconclusive)."""
+    return worst(result.outcome for result in results if result.counted)
+
+
+GATHERING = "min-samples"
+"""The rule of a judge result still short of samples (``aviary.policy.judge.Rule.MIN_SAMPLES``)."""
+
+
+def gathering(results: Iterable[CheckResult]) -> bool:
+    """True for an inconclusive round whose every counted inconclusive check is only short of
+    samples: the canary is being measured, not silent, so the round does not count towards
+    ``inconclusiveLimit`` (the step waits for the samples instead)."""
+    counted = [result for result in results if result.counted]
+    if any(result.outcome is CheckOutcome.FAIL for result in counted):
+        return False  # a failed round counts, whatever else is still measuring
+    open_ = [result for result in counted if result.outcome is CheckOutcome.INCONCLUSIVE]
+    return bool(open_) and all(result.rule == GATHERING for result in open_)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,11 +16,15 @@ Rules (the contract the tests pin down):
 - A step's clock starts when every proxy ACKed its weight (``WeightAcked``), never before.
 - A step ADVANCES when ``now >= step_started_at + duration`` (the interval, or a timed Pause's
   duration) AND, if analysis is configured and the canary has traffic, the latest check round taken
-  in this step (at or after ``step_started_at``) PASSED. So a step needs at least one passing round,
+  in this step (at or after ``step_started_at``) PASSED, and no metric of ``analysis.judge`` in it
+  is still short of its ``minSamples`` (rule ``min-samples``). So a step needs at least one passing round,
   a failure below failureLimit holds the step until a later round passes, and an inconclusive
   round never advances anything. One call advances at most one step.
 - Rounds are counted as described in ``aviary.policy.analysis``: ``failed > failureLimit`` rolls
   back at once, mid-step; ``inconclusive > inconclusiveLimit`` (consecutive) rolls back or pauses.
+  An inconclusive round that only waits for the judge's samples (``analysis.gathering``) is not
+  counted. The judged metrics that failed are kept in ``judge_failed`` for the canary's run, and
+  the first step's ACK sets ``canary_started_at`` (where the judge's samples begin).
 - A ``{cohorts: [...]}`` step opens those cohorts: their requests reach the canary whatever the
   weight (it keeps the previous weight step's weight). Opened cohorts stay open until promotion or
   rollback; a step's clock starts when the plan's weight AND cohorts are ACKed.
@@ -53,9 +57,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from aviary.policy.analysis import (
+    GATHERING,
     CheckOutcome,
     CheckResult,
     failure_limit_reason,
+    gathering,
     inconclusive_limit_reason,
     round_outcome,
 )
@@ -146,8 +152,8 @@ def step_weight(spec: RolloutSpec, index: int) -> int:
 
 
 def guard_analysis(analysis: Analysis | None) -> Analysis | None:
-    """The checks of the afterPromotion window: ``analysis`` without ``maxDecreaseFromStable`` and
-    without ``compare`` checks.
+    """The checks of the afterPromotion window: ``analysis`` without ``maxDecreaseFromStable``,
+    without ``compare`` checks and without the ``judge`` (it compares with stable too).
 
     During the window the stable version gets no request, so a comparison with it would only ever
     be inconclusive (and, with enough rounds, revert a healthy version). A metric with min or max
@@ -162,7 +168,7 @@ def guard_analysis(analysis: Analysis | None) -> Analysis | None:
         if metric.compare is None
         and (metric.max_decrease_from_stable is None or metric.min is not None or metric.max is not None)
     )
-    return analysis.model_copy(update={"metrics": metrics}) if metrics else None
+    return analysis.model_copy(update={"metrics": metrics, "judge": None}) if metrics else None
 
 
 def analysis_for(spec: RolloutSpec, status: RolloutStatus) -> Analysis | None:
@@ -272,7 +278,11 @@ def _evidence_ok(spec: RolloutSpec, status: RolloutStatus) -> bool:
     """No analysis or no canary traffic to judge, or the latest round of this step passed."""
     if status.phase is Phase.GUARDING:
         return guard_analysis(spec.analysis) is None or status.step_outcome is CheckOutcome.PASS
-    return spec.analysis is None or not _canary_has_traffic(status) or status.step_outcome is CheckOutcome.PASS
+    if spec.analysis is None or not _canary_has_traffic(status):
+        return True
+    # A judged metric short of its minSamples holds the step, even if the score already passes.
+    short = any(result.rule == GATHERING for result in status.last_checks)
+    return status.step_outcome is CheckOutcome.PASS and not short
 
 
 def _step_ends_at(spec: RolloutSpec, status: RolloutStatus) -> float | None:
@@ -475,7 +485,9 @@ class _Machine:
             reason = (f"100% to {event.version} ACKed by every proxy: afterPromotion window goes on, "
                       f"{status.stable.version} kept warm")
             return self.record(status, started, reason)
-        started = replace(status, step_started_at=min(event.at, self.now))
+        at = min(event.at, self.now)
+        started = replace(status, step_started_at=at,
+                          canary_started_at=status.canary_started_at if status.canary_started_at is not None else at)
         what = f"step {status.step_index + 1}" if status.manual_weight is None else "manual weight"
         opened = f" and cohorts {', '.join(event.cohorts)}" if event.cohorts else ""
         copied = f", mirroring {event.mirror}%," if event.mirror else ""
@@ -489,9 +501,14 @@ class _Machine:
                 or event.version not in (None, _canary(status).version)):
             return status
         outcome = round_outcome(event.results)
-        counters = status.counters.record(outcome)
+        # A judge still short of samples is measuring, not silent: the step waits, nothing is counted.
+        counters = status.counters if gathering(event.results) else status.counters.record(outcome)
+        failed = status.judge_failed + tuple(
+            (result.name, result.reason) for result in event.results
+            if result.kind == "judge" and result.rule == "beyond-allowed"
+            and result.name not in {name for name, _ in status.judge_failed})
         status = replace(status, counters=counters, step_outcome=outcome, step_checked_at=event.at,
-                         last_checks=event.results, last_check_at=event.at)
+                         last_checks=event.results, last_check_at=event.at, judge_failed=failed)
         if outcome is CheckOutcome.FAIL and counters.over_failure_limit(analysis):
             return self.roll_back(status, failure_limit_reason(counters, analysis), event.results)
         if outcome is CheckOutcome.INCONCLUSIVE and counters.over_inconclusive_limit(analysis):

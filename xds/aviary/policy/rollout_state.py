@@ -19,6 +19,7 @@ __all__ = [
     "Abort",
     "Action",
     "AdminCommand",
+    "CheckRound",
     "ChecksCompleted",
     "Event",
     "Hold",
@@ -104,6 +105,12 @@ class RolloutStatus:
     manual_weight: int | None = None
     reason: str = ""
     updated_at: float = 0.0
+    canary_started_at: float | None = None
+    """When this canary's first step started (its first ACK): the judge's samples reach back there."""
+    judge_failed: tuple[tuple[str, str], ...] = ()
+    """Judged metrics (``analysis.judge``) this canary has failed, with the reason then: a metric
+    that failed stays failed for the run (``aviary.policy.judge.JudgeState``). Reset with the
+    counters, by a new canary or Retry."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.weight <= 100:
@@ -281,3 +288,18 @@ class Rejected:
 
 
 Action = SetTraffic | RecordEvent | Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRound:
+    """One check round as the engine took it, for ``aviary explain``: when, at which step and
+    weight, every check's result, the round's outcome and the transitions it caused (reasons)."""
+
+    rollout: str
+    at: float
+    canary_version: str
+    step_index: int
+    weight: int
+    outcome: CheckOutcome
+    checks: tuple[CheckResult, ...]
+    transitions: tuple[str, ...] = ()

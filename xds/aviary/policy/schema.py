@@ -59,6 +59,8 @@ __all__ = [
     "Duration",
     "Endpoint",
     "FieldIssue",
+    "JudgeMetricSpec",
+    "JudgeSpec",
     "ListenerSpec",
     "Metadata",
     "MetricCheck",
@@ -693,6 +695,105 @@ class MetricCheck(BaseModel):
         return "compare" if self.compare is not None else "threshold"
 
 
+def _allowed(value: Any) -> str | float:
+    """``10%`` (of the stable median) or a number in the metric's unit, >= 0."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"expected a percentage such as 10% or a number, got {value!r}")
+    try:
+        number = float(value.strip()[:-1]) if isinstance(value, str) and value.strip().endswith("%") else float(value)
+    except ValueError:
+        raise ValueError(f"expected a percentage such as 10% or a number, got {value!r}") from None
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"must be >= 0, got {value!r}")
+    return value if isinstance(value, str) else float(value)
+
+
+JUDGE_VERDICT = "judge"
+"""The name of the result that carries the judge's verdict for a round (no metric may take it)."""
+
+
+class JudgeMetricSpec(BaseModel):
+    """One metric of ``analysis.judge.metrics``: a template or a custom PromQL query, evaluated for
+    canary and stable at every ``judge.step`` since the canary started (``aviary.metrics.kinds``)."""
+
+    model_config = _CONFIG
+
+    name: str = Field(strict=True, min_length=1, max_length=63, pattern=_IDENTIFIER.pattern)
+    template: Annotated[str, Field(strict=True), AfterValidator(_template)] | None = None
+    metric: Annotated[str, Field(strict=True), AfterValidator(_metric_name)] | None = None
+    query: str | None = Field(default=None, strict=True, min_length=1)
+    direction: Literal["increase", "decrease", "either"] = "increase"
+    allowed: Annotated[Any, PlainValidator(_allowed)] = 0.0
+    critical: bool = Field(default=False, strict=True)
+    must_have_data: bool = Field(default=False, strict=True, alias="mustHaveData")
+    weight: Number = Field(default=1.0, gt=0)
+    min_samples: Annotated[StrictInt, Field(ge=2)] | None = Field(default=None, alias="minSamples")
+
+    @property
+    def web(self) -> None:
+        """Judge metrics come from Prometheus only (series need a range query)."""
+        return None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> JudgeMetricSpec:
+        if (self.template is None) == (self.query is None):
+            raise ValueError("give exactly one of template or query")
+        if self.template in ("request-rate-per-weight",):
+            raise FieldIssue("the judge compares canary and stable samples; per-weight rates are for "
+                             "threshold checks", "template")
+        if self.query is not None and not _SIDE_PLACEHOLDER.search(self.query):
+            raise FieldIssue("the judge runs this for canary and stable: select the version with "
+                             "{{ canary }} or {{ canary_version }} (swapped for the stable side)", "query")
+        takes = METRIC_TEMPLATES.get(self.template or "")
+        if self.metric is not None and takes is None:
+            raise FieldIssue(f"only for the templates {', '.join(METRIC_TEMPLATES)}", "metric")
+        if takes and self.metric is None:
+            raise FieldIssue(f"template {self.template} needs metric: the name of the application's metric, "
+                             "e.g. orders_completed_total", "metric")
+        return self
+
+
+class JudgeSpec(BaseModel):
+    """``analysis.judge``: canary and stable samples compared by a sequential rank test
+    (``aviary.policy.judge``), scored over its metrics.
+
+    ``step`` is both the spacing of the samples and the sub-window each one measures (templates
+    and ``{{ window }}`` render it), so samples cover disjoint spans; it must be at least twice
+    Prometheus' scrape interval. ``maxWindow`` caps how far back the samples reach.
+    """
+
+    model_config = _CONFIG
+
+    metrics: tuple[JudgeMetricSpec, ...] = Field(min_length=1)
+    pass_score: Number = Field(default=95.0, alias="pass", ge=0, le=100)
+    marginal: Number = Field(default=75.0, ge=0, le=100)
+    alpha: Number = Field(default=0.05, gt=0, lt=1)
+    min_samples: Annotated[StrictInt, Field(ge=2)] = Field(default=20, alias="minSamples")
+    step: Duration = 5.0
+    max_window: Duration = Field(default=3600.0, alias="maxWindow")
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique_names(cls, metrics: tuple[JudgeMetricSpec, ...]) -> tuple[JudgeMetricSpec, ...]:
+        seen: dict[str, int] = {}
+        for index, metric in enumerate(metrics):
+            if metric.name in seen:
+                raise FieldIssue(f"duplicate metric name {metric.name!r} (also metrics[{seen[metric.name]}])",
+                                 index, "name")
+            if metric.name == JUDGE_VERDICT:
+                raise FieldIssue(f"{JUDGE_VERDICT!r} names the judge's verdict; choose another name", index, "name")
+            seen[metric.name] = index
+        return metrics
+
+    @model_validator(mode="after")
+    def _bands(self) -> JudgeSpec:
+        if self.marginal > self.pass_score:
+            raise FieldIssue(f"marginal ({self.marginal:g}) is greater than pass ({self.pass_score:g})", "marginal")
+        if self.max_window < self.step * 2:
+            raise FieldIssue(f"maxWindow must hold at least two steps ({self.step:g}s each)", "maxWindow")
+        return self
+
+
 def _http_url(url: str, placeholders: bool = False) -> str:
     # A web check's URL may carry placeholders ("{{ canary_version }}"): checked with a stand-in.
     parts = urlsplit(re.sub(r"\{\{[^}]*\}\}", "x", url) if placeholders else url)
@@ -724,7 +825,8 @@ class Analysis(BaseModel):
     on_inconclusive: Literal["rollback", "pause"] = Field(default="rollback", alias="onInconclusive")
     version_label: Annotated[str, Field(strict=True), AfterValidator(_label_name)] | None = Field(
         default=None, alias="versionLabel")
-    metrics: tuple[MetricCheck, ...] = Field(min_length=1)
+    metrics: tuple[MetricCheck, ...] = ()
+    judge: JudgeSpec | None = None
 
     @field_validator("metrics")
     @classmethod
@@ -739,11 +841,26 @@ class Analysis(BaseModel):
 
     @model_validator(mode="after")
     def _version_label_given(self) -> Analysis:
+        if not self.metrics and self.judge is None:
+            raise FieldIssue("needs checks: at least 1 in metrics, or a judge", "metrics")
         if self.version_label is None:
             for index, metric in enumerate(self.metrics):
                 if metric.template in VERSION_TEMPLATES:
                     raise FieldIssue(f"template {metric.template} selects the version by a label: set "
                                      "analysis.versionLabel (e.g. versionLabel: version)", "metrics", index, "template")
+            for index, judged in enumerate(self.judge.metrics if self.judge else ()):
+                if judged.template in VERSION_TEMPLATES:
+                    raise FieldIssue(f"template {judged.template} selects the version by a label: set "
+                                     "analysis.versionLabel (e.g. versionLabel: version)",
+                                     "judge", "metrics", index, "template")
+        names = {metric.name: index for index, metric in enumerate(self.metrics)}
+        for index, judged in enumerate(self.judge.metrics if self.judge else ()):
+            if judged.name in names:
+                raise FieldIssue(f"metric name {judged.name!r} is also metrics[{names[judged.name]}]",
+                                 "judge", "metrics", index, "name")
+        if JUDGE_VERDICT in names and self.judge is not None:
+            raise FieldIssue(f"{JUDGE_VERDICT!r} names the judge's verdict; choose another name",
+                             "metrics", names[JUDGE_VERDICT], "name")
         return self
 
 

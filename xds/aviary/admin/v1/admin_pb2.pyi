@@ -74,7 +74,7 @@ class WatchRolloutsRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class CheckResult(_message.Message):
-    __slots__ = ("name", "outcome", "value", "stable_value", "min", "max", "max_decrease_from_stable", "reason", "kind", "queries", "canary_samples", "stable_samples", "compare_by", "effect", "effect_low", "effect_high")
+    __slots__ = ("name", "outcome", "value", "stable_value", "min", "max", "max_decrease_from_stable", "reason", "kind", "queries", "canary_samples", "stable_samples", "compare_by", "effect", "effect_low", "effect_high", "rule", "shown_only")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,8 @@ class CheckResult(_message.Message):
     EFFECT_FIELD_NUMBER: _ClassVar[int]
     EFFECT_LOW_FIELD_NUMBER: _ClassVar[int]
     EFFECT_HIGH_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    SHOWN_ONLY_FIELD_NUMBER: _ClassVar[int]
     name: str
     outcome: str
     value: float
@@ -107,7 +109,9 @@ class CheckResult(_message.Message):
     effect: float
     effect_low: float
     effect_high: float
-    def __init__(self, name: _Optional[str] = ..., outcome: _Optional[str] = ..., value: _Optional[float] = ..., stable_value: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., max_decrease_from_stable: _Optional[float] = ..., reason: _Optional[str] = ..., kind: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ..., canary_samples: _Optional[int] = ..., stable_samples: _Optional[int] = ..., compare_by: _Optional[str] = ..., effect: _Optional[float] = ..., effect_low: _Optional[float] = ..., effect_high: _Optional[float] = ...) -> None: ...
+    rule: str
+    shown_only: bool
+    def __init__(self, name: _Optional[str] = ..., outcome: _Optional[str] = ..., value: _Optional[float] = ..., stable_value: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., max_decrease_from_stable: _Optional[float] = ..., reason: _Optional[str] = ..., kind: _Optional[str] = ..., queries: _Optional[_Iterable[str]] = ..., canary_samples: _Optional[int] = ..., stable_samples: _Optional[int] = ..., compare_by: _Optional[str] = ..., effect: _Optional[float] = ..., effect_low: _Optional[float] = ..., effect_high: _Optional[float] = ..., rule: _Optional[str] = ..., shown_only: _Optional[bool] = ...) -> None: ...
 
 class RolloutEvent(_message.Message):
     __slots__ = ("rollout", "time", "from_phase", "to_phase", "weight", "stable_version", "canary_version", "step", "reason", "checks", "cohorts", "mirror")
@@ -280,3 +284,31 @@ class ValidateResponse(_message.Message):
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     errors: _containers.RepeatedCompositeFieldContainer[ValidateError]
     def __init__(self, errors: _Optional[_Iterable[_Union[ValidateError, _Mapping]]] = ...) -> None: ...
+
+class CheckRound(_message.Message):
+    __slots__ = ("time", "canary_version", "step", "weight", "outcome", "checks", "transitions")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    TRANSITIONS_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    canary_version: str
+    step: int
+    weight: int
+    outcome: str
+    checks: _containers.RepeatedCompositeFieldContainer[CheckResult]
+    transitions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., canary_version: _Optional[str] = ..., step: _Optional[int] = ..., weight: _Optional[int] = ..., outcome: _Optional[str] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., transitions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("name", "rounds", "events")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rounds: _containers.RepeatedCompositeFieldContainer[CheckRound]
+    events: _containers.RepeatedCompositeFieldContainer[RolloutEvent]
+    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[CheckRound, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ...) -> None: ...

@@ -89,6 +89,11 @@ class AdminStub:
                 request_serializer=aviary_dot_admin_dot_v1_dot_admin__pb2.ValidateRequest.SerializeToString,
                 response_deserializer=aviary_dot_admin_dot_v1_dot_admin__pb2.ValidateResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/aviary.admin.v1.Admin/Explain',
+                request_serializer=aviary_dot_admin_dot_v1_dot_admin__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=aviary_dot_admin_dot_v1_dot_admin__pb2.Explanation.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -166,6 +171,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """The decision history of one rollout: every check round the engine took (since it started)
+        and every transition kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +236,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Validate,
                     request_deserializer=aviary_dot_admin_dot_v1_dot_admin__pb2.ValidateRequest.FromString,
                     response_serializer=aviary_dot_admin_dot_v1_dot_admin__pb2.ValidateResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=aviary_dot_admin_dot_v1_dot_admin__pb2.GetRolloutRequest.FromString,
+                    response_serializer=aviary_dot_admin_dot_v1_dot_admin__pb2.Explanation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -522,6 +540,33 @@ class Admin:
             '/aviary.admin.v1.Admin/Validate',
             aviary_dot_admin_dot_v1_dot_admin__pb2.ValidateRequest.SerializeToString,
             aviary_dot_admin_dot_v1_dot_admin__pb2.ValidateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aviary.admin.v1.Admin/Explain',
+            aviary_dot_admin_dot_v1_dot_admin__pb2.GetRolloutRequest.SerializeToString,
+            aviary_dot_admin_dot_v1_dot_admin__pb2.Explanation.FromString,
             options,
             channel_credentials,
             insecure,
