@@ -1,9 +1,12 @@
 """The statistical judge by simulation: false rollbacks under continuous monitoring, and detection speed.
 
-    python -m tests.bench.judge_simulation [--runs 1000] [--rounds 50] [--batch 10] [--seed 1]
+    python -m tests.bench.judge_simulation [--runs 1000] [--runs-3 1000] [--seed 1] [--quick]
 
-Every simulated canary is judged by ``aviary.policy.judge.judge`` itself, once per round, on the
-cumulative samples (``--batch`` new samples per side per round), as the check pipeline would call it:
+Both boundaries of ``aviary.policy.sequential`` side by side: the horizon boundary (the judge's
+default when the canary's planned length is known; ``horizon N`` below is in samples per side) and
+the normal mixture (no horizon). Every simulated canary is judged by ``aviary.policy.judge.judge``
+itself, once per round, on the cumulative samples (``--batch`` new samples per side per round), as
+the check pipeline would call it:
 
 - A/A: canary and stable draw from the same log-normal latency distribution for ``--rounds``
   rounds; a run is "wrongly rolled back" when any round FAILs (``failureLimit: 0``, the default).
@@ -20,6 +23,7 @@ Prints a table and writes tests/bench/judge_results.json (``--quick``: tests/ben
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -40,18 +44,18 @@ SIGMA = 0.5  # log-sd of the latencies: a p99 about 3.2x the median
 SLOWER = 1.3
 
 
-def latency_config(alpha: float = 0.05, allowed: str = "0") -> JudgeConfig:
+def latency_config(alpha: float = 0.05, allowed: str = "0", horizon: int | None = None) -> JudgeConfig:
     return JudgeConfig((JudgeMetric("latency", Direction.INCREASE, Allowed.parse(allowed), critical=True),),
-                       alpha=alpha)
+                       alpha=alpha, horizon=horizon)
 
 
-def spec_config(alpha: float = 0.05) -> JudgeConfig:
+def spec_config(alpha: float = 0.05, horizon: int | None = None) -> JudgeConfig:
     """The issue's example: latency (critical, 10 %), errors, orders (decrease), score bands 95/75."""
     return JudgeConfig((
         JudgeMetric("latency", Direction.INCREASE, Allowed.parse("10%"), critical=True),
         JudgeMetric("errors", Direction.INCREASE),
         JudgeMetric("orders", Direction.DECREASE, must_have_data=True),
-    ), alpha=alpha)
+    ), alpha=alpha, horizon=horizon)
 
 
 def _draw(rng: np.random.Generator, name: str, size: int, factor: float) -> list[float]:
@@ -105,7 +109,7 @@ def a_a(config: JudgeConfig, runs: int, rounds: int, batch: int, seed: int) -> d
     naive = sum(r.naive_failed for r in results)
     return {
         "runs": runs, "rounds": rounds, "batch": batch, "max_samples_per_side": rounds * batch,
-        "metrics": [m.name for m in config.metrics], "alpha": config.alpha,
+        "metrics": [m.name for m in config.metrics], "alpha": config.alpha, "horizon": config.horizon,
         "wrongly_rolled_back": wrong, "rate": wrong / runs, "rate_upper_95": upper_bound(wrong, runs),
         "naive_repeated_fixed_test_rate": naive / runs,
         "cpu_seconds": round(time.process_time() - started, 1),
@@ -121,6 +125,7 @@ def fixed_horizon_power(n: int, alpha: float, reps: int, rng: np.random.Generato
     return float(np.mean(p < alpha))
 
 
+@functools.lru_cache(maxsize=64)
 def fixed_horizon_n(power: float, alpha: float, reps: int, seed: int, allowed: float = 0.0) -> int:
     """Smallest n per side (simulated) where the fixed-horizon test reaches ``power``."""
     low, high = 2, 4
@@ -150,7 +155,8 @@ def detection(config: JudgeConfig, runs: int, batch: int, cap: int, seed: int, r
     cpu = time.process_time() - started
     caught = sorted(s for s in stops if s is not None)
     out: dict[str, Any] = {
-        "runs": runs, "batch": batch, "cap_per_side": cap, "caught": len(caught), "slower": SLOWER, "sigma": SIGMA,
+        "runs": runs, "batch": batch, "cap_per_side": cap, "horizon": config.horizon, "caught": len(caught),
+        "slower": SLOWER, "sigma": SIGMA,
         "allowed": allowed,
         "median_samples_to_catch": float(np.median([s if s is not None else math.inf for s in stops])),
         "mean_samples_to_catch_if_caught": round(float(np.mean(caught)), 1) if caught else None,
@@ -178,7 +184,7 @@ def table(results: dict[str, Any]) -> str:
             f" {run['batch']} samples; a fixed 5% test repeated every round:"
             f" {run['naive_repeated_fixed_test_rate']:.1%}; {run['cpu_seconds']} CPU s")
     for name, det in results["detection"].items():
-        lines.append(f"Detection, canary {det['slower']}x slower (log-normal sigma {det['sigma']}), {name}:"
+        lines.append(f"Detection, canary {det['slower']}x slower (log-normal sigma {det['sigma']}), {name}:\n   "
                      f" caught {det['caught']}/{det['runs']} within {det['cap_per_side']} samples/side;"
                      f" median {det['median_samples_to_catch']:g}, mean {det['mean_samples_to_catch_if_caught']};"
                      f" {det['cpu_seconds']} CPU s")
@@ -192,6 +198,7 @@ def table(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--runs-3", type=int, default=1000, help="A/A runs with the issue's 3 metrics (slowest)")
     parser.add_argument("--rounds", type=int, default=50, help="A/A rounds per canary")
     parser.add_argument("--batch", type=int, default=10, help="new samples per side per round")
     parser.add_argument("--cap", type=int, default=1000, help="detection: samples per side before giving up")
@@ -200,17 +207,28 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="200 runs, for a smoke test")
     args = parser.parse_args()
     runs = 200 if args.quick else args.runs
+    runs_3 = 200 if args.quick else args.runs_3
+    rounds, batch, seed, cap, reps = args.rounds, args.batch, args.seed, args.cap, args.reps
+    whole = rounds * batch  # the A/A canary's length: its horizon when planned to the end
     started, wall = time.process_time(), time.perf_counter()
     results: dict[str, Any] = {"load_average_start": [round(x, 2) for x in os.getloadavg()]}
     results["a_a"] = {
-        "latency only": a_a(latency_config(), runs, args.rounds, args.batch, args.seed),
-        "issue's 3 metrics": a_a(spec_config(), runs, args.rounds, args.batch, args.seed + 1),
+        f"horizon {whole}, latency only": a_a(latency_config(horizon=whole), runs, rounds, batch, seed),
+        "horizon 100, latency only, 2 samples a round, 60 rounds (20 past the horizon)":
+            a_a(latency_config(horizon=100), runs, 60, 2, seed + 4),
+        f"horizon {whole}, issue's 3 metrics": a_a(spec_config(horizon=whole), runs_3, rounds, batch, seed + 1),
+        "mixture, latency only": a_a(latency_config(), runs, rounds, batch, seed),
     }
+    # Detection: horizons near the fixed test's 80 %-power size (48), twice that, and the A/A's.
     results["detection"] = {
-        "allowed 0": detection(latency_config(), runs, args.batch, args.cap, args.seed + 2, args.reps),
-        "allowed 10%": detection(latency_config(allowed="10%"), runs, args.batch, args.cap, args.seed + 3,
-                                 args.reps, allowed=0.1),
+        f"horizon {h}, allowed 0": detection(latency_config(horizon=h), runs, batch, h, seed + 2, reps)
+        for h in (50, 60, 100, whole)
     }
+    results["detection"]["mixture, allowed 0"] = detection(latency_config(), runs, batch, cap, seed + 2, reps)
+    results["detection"]["horizon 130, allowed 10%"] = detection(  # the fixed test's 80 % size: 119
+        latency_config(allowed="10%", horizon=130), runs, batch, 130, seed + 3, reps, allowed=0.1)
+    results["detection"]["mixture, allowed 10%"] = detection(
+        latency_config(allowed="10%"), runs, batch, cap, seed + 3, reps, allowed=0.1)
     results["cpu_seconds"] = round(time.process_time() - started, 1)
     results["wall_seconds"] = round(time.perf_counter() - wall, 1)
     results["load_average_end"] = [round(x, 2) for x in os.getloadavg()]

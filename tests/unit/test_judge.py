@@ -23,7 +23,7 @@ from aviary.policy.judge import (
     judge,
     judge_metric,
 )
-from aviary.policy.sequential import RankComparison, boundary
+from aviary.policy.sequential import RankComparison, boundary, horizon_boundary
 from tests.bench.judge_simulation import latency_config, simulate, spec_config
 
 PASS, FAIL, INCONCLUSIVE = CheckOutcome.PASS, CheckOutcome.FAIL, CheckOutcome.INCONCLUSIVE
@@ -60,6 +60,7 @@ def test_allowed_parses_relative_and_absolute() -> None:
     {"metrics": (JudgeMetric("a"),), "alpha": 0.0},
     {"metrics": (JudgeMetric("a"),), "pass_score": 70.0, "marginal_score": 75.0},
     {"metrics": (JudgeMetric("a"),), "min_samples": 1},
+    {"metrics": (JudgeMetric("a"),), "horizon": 1},
 ])
 def test_config_rejects_nonsense(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
@@ -73,14 +74,18 @@ def test_metric_alpha_is_split_between_metrics() -> None:
 # ------------------------------------------------------------------------- properties
 
 
+horizons = st.sampled_from([None, 2, 10, 1000])
+
+
 @settings(max_examples=150, deadline=None)
-@given(st.lists(values, min_size=0, max_size=80), directions, allowances, st.randoms(use_true_random=False))
+@given(st.lists(values, min_size=0, max_size=80), directions, allowances, st.randoms(use_true_random=False),
+       st.sampled_from([None, 1000]))
 def test_identical_samples_never_fail(samples: list[float], direction: Direction, allowed: Allowed,
-                                      random: object) -> None:
+                                      random: object, horizon: int | None) -> None:
     shuffled = list(samples)
     random.shuffle(shuffled)  # type: ignore[attr-defined]
     metric = JudgeMetric("m", direction, allowed)
-    verdict = judge_metric(metric, MetricSamples(shuffled, samples), one(metric, min_samples=2))
+    verdict = judge_metric(metric, MetricSamples(shuffled, samples), one(metric, min_samples=2, horizon=horizon))
     assert verdict.outcome is not FAIL
     if verdict.stats is not None:
         assert verdict.stats.classification is Classification.SAME
@@ -88,12 +93,14 @@ def test_identical_samples_never_fail(samples: list[float], direction: Direction
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.floats(0.0, 2.0), st.floats(1.0, 5.0), st.booleans())  # 0.5 sd: power < 1 at n=300
-def test_a_shift_beyond_the_allowed_effect_fails(seed: int, allowed: float, beyond: float, up: bool) -> None:
+@given(st.integers(0, 2**32 - 1), st.floats(0.0, 2.0), st.floats(1.0, 5.0), st.booleans(),  # 0.5 sd: power < 1
+       st.sampled_from([None, 300, 600]))
+def test_a_shift_beyond_the_allowed_effect_fails(seed: int, allowed: float, beyond: float, up: bool,
+                                                 horizon: int | None) -> None:
     direction = Direction.INCREASE if up else Direction.DECREASE
     metric = JudgeMetric("m", direction, Allowed(allowed))
     sign = 1.0 if up else -1.0
-    verdict = judge_metric(metric, shifted(seed, 300, sign * (allowed + beyond)), one(metric))
+    verdict = judge_metric(metric, shifted(seed, 300, sign * (allowed + beyond)), one(metric, horizon=horizon))
     assert verdict.outcome is FAIL
     assert verdict.rule is Rule.BEYOND_ALLOWED
     assert verdict.stats is not None
@@ -116,11 +123,13 @@ non_finite = st.sampled_from([math.nan, math.inf, -math.inf])
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.lists(non_finite, max_size=30), st.lists(st.one_of(values, non_finite), max_size=30), st.booleans())
-def test_nan_and_empty_series_are_inconclusive(bad: list[float], other: list[float], canary_bad: bool) -> None:
+@given(st.lists(non_finite, max_size=30), st.lists(st.one_of(values, non_finite), max_size=30), st.booleans(),
+       horizons)
+def test_nan_and_empty_series_are_inconclusive(bad: list[float], other: list[float], canary_bad: bool,
+                                               horizon: int | None) -> None:
     metric = JudgeMetric("m")
     samples = MetricSamples(bad, other) if canary_bad else MetricSamples(other, bad)
-    verdict = judge_metric(metric, samples, one(metric))
+    verdict = judge_metric(metric, samples, one(metric, horizon=horizon))
     assert verdict.outcome is INCONCLUSIVE
     assert verdict.rule is Rule.NO_DATA
     assert verdict.dropped == sum(not math.isfinite(v) for v in bad + other)
@@ -209,6 +218,42 @@ def test_the_boundary_is_wider_than_a_fixed_test_and_grows_slowly() -> None:
     assert boundary(50, 50, 0.01) > boundary(50, 50, 0.05)
 
 
+def test_the_horizon_boundary_is_obrien_fleming_in_continuous_time() -> None:
+    c = scipy_stats.norm.ppf(1 - 0.05 / 2)  # 1.96: reached at the horizon
+    assert horizon_boundary(0, 10, 0.05, 100) == math.inf
+    assert horizon_boundary(100, 100, 0.05, 100) == pytest.approx(c)
+    assert horizon_boundary(25, 25, 0.05, 100) == pytest.approx(2 * c)  # c sqrt(I_max / I)
+    assert horizon_boundary(400, 400, 0.05, 100) == pytest.approx(c)  # never below c past the horizon
+    assert horizon_boundary(50, 50, 0.01, 100) > horizon_boundary(50, 50, 0.05, 100)
+    # Stricter than the mixture early, looser near the horizon: where the samples are saved.
+    assert horizon_boundary(20, 20, 0.05, 100) > boundary(20, 20, 0.05)
+    assert horizon_boundary(60, 60, 0.05, 100) < boundary(60, 60, 0.05)
+
+
+def test_the_reflection_bound_holds_for_brownian_motion_watched_closely() -> None:
+    """The boundary's premise, without the rank statistic: a random walk of 1,000 steps, looked at
+    after every step, crosses c sqrt(I_max) with chance about 2 (1 - Phi(c)) = alpha, never more."""
+    rng = np.random.default_rng(3)
+    walks = rng.standard_normal((4000, 1000)).cumsum(axis=1)
+    crossed = int((walks.max(axis=1) >= scipy_stats.norm.ppf(1 - 0.05 / 2) * math.sqrt(1000)).sum())
+    assert crossed <= scipy_stats.binom.ppf(0.999, 4000, 0.05)
+
+
+def test_past_the_horizon_the_first_samples_are_judged() -> None:
+    """The test ends at the horizon: samples after it do not reopen a metric that did not cross."""
+    metric = JudgeMetric("m")
+    same = shifted(12, 40, 0.0)
+    later = shifted(13, 400, 3.0)  # a big shift that comes only after the horizon
+    samples = MetricSamples([*same.canary, *later.canary], [*same.stable, *later.stable])
+    verdict = judge_metric(metric, samples, one(metric, horizon=40))
+    assert verdict.outcome is PASS and verdict.stats is not None
+    assert verdict.stats.classification is Classification.SAME
+    assert (verdict.canary_samples, verdict.stable_samples) == (440, 440)
+    assert "past the horizon: the first 40 a side judged" in verdict.reason
+    assert "horizon boundary (horizon 40)" in verdict.reason
+    assert judge_metric(metric, samples, one(metric)).outcome is FAIL  # the mixture keeps testing
+
+
 # --------------------------------------------------------------------------------- the round
 
 
@@ -282,10 +327,23 @@ def test_a_a_false_rollbacks_stay_within_alpha_when_checked_every_round() -> Non
     assert wrong <= limit, f"{wrong}/{RUNS} unchanged canaries failed; alpha {config.alpha}"
 
 
+def test_a_a_false_rollbacks_stay_within_alpha_with_a_horizon_and_past_it() -> None:
+    """As above with the horizon boundary: 200 samples a side planned, 30 rounds watched (100 past
+    the horizon); the same Binomial(200, 0.05) bound."""
+    rng = np.random.default_rng(20261203)
+    config = latency_config(horizon=200)
+    wrong = sum(simulate(config, rng, 30, BATCH, stop_on_fail=True).failed_at is not None for _ in range(RUNS))
+    limit = int(scipy_stats.binom.ppf(0.999, RUNS, config.alpha))
+    assert wrong <= limit, f"{wrong}/{RUNS} unchanged canaries failed; alpha {config.alpha}"
+
+
 def test_a_30_percent_slower_canary_is_caught() -> None:
     rng = np.random.default_rng(7)
     stops = [simulate(latency_config(), rng, 40, BATCH, slower=1.3).failed_at for _ in range(40)]
     assert sum(s is not None for s in stops) >= 38  # the simulation measures ~100 % within 400 samples
+    # With a horizon of 100 samples a side (twice a fixed test's 80 %-power size) power is ~97 %.
+    stops = [simulate(latency_config(horizon=100), rng, 10, BATCH, slower=1.3).failed_at for _ in range(40)]
+    assert sum(s is not None for s in stops) >= 34
 
 
 @pytest.mark.parametrize("shift", [-2.0, 2.0])

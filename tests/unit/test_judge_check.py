@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from aviary.metrics.checks import run_checks
-from aviary.metrics.kinds import JudgeCheck, RoundContext, checks_of, judge_window
+from aviary.metrics.kinds import JudgeCheck, RoundContext, checks_of, judge_config, judge_horizon, judge_window
 from aviary.metrics.provider import MetricProviderError
 from aviary.metrics.templates import Side
 from aviary.policy.analysis import CheckOutcome, CheckResult, gathering, round_outcome
@@ -116,6 +116,10 @@ def test_the_issue_spelling_parses_with_defaults() -> None:
      "spec.analysis.judge.metrics[0].name", "verdict"),
     ({"metrics": [{"name": "l", "template": "request-duration-p99", "mustHaveData": "yes"}]},
      "spec.analysis.judge.metrics[0].mustHaveData", "bool"),
+    ({"metrics": [{"name": "l", "template": "request-duration-p99"}], "horizon": 1},
+     "spec.analysis.judge.horizon", "2"),
+    ({"metrics": [{"name": "l", "template": "request-duration-p99"}], "horizon": 15},
+     "spec.analysis.judge.horizon", "at least minSamples (20)"),
 ])
 def test_bad_judge_blocks_name_file_and_field(judge: dict[str, Any], field: str, reason: str) -> None:
     doc = rollout_doc()
@@ -127,6 +131,31 @@ def test_bad_judge_blocks_name_file_and_field(judge: dict[str, Any], field: str,
     assert [(e.file, e.field) for e in errors] == [("p.yaml", field)], errors
     assert reason in errors[0].reason, errors
     assert "\n" not in str(errors[0])
+
+
+def _judge_of(strategy: dict[str, Any], **judge: Any) -> Any:
+    import yaml
+
+    doc = rollout_doc()
+    doc["spec"]["strategy"] = strategy
+    doc["spec"]["analysis"] = {"prometheus": "http://127.0.0.1:9090", "judge": {**JUDGE, **judge}}
+    rollout, errors = parse_policy_text(yaml.safe_dump(doc), "p.yaml")
+    assert rollout is not None and rollout.spec.analysis is not None, errors
+    return rollout.spec.analysis.judge
+
+
+def test_the_horizon_is_the_samples_the_strategy_plans_for() -> None:
+    # Two weight steps of 60 s and a timed pause of 30 s: 150 s at one sample per 2 s step.
+    judge = _judge_of({"steps": [20, {"pause": {"duration": "30s"}}, 50], "interval": "60s"})
+    assert judge.planned_seconds == 150.0
+    assert judge_horizon(judge) == 75 and judge_config(judge).horizon == 75
+    # A manual pause adds nothing; maxWindow caps it (older samples drop out); minSamples floors it.
+    assert judge_horizon(_judge_of({"steps": [20, {"pause": {}}], "interval": "60s"})) == 30
+    assert judge_horizon(_judge_of({"steps": [20, 50], "interval": "1h"}, maxWindow="100s")) == 50
+    assert judge_horizon(_judge_of({"steps": [50], "interval": "10s"})) == 10  # the e2e's: 5 planned, minSamples 10
+    # Given explicitly, it wins; without a strategy (a bare Analysis) the judge has no horizon.
+    assert judge_horizon(_judge_of({"steps": [50], "interval": "10s"}, horizon=400)) == 400
+    assert judge_horizon(analysis().judge) is None  # type: ignore[arg-type]
 
 
 def test_neither_metrics_nor_judge_is_an_error() -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "check_of",
     "checks_of",
     "judge_config",
+    "judge_horizon",
     "judge_window",
 ]
 
@@ -197,7 +198,22 @@ def judge_config(spec: JudgeSpec) -> judging.JudgeConfig:
         judging.JudgeMetric(metric.name, judging.Direction(metric.direction), judging.Allowed.parse(metric.allowed),
                             metric.critical, metric.must_have_data, metric.weight, metric.min_samples)
         for metric in spec.metrics)
-    return judging.JudgeConfig(metrics, spec.pass_score, spec.marginal, spec.alpha, spec.min_samples)
+    return judging.JudgeConfig(metrics, spec.pass_score, spec.marginal, spec.alpha, spec.min_samples,
+                               horizon=judge_horizon(spec))
+
+
+def judge_horizon(spec: JudgeSpec) -> int | None:
+    """Samples per side the judge's test is planned for: ``horizon`` if given, else one per ``step``
+    over the strategy's planned duration, at most ``maxWindow / step`` (older samples drop out of
+    the window) and at least the largest ``minSamples`` (a step waits for those). None when no
+    strategy is known: the judge then uses its boundary without a horizon."""
+    if spec.horizon is not None:
+        return spec.horizon
+    if spec.planned_seconds is None:
+        return None
+    least = max([spec.min_samples, *(m.min_samples for m in spec.metrics if m.min_samples is not None)])
+    planned = math.ceil(spec.planned_seconds / spec.step - 1e-9)
+    return max(least, min(planned, math.floor(spec.max_window / spec.step + 1e-9)))
 
 
 def judge_window(spec: JudgeSpec, since: float | None) -> float:

@@ -1,4 +1,4 @@
-"""The statistical judge: canary against stable samples, metric by metric, with an anytime-valid test.
+"""The statistical judge: canary against stable samples, metric by metric, with a sequential test.
 
 Pure: samples and a config in, a verdict with reasons out, no I/O and no clock. The caller (the
 check pipeline) fetches each metric's samples for canary and stable over the same window and calls
@@ -6,23 +6,27 @@ check pipeline) fetches each metric's samples for canary and stable over the sam
     verdict, state = judge(state, samples, config)
 
 at every ``checkEvery``, with the samples *gathered since the canary started* (cumulative, not just
-this round's), and keeps ``state`` (a small frozen value: the metrics that have already failed)
-for the next round. A new canary run starts from ``JudgeState()``.
+this round's, in time order), and keeps ``state`` (a small frozen value: the metrics that have
+already failed) for the next round. A new canary run starts from ``JudgeState()``.
 
 Per metric (``judge_metric``):
 
 1. Non-finite values (NaN, inf) are dropped and counted. No samples left on a side: INCONCLUSIVE
    (``no-data``), or FAIL with ``mustHaveData``. Fewer than ``minSamples`` valid samples on a side:
    INCONCLUSIVE (``min-samples``), never a pass.
-2. The Mann-Whitney statistic ``z`` of ``canary - allowed`` against stable is compared with the
-   anytime-valid boundary of ``aviary.policy.sequential`` (its docstring says which method and
-   why). ``allowed`` is absolute, or relative to the stable median (``10%``). Crossing it in the
-   metric's bad ``direction`` classifies the metric ``higher``/``lower`` and FAILs it
-   (``beyond-allowed``); otherwise it PASSes (``no-evidence``) as ``same`` or as the harmless
-   direction. The Hodges-Lehmann shift and its interval (the shifts the same boundary cannot reject)
-   are reported with it.
-3. A metric that failed once stays failed for the rest of the run (``failed-earlier``): an
-   anytime-valid test is a stopping rule, its guarantee is about the first crossing.
+2. With a ``horizon`` (samples per side the canary is planned to last; ``JudgeCheck`` derives it
+   from the strategy), only the first ``horizon`` samples of each side are judged: the test ends at
+   the horizon, and later rounds repeat its last look rather than add new ones.
+3. The Mann-Whitney statistic ``z`` of ``canary - allowed`` against stable is compared with the
+   boundary of ``aviary.policy.sequential`` (its docstring says why): the horizon boundary
+   (continuous O'Brien-Fleming) when ``horizon`` is set, the normal-mixture boundary (valid for
+   ever, slower to decide) when it is not. ``allowed`` is absolute, or relative to the stable median
+   (``10%``). Crossing it in the metric's bad ``direction`` classifies the metric
+   ``higher``/``lower`` and FAILs it (``beyond-allowed``); otherwise it PASSes (``no-evidence``) as
+   ``same`` or as the harmless direction. The Hodges-Lehmann shift and its interval (the shifts the
+   same boundary cannot reject) are reported with it.
+4. A metric that failed once stays failed for the rest of the run (``failed-earlier``): a
+   sequential test is a stopping rule, its guarantee is about the first crossing.
 
 The round: a FAILed ``critical`` metric fails it. Otherwise the score is the weighted share of
 passing metrics; inconclusive metrics make it a range (they may yet pass or fail). The round PASSes
@@ -33,10 +37,19 @@ False alarms: ``alpha`` (default 5 %) bounds the chance that an unchanged canary
 during its whole run, however many rounds: each metric is tested at ``alpha / len(metrics)``
 (Bonferroni), one-sided in its bad direction (``either``: half on each side). That holds for samples
 cumulated over the whole run; restarting the samples and the state at every step would spend
-``alpha`` once per step. The price of looking at every round is more samples than a single test at
-a horizon fixed in advance would need for the same power (``tests/bench/judge_simulation.py``
-measures both); a fixed 5 % test repeated every round would instead roll back about one unchanged
-canary in four.
+``alpha`` once per step. With the horizon boundary a canary 30 % slower is caught within about the
+samples a single fixed-horizon test needs (median well below it); the mixture needs about twice
+as many; a fixed 5 % test repeated every round would instead roll back about one unchanged canary
+in four (``tests/bench/judge_simulation.py`` measures all three).
+
+Past the horizon: a metric that has not crossed by its ``horizon`` samples per side stays ``same``
+(PASS) for the rest of the run; the test is over and newer samples do not reopen it. A canary that
+runs longer than planned (a manual pause) gains no power from the extra samples; set
+``analysis.judge.horizon`` to plan for it. The guarantee also assumes the samples reach back to the
+canary's start: once the canary is older than ``maxWindow`` the oldest samples drop out and "the
+first ``horizon``" slide with it, so each later round is a new look that neither bound covers (nor
+the mixture's). ``JudgeCheck`` caps the horizon at ``maxWindow / step`` so that the test reaches
+its horizon before that happens.
 
 A relative ``allowed`` is resolved against the median of the stable samples judged, so it moves a
 little from round to round; with ``allowed: 0`` (the default) the test is exactly "canary vs stable".
@@ -52,7 +65,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aviary.policy.analysis import CheckOutcome
-from aviary.policy.sequential import RankComparison, boundary
+from aviary.policy.sequential import RankComparison, boundary, horizon_boundary
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -79,7 +92,7 @@ DEFAULT_MIN_SAMPLES = 20
 """Valid samples needed on each side before a metric is judged: below, rank tests have no power
 and the normal approximation of the boundary is at its weakest."""
 DEFAULT_TUNED_FOR = 50
-"""Samples per side where the anytime boundary is tightest (it is valid at every count)."""
+"""Samples per side where the mixture boundary (no horizon) is tightest (it is valid at every count)."""
 
 
 class Direction(enum.Enum):
@@ -163,6 +176,8 @@ class JudgeConfig:
     alpha: float = DEFAULT_ALPHA
     min_samples: int = DEFAULT_MIN_SAMPLES
     tuned_for: int = DEFAULT_TUNED_FOR
+    horizon: int | None = None
+    """Samples per side the test is planned for (horizon boundary); None: the mixture boundary."""
 
     def __post_init__(self) -> None:
         names = [metric.name for metric in self.metrics]
@@ -176,6 +191,8 @@ class JudgeConfig:
             raise ValueError(f"judge: need 0 <= marginal ({self.marginal_score}) <= pass ({self.pass_score}) <= 100")
         if self.min_samples < 2 or self.tuned_for < 2:
             raise ValueError("judge: minSamples and tunedFor must be >= 2")
+        if self.horizon is not None and self.horizon < 2:
+            raise ValueError(f"judge: horizon must be >= 2 samples per side, not {self.horizon}")
 
     @property
     def metric_alpha(self) -> float:
@@ -214,7 +231,7 @@ class MetricStats:
     estimate: float
     """Hodges-Lehmann shift, canary - stable, in the metric's unit."""
     interval: tuple[float, float]
-    """The shifts the anytime boundary cannot reject (a confidence sequence; +-inf when wide open)."""
+    """The shifts the same boundary cannot reject (+-inf when wide open)."""
     stable_median: float
     allowed: float
     """The allowed change in the metric's unit (``Allowed`` resolved against the stable median)."""
@@ -307,9 +324,19 @@ def judge_metric(metric: JudgeMetric, samples: MetricSamples | None, config: Jud
                        f"{counts}: fewer than minSamples ({minimum}) on a side")
 
     alpha = config.metric_alpha / (2 if metric.direction is Direction.EITHER else 1)
-    critical_z = boundary(int(canary.size), int(stable.size), alpha, config.tuned_for)
-    ranks = RankComparison.of(canary, stable)
-    median = float(np.median(stable))
+    if config.horizon is not None:
+        # The test ends at the horizon: later rounds judge the same first samples (its last look).
+        if max(canary.size, stable.size) > config.horizon:
+            counts += f"; past the horizon: the first {config.horizon} a side judged"
+        judged_canary, judged_stable = canary[:config.horizon], stable[:config.horizon]
+        critical_z = horizon_boundary(int(judged_canary.size), int(judged_stable.size), alpha, config.horizon)
+        method = f"horizon boundary (horizon {config.horizon})"
+    else:
+        judged_canary, judged_stable = canary, stable
+        critical_z = boundary(int(canary.size), int(stable.size), alpha, config.tuned_for)
+        method = "anytime boundary"
+    ranks = RankComparison.of(judged_canary, judged_stable)
+    median = float(np.median(judged_stable))
     allowed = metric.allowed.absolute(median)
     z_up, z_down = ranks.z(allowed), ranks.z(-allowed)
     estimate, lower, upper = ranks.estimate_and_interval(critical_z)
@@ -331,7 +358,7 @@ def judge_metric(metric: JudgeMetric, samples: MetricSamples | None, config: Jud
              f" ({counts})")
     side = {Direction.INCREASE: "an increase", Direction.DECREASE: "a decrease",
             Direction.EITHER: "a change"}[metric.direction]
-    test = f"z = {z_bad:.3g} {'>=' if bad else '<'} anytime boundary {critical_z:.3g} (alpha {alpha:.3g})"
+    test = f"z = {z_bad:.3g} {'>=' if bad else '<'} {method} {critical_z:.3g} (alpha {alpha:.3g})"
     if bad:
         reason = f"{classification.value}: {side} beyond allowed {allowed_text}: {test}; {shift}"
         return verdict(CheckOutcome.FAIL, Rule.BEYOND_ALLOWED, reason, stats)

@@ -28,6 +28,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
+    PrivateAttr,
     StrictInt,
     field_validator,
     model_validator,
@@ -75,6 +76,7 @@ __all__ = [
     "StickyCookie",
     "Strategy",
     "WebSource",
+    "planned_seconds",
 ]
 
 API_VERSION = "aviary.dev/v1"
@@ -760,6 +762,10 @@ class JudgeSpec(BaseModel):
     ``step`` is both the spacing of the samples and the sub-window each one measures (templates
     and ``{{ window }}`` render it), so samples cover disjoint spans; it must be at least twice
     Prometheus' scrape interval. ``maxWindow`` caps how far back the samples reach.
+
+    ``horizon`` (samples per side) is where the judge's test is planned to end (see
+    ``aviary.policy.judge``); left out, ``JudgeCheck`` derives it from the strategy's step durations
+    (``planned_seconds``, filled in by ``RolloutSpec``).
     """
 
     model_config = _CONFIG
@@ -771,6 +777,13 @@ class JudgeSpec(BaseModel):
     min_samples: Annotated[StrictInt, Field(ge=2)] = Field(default=20, alias="minSamples")
     step: Duration = 5.0
     max_window: Duration = Field(default=3600.0, alias="maxWindow")
+    horizon: Annotated[StrictInt, Field(ge=2)] | None = None
+    _planned_seconds: float | None = PrivateAttr(default=None)
+
+    @property
+    def planned_seconds(self) -> float | None:
+        """How long the strategy's steps last in all (None: no strategy known)."""
+        return self._planned_seconds
 
     @field_validator("metrics")
     @classmethod
@@ -791,6 +804,10 @@ class JudgeSpec(BaseModel):
             raise FieldIssue(f"marginal ({self.marginal:g}) is greater than pass ({self.pass_score:g})", "marginal")
         if self.max_window < self.step * 2:
             raise FieldIssue(f"maxWindow must hold at least two steps ({self.step:g}s each)", "maxWindow")
+        least = max([self.min_samples, *(m.min_samples for m in self.metrics if m.min_samples is not None)])
+        if self.horizon is not None and self.horizon < least:
+            raise FieldIssue(f"horizon ({self.horizon} samples per side) must be at least minSamples ({least})",
+                             "horizon")
         return self
 
 
@@ -879,6 +896,13 @@ def _identifier(value: str) -> str:
     return value
 
 
+def planned_seconds(strategy: Strategy) -> float:
+    """Seconds the strategy's steps last if every one ends on time: ``interval`` for a weight, cohorts
+    or mirror step, its duration for a timed pause, nothing for a manual pause (it has no end)."""
+    return sum(strategy.interval if not isinstance(step, Pause) else (step.duration or 0.0)
+               for step in strategy.steps)
+
+
 class RolloutSpec(BaseModel):
     model_config = _CONFIG
 
@@ -891,6 +915,13 @@ class RolloutSpec(BaseModel):
     )
     strategy: Strategy | None = None
     analysis: Analysis | None = None
+
+    @model_validator(mode="after")
+    def _judge_plan(self) -> RolloutSpec:
+        """The judge's horizon is derived from how long the strategy's steps last."""
+        if self.strategy is not None and self.analysis is not None and self.analysis.judge is not None:
+            self.analysis.judge._planned_seconds = planned_seconds(self.strategy)
+        return self
 
     @field_validator("hosts")
     @classmethod
