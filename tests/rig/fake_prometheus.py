@@ -11,22 +11,13 @@ import asyncio
 import contextlib
 import json
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from typing import Self
 from urllib.parse import parse_qs, urlsplit
 
+from tests.rig.canned_http import Answer, CannedHttpServer
+
 SAMPLE_TIME = 1767225600.5  # the timestamp of every sample vector_body() writes
-
-
-@dataclass
-class Answer:
-    status: int = 200
-    body: bytes = b""
-    delay: float = 0.0  # seconds to wait before answering
-    content_type: str = "application/json"
 
 
 def vector_body(*values: str) -> bytes:
@@ -35,80 +26,32 @@ def vector_body(*values: str) -> bytes:
     return json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode()
 
 
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 128  # the default 5 drops connections when many queries arrive at once
-
-
-class FakePrometheus:
+class FakePrometheus(CannedHttpServer):
     """Serves on a kernel-picked port of 127.0.0.1 from :meth:`start` (or ``with``) to :meth:`stop`."""
 
+    name = "fake-prometheus"
+
     def __init__(self, default: Answer | None = None, respond: Callable[[str], Answer] | None = None) -> None:
+        super().__init__()
         self.answers: dict[str, Answer] = {}
         self.default = default if default is not None else Answer(body=vector_body())
         self.respond = respond if respond is not None else self.stored_answer
         self.queries: list[str] = []
         self.ranges: list[dict[str, str]] = []  # parameters of every query_range asked
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     def stored_answer(self, query: str) -> Answer:
         return self.answers.get(query, self.default)
 
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> Self:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                parts = urlsplit(self.path)
-                if parts.path not in ("/api/v1/query", "/api/v1/query_range"):
-                    self.send_error(404)
-                    return
-                params = parse_qs(parts.query)
-                query = params.get("query", [""])[0]
-                fake.queries.append(query)
-                if parts.path.endswith("_range"):
-                    fake.ranges.append({name: values[0] for name, values in params.items()})
-                answer = fake.respond(query)
-                time.sleep(answer.delay)
-                try:
-                    self.send_response(answer.status)
-                    self.send_header("Content-Type", answer.content_type)
-                    self.send_header("Content-Length", str(len(answer.body)))
-                    self.end_headers()
-                    self.wfile.write(answer.body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (a timeout)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        server = _Server(("127.0.0.1", 0), Handler)
-        server.block_on_close = False
-        server.daemon_threads = True
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-prometheus", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def answer_for(self, path: str) -> Answer | None:
+        parts = urlsplit(path)
+        if parts.path not in ("/api/v1/query", "/api/v1/query_range"):
+            return None
+        params = parse_qs(parts.query)
+        query = params.get("query", [""])[0]
+        self.queries.append(query)
+        if parts.path.endswith("_range"):
+            self.ranges.append({name: values[0] for name, values in params.items()})
+        return self.respond(query)
 
 
 class LoopFakePrometheus:
