@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -788,15 +788,10 @@ class JudgeSpec(BaseModel):
     @field_validator("metrics")
     @classmethod
     def _unique_names(cls, metrics: tuple[JudgeMetricSpec, ...]) -> tuple[JudgeMetricSpec, ...]:
-        seen: dict[str, int] = {}
         for index, metric in enumerate(metrics):
-            if metric.name in seen:
-                raise FieldIssue(f"duplicate metric name {metric.name!r} (also metrics[{seen[metric.name]}])",
-                                 index, "name")
             if metric.name == JUDGE_VERDICT:
                 raise FieldIssue(f"{JUDGE_VERDICT!r} names the judge's verdict; choose another name", index, "name")
-            seen[metric.name] = index
-        return metrics
+        return _unique_names(metrics)
 
     @model_validator(mode="after")
     def _bands(self) -> JudgeSpec:
@@ -809,6 +804,25 @@ class JudgeSpec(BaseModel):
             raise FieldIssue(f"horizon ({self.horizon} samples per side) must be at least minSamples ({least})",
                              "horizon")
         return self
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_NamedT = TypeVar("_NamedT", bound=_Named)
+
+
+def _unique_names(metrics: tuple[_NamedT, ...]) -> tuple[_NamedT, ...]:
+    """``metrics`` unless two share a name: the second is refused, naming the first."""
+    seen: dict[str, int] = {}
+    for index, metric in enumerate(metrics):
+        if metric.name in seen:
+            raise FieldIssue(f"duplicate metric name {metric.name!r} (also metrics[{seen[metric.name]}])",
+                             index, "name")
+        seen[metric.name] = index
+    return metrics
 
 
 def _http_url(url: str, placeholders: bool = False) -> str:
@@ -848,13 +862,7 @@ class Analysis(BaseModel):
     @field_validator("metrics")
     @classmethod
     def _unique_names(cls, metrics: tuple[MetricCheck, ...]) -> tuple[MetricCheck, ...]:
-        seen: dict[str, int] = {}
-        for index, metric in enumerate(metrics):
-            if metric.name in seen:
-                raise FieldIssue(f"duplicate metric name {metric.name!r} (also metrics[{seen[metric.name]}])",
-                                 index, "name")
-            seen[metric.name] = index
-        return metrics
+        return _unique_names(metrics)
 
     @model_validator(mode="after")
     def _version_label_given(self) -> Analysis:
