@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -138,14 +138,11 @@ class ThresholdCheck:
 
     def judge(self, context: RoundContext, answers: Sequence[Answer],
               canary_requests: float | None) -> tuple[CheckResult, ...]:
-        queries = tuple(ask.query for ask in self.plan(context))
-        error = _error(answers)
-        if error is not None:
-            result = inconclusive(self.metric, str(error))
-        else:
+        def verdict() -> CheckResult:
             stable = _scalar(answers[1]) if len(answers) > 1 else None
-            result = judge(self.metric, _scalar(answers[0]), stable, canary_requests, context.analysis.min_requests)
-        return (dataclasses.replace(result, queries=queries),)
+            return judge(self.metric, _scalar(answers[0]), stable, canary_requests, context.analysis.min_requests)
+
+        return _scalar_result(self.metric, self.plan(context), answers, verdict)
 
     def unanswered(self, reason: str) -> tuple[CheckResult, ...]:
         return (inconclusive(self.metric, reason),)
@@ -168,17 +165,23 @@ class CompareCheck:
 
     def judge(self, context: RoundContext, answers: Sequence[Answer],
               canary_requests: float | None) -> tuple[CheckResult, ...]:
-        queries = tuple(ask.query for ask in self.plan(context))
-        error = _error(answers)
-        if error is not None:
-            result = inconclusive(self.metric, str(error))
-        else:
-            result = judge_compare(self.metric, _scalar(answers[0]), _scalar(answers[1]), canary_requests,
-                                   context.analysis.min_requests)
-        return (dataclasses.replace(result, queries=queries),)
+        def verdict() -> CheckResult:
+            return judge_compare(self.metric, _scalar(answers[0]), _scalar(answers[1]), canary_requests,
+                                 context.analysis.min_requests)
+
+        return _scalar_result(self.metric, self.plan(context), answers, verdict)
 
     def unanswered(self, reason: str) -> tuple[CheckResult, ...]:
         return (inconclusive(self.metric, reason),)
+
+
+def _scalar_result(metric: MetricCheck, asks: Sequence[Ask], answers: Sequence[Answer],
+                   verdict: Callable[[], CheckResult]) -> tuple[CheckResult, ...]:
+    """A scalar check's one result: inconclusive with the first provider error, else ``verdict()``;
+    either way carrying the rendered queries."""
+    error = _error(answers)
+    result = inconclusive(metric, str(error)) if error is not None else verdict()
+    return (dataclasses.replace(result, queries=tuple(ask.query for ask in asks)),)
 
 
 def check_of(metric: MetricCheck) -> Check:
