@@ -2,7 +2,7 @@
 
 uvloop's own subprocess support calls ``PyOS_AfterFork_Child()`` in the forked child, which runs
 every ``os.register_at_fork(after_in_child=...)`` hook while other threads' locks may be held: a
-policy worker crashed there with SIGSEGV about once in eight runs of test_validate_load. The marker
+policy worker crashed there with SIGSEGV in 2 of 26 runs of test_validate_load. The marker
 hook below is the deterministic witness of that path.
 """
 

@@ -4,8 +4,8 @@
 ``PyOS_AfterFork_Child()`` and ``uv_loop_fork()`` before it execs (uvloop's
 ``handles/process.pyx``). In ``aviary serve`` other threads are running at that moment (grpc's
 core, the Prometheus client's pool), so the child can inherit a lock or an allocator in the middle of
-an update and crash before ``exec``: policy workers died with SIGSEGV (exit code -11) about once in
-eight runs of ``tests/e2e/test_validate_load.py`` while the admin API was busy.
+an update and crash before ``exec``: a policy worker died there (SIGSEGV, exit code -11) in 2 of 26
+runs of ``tests/e2e/test_validate_load.py`` while the admin API was busy, and once in a CI run.
 
 ``subprocess.Popen`` forks (or vforks) in C and runs only async-signal-safe code until ``exec``,
 whatever the other threads are doing. This module starts children with it and hands their pipes to
