@@ -25,6 +25,7 @@ from aviary.policy.git import validate_repository_url
 from aviary.policy.git_source import is_git_repository
 from aviary.policy.loader import load_paths
 from aviary.policy.server_rules import needs_prometheus
+from aviary.simulation.commands import add_simulation_commands
 from aviary.store.lock import LockError, LockHeld, ProcessLock
 from aviary.store.sqlite import StateError
 from aviary.tls import TlsConfigError
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.set_defaults(func=_validate)
     add_admin_commands(commands, validate)  # status, watch, pause, ..., proxies; validate --remote
+    add_simulation_commands(commands, package_version())  # record, simulate
     return parser
 
 
@@ -250,8 +252,22 @@ def package_version() -> str:
         return "unknown"
 
 
+_TIME_FLAGS = ("--from", "--to", "--start")
+
+
+def _joined_relative_times(argv: Sequence[str]) -> list[str]:
+    """``--from -15m`` as ``--from=-15m``: argparse takes a value starting with "-" for a flag."""
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] in _TIME_FLAGS and arg.startswith("-") and arg[1:2].isdigit():
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_joined_relative_times(sys.argv[1:] if argv is None else argv))
     logs.configure(args.log_level, args.log_format)
     result: int = args.func(args)
     return result

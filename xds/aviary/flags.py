@@ -7,13 +7,16 @@ takes durations and reports a bad flag the same way.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from aviary.policy.duration import parse_flag_duration
 
-__all__ = ["HelpFormatter", "Parser", "duration"]
+__all__ = ["HelpFormatter", "Parser", "duration", "parse_time", "point_in_time"]
 
 
 def duration(*, allow_zero: bool = False) -> Callable[[str], float]:
@@ -30,6 +33,43 @@ def duration(*, allow_zero: bool = False) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     convert.__name__ = "duration"
+    return convert
+
+
+def parse_time(text: str, now: float) -> float:
+    """Unix seconds from RFC 3339 (``2026-12-01T10:00:00Z``), unix seconds (``1764583200``), a
+    duration before ``now`` (``-15m``) or ``now``; ValueError with what was expected otherwise."""
+    stripped = text.strip()
+    if stripped.lower() == "now":
+        return now
+    if stripped.startswith("-"):
+        return now - parse_flag_duration(stripped[1:])
+    try:
+        seconds = float(stripped)
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(stripped)
+        except ValueError:
+            raise ValueError(f"invalid time {text!r}: expected RFC 3339 (2026-12-01T10:00:00Z), unix seconds "
+                             "or a duration before now (-15m)") from None
+        if moment.tzinfo is None:
+            raise ValueError(f"invalid time {text!r}: give a time zone (Z or +01:00)") from None
+        return moment.astimezone(UTC).timestamp()
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"invalid time {text!r}: unix seconds must be a positive number")
+    return seconds
+
+
+def point_in_time(clock: Callable[[], float] = time.time) -> Callable[[str], float]:
+    """An argparse ``type`` for ``--from``/``--to``/``--start``: see ``parse_time``."""
+
+    def convert(text: str) -> float:
+        try:
+            return parse_time(text, clock())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = "time"
     return convert
 
 

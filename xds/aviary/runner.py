@@ -204,6 +204,7 @@ class RolloutRunner:
         web_factory: Callable[[], MetricProvider] = WebProvider,
         store: StateStore | None = None,
         prune: bool = False,
+        round_history: int = ROUND_HISTORY,
     ) -> None:
         self._director = director
         self._store = store
@@ -224,6 +225,7 @@ class RolloutRunner:
         self._resuming: dict[str, Resumption] = {}
         self._history: dict[str, deque[TransitionEvent]] = {}
         self._rounds: dict[str, deque[CheckRound]] = {}
+        self._round_history = round_history
         self._inbox: asyncio.Queue[tuple[str, Event]] = asyncio.Queue()
         self._checks: dict[str, asyncio.Task[None]] = {}
         self._listeners: list[Callable[[TransitionEvent], None]] = []
@@ -497,7 +499,7 @@ class RolloutRunner:
             if isinstance(event, ChecksCompleted) else False
         if isinstance(event, ChecksCompleted) and taken and previous is not None and previous.canary is not None:
             transitions = tuple(record.reason for record in records)
-            self._rounds.setdefault(name, deque(maxlen=ROUND_HISTORY)).append(CheckRound(
+            self._rounds.setdefault(name, deque(maxlen=self._round_history)).append(CheckRound(
                 name, event.at, previous.canary.version, previous.step_index, previous.weight,
                 round_outcome(event.results), event.results, transitions))
         self._rollouts[name] = rollout
@@ -555,6 +557,24 @@ class RolloutRunner:
             self._providers.clear()
             self._web = None
 
+    def wake_due(self) -> None:
+        """Do what is due now, as the loop does when it wakes (for driving the runner by hand):
+        start the check rounds that are due, step the rollouts whose time has come."""
+        with self._one_batch():
+            self._wake_due()
+
+    def next_wakeup_at(self) -> float | None:
+        """When something is next due on the engine's clock (None: nothing is time-driven now)."""
+        times = [t for t in (self._wakes.next_time(), self._retry_at) if t is not None]
+        return min(times, default=None)
+
+    async def rounds_finished(self) -> bool:
+        """Wait for the check rounds running now; True if there were any (their results are queued)."""
+        running = list(self._checks.values())
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+        return bool(running)
+
     def process_queued(self) -> None:
         """Handle every event queued so far, as the loop does (for driving the runner by hand):
         in batches, until the publish that ends one queues nothing more (with no proxy connected,
@@ -608,9 +628,8 @@ class RolloutRunner:
         return max(wake, self._held_until.get(name, wake))  # it backs off after a failure
 
     def _until_next_wakeup(self) -> float | None:
-        now = self._clock()
-        times = [t for t in (self._wakes.next_time(), self._retry_at) if t is not None]
-        return max(0.0, min(times) - now) if times else None
+        at = self.next_wakeup_at()
+        return None if at is None else max(0.0, at - self._clock())
 
     def _wake_due(self) -> None:
         now = self._clock()

@@ -1,0 +1,166 @@
+"""``aviary record`` and ``aviary simulate`` on real traffic: a failing and a healthy canary run live
+(real Envoy, real Prometheus, the engine of ``aviary serve``), are recorded from that Prometheus,
+and replayed by ``aviary simulate``, both run as the user runs them (``python -m aviary``).
+
+The replay starts when the live canary arrived and its proxies ACK after the live ACK latency, so
+its check rounds fall where the live ones did. It must take the same transitions, each within one
+``checkEvery`` of the live one: the recording is at the scrape resolution, so a round may see a
+scrape one round later than the live one did, never a different story. Then the recordings answer
+what a user would try: a stricter threshold rolls back the healthy canary, and a sweep finds the
+settings that roll back the failing canary and promote the healthy one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aviary.policy.rollout_state import Phase, TransitionEvent
+from tests.e2e.test_rollouts import SUCCESS_RATE, Canary, Rig, analysis, canary_factory  # noqa: F401
+from tests.rig.stage import running_rig, write_results
+from tests.rig.waiting import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
+
+CHECK_EVERY = 2.0
+LATENCY = {"name": "latency", "template": "request-duration-p99", "max": 500}
+STRATEGY = {"steps": [20, 50], "interval": "4s"}
+SWEEP = ["--sweep", "analysis.metrics.0.min=50,99", "--sweep", "analysis.metrics.1.max=0.1,500"]
+TIMINGS: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    with running_rig(tmp_path_factory.mktemp("simulate"), Rig) as rig:
+        yield rig
+    write_results("simulate", TIMINGS)
+
+
+@dataclass
+class LiveRun:
+    name: str
+    policy: Path
+    recording: Path
+    arrived: TransitionEvent
+    ack_delay: float
+    transitions: list[TransitionEvent]
+
+
+def aviary(*args: str, expect: int | None = None) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "aviary", *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+    if expect is not None:
+        command = " ".join(args)
+        assert done.returncode == expect, f"aviary {command}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def simulate(run: LiveRun, *extra: str, expect: int | None = None) -> Any:
+    done = aviary("simulate", str(run.policy), "--metrics", str(run.recording), "--start", f"{run.arrived.at:.3f}",
+                  "--ack-delay", f"{run.ack_delay:.3f}", "-o", "json", *extra, expect=expect)
+    assert done.returncode in (0, 3, 4), f"exit {done.returncode}\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
+def run_live(rig: Rig, canary: Canary, workdir: Path) -> LiveRun:
+    """Run the canary live to its decision, copy its policy, record it from Prometheus."""
+    canary.start(STRATEGY, analysis(rig, [SUCCESS_RATE, LATENCY], checkEvery=f"{CHECK_EVERY:g}s", window="5s"))
+    policy = workdir / f"{canary.name}.yaml"
+    policy.write_text((rig.policies / f"{canary.name}.yaml").read_text())
+    canary.wait_until_settled(60)
+    events = [e for e in rig.history(canary.name) if e.at >= canary.written_at and e.from_phase is not None]
+    arrived = next(e for e in events if e.reason.startswith("new version v2"))
+    acked = next(e for e in events if "ACKed by every proxy" in e.reason)
+    decided = events[-1]
+    assert decided.to_phase in (Phase.ROLLED_BACK, Phase.STABLE), rig.story(canary.name)
+    # Prometheus must have scraped past the decision before the span is recorded.
+    wait_until(lambda: (rig.prometheus.query_value("max(timestamp(up))") or 0) > decided.at + 2, 15,
+               what="a scrape after the decision")
+    recording = workdir / f"{canary.name}.json.gz"
+    aviary("record", "--prometheus", rig.prometheus.url, "--policy", str(policy), "--from", f"{arrived.at - 1:.3f}",
+           "--to", f"{decided.at + 2:.3f}", "--stable", "v1", "-o", str(recording), expect=0)
+    return LiveRun(canary.name, policy, recording, arrived, acked.at - arrived.at, events)
+
+
+def assert_same_story(run: LiveRun, simulated: Any) -> list[dict[str, Any]]:
+    """Same transitions in the same order, each within one checkEvery of the live one."""
+    live = [(e.to_phase.value, e.weight, round(e.at - run.arrived.at, 3)) for e in run.transitions]
+    replayed = [(t["to"], t["weight"], t["offset_seconds"]) for t in simulated["transitions"]]
+    story = "\n".join(f"  live {a}   simulated {b}" for a, b in zip(live, replayed + [None] * len(live), strict=False))
+    assert [(to, w) for to, w, _ in live] == [(to, w) for to, w, _ in replayed], story
+    for (_, _, live_at), (_, _, simulated_at) in zip(live, replayed, strict=True):
+        assert abs(live_at - simulated_at) <= CHECK_EVERY, story
+    return [{"to": to, "weight": w, "live_s": live_at, "simulated_s": sim_at}
+            for (to, w, live_at), (_, _, sim_at) in zip(live, replayed, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, LiveRun]:
+    return {}
+
+
+@pytest.fixture
+def live(rig: Rig, canary_factory: Callable[..., Canary], runs: dict[str, LiveRun],  # noqa: F811
+         tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], LiveRun]:
+    """``live("failing")``: that canary run live and recorded, once per module."""
+
+    def make(kind: str) -> LiveRun:
+        if kind not in runs:
+            canary = canary_factory(f"sim-{kind}")
+            if kind == "failing":
+                canary.backends.set_behaviour("v2", error_rate=0.3)
+            runs[kind] = run_live(rig, canary, tmp_path_factory.mktemp(kind))
+        return runs[kind]
+
+    return make
+
+
+@pytest.mark.parametrize(("kind", "outcome", "status"), [("failing", "rolled back", 3), ("healthy", "promoted", 0)])
+def test_simulation_takes_the_live_decisions(live: Callable[[str], LiveRun], kind: str, outcome: str,
+                                             status: int) -> None:
+    run = live(kind)
+    started = time.monotonic()
+    simulated = simulate(run, expect=status)
+    took = time.monotonic() - started
+    assert simulated["outcome"] == outcome
+    side_by_side = assert_same_story(run, simulated)
+    TIMINGS[kind] = {"transitions": side_by_side, "simulate_wall_s": round(took, 2),
+                     "ack_delay_s": round(run.ack_delay, 3)}
+    print(f"[timing] {kind}: simulate took {took:.2f}s; " + "; ".join(
+        f"{t['to']} {t['weight']}%: live {t['live_s']:.2f}s, simulated {t['simulated_s']:.2f}s" for t in side_by_side))
+
+
+def test_a_stricter_threshold_rolls_back_the_healthy_recording(live: Callable[[str], LiveRun]) -> None:
+    run = live("healthy")
+    simulated = simulate(run, "--sweep", "analysis.metrics.1.max=0.1", expect=0)
+    (only,) = simulated
+    assert only["outcome"] == "rolled back", only["summary"]
+    failed = [check for r in only["rounds"] for check in r["checks"] if check["outcome"] == "fail"]
+    assert failed and {check["name"] for check in failed} == {"latency"}
+
+
+def test_the_sweep_finds_the_settings_that_tell_the_two_recordings_apart(live: Callable[[str], LiveRun]) -> None:
+    outcomes = {kind: {entry["sweep"]: entry["outcome"] for entry in simulate(live(kind), *SWEEP, expect=0)}
+                for kind in ("failing", "healthy")}
+    right = {label for label in outcomes["healthy"]
+             if outcomes["healthy"][label] == "promoted" and outcomes["failing"][label] == "rolled back"}
+    assert right == {"analysis.metrics.0.min=99 analysis.metrics.1.max=500"}, outcomes
+    assert outcomes["failing"]["analysis.metrics.0.min=50 analysis.metrics.1.max=500"] != "rolled back", outcomes
+
+
+def test_the_text_table_and_the_plot(live: Callable[[str], LiveRun], tmp_path: Path) -> None:
+    run = live("failing")
+    plot = tmp_path / "run.png"
+    done = aviary("simulate", str(run.policy), "--metrics", str(run.recording), "--start", f"{run.arrived.at:.3f}",
+                  "--plot", str(plot), expect=3)
+    assert "-> RolledBack, 0%: rolled back v2" in done.stdout, done.stdout
+    assert "success=" in done.stdout and "rolled back after" in done.stdout, done.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,1 @@
+"""``aviary simulate``: the real engine replayed over recorded metrics on a simulated clock."""

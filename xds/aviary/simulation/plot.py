@@ -1,0 +1,74 @@
+"""``aviary simulate --plot FILE``: the run as a PNG timeline (matplotlib, no display needed).
+
+Top panel: the canary's weight over time, with the promotion or rollback marked. One panel per
+check below it: the canary's value and stable's (when the check measures both) at every round,
+each round's verdict as the marker's colour. A reader sees at a glance which metric moved, when,
+and what the engine did about it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from aviary.policy.analysis import CheckOutcome
+from aviary.simulation.replay import Outcome, SimulationResult
+
+__all__ = ["plot"]
+
+_COLOURS = {CheckOutcome.PASS: "tab:green", CheckOutcome.FAIL: "tab:red", CheckOutcome.INCONCLUSIVE: "tab:gray"}
+
+
+def plot(result: SimulationResult, path: Path, title: str) -> None:
+    """Write the PNG; OSError when ``path`` cannot be written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(check.name for r in result.rounds for check in r.checks))
+    figure, axes = plt.subplots(1 + len(names), 1, sharex=True, squeeze=False,
+                                figsize=(10, 2.2 + 1.8 * len(names)))
+    panels = [axis[0] for axis in axes]
+
+    def minutes(at: float) -> float:
+        return (at - result.start) / 60
+
+    transitions = [t for t in result.transitions if t.from_phase is not None]
+    times = [minutes(t.at) for t in transitions] + [minutes(result.end)]
+    weights = [t.weight for t in transitions] + [transitions[-1].weight if transitions else 0]
+    weight_panel = panels[0]
+    weight_panel.step(times, weights, where="post", color="tab:blue")
+    weight_panel.set_ylabel("canary %")
+    weight_panel.set_ylim(-5, 105)
+    end = minutes(result.end)
+    if result.outcome is Outcome.ROLLED_BACK:
+        weight_panel.axvline(end, color="tab:red", linestyle="--")
+        weight_panel.annotate("rollback", (end, 90), color="tab:red", ha="right")
+    elif result.outcome is Outcome.PROMOTED:
+        weight_panel.axvline(end, color="tab:green", linestyle="--")
+        weight_panel.annotate("promoted", (end, 90), color="tab:green", ha="right")
+    weight_panel.set_title(title)
+
+    for panel, name in zip(panels[1:], names, strict=True):
+        rounds = [(minutes(r.at), check) for r in result.rounds for check in r.checks if check.name == name]
+        canary = [(at, c.value) for at, c in rounds if c.value is not None and math.isfinite(c.value)]
+        stable = [(at, c.stable_value) for at, c in rounds if c.stable_value is not None
+                  and math.isfinite(c.stable_value)]
+        if canary:
+            panel.plot(*zip(*canary, strict=True), color="tab:orange", label="canary", linewidth=1)
+        if stable:
+            panel.plot(*zip(*stable, strict=True), color="tab:blue", label="stable", linewidth=1)
+        for outcome, colour in _COLOURS.items():
+            marked = [(at, c.value if c.value is not None and math.isfinite(c.value) else 0.0)
+                      for at, c in rounds if c.outcome is outcome]
+            if marked:
+                panel.scatter(*zip(*marked, strict=True), color=colour, s=10, zorder=3, label=outcome.value.lower())
+        panel.set_ylabel(name)
+        panel.legend(loc="upper left", fontsize="x-small", ncol=5)
+    panels[-1].set_xlabel("minutes since the canary's policy arrived")
+    figure.tight_layout()
+    try:
+        figure.savefig(path, dpi=100)
+    finally:
+        plt.close(figure)
