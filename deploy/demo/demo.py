@@ -18,6 +18,11 @@ request where v2 completes 0.25. The backends export `orders_completed_total{ver
 orders per request with stable's (`versionLabel: version`, template `version-rate-per-request`,
 `compare: {by: ratio}`): v3 is rolled back while no request failed.
 
+Then a third scene: `aviary record` fetches from Prometheus what the policy's checks queried during
+scene 2, and `aviary simulate` replays the policy on it (the engine of `aviary serve` on a simulated
+clock, no proxy touched): the same rollback, its time beside the live one, a PNG timeline, and a
+sweep over the orders threshold showing which settings would have let v3 through.
+
 Ctrl-C stops everything it started. Without a terminal (`CI=true`, or stdout not a tty) it prints
 plain progress lines. Exit status: 0 when the canary ended as expected (promoted; rolled back with
 `--rollback`), 1 otherwise, 2 when something it needs is missing.
@@ -38,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,6 +122,16 @@ def _http_get(port: int, path: str, host: str | None = None, timeout: float = 2.
         return response.status, response.read()
     finally:
         conn.close()
+
+
+def _last_scrape(port: int) -> float:
+    """Unix time of Prometheus' latest scrape (0 while it has none)."""
+    try:
+        status, body = _http_get(port, "/api/v1/query?" + urllib.parse.urlencode({"query": "max(timestamp(up))"}))
+        result = json.loads(body)["data"]["result"] if status == 200 else []
+        return float(result[0]["value"][1]) if result else 0.0
+    except (OSError, ValueError, KeyError, IndexError):
+        return 0.0
 
 
 def _answers(port: int, path: str) -> bool:
@@ -518,7 +534,42 @@ class Demo:
         if rollout.phase != "RolledBack":
             self.say(f"[demo] expected v3 RolledBack, got {rollout.phase}")
             return 1
+        return self.simulate_scene(rollout, bumped_at)
+
+    def simulate_scene(self, rollout: pb.Rollout, bumped_at: float) -> int:
+        """Scene 3: record scene 2 from Prometheus and replay it with `aviary simulate`, then sweep."""
+        stamped = [(e, e.time.ToNanoseconds() / 1e9) for e in rollout.events]
+        events = [(e, at) for e, at in stamped if at >= bumped_at]
+        arrived = next(at for e, at in events if e.reason.startswith("new version v3"))
+        decided = next(at for e, at in events if e.to_phase == "RolledBack")
+        self.say("[demo] scene 3: aviary record fetches what the policy's checks queried during scene 2, and "
+                 "aviary simulate replays the policy on it with the engine of aviary serve, no proxy touched")
+        prometheus = f"http://127.0.0.1:{self.ports['prometheus']}"
+        _wait(lambda: _last_scrape(self.ports["prometheus"]) > decided + 2, 15, "a scrape after the rollback")
+        policy_file = self.work / "shop-v3.yaml"
+        policy_file.write_text(yaml.safe_dump(policy(self.ports, "v3"), sort_keys=False))
+        recording = self.work / "scene-2.json.gz"
+        self._aviary("record", "--prometheus", prometheus, "--policy", policy_file, "--from", f"{arrived - 1:.3f}",
+                     "--to", f"{decided + 2:.3f}", "--stable", "v2", "-o", recording)
+        plot = Path(tempfile.gettempdir()) / "aviary-demo-simulate.png"
+        done = self._aviary("simulate", policy_file, "--metrics", recording, "--start", f"{arrived:.3f}",
+                            "--plot", plot, expect=(3,))
+        outcome = done.stdout.strip().splitlines()[-1]
+        self.say(f"[demo]   simulated: {outcome}; live: rolled back after {decided - arrived:.1f}s")
+        self.say(f"[demo]   timeline: {plot}")
+        self.say("[demo]   the same recording with other orders thresholds (aviary simulate --sweep):")
+        sweep = self._aviary("simulate", policy_file, "--metrics", recording, "--start", f"{arrived:.3f}",
+                             "--sweep", "analysis.metrics.2.compare.min=0.1,0.5,0.9", expect=(0,))
+        for line in sweep.stdout.strip().splitlines():
+            self.say(f"[demo]     {line}")
         return 0
+
+    def _aviary(self, *args: str | Path, expect: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([VENV_BIN / "aviary", *map(str, args)], capture_output=True, text=True, timeout=120,
+                              check=False)
+        if done.returncode not in expect:
+            raise DemoError(f"aviary {args[0]} exited {done.returncode}: {done.stderr.strip() or done.stdout[-500:]}")
+        return done
 
 
 def main(argv: list[str] | None = None) -> int:

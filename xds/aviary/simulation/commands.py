@@ -132,8 +132,9 @@ def _record(args: argparse.Namespace, version: str) -> int:
 
 
 def _simulate(args: argparse.Namespace, version: str) -> int:
-    if args.output == "text":  # the engine's own log lines would repeat the table
-        logging.getLogger("aviary.engine").setLevel(max(logging.WARNING, logging.getLogger().level))
+    for name in ("aviary.engine", "aviary.director"):  # their info lines would repeat the table
+        quiet = logging.getLogger().level > logging.DEBUG  # --log-level debug shows them
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.DEBUG)
     try:
         rollout, text = _load_policy(args.policy, "POLICY")
         recording = _recording(args, rollout, version)

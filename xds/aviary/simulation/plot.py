@@ -31,8 +31,10 @@ def plot(result: SimulationResult, path: Path, title: str) -> None:
                                 figsize=(10, 2.2 + 1.8 * len(names)))
     panels = [axis[0] for axis in axes]
 
+    scale, unit = (1.0, "seconds") if result.end - result.start <= 180 else (60.0, "minutes")
+
     def minutes(at: float) -> float:
-        return (at - result.start) / 60
+        return (at - result.start) / scale
 
     transitions = [t for t in result.transitions if t.from_phase is not None]
     times = [minutes(t.at) for t in transitions] + [minutes(result.end)]
@@ -60,13 +62,18 @@ def plot(result: SimulationResult, path: Path, title: str) -> None:
         if stable:
             panel.plot(*zip(*stable, strict=True), color="tab:blue", label="stable", linewidth=1)
         for outcome, colour in _COLOURS.items():
-            marked = [(at, c.value if c.value is not None and math.isfinite(c.value) else 0.0)
-                      for at, c in rounds if c.outcome is outcome]
+            marked = [(at, c.value) for at, c in rounds if c.outcome is outcome
+                      and c.value is not None and math.isfinite(c.value)]
             if marked:
                 panel.scatter(*zip(*marked, strict=True), color=colour, s=10, zorder=3, label=outcome.value.lower())
+        unmeasured = [at for at, c in rounds if c.value is None or not math.isfinite(c.value)]
+        if unmeasured:  # no value to place: a tick along the bottom, in the verdict's colour
+            colours = [_COLOURS[c.outcome] for _, c in rounds if c.value is None or not math.isfinite(c.value)]
+            panel.scatter(unmeasured, [0.03] * len(unmeasured), color=colours, marker="|", s=60, zorder=3,
+                          transform=panel.get_xaxis_transform(), label="no data")
         panel.set_ylabel(name)
         panel.legend(loc="upper left", fontsize="x-small", ncol=5)
-    panels[-1].set_xlabel("minutes since the canary's policy arrived")
+    panels[-1].set_xlabel(f"{unit} since the canary's policy arrived")
     figure.tight_layout()
     try:
         figure.savefig(path, dpi=100)

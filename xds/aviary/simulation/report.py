@@ -13,7 +13,7 @@ from typing import Any
 from aviary.metrics.recording import Recording, utc_text
 from aviary.policy.analysis import CheckResult
 from aviary.policy.duration import format_duration
-from aviary.policy.rollout_state import CheckRound, TransitionEvent
+from aviary.policy.rollout_state import CheckRound, TransitionEvent, traffic_text
 from aviary.simulation.replay import Outcome, SimulationResult
 
 __all__ = ["as_dict", "outcome_text", "sweep_table", "table"]
@@ -35,13 +35,15 @@ def _offset(result: SimulationResult, at: float) -> str:
 def outcome_text(result: SimulationResult) -> str:
     """``rolled back after 45s (at 50%)``; ``promoted after 2m``; ``still running ... (Paused, 20%)``."""
     what = _OUTCOMES[result.outcome]
+    ran = format_duration(round(result.end - result.start, 1)) if result.end > result.start else "0s"
+    last = next((t for t in reversed(result.transitions) if t.canary_version is not None), None)
+    where = ""
+    if last is not None:
+        traffic = traffic_text(last.canary_version, last.weight, last.stable_version, last.cohorts, last.mirror)
+        where = f" (step {last.step_index + 1}: {traffic})"
     if result.outcome is Outcome.RUNNING:
-        ran = format_duration(result.end - result.start)
-        return f"{what} ({result.phase.value}, canary at {result.weight}%, after {ran})"
-    after = format_duration(result.end - result.start) if result.end > result.start else "0s"
-    last_weight = next((t.weight for t in reversed(result.transitions) if t.to_phase.value != "RolledBack"), 0)
-    at = f" (from {last_weight}%)" if result.outcome is Outcome.ROLLED_BACK else ""
-    return f"{what} after {after}{at}"
+        return f"{what}, {result.phase.value} after {ran}{where}"
+    return f"{what} after {ran}{where if result.outcome is Outcome.ROLLED_BACK else ''}"
 
 
 def _check(result: CheckResult) -> str:
