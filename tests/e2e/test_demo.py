@@ -52,6 +52,12 @@ def test_make_demo_promotes_v2_through_envoy() -> None:
     assert "check success: Pass" in scene, output  # a success rate alone would have promoted v3
     sent, failed = map(int, re.search(r"requests sent (\d+), failed (\d+): only the orders check", scene).groups())  # type: ignore[union-attr]
     assert sent > 20 and failed == 0, output
+    # Scene 3: scene 2 recorded from Prometheus and replayed by aviary simulate, then swept.
+    replay = output[output.index("[demo] scene 3:"):]
+    simulated = r"simulated: rolled back after [\d.]+m?s \(step \d+: .*\) \(exit status 3\); live: rolled back"
+    assert re.search(simulated, replay), output
+    assert "compare.min=0.5  rolled back after" in replay, output
+    assert "compare.min=0.1  still running" in replay, output  # v3's 0.2 ratio passes a 0.1 bound
 
 
 def test_make_demo_rollback_rolls_back_and_times_it() -> None:

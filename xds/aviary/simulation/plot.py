@@ -71,6 +71,11 @@ def plot(result: SimulationResult, path: Path, title: str) -> None:
             colours = [_COLOURS[c.outcome] for _, c in rounds if c.value is None or not math.isfinite(c.value)]
             panel.scatter(unmeasured, [0.03] * len(unmeasured), color=colours, marker="|", s=60, zorder=3,
                           transform=panel.get_xaxis_transform(), label="no data")
+        limits = rounds[-1][1].thresholds if rounds else None
+        if limits is not None and limits.by is None:  # a threshold check: its bounds, on the canary's scale
+            for bound in (limits.min, limits.max):
+                if bound is not None:
+                    panel.axhline(bound, color="tab:gray", linestyle=":", linewidth=1)
         panel.set_ylabel(name)
         panel.legend(loc="upper left", fontsize="x-small", ncol=5)
     panels[-1].set_xlabel(f"{unit} since the canary's policy arrived")

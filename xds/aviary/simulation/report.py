@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from aviary.metrics.recording import Recording, utc_text
@@ -61,10 +62,11 @@ def table(result: SimulationResult, recording: Recording, policy: str, ack_delay
         f"recording: Prometheus {prov.prometheus}, {recording.covers()} (from {prov.policy})",
         f"start {utc_text(result.start)}; proxies ACK {acks}",
         "",
-        f"{'TIME':>9}  {'UTC':<20}  {'STEP':>4}  {'WEIGHT':>6}  {'ROUND':<12}  CHECKS",
+        f"{'TIME':>9}  {'UTC':<12}  {'STEP':>4}  {'WEIGHT':>6}  {'ROUND':<12}  CHECKS",
     ]
     for at, row in _rows(result):
-        stamp = f"{_offset(result, at):>9}  {utc_text(at):<20}"
+        clock = datetime.fromtimestamp(at, UTC).strftime("%H:%M:%S.%f")[:12]
+        stamp = f"{_offset(result, at):>9}  {clock:<12}"
         if isinstance(row, CheckRound):
             checks = "  ".join(_check(check) for check in row.checks)
             lines.append(f"{stamp}  {row.step_index + 1:>4}  {row.weight:>5}%  {row.outcome.value.lower():<12}  "
