@@ -160,15 +160,34 @@ def _decode(value: Any) -> float:
 class RecordedProvider:
     """``MetricProvider`` answering from a recording at the time ``clock`` says (the simulated one).
 
-    ``gaps`` collects, once per query, where the recording could not answer as Prometheus would
-    have (a range reaching before its first point): the answer then holds what was recorded, and
-    the report names the gap.
+    ``notes`` names, once per query, where the recording could not answer as Prometheus would have
+    (a range reaching before its first point: the answer then holds what was recorded) and where
+    it had no data (Prometheus had none then either: the round is inconclusive, as it was live).
     """
 
     def __init__(self, recording: Recording, clock: Callable[[], float]) -> None:
         self._recording = recording
         self._clock = clock
         self.gaps: dict[str, str] = {}
+        self._empty: dict[str, tuple[float, float, int]] = {}  # query -> first, last time without data, count
+
+    @property
+    def notes(self) -> list[str]:
+        """Where the recording could not answer as Prometheus would have, and where it had no data
+        (a round then is inconclusive, as it was live), one line per query."""
+        lines = list(self.gaps.values())
+        for query, (first, last, count) in self._empty.items():
+            series = self._recording.series[query]
+            held = (f"its points run from {utc_text(series.times[0])} to {utc_text(series.times[-1])}"
+                    if series.times else "it has no point at all")
+            span = utc_text(first) if first == last else f"{utc_text(first)} to {utc_text(last)}"
+            lines.append(f"no data for {', '.join(series.uses) or query} in {count} round(s), {span} ({held}): "
+                         f"{query}")
+        return lines
+
+    def _no_data(self, query: str, moment: float) -> None:
+        first, _, count = self._empty.get(query, (moment, moment, 0))
+        self._empty[query] = (first, moment, count + 1)
 
     def __repr__(self) -> str:
         return f"recording of {self._recording.provenance.prometheus}"
@@ -180,7 +199,11 @@ class RecordedProvider:
         return series
 
     async def query_scalar(self, query: str, timeout: float) -> float | None:
-        return self._series(query).at(self._clock(), self._recording.provenance.step)
+        now = self._clock()
+        value = self._series(query).at(now, self._recording.provenance.step)
+        if value is None:
+            self._no_data(query, now)
+        return value
 
     async def query_series(self, query: str, window: float, step: float, timeout: float) -> tuple[float, ...]:
         series = self._series(query)
@@ -192,7 +215,10 @@ class RecordedProvider:
                                 f"starts at {utc_text(start)}")
         points = (first + index * step for index in range(int((window + _EPSILON) // step) + 1))
         values = (series.at(point, self._recording.provenance.step) for point in points)
-        return tuple(value for value in values if value is not None)
+        found = tuple(value for value in values if value is not None)
+        if not found:
+            self._no_data(query, now)
+        return found
 
     def missing(self, queries: Iterable[str]) -> list[str]:
         """Those of ``queries`` the recording does not hold."""

@@ -60,7 +60,7 @@ class SimulationResult:
     weight: int
     rounds: tuple[CheckRound, ...]
     transitions: tuple[TransitionEvent, ...]
-    gaps: tuple[str, ...]
+    notes: tuple[str, ...]
 
     @property
     def decided_after(self) -> float | None:
@@ -179,7 +179,7 @@ async def simulate(rollout: Rollout, policy_file: str, recording: Recording, *, 
     elif _decided(status, prov.canary):
         outcome = Outcome.PROMOTED
     return SimulationResult(name, prov.canary, prov.stable, begin, clock.now, outcome, status.phase, status.weight,
-                            tuple(runner.rounds(name)), tuple(transitions), tuple(provider.gaps.values()))
+                            tuple(runner.rounds(name)), tuple(transitions), tuple(provider.notes))
 
 
 def _decided(status: RolloutStatus, canary: str) -> bool:

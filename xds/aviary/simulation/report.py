@@ -73,7 +73,7 @@ def table(result: SimulationResult, recording: Recording, policy: str, ack_delay
                          f"{checks}")
         else:
             lines.append(f"{stamp}  -> {row.to_phase.value}, {row.weight}%: {row.reason}")
-    lines += [""] + [f"note: {gap}" for gap in result.gaps]
+    lines += [""] + [f"note: {note}" for note in result.notes]
     lines.append(f"{outcome_text(result)} (exit status {result.outcome.value})")
     return "\n".join(lines)
 
@@ -121,7 +121,7 @@ def as_dict(result: SimulationResult, recording: Recording, policy: str, ack_del
                          "from": t.from_phase.value if t.from_phase else None, "to": t.to_phase.value,
                          "weight": t.weight, "step": t.step_index + 1, "reason": t.reason}
                         for t in _transitions(result)],
-        "notes": list(result.gaps),
+        "notes": list(result.notes),
     }
     if label is not None:
         body["sweep"] = label
