@@ -52,6 +52,7 @@ class LiveRun:
     arrived: TransitionEvent
     ack_delay: float
     transitions: list[TransitionEvent]
+    record_flags: list[str]
 
 
 def aviary(*args: str, expect: int | None = None) -> subprocess.CompletedProcess[str]:
@@ -85,9 +86,10 @@ def run_live(rig: Rig, canary: Canary, workdir: Path) -> LiveRun:
     wait_until(lambda: (rig.prometheus.query_value("max(timestamp(up))") or 0) > decided.at + 2, 15,
                what="a scrape after the decision")
     recording = workdir / f"{canary.name}.json.gz"
-    aviary("record", "--prometheus", rig.prometheus.url, "--policy", str(policy), "--from", f"{arrived.at - 1:.3f}",
-           "--to", f"{decided.at + 2:.3f}", "--stable", "v1", "-o", str(recording), expect=0)
-    return LiveRun(canary.name, policy, recording, arrived, acked.at - arrived.at, events)
+    flags = ["--prometheus", rig.prometheus.url, "--from", f"{arrived.at - 1:.3f}", "--to", f"{decided.at + 2:.3f}",
+             "--stable", "v1"]
+    aviary("record", "--policy", str(policy), *flags, "-o", str(recording), expect=0)
+    return LiveRun(canary.name, policy, recording, arrived, acked.at - arrived.at, events, flags)
 
 
 def assert_same_story(run: LiveRun, simulated: Any) -> list[dict[str, Any]]:
@@ -164,3 +166,13 @@ def test_the_text_table_and_the_plot(live: Callable[[str], LiveRun], tmp_path: P
     assert "-> RolledBack, 0%: rolled back v2" in done.stdout, done.stdout
     assert "success=" in done.stdout and "rolled back after" in done.stdout, done.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_can_read_prometheus_itself(live: Callable[[str], LiveRun]) -> None:
+    """``--prometheus URL --from --to`` records in memory first: the same replay as from the file."""
+    run = live("failing")
+    start = ["--start", f"{run.arrived.at:.3f}", "--ack-delay", f"{run.ack_delay:.3f}", "-o", "json"]
+    direct = json.loads(aviary("simulate", str(run.policy), *run.record_flags, *start, expect=3).stdout)
+    from_file = simulate(run, expect=3)
+    assert direct["transitions"] == from_file["transitions"]
+    assert direct["rounds"] == from_file["rounds"]
