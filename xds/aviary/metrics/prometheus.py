@@ -43,6 +43,7 @@ __all__ = [
     "WORKERS",
     "PrometheusProvider",
     "error_message",
+    "failure_cause",
     "scalar_from_result",
     "series_from_result",
 ]
@@ -220,14 +221,14 @@ class PrometheusProvider:
             # A 200 whose body is not Prometheus JSON (requests' JSONDecodeError subclasses json's).
             raise MetricProviderError(f"{self!r} sent a malformed answer: {exc!r}") from exc
         except OSError as exc:  # requests.RequestException is an OSError: refused, reset, timed out
-            raise MetricProviderError(f"{self!r} {_cause(exc, timeout)}") from exc
+            raise MetricProviderError(f"{self!r} {failure_cause(exc, timeout)}") from exc
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
 
-def _cause(exc: BaseException, timeout: float) -> str:
+def failure_cause(exc: BaseException, timeout: float) -> str:
     """What went wrong, in a few words, from the chain requests -> urllib3 -> socket."""
     chain: list[BaseException] = []
     current: BaseException | None = exc

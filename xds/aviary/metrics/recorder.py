@@ -23,7 +23,7 @@ from prometheus_api_client.prometheus_connect import PrometheusConnect
 from urllib3.util.retry import Retry
 
 from aviary.metrics.planned_queries import PlannedQuery, look_back, planned_queries
-from aviary.metrics.prometheus import error_message
+from aviary.metrics.prometheus import error_message, failure_cause
 from aviary.metrics.recording import Provenance, RecordedSeries, Recording, utc_text
 from aviary.policy.schema import Rollout
 
@@ -60,7 +60,7 @@ def record(request: RecordRequest) -> tuple[Recording, list[str]]:
                if query.source == "prometheus"]
     start = request.start - look_back(spec)
     client = PrometheusConnect(url=request.prometheus.rstrip("/"), disable_ssl=True,
-                               retry=Retry(total=2, backoff_factor=0.2), timeout=_TIMEOUT)  # type: ignore[arg-type]
+                               retry=Retry(total=0, redirect=0), timeout=_TIMEOUT)  # type: ignore[arg-type]
     try:
         with ThreadPoolExecutor(_PARALLEL, thread_name_prefix="record") as pool:
             fetched = list(pool.map(lambda q: _fetch(client, request, q, start), planned))
@@ -101,7 +101,7 @@ def _range(client: PrometheusConnect, request: RecordRequest, query: str, start:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise RecordError(f"Prometheus {request.prometheus} sent a malformed answer to {query!r}: {exc!r}") from exc
     except OSError as exc:  # requests.RequestException is an OSError
-        raise RecordError(f"Prometheus {request.prometheus} could not be queried: {exc}") from exc
+        raise RecordError(f"Prometheus {request.prometheus} {failure_cause(exc, _TIMEOUT)}") from exc
     return _points(result, query)
 
 

@@ -63,7 +63,7 @@ def add_simulation_commands(commands: Any, version: str) -> None:
                            help="how long the simulated proxies take to ACK a change")
     simulator.add_argument("--plot", metavar="FILE", help="write a PNG timeline of the run")
     simulator.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
-    simulator.add_argument("--sweep", action="append", default=[], metavar="PATH=V1,V2,...",
+    simulator.add_argument("--sweep", action="append", metavar="PATH=V1,V2,...",
                            help="try every value of a policy setting, e.g. analysis.failureLimit=0,1,2 "
                                 "(repeatable: every combination runs)")
     simulator.set_defaults(func=lambda args: _simulate(args, version))
@@ -138,7 +138,7 @@ def _simulate(args: argparse.Namespace, version: str) -> int:
     try:
         rollout, text = _load_policy(args.policy, "POLICY")
         recording = _recording(args, rollout, version)
-        settings = [parse_setting(sweep) for sweep in args.sweep]
+        settings = [parse_setting(sweep) for sweep in args.sweep or ()]
         if settings and args.plot:
             raise _Refused("--plot draws one run: leave out --sweep")
         if settings:
