@@ -50,11 +50,15 @@ def planned_queries(rollout: str, spec: RolloutSpec, canary: str, stable: str) -
 
 
 def look_back(spec: RolloutSpec) -> float:
-    """Seconds of data before the first round a range query can reach back (the judge's samples)."""
+    """Seconds before the canary's arrival a range query can reach back: the judge's samples reach
+    back to the canary's start, but at least two steps, and ``minSamples`` steps while its start
+    is not known (``aviary.metrics.kinds.judge_window``). Instant queries need none: their window
+    is inside the PromQL, which Prometheus evaluated when recording."""
     analysis = spec.analysis
     if analysis is None or analysis.judge is None:
         return 0.0
-    return analysis.judge.max_window
+    judge = analysis.judge
+    return min(judge.max_window, judge.step * max(2, judge.min_samples))
 
 
 def _analyses(spec: RolloutSpec) -> list[tuple[Analysis, list[int]]]:
