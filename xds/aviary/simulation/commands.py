@@ -93,6 +93,8 @@ def _load_policy(path: str, flag: str) -> tuple[Rollout, str]:
 
 
 def _request(args: argparse.Namespace, rollout: Rollout, policy: str, version: str) -> RecordRequest:
+    if rollout.spec.analysis is None:
+        raise _Refused(f"{policy}: spec.analysis is missing: the policy queries nothing to record or replay")
     if args.stable is None:
         raise _Refused("--stable: give the stable version of the recorded traffic (the policy names only "
                        f"its canary, {rollout.spec.version})")
