@@ -132,8 +132,9 @@ def _record(args: argparse.Namespace, version: str) -> int:
 
 
 def _simulate(args: argparse.Namespace, version: str) -> int:
-    if args.output == "text":  # the engine's own log lines would repeat the table
-        logging.getLogger("aviary.engine").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.output == "text":  # the engine's and the director's own log lines would repeat the table
+        for name in ("aviary.engine", "aviary.director"):
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         rollout, text = _load_policy(args.policy, "POLICY")
         recording = _recording(args, rollout, version)
