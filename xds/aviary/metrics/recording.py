@@ -128,7 +128,7 @@ class Recording:
             found = body.get("format") if isinstance(body, dict) else type(body).__name__
             raise RecordingError(f"{path}: format {found!r}, expected {FORMAT!r} (made by aviary record)")
         try:
-            provenance = Provenance(**body["provenance"])
+            provenance = _provenance(body["provenance"])
             series = {}
             for entry in body["series"]:
                 times = tuple(float(t) for t in entry["times"])
@@ -143,6 +143,27 @@ class Recording:
     def covers(self) -> str:
         prov = self.provenance
         return f"{utc_text(prov.start)} to {utc_text(prov.end)} every {prov.step:g}s"
+
+
+_TIMES = ("start", "end", "step", "recorded_at", "simulate_from")
+_TEXTS = ("prometheus", "rollout", "canary", "stable", "policy", "aviary_version")
+
+
+def _provenance(fields: Any) -> Provenance:
+    """The provenance block, its fields' types checked: a text time or a zero step would fail (or
+    answer nothing) only later, in the middle of a simulation."""
+    provenance = Provenance(**fields)
+    for name in _TEXTS:
+        if not isinstance(getattr(provenance, name), str):
+            raise ValueError(f"provenance {name} {getattr(provenance, name)!r} is not a text")
+    for name in _TIMES:
+        value = getattr(provenance, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"provenance {name} {value!r} is not a number")
+    if provenance.step <= 0 or provenance.start > provenance.end:
+        raise ValueError(f"provenance: step {provenance.step!r} must be positive and start {provenance.start!r} "
+                         f"not after end {provenance.end!r}")
+    return provenance
 
 
 def _encode(value: float) -> float | str:

@@ -58,7 +58,8 @@ def parse_setting(text: str) -> Setting:
     try:
         parsed = tuple(yaml.safe_load(value) for value in texts)
     except yaml.YAMLError as exc:
-        raise SweepError(f"--sweep {text!r}: a value is not valid YAML: {exc}") from None
+        problem = exc.problem if isinstance(exc, yaml.MarkedYAMLError) and exc.problem else " ".join(str(exc).split())
+        raise SweepError(f"--sweep {text!r}: a value is not valid YAML: {problem}") from None  # one line
     return Setting(parts, parsed, texts)
 
 
