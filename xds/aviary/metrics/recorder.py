@@ -93,9 +93,12 @@ def _fetch(client: PrometheusConnect, request: RecordRequest, planned: PlannedQu
 def _range(client: PrometheusConnect, request: RecordRequest, query: str, start: float,
            end: float) -> list[tuple[float, float]]:
     try:
+        # The client rounds start and end to whole seconds; ``params`` (sent after them) keeps the
+        # milliseconds, so the points fall where the rounds of a replay from ``--from`` fall.
+        exact = {"start": f"{start:.3f}", "end": f"{end:.3f}"}
         result = client.custom_query_range(query, start_time=datetime.fromtimestamp(start, UTC),
                                            end_time=datetime.fromtimestamp(end, UTC), step=f"{request.step:g}",
-                                           timeout=_TIMEOUT)  # type: ignore[arg-type]
+                                           params=exact, timeout=_TIMEOUT)  # type: ignore[arg-type]
     except PrometheusApiClientException as exc:
         raise RecordError(f"Prometheus {request.prometheus} answered {error_message(exc)} to {query!r}") from exc
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
