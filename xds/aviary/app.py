@@ -34,6 +34,7 @@ from aviary.policy.schema import PolicyError, PolicySet
 from aviary.policy.server_rules import refuse_unserviceable
 from aviary.policy.source import PolicyState
 from aviary.policy.watcher import DirectoryWatcher
+from aviary.reports.ingest import report_handlers
 from aviary.runner import EngineHealth, RolloutRunner
 from aviary.store.sqlite import StateStore, StateWriteError
 from aviary.tls import ServerTls, server_credentials
@@ -78,8 +79,10 @@ class ControlPlane:
         self.director = TrafficDirector(self.cache, self.proxies)
         self.store = StateStore(config.state_path, reset=config.reset_state) if config.state_path else None
         self.runner = RolloutRunner(
-            self.director, default_prometheus=config.prometheus_url, store=self.store, prune=config.prune
+            self.director, default_prometheus=config.prometheus_url, store=self.store, prune=config.prune,
+            reporters=lambda: ((proxy.node_id, proxy.node_cluster, proxy.connected_at) for proxy in self.proxies),
         )
+        self.envoy_reports = self.runner.envoy_reports  # fed by the report services on the xDS address
         self.ads = AggregatedDiscoveryService(self.cache, self.proxies.apply)
         self._recorded_proxies: set[str] = set()  # the node ids the last heartbeat saved
         self._new_proxy = asyncio.Event()
@@ -150,13 +153,14 @@ class ControlPlane:
                      self.metrics_port)
         if self.config.xds_workers > 1:
             self.xds_workers = XdsWorkers(self.cache, self.proxies.apply, self.config.xds_address,
-                                          self.config.xds_workers, self.config.xds_tls)
+                                          self.config.xds_workers, self.config.xds_tls, reports=self.envoy_reports)
             self.xds_port = await self.xds_workers.start()
             pool = self.xds_workers
             self.metrics.observe_xds_workers(pool.streams, lambda: pool.restarts)
         else:
             self._server, self.xds_port = await start_xds_server(
-                self.config.xds_address, self.ads, self._xds_credentials
+                self.config.xds_address, self.ads, self._xds_credentials,
+                extra_handlers=report_handlers(self.envoy_reports),
             )
         workers = f" ({self.config.xds_workers} worker processes)" if self.xds_workers is not None else ""
         host = self.config.xds_address.rsplit(":", 1)[0]
