@@ -130,3 +130,27 @@ def test_a_worker_batch_reaches_the_engine_store_unchanged() -> None:
         store.add_samples(node_id, node_cluster, samples)
     assert store.counts("shop-v2", 0, clock.now).of_class(5) == 3
     assert store.durations("shop-v2", 0, clock.now) == [45.0]
+
+
+def test_proxies_show_when_they_last_reported() -> None:
+    import io
+    import time
+
+    from rich.console import Console
+
+    from aviary.admin import convert, render
+    from aviary.discovery.proxy_status import ProxyView
+
+    store = EnvoyReports(time.time)
+    store.add_counters("envoy-1", "edge", [("c", 2, 1)])
+    reporting = convert.proxy_message(ProxyView(1, "envoy-1", "edge", "ipv4:127.0.0.1:1", time.time()),
+                                      store.proxy("envoy-1"))
+    silent = convert.proxy_message(ProxyView(2, "envoy-2", "edge", "ipv4:127.0.0.1:2", time.time()),
+                                   store.proxy("envoy-2"))
+    assert reporting.HasField("metrics_reported") and not reporting.HasField("access_log_reported")
+    assert not silent.HasField("metrics_reported")
+    out = io.StringIO()
+    Console(file=out, width=250).print(render.proxies_table([reporting, silent]))
+    lines = out.getvalue().splitlines()
+    assert "REPORTS" in lines[0]
+    assert "metrics 0.0s ago" in lines[1] and lines[2].rstrip().endswith("none")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -315,15 +316,29 @@ def health_line(health: pb.ControlPlaneHealth) -> Text | None:
 def proxies_table(proxies: Iterable[pb.Proxy]) -> Table:
     proxies = list(proxies)
     workers = any(p.xds_worker for p in proxies)  # a WORKER column with --xds-workers N > 1 only
-    columns = ("NODE", "CLUSTER", "PEER", *(("WORKER",) if workers else ()), "CONNECTED", "ACKED", "LAST NACK")
+    reporting = any(p.HasField("metrics_reported") or p.HasField("access_log_reported") for p in proxies)
+    columns = ("NODE", "CLUSTER", "PEER", *(("WORKER",) if workers else ()), "CONNECTED", "ACKED", "LAST NACK",
+               *(("REPORTS",) if reporting else ()))  # with analysis.provider: envoy (aviary.metrics.envoy)
     table = Table(*columns, box=None, pad_edge=False)
+    now = time.time()
     for p in proxies:
         acked = ", ".join(f"{a.type_url.rsplit('.', 1)[-1]}={a.version}" for a in p.acked) or "-"
         nack = f"{p.last_nack.type_url.rsplit('.', 1)[-1]}: {p.last_nack.message}" if p.HasField("last_nack") else "-"
         since = p.connected_since.ToDatetime(tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
         worker = (str(p.xds_worker),) if workers else ()
-        table.add_row(p.node_id, p.node_cluster, p.peer, *worker, since, acked, nack)
+        reports = (_reports(p, now),) if reporting else ()
+        table.add_row(p.node_id, p.node_cluster, p.peer, *worker, since, acked, nack, *reports)
     return table
+
+
+def _reports(proxy: pb.Proxy, now: float) -> str:
+    """``metrics 0.4s ago, access logs 1.2s ago``, or ``none`` for a proxy that never reported."""
+    parts = [f"{what} {max(0.0, now - stamp.ToMicroseconds() / 1e6):.1f}s ago"
+             for what, stamp, present in (("metrics", proxy.metrics_reported, proxy.HasField("metrics_reported")),
+                                          ("access logs", proxy.access_log_reported,
+                                           proxy.HasField("access_log_reported")))
+             if present]
+    return ", ".join(parts) or "none"
 
 
 def watch_view(rollouts: Mapping[str, pb.Rollout], recent: Sequence[pb.RolloutEvent]) -> Group:
