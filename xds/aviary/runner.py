@@ -188,7 +188,8 @@ class _Save:
 
 def _placement_of(rollout: Rollout) -> Placement:
     spec = rollout.spec
-    return Placement(spec.listener, spec.hosts, spec.proxy_cluster)
+    reports = spec.analysis is not None and spec.analysis.provider == ENVOY
+    return Placement(spec.listener, spec.hosts, spec.proxy_cluster, access_log=reports)
 
 
 def _summary(status: RolloutStatus) -> str:
