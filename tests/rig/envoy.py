@@ -54,7 +54,8 @@ def render_bootstrap(
             cfg["dynamic_resources"][config]["api_config_source"]["api_type"] = "DELTA_GRPC" if delta else "GRPC"
     else:
         cfg = yaml.safe_load((BOOTSTRAP_DELTA if delta else BOOTSTRAP_SOTW).read_text())
-    if reports:
+    if reports:  # the sink as deploy/envoy/bootstrap.yaml has it (the delta and per-type ones have none)
+        cfg["stats_sinks"] = yaml.safe_load(BOOTSTRAP_SOTW.read_text())["stats_sinks"]
         cfg["stats_flush_interval"] = REPORT_FLUSH
     else:
         cfg.pop("stats_sinks", None)
