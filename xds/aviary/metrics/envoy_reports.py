@@ -108,6 +108,8 @@ class EnvoyReports:
         self._max_proxies = max_proxies
         self._clusters: OrderedDict[str, _Cluster] = OrderedDict()  # least recently reported first
         self._proxies: OrderedDict[str, ProxyReport] = OrderedDict()
+        self.metrics_messages = 0  # received in all (aviary_envoy_reports_total)
+        self.samples_received = 0
 
     # ---- writes ---------------------------------------------------------------------------
 
@@ -139,6 +141,7 @@ class EnvoyReports:
         proxy = self._proxy(node_id, node_cluster)
         proxy.metrics_at = now
         proxy.metrics_messages += 1
+        self.metrics_messages += 1
         slot = math.floor(now / SLOT_SECONDS)
         oldest = slot - math.ceil(self.horizon / SLOT_SECONDS)
         for name, code_class, delta in counts:
@@ -159,6 +162,7 @@ class EnvoyReports:
         second = math.floor(now)
         for name, duration_ms, status in samples:
             proxy.samples += 1
+            self.samples_received += 1
             cluster = self._cluster(name)
             if cluster.second != second:
                 cluster.second, cluster.budget = second, self.samples_per_second
