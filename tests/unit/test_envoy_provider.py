@@ -153,3 +153,9 @@ def test_a_round_on_envoy_reports_fails_a_bad_canary() -> None:
     success, p99 = asyncio.run(run_checks({ENVOY: provider}, analysis, CANARY, STABLE))
     assert success.outcome is CheckOutcome.FAIL and success.value == pytest.approx(70.0)
     assert p99.outcome is CheckOutcome.FAIL and (p99.value, p99.stable_value) == (45.0, 30.0)
+
+
+def test_samples_per_second_has_a_default_and_bounds() -> None:
+    assert envoy_analysis({"name": "s", "template": "request-success-rate", "min": 99}).samples_per_second == 100
+    with pytest.raises(ValidationError):
+        envoy_analysis({"name": "s", "template": "request-success-rate", "min": 99}, samplesPerSecond=0)

@@ -154,3 +154,12 @@ def test_proxies_show_when_they_last_reported() -> None:
     lines = out.getvalue().splitlines()
     assert "REPORTS" in lines[0]
     assert "metrics 0.0s ago" in lines[1] and lines[2].rstrip().endswith("none")
+
+
+def test_a_cluster_keeps_its_own_sample_budget() -> None:
+    clock = Clock()
+    store = EnvoyReports(clock, samples_per_second=20)
+    store.keep("canary", 5)
+    store.add_samples("envoy-1", "edge", [("canary", 1.0, 200)] * 10 + [("other", 1.0, 200)] * 10)
+    assert len(store.durations("canary", 0, clock.now)) == 5 and store.dropped_samples("canary") == 5
+    assert len(store.durations("other", 0, clock.now)) == 10

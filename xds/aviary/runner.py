@@ -697,6 +697,8 @@ class RolloutRunner:
         providers: dict[str, MetricProvider] = {}
         if analysis.provider == ENVOY:
             providers[ENVOY] = self._envoy_provider(spec.proxy_cluster)
+            for version in (canary_version, status.stable.version):
+                self.envoy_reports.keep(cluster_name(name, version), analysis.samples_per_second)
         elif url is None:  # a policy restored from state, applied when the server had a --prometheus-url
             results = tuple(result for check in checks_of(analysis) for result in check.unanswered(PROMETHEUS_NEEDED))
             if self._provider_trouble.get(name) != PROMETHEUS_NEEDED:

@@ -11,7 +11,8 @@ Memory is bounded whatever the proxies send:
 - counters: per cluster a ring of time slots (``SLOT_SECONDS`` each) over the last ``horizon``
   seconds, each slot the requests answered by response code class 1xx..5xx, summed over proxies;
 - samples: per cluster the last ``max_samples`` access-log entries (time, duration ms, status),
-  at most ``samples_per_second`` kept per cluster and second (the rest are counted as dropped);
+  at most ``samples_per_second`` kept per cluster and second (the rest are counted as dropped;
+  ``keep`` sets a cluster's own budget: the policy's ``analysis.samplesPerSecond``);
 - at most ``max_clusters`` clusters (the least recently reported one is forgotten first) and
   ``max_proxies`` proxies.
 
@@ -107,6 +108,7 @@ class EnvoyReports:
         self._max_clusters = max_clusters
         self._max_proxies = max_proxies
         self._clusters: OrderedDict[str, _Cluster] = OrderedDict()  # least recently reported first
+        self._budgets: dict[str, int] = {}  # cluster -> samples kept per second, when not the default
         self._proxies: OrderedDict[str, ProxyReport] = OrderedDict()
         self.metrics_messages = 0  # received in all (aviary_envoy_reports_total)
         self.samples_received = 0
@@ -165,7 +167,7 @@ class EnvoyReports:
             self.samples_received += 1
             cluster = self._cluster(name)
             if cluster.second != second:
-                cluster.second, cluster.budget = second, self.samples_per_second
+                cluster.second, cluster.budget = second, self._budgets.get(name, self.samples_per_second)
             if cluster.budget <= 0:
                 cluster.dropped += 1
                 continue
@@ -173,6 +175,12 @@ class EnvoyReports:
             cluster.samples.append((now, duration_ms, status))
             if len(cluster.samples) > self._max_samples:
                 cluster.samples.popleft()
+
+    def keep(self, cluster: str, per_second: int) -> None:
+        """Keep at most ``per_second`` samples per second of ``cluster`` from now on."""
+        if len(self._budgets) >= self._max_clusters and cluster not in self._budgets:
+            self._budgets.pop(next(iter(self._budgets)))
+        self._budgets[cluster] = per_second
 
     # ---- reads ----------------------------------------------------------------------------
 

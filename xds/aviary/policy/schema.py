@@ -854,6 +854,8 @@ class Analysis(BaseModel):
     model_config = _CONFIG
 
     provider: Literal["prometheus", "envoy"] = "prometheus"
+    # provider envoy: access-log samples kept per second per cluster (the rest are dropped on arrival)
+    samples_per_second: Annotated[StrictInt, Field(ge=1, le=10_000)] = Field(default=100, alias="samplesPerSecond")
     prometheus: Annotated[str, Field(strict=True), AfterValidator(_http_url)] | None = None
     check_every: Duration = Field(default=5.0, alias="checkEvery")
     window: Duration = 30.0
