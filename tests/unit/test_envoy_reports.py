@@ -4,6 +4,7 @@ messages Envoy sends (``aviary.reports.ingest``), and their trip through a strea
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 
 from envoy.config.core.v3 import base_pb2
@@ -163,3 +164,17 @@ def test_a_cluster_keeps_its_own_sample_budget() -> None:
     store.add_samples("envoy-1", "edge", [("canary", 1.0, 200)] * 10 + [("other", 1.0, 200)] * 10)
     assert len(store.durations("canary", 0, clock.now)) == 5 and store.dropped_samples("canary") == 5
     assert len(store.durations("other", 0, clock.now)) == 10
+
+
+def test_series_in_one_pass_match_interval_by_interval() -> None:
+    clock = Clock()
+    store = EnvoyReports(clock)
+    for second in range(120):
+        clock.now += 0.5
+        store.add_counters("envoy-1", "edge", [("c", 2, second % 7 + 1), ("c", 5, second % 3)])
+        store.add_samples("envoy-1", "edge", [("c", float(second), 200), ("c", float(second) + 0.5, 500)])
+    edges = [clock.now - 60 + 3 * i for i in range(21)]
+    counts, durations = store.count_series("c", edges), store.duration_series("c", edges)
+    assert counts == [store.counts("c", a, b) for a, b in itertools.pairwise(edges)]
+    assert durations == [store.durations("c", a, b) for a, b in itertools.pairwise(edges)]
+    assert sum(c.total for c in counts) == store.counts("c", edges[0], edges[-1]).total > 0

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Iterable
 
 from aviary.metrics.envoy_query import REQUEST_COUNT, EnvoyQuery, parse
-from aviary.metrics.envoy_reports import EnvoyReports, percentile
+from aviary.metrics.envoy_reports import Counts, EnvoyReports, percentile
 from aviary.metrics.provider import MetricProviderError, MetricQueryError
 
 __all__ = ["REPORT_GRACE", "EnvoyProvider", "Reporter", "not_reporting"]
@@ -75,29 +75,19 @@ class EnvoyProvider:
         except ValueError as exc:
             raise MetricQueryError(str(exc)) from exc
 
-    def _value(self, query: EnvoyQuery, start: float, end: float) -> float:
+    def _values(self, query: EnvoyQuery, edges: list[float]) -> list[float]:
+        """The query's value over each interval (edges[i], edges[i + 1]]."""
         if query.template in _QUANTILES:
-            return percentile(self._reports.durations(query.cluster, start, end), _QUANTILES[query.template])
-        counts = self._reports.counts(query.cluster, start, end)
-        total = counts.total
-        if query.template == REQUEST_COUNT:
-            return total
-        if query.template == "request-rate":
-            return total / (end - start)
-        if query.template == "request-rate-per-weight":
-            return total / (end - start) / (query.weight or math.nan)
-        if total <= 0:
-            return math.nan
-        if query.template == "request-success-rate":
-            return 100.0 * (1.0 - counts.of_class(5) / total)
-        if query.template in _CLASSES:
-            return 100.0 * counts.of_class(_CLASSES[query.template]) / total
-        raise MetricQueryError(f"{self!r} cannot answer {query.template}")
+            quantile = _QUANTILES[query.template]
+            return [percentile(values, quantile) for values in self._reports.duration_series(query.cluster, edges)]
+        counted = self._reports.count_series(query.cluster, edges)
+        return [_of_counts(query, counts, end - start)
+                for counts, start, end in zip(counted, edges, edges[1:], strict=False)]
 
     async def query_scalar(self, query: str, timeout: float) -> float | None:
         parsed = self._parse(query)
         now = self._ready()
-        return self._value(parsed, now - parsed.window, now)
+        return self._values(parsed, [now - parsed.window, now])[0]
 
     async def query_series(self, query: str, window: float, step: float, timeout: float) -> tuple[float, ...]:
         """One value per ``step`` over the last ``window`` (at most the store's horizon), oldest first;
@@ -105,5 +95,23 @@ class EnvoyProvider:
         parsed = self._parse(query)
         now = self._ready()
         count = int(min(window, self._reports.horizon) // step)
-        return tuple(self._value(parsed, now - (count - i) * step, now - (count - i - 1) * step)
-                     for i in range(count))
+        if count <= 0:
+            return ()
+        return tuple(self._values(parsed, [now - (count - i) * step for i in range(count + 1)]))
+
+
+def _of_counts(query: EnvoyQuery, counts: Counts, seconds: float) -> float:
+    total = counts.total
+    if query.template == REQUEST_COUNT:
+        return total
+    if query.template == "request-rate":
+        return total / seconds
+    if query.template == "request-rate-per-weight":
+        return total / seconds / (query.weight or math.nan)
+    if total <= 0:
+        return math.nan
+    if query.template == "request-success-rate":
+        return 100.0 * (1.0 - counts.of_class(5) / total)
+    if query.template in _CLASSES:
+        return 100.0 * counts.of_class(_CLASSES[query.template]) / total
+    raise MetricQueryError(f"the envoy provider cannot answer {query.template}")

@@ -22,10 +22,9 @@ Envoy then sends for every counter that changed since its last flush.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -186,28 +185,45 @@ class EnvoyReports:
 
     def counts(self, cluster: str, start: float, end: float) -> Counts:
         """Requests of ``cluster`` reported in (start, end], summed over every proxy."""
+        return self.count_series(cluster, (start, end))[0]
+
+    def count_series(self, cluster: str, edges: Sequence[float]) -> list[Counts]:
+        """Requests of ``cluster`` in each interval (edges[i], edges[i + 1]] (edges ascending), in
+        one pass back from the newest slot: a judge's series over the whole horizon stays cheap."""
+        totals = [[0.0] * CLASSES for _ in range(len(edges) - 1)]
         entry = self._clusters.get(cluster)
-        if entry is None:
-            return Counts()
-        first, last = math.floor(start / SLOT_SECONDS), math.floor(end / SLOT_SECONDS)
-        totals = [0.0] * CLASSES
-        for slot in reversed(entry.slots):
-            if slot[0] <= first:
+        slots = [math.floor(edge / SLOT_SECONDS) for edge in edges]
+        interval = len(totals) - 1
+        for slot in reversed(entry.slots) if entry is not None else ():
+            while interval >= 0 and slot[0] <= slots[interval]:
+                interval -= 1
+            if interval < 0:
                 break
-            if slot[0] <= last:
+            if slot[0] <= slots[interval + 1]:
+                bucket = totals[interval]
                 for index in range(CLASSES):
-                    totals[index] += slot[index + 1]
-        return Counts(tuple(totals))
+                    bucket[index] += slot[index + 1]
+        return [Counts(tuple(bucket)) for bucket in totals]
 
     def durations(self, cluster: str, start: float, end: float) -> list[float]:
         """Durations (ms) of the sampled requests of ``cluster`` that arrived in (start, end], sorted."""
+        return self.duration_series(cluster, (start, end))[0]
+
+    def duration_series(self, cluster: str, edges: Sequence[float]) -> list[list[float]]:
+        """``durations`` for each interval (edges[i], edges[i + 1]], in one pass back from the newest sample."""
+        out: list[list[float]] = [[] for _ in range(len(edges) - 1)]
         entry = self._clusters.get(cluster)
-        if entry is None:
-            return []
-        samples = entry.samples
-        times = [at for at, _, _ in samples]  # in arrival order: sorted
-        low, high = bisect.bisect_right(times, start), bisect.bisect_right(times, end)
-        return sorted(samples[index][1] for index in range(low, high))
+        interval = len(out) - 1
+        for at, millis, _ in reversed(entry.samples) if entry is not None else ():
+            while interval >= 0 and at <= edges[interval]:
+                interval -= 1
+            if interval < 0:
+                break
+            if at <= edges[interval + 1]:
+                out[interval].append(millis)
+        for values in out:
+            values.sort()
+        return out
 
     def dropped_samples(self, cluster: str) -> int:
         entry = self._clusters.get(cluster)
