@@ -159,3 +159,17 @@ def test_samples_per_second_has_a_default_and_bounds() -> None:
     assert envoy_analysis({"name": "s", "template": "request-success-rate", "min": 99}).samples_per_second == 100
     with pytest.raises(ValidationError):
         envoy_analysis({"name": "s", "template": "request-success-rate", "min": 99}, samplesPerSecond=0)
+
+
+def test_only_proxies_that_take_every_listener_are_expected_to_report() -> None:
+    from aviary.app import expected_reporters
+    from aviary.discovery import typeurls
+    from aviary.discovery.proxy_events import ProxyConnected, SubscriptionChanged
+    from aviary.discovery.proxy_status import ProxyStatus
+
+    proxies = ProxyStatus()
+    proxies.apply(ProxyConnected(1, "envoy-1", "edge", "ipv4:127.0.0.1:1", 100.0))
+    proxies.apply(SubscriptionChanged(1, typeurls.LISTENER, True, frozenset()))
+    proxies.apply(ProxyConnected(2, "grpc-client", "edge", "ipv4:127.0.0.1:2", 100.0))  # proxyless gRPC
+    proxies.apply(SubscriptionChanged(2, typeurls.LISTENER, False, frozenset({"shop"})))
+    assert expected_reporters(proxies) == [("envoy-1", "edge", 100.0)]

@@ -13,7 +13,7 @@ import signal
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
@@ -21,10 +21,11 @@ import grpc
 
 from aviary.admin.server import AdminConfig, AdminServer, load_admin_token, start_admin_server
 from aviary.admin.service import AdminService
+from aviary.discovery import typeurls
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.director import TrafficDirector
 from aviary.discovery.proxy_events import ProxyConnected, ProxyEvent
-from aviary.discovery.proxy_status import ProxyStatus
+from aviary.discovery.proxy_status import ProxyStatus, ProxyView
 from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
 from aviary.discovery.workers import XdsWorkers
 from aviary.observability import ControlPlaneMetrics
@@ -71,6 +72,14 @@ class ServeConfig:
     xds_workers: int = 1
 
 
+def expected_reporters(proxies: Iterable[ProxyView]) -> list[tuple[str, str, float]]:
+    """The connected proxies that should send Aviary their stats (the ``envoy`` provider): (node id,
+    node cluster, connected at). Envoys, i.e. proxies that take every listener (LDS wildcard);
+    proxyless gRPC clients ask for their listeners by name and have no stats sink."""
+    return [(proxy.node_id, proxy.node_cluster, proxy.connected_at) for proxy in proxies
+            if proxy.subscription(typeurls.LISTENER).wildcard]
+
+
 class ControlPlane:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
@@ -80,7 +89,7 @@ class ControlPlane:
         self.store = StateStore(config.state_path, reset=config.reset_state) if config.state_path else None
         self.runner = RolloutRunner(
             self.director, default_prometheus=config.prometheus_url, store=self.store, prune=config.prune,
-            reporters=lambda: ((proxy.node_id, proxy.node_cluster, proxy.connected_at) for proxy in self.proxies),
+            reporters=lambda: expected_reporters(self.proxies),
         )
         self.envoy_reports = self.runner.envoy_reports  # fed by the report services on the xDS address
         self.ads = AggregatedDiscoveryService(self.cache, self.proxies.apply)

@@ -44,6 +44,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from aviary.discovery import typeurls, wire
+from aviary.discovery.config_sources import XDS_CLUSTER  # the bootstrap's cluster of the control plane
 from aviary.discovery.snapshot import Resource, Snapshot, digest
 from aviary.matching import CohortRule, Condition, Match, cookie_value_regex
 from aviary.policy.schema import ListenerSpec
@@ -51,8 +52,6 @@ from aviary.traffic import Backend, Stickiness
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 GRPC_ACCESS_LOG = "envoy.access_loggers.http_grpc"
-XDS_CLUSTER = "xds_cluster"
-"""The bootstrap's cluster of the control plane (deploy/envoy/bootstrap.yaml): access logs go there too."""
 ACCESS_LOG_NAME = "aviary"
 ACCESS_LOG_FLUSH_SECONDS = 0.5  # Envoy buffers entries at most this long before it sends them
 ROUTER_FILTER = "envoy.filters.http.router"
