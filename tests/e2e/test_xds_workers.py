@@ -385,3 +385,4 @@ def test_envoy_reports_reach_the_engine_from_every_worker(
     except TimeoutError as exc:
         raise AssertionError(f"{exc}: {plane.cli_json('proxies')}") from exc
     assert len({int(str(p.get("xds_worker", 0))) for p in proxies}) == 2, proxies  # both workers forwarded
+    assert f"Envoy reports: {ENVOYS} of {ENVOYS} proxies" in plane.cli("status").stdout

@@ -155,6 +155,11 @@ def test_proxies_show_when_they_last_reported() -> None:
     lines = out.getvalue().splitlines()
     assert "REPORTS" in lines[0]
     assert "metrics 0.0s ago" in lines[1] and lines[2].rstrip().endswith("none")
+    line = render.reports_line([reporting, silent])
+    assert line is not None and line.plain == "Envoy reports: 1 of 2 proxies (not reporting: envoy-2)"
+    assert render.reports_line([silent]) is None  # no sink anywhere: nothing to say
+    late = render.reports_line([reporting], now=time.time() + 60)
+    assert late is not None and late.plain == "Envoy reports: 0 of 1 proxies (not reporting: envoy-1)"
 
 
 def test_a_cluster_keeps_its_own_sample_budget() -> None:

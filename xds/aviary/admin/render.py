@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from aviary.admin.v1 import admin_pb2 as pb
+from aviary.metrics.envoy import REPORT_GRACE
 from aviary.policy.rollout_state import traffic_text
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "guard_text",
     "health_line",
     "proxies_table",
+    "reports_line",
     "resume_hint",
     "rollout_detail",
     "rollout_line",
@@ -329,6 +331,22 @@ def proxies_table(proxies: Iterable[pb.Proxy]) -> Table:
         reports = (_reports(p, now),) if reporting else ()
         table.add_row(p.node_id, p.node_cluster, p.peer, *worker, since, acked, nack, *reports)
     return table
+
+
+def reports_line(proxies: Iterable[pb.Proxy], now: float | None = None) -> Text | None:
+    """``Envoy reports: 1 of 2 proxies (not reporting: envoy-2)``: which proxies send their stats to
+    Aviary (the ``envoy`` provider reads them); None while none ever did (no sink anywhere)."""
+    proxies = list(proxies)
+    if not any(p.HasField("metrics_reported") for p in proxies):
+        return None
+    now = time.time() if now is None else now
+    silent = sorted({p.node_id for p in proxies if not p.HasField("metrics_reported")
+                     or now - p.metrics_reported.ToMicroseconds() / 1e6 > REPORT_GRACE})
+    nodes = {p.node_id for p in proxies}
+    text = Text(f"Envoy reports: {len(nodes) - len(silent)} of {len(nodes)} proxies")
+    if silent:
+        text.append(f" (not reporting: {', '.join(silent)})", style="yellow")
+    return text
 
 
 def _reports(proxy: pb.Proxy, now: float) -> str:
