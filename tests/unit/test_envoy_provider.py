@@ -173,3 +173,35 @@ def test_only_proxies_that_take_every_listener_are_expected_to_report() -> None:
     proxies.apply(ProxyConnected(2, "grpc-client", "edge", "ipv4:127.0.0.1:2", 100.0))  # proxyless gRPC
     proxies.apply(SubscriptionChanged(2, typeurls.LISTENER, False, frozenset({"shop"})))
     assert expected_reporters(proxies) == [("envoy-1", "edge", 100.0)]
+
+
+def test_listeners_of_envoy_provider_rollouts_send_access_logs_to_the_xds_cluster() -> None:
+    from dataclasses import replace
+
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_access_log_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+    from google.protobuf import any_pb2
+
+    from aviary.discovery import typeurls
+    from aviary.discovery.resources import GRPC_ACCESS_LOG, PublishedRollout, build_snapshot, listener_name
+    from aviary.policy.schema import Endpoint, ListenerSpec
+    from aviary.traffic import Backend
+
+    v1 = Backend("v1", (Endpoint.model_validate("127.0.0.1:8080"),))
+    plain = PublishedRollout.of("shop", ListenerSpec(address="127.0.0.1", port=10000), ("*",), ((v1, 100),), (v1,))
+
+    def access_logs(rollout: PublishedRollout) -> list[Any]:
+        resource = build_snapshot([rollout]).items(typeurls.LISTENER)[listener_name(rollout.listener)]
+        listener = listener_pb2.Listener()
+        any_pb2.Any.FromString(resource.any_bytes).Unpack(listener)
+        manager = http_connection_manager_pb2.HttpConnectionManager()
+        listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+        return list(manager.access_log)
+
+    assert access_logs(plain) == []
+    [log] = access_logs(replace(plain, access_log=True))
+    config = grpc_access_log_pb2.HttpGrpcAccessLogConfig()
+    log.typed_config.Unpack(config)
+    assert log.name == GRPC_ACCESS_LOG
+    assert config.common_config.grpc_service.envoy_grpc.cluster_name == "xds_cluster"
