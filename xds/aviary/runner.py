@@ -204,11 +204,11 @@ class RolloutRunner:
         default_prometheus: str | None = None,
         provider_factory: ProviderFactory = PrometheusProvider,
         clock: Clock = time.time,
+        envoy_reports: EnvoyReports | None = None,
+        reporters: Callable[[], Iterable[tuple[str, str, float]]] = lambda: (),
         web_factory: Callable[[], MetricProvider] = WebProvider,
         store: StateStore | None = None,
         prune: bool = False,
-        envoy_reports: EnvoyReports | None = None,
-        reporters: Callable[[], Iterable[tuple[str, str, float]]] = lambda: (),
     ) -> None:
         self._director = director
         # What the proxies report themselves (analysis.provider: envoy); `reporters`: the connected
