@@ -44,7 +44,7 @@ SLOT_SECONDS = 0.25
 DEFAULT_HORIZON = 900.0
 """Seconds of counters and samples kept: the longest window the ``envoy`` provider answers."""
 DEFAULT_MAX_SAMPLES = 20_000
-DEFAULT_SAMPLES_PER_SECOND = 200
+DEFAULT_SAMPLES_PER_SECOND = 100  # analysis.samplesPerSecond's default, for clusters no check asked about yet
 DEFAULT_MAX_CLUSTERS = 2_000
 DEFAULT_MAX_PROXIES = 100_000
 
