@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-PROTO_SRC := protos/aviary/admin/v1/admin.proto
+PROTO_SRC := protos/aviary/admin/v1/admin.proto protos/aviary/reports/v1/envoy_metrics.proto
 
 .PHONY: venv test unit e2e lint typecheck protos bench bench-judge prometheus clean demo demo-rollback
 

@@ -90,7 +90,7 @@ EnvoyFactory = Callable[..., EnvoyProcess]
 
 @pytest.fixture
 def envoy_factory(workdir: Path, request: pytest.FixtureRequest) -> Iterator[EnvoyFactory]:
-    """``envoy_factory(xds_port, node_id="envoy-1", node_cluster="edge", delta=False)`` -> a started
+    """``envoy_factory(xds_port, node_id="envoy-1", node_cluster="edge", delta=False, reports=False)`` -> a started
     EnvoyProcess (admin answering; call ``wait_ready()`` once the control plane serves it)."""
     made: list[EnvoyProcess] = []
 
@@ -100,9 +100,11 @@ def envoy_factory(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Env
         node_cluster: str = "edge",
         delta: bool = False,
         start: bool = True,
+        reports: bool = False,
     ) -> EnvoyProcess:
         # A local process, or a container with AVIARY_TEST_DOCKER=1 and a Docker engine (tests/rig/containers.py).
-        envoy = in_runtime(EnvoyProcess(workdir / f"envoy-{len(made)}", xds_port, node_id, node_cluster, delta))
+        envoy = in_runtime(EnvoyProcess(workdir / f"envoy-{len(made)}", xds_port, node_id, node_cluster, delta,
+                                        reports=reports))
         made.append(envoy)
         return envoy.start() if start else envoy
 

@@ -36,8 +36,9 @@ POLL = 0.02  # how often Envoy's route is read: the resolution of every figure h
 
 
 class Rig:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, reports: bool = False) -> None:
         self.base = base
+        self.reports = reports  # Envoy's metrics service sink to Aviary too (the envoy provider)
         self.policies = base / "policies"
         self.policies.mkdir()
         self.stack = contextlib.ExitStack()
@@ -45,7 +46,7 @@ class Rig:
     def __enter__(self) -> Rig:
         plane = RunningControlPlane(self.policies, poll_interval=0.2).start()
         self.stack.callback(plane.stop)
-        self.envoy = EnvoyProcess(self.base / "envoy", plane.xds_port).start()
+        self.envoy = EnvoyProcess(self.base / "envoy", plane.xds_port, reports=self.reports).start()
         self.stack.callback(self.envoy.stop)
         self.prometheus = PrometheusProcess(self.base / "prometheus", [f"127.0.0.1:{self.envoy.admin_port}"], "1s")
         self.prometheus.start()
@@ -118,11 +119,13 @@ def _poll_until(condition: Callable[[], bool], timeout: float) -> float:
     raise TimeoutError(f"not within {timeout}s")
 
 
-def rollback_run(rig: Rig, run: int) -> float:
-    name = f"fail{run}"
+def rollback_run(rig: Rig, run: int, analysis: dict[str, Any] | None = None, name: str = "fail") -> float:
+    """Seconds from the canary's first 500 to its weight 0 at Envoy (``analysis``: the rig's by default)."""
+    name = f"{name}{run}"
     rig.backends.set_behaviour("v2", error_rate=0.3)
     with rig.serving_v1(name) as (port, load):
-        rig.write(name, port, "v2", strategy={"steps": [20, 50], "interval": "20s"}, analysis=rig.analysis())
+        rig.write(name, port, "v2", strategy={"steps": [20, 50], "interval": "20s"},
+                  analysis=analysis if analysis is not None else rig.analysis())
         _poll_until(lambda: rig.canary_weight(name, port) > 0, 20)
         zero_at = _poll_until(lambda: rig.canary_weight(name, port) == 0, 30)
         first_5xx = load.snapshot().first_status_5xx_at

@@ -82,6 +82,23 @@ def markdown(results: dict[str, Any]) -> str:
             f"Rollback through real Envoy and Prometheus (1 s scrape, checkEvery 1s): first 5xx → 0 % at Envoy "
             f"p50 {rb['median']} s over {rb['runs']} runs ({rb['min']} to {rb['max']} s)."
         )
+    detection = results.get("detection")
+    if detection:
+        by = detection["first_5xx_to_envoy_0_s"]
+        prom, envoy = by["prometheus"], by["envoy"]
+        lines.append(
+            f"First failed request → 0 % at Envoy, same Envoy, alternating runs: Prometheus provider p50 "
+            f"{prom['p50']} s ({prom['min']} to {prom['max']} s), Envoy provider p50 {envoy['p50']} s "
+            f"({envoy['min']} to {envoy['max']} s), {prom['runs']} runs each."
+        )
+    reports = results.get("envoy_reports")
+    for run in reports["runs"] if reports else ():
+        lines.append(
+            f"Envoy reports, {run['proxies']} proxies flushing every second, --xds-workers {run['xds_workers']}: "
+            f"control plane {run['control_plane_cores']} cores, RSS {run['control_plane_rss_mb']} MB "
+            f"({run['control_plane_rss_idle_mb']} MB idle), {run['reports_per_s']} reports/s taken in; "
+            f"senders {run['senders_cores']} cores."
+        )
     return "\n".join(lines) + "\n"
 
 

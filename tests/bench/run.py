@@ -17,6 +17,9 @@ tests/bench/out/ (ignored by git): results.markdown (the table, also printed) an
   - real Envoy RDS push -> ACK with 1 and 8 Envoys (tests/bench/envoy_acks.py);
   - the engine with many rollouts under analysis against a stub Prometheus (tests/bench/engine.py);
   - rollback reaction through real Envoy and Prometheus (tests/bench/reaction.py; not with --quick);
+  - the envoy provider (not with --quick): the control plane's CPU and memory with 1,000 fake proxies
+    flushing their stats every second (tests/bench/envoy_reports.py), and the first failed request ->
+    0 % at Envoy, Prometheus provider against Envoy provider over 5 runs each (tests/bench/envoy_detection.py);
   - with ``--profile N``: py-spy samples Aviary during the changes at N; the top costs are reported
     (``--profile-engine``: during the engine part's window).
 ``--quick`` (`make bench QUICK=1`, run by tests/e2e/test_bench_quick.py) does all but the reaction at
@@ -40,6 +43,8 @@ from aviary.policy.schema import Endpoint, ListenerSpec
 from aviary.traffic import Backend
 from tests.bench.engine import bench_engine
 from tests.bench.envoy_acks import bench_envoy_acks
+from tests.bench.envoy_detection import bench_detection
+from tests.bench.envoy_reports import bench_envoy_reports
 from tests.bench.fanout import aviary_has_workers, bench_fanout
 from tests.bench.fanout_client import raise_fd_limit
 from tests.bench.fanout_delta import bench_protocols
@@ -125,7 +130,7 @@ async def main() -> None:
         "now (and fan-out at other N): to measure N = 10,000 separately",
     )
     parser.add_argument(
-        "--skip", default="", help="comma-separated parts to leave out: fanout,delta,envoy,engine,reaction"
+        "--skip", default="", help="comma-separated parts to leave out: fanout,delta,envoy,engine,reaction,reports"
     )
     parser.add_argument("--report", action="store_true", help="measure nothing: table and plots from the output JSON")
     args = parser.parse_args()
@@ -204,6 +209,12 @@ async def main() -> None:
     if not quick and "reaction" not in skip:
         results["reaction"] = await asyncio.to_thread(bench_reaction)
         print("reaction through real Envoy and Prometheus:", results["reaction"], flush=True)
+    if not quick and "reports" not in skip:
+        results["envoy_reports"] = await asyncio.to_thread(bench_envoy_reports)
+        print("the envoy provider's reports, 1,000 proxies:", results["envoy_reports"], flush=True)
+        save()
+        results["detection"] = await asyncio.to_thread(bench_detection)
+        print("detection, Prometheus against Envoy provider:", results["detection"], flush=True)
     results = save()
     table = markdown(results)
     (OUT / ("results-quick.markdown" if quick else "results.markdown")).write_text(table)

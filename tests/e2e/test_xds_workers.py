@@ -43,6 +43,7 @@ from tests.rig.envoy_sampler import EnvoySampler
 from tests.rig.gating_proxy import GatingProxy
 from tests.rig.ports import free_ports
 from tests.rig.serve_process import AviaryServe
+from tests.rig.simple_http import http_request
 from tests.rig.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
@@ -352,3 +353,36 @@ def test_a_hung_worker_is_replaced_and_the_rollout_waits_for_its_envoys(
     logs = plane.current.log_text()
     assert f"xDS worker {victim_number} (pid {victim_pid}) has not answered for {HUNG_AFTER} heartbeats" in logs
     assert 'aviary_xds_worker_restarts_total{reason="hung"} 1.0' in metric_lines(plane)
+
+
+def test_envoy_reports_reach_the_engine_from_every_worker(
+    plane: AviaryServe, backends: Backends, envoy_factory: EnvoyFactory
+) -> None:
+    """The metrics service and access logs of Envoys on both workers end in the engine's one store:
+    ``aviary proxies`` shows when each reported."""
+    backends.start(["v1"])
+    (port,) = free_ports(1)
+    write_rollout(plane.policies, NAME, port=port, version="v1", endpoints=[backends.address("v1")], hosts=(HOST,),
+                  analysis={"provider": "envoy", "metrics": [{"name": "s", "template": "request-success-rate",
+                                                               "min": 99}]})
+    plane.start(*WORKERS)
+
+    def reporting(*args: object, **kwargs: object) -> EnvoyProcess:
+        return envoy_factory(*args, reports=True, **kwargs)
+
+    spread_envoys(plane, reporting, port)
+    for _ in range(20):  # the Envoys share the listener's port: the kernel picks one per connection
+        assert http_request(port, "/", headers={"Host": HOST}).status == 200
+
+    def every_one_reported() -> list[dict[str, object]] | None:
+        proxies = plane.cli_json("proxies")
+        done = (len(proxies) == ENVOYS and all("metrics_reported" in p for p in proxies)
+                and any("access_log_reported" in p for p in proxies))
+        return proxies if done else None
+
+    try:
+        proxies = wait_until(every_one_reported, 15, what="every Envoy's metrics and access logs in aviary proxies")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {plane.cli_json('proxies')}") from exc
+    assert len({int(str(p.get("xds_worker", 0))) for p in proxies}) == 2, proxies  # both workers forwarded
+    assert f"Envoy reports: {ENVOYS} of {ENVOYS} proxies" in plane.cli("status").stdout

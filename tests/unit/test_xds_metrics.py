@@ -18,6 +18,10 @@ class _Runner:
         writable = True
         errors_total = 0
 
+    class envoy_reports:  # the counts of Envoy's own reports (aviary_envoy_reports_total)
+        metrics_messages = 0
+        samples_received = 0
+
     def statuses(self) -> dict[str, object]:
         return {}
 

@@ -13,7 +13,7 @@ import signal
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
@@ -21,10 +21,11 @@ import grpc
 
 from aviary.admin.server import AdminConfig, AdminServer, load_admin_token, start_admin_server
 from aviary.admin.service import AdminService
+from aviary.discovery import typeurls
 from aviary.discovery.cache import SnapshotCache
 from aviary.discovery.director import TrafficDirector
 from aviary.discovery.proxy_events import ProxyConnected, ProxyEvent
-from aviary.discovery.proxy_status import ProxyStatus
+from aviary.discovery.proxy_status import ProxyStatus, ProxyView
 from aviary.discovery.server import AggregatedDiscoveryService, start_xds_server
 from aviary.discovery.workers import XdsWorkers
 from aviary.observability import ControlPlaneMetrics
@@ -34,6 +35,7 @@ from aviary.policy.schema import PolicyError, PolicySet
 from aviary.policy.server_rules import refuse_unserviceable
 from aviary.policy.source import PolicyState
 from aviary.policy.watcher import DirectoryWatcher
+from aviary.reports.ingest import report_handlers
 from aviary.runner import EngineHealth, RolloutRunner
 from aviary.store.sqlite import StateStore, StateWriteError
 from aviary.tls import ServerTls, server_credentials
@@ -70,6 +72,14 @@ class ServeConfig:
     xds_workers: int = 1
 
 
+def expected_reporters(proxies: Iterable[ProxyView]) -> list[tuple[str, str, float]]:
+    """The connected proxies that should send Aviary their stats (the ``envoy`` provider): (node id,
+    node cluster, connected at). Envoys, i.e. proxies that take every listener (LDS wildcard);
+    proxyless gRPC clients ask for their listeners by name and have no stats sink."""
+    return [(proxy.node_id, proxy.node_cluster, proxy.connected_at) for proxy in proxies
+            if proxy.subscription(typeurls.LISTENER).wildcard]
+
+
 class ControlPlane:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
@@ -78,8 +88,10 @@ class ControlPlane:
         self.director = TrafficDirector(self.cache, self.proxies)
         self.store = StateStore(config.state_path, reset=config.reset_state) if config.state_path else None
         self.runner = RolloutRunner(
-            self.director, default_prometheus=config.prometheus_url, store=self.store, prune=config.prune
+            self.director, default_prometheus=config.prometheus_url, store=self.store, prune=config.prune,
+            reporters=lambda: expected_reporters(self.proxies),
         )
+        self.envoy_reports = self.runner.envoy_reports  # fed by the report services on the xDS address
         self.ads = AggregatedDiscoveryService(self.cache, self.proxies.apply)
         self._recorded_proxies: set[str] = set()  # the node ids the last heartbeat saved
         self._new_proxy = asyncio.Event()
@@ -150,13 +162,14 @@ class ControlPlane:
                      self.metrics_port)
         if self.config.xds_workers > 1:
             self.xds_workers = XdsWorkers(self.cache, self.proxies.apply, self.config.xds_address,
-                                          self.config.xds_workers, self.config.xds_tls)
+                                          self.config.xds_workers, self.config.xds_tls, reports=self.envoy_reports)
             self.xds_port = await self.xds_workers.start()
             pool = self.xds_workers
             self.metrics.observe_xds_workers(pool.streams, lambda: pool.restarts)
         else:
             self._server, self.xds_port = await start_xds_server(
-                self.config.xds_address, self.ads, self._xds_credentials
+                self.config.xds_address, self.ads, self._xds_credentials,
+                extra_handlers=report_handlers(self.envoy_reports),
             )
         workers = f" ({self.config.xds_workers} worker processes)" if self.xds_workers is not None else ""
         host = self.config.xds_address.rsplit(":", 1)[0]

@@ -215,6 +215,13 @@ class _StateCollector(Collector):
             "aviary_state_write_errors", "Writes to the state file that failed, retries included",
             value=writes.errors_total,
         )
+        reports = self._runner.envoy_reports
+        received = CounterMetricFamily(
+            "aviary_envoy_reports", "Reports proxies sent to Aviary's own services: metrics service messages, "
+            "access-log entries (analysis.provider: envoy)", labels=["kind"])
+        received.add_metric(["metrics"], reports.metrics_messages)
+        received.add_metric(["access_log"], reports.samples_received)
+        yield received
 
 
 class _XdsWorkersCollector(Collector):

@@ -43,7 +43,9 @@ from dataclasses import dataclass, replace
 from aviary.discovery.director import Placement, PublishedState, RolloutNack, TrafficDirector
 from aviary.discovery.resources import cluster_name
 from aviary.metrics.checks import check_round
-from aviary.metrics.kinds import PROMETHEUS, WEB, checks_of
+from aviary.metrics.envoy import EnvoyProvider, Reporter
+from aviary.metrics.envoy_reports import EnvoyReports
+from aviary.metrics.kinds import ENVOY, PROMETHEUS, WEB, checks_of
 from aviary.metrics.prometheus import PrometheusProvider
 from aviary.metrics.provider import MetricProvider
 from aviary.metrics.templates import Side
@@ -186,7 +188,8 @@ class _Save:
 
 def _placement_of(rollout: Rollout) -> Placement:
     spec = rollout.spec
-    return Placement(spec.listener, spec.hosts, spec.proxy_cluster)
+    reports = spec.analysis is not None and spec.analysis.provider == ENVOY
+    return Placement(spec.listener, spec.hosts, spec.proxy_cluster, access_log=reports)
 
 
 def _summary(status: RolloutStatus) -> str:
@@ -201,12 +204,18 @@ class RolloutRunner:
         default_prometheus: str | None = None,
         provider_factory: ProviderFactory = PrometheusProvider,
         clock: Clock = time.time,
+        envoy_reports: EnvoyReports | None = None,
+        reporters: Callable[[], Iterable[tuple[str, str, float]]] = lambda: (),
         web_factory: Callable[[], MetricProvider] = WebProvider,
         store: StateStore | None = None,
         prune: bool = False,
         round_history: int = ROUND_HISTORY,
     ) -> None:
         self._director = director
+        # What the proxies report themselves (analysis.provider: envoy); `reporters`: the connected
+        # proxies as (node id, node cluster, connected at on `clock`), the ones that should report.
+        self.envoy_reports = envoy_reports if envoy_reports is not None else EnvoyReports(clock)
+        self._reporters = reporters
         self._store = store
         self._prune = prune
         self._orphaned: set[str] = set()
@@ -704,17 +713,23 @@ class RolloutRunner:
             return
         url = analysis.prometheus or self._default_prometheus
         canary_version = canary.version
-        if url is None:  # a policy restored from state, applied when the server had a --prometheus-url
+        providers: dict[str, MetricProvider] = {}
+        if analysis.provider == ENVOY:
+            providers[ENVOY] = self._envoy_provider(spec.proxy_cluster)
+            for version in (canary_version, status.stable.version):
+                self.envoy_reports.keep(cluster_name(name, version), analysis.samples_per_second)
+        elif url is None:  # a policy restored from state, applied when the server had a --prometheus-url
             results = tuple(result for check in checks_of(analysis) for result in check.unanswered(PROMETHEUS_NEEDED))
             if self._provider_trouble.get(name) != PROMETHEUS_NEEDED:
                 log.warning("rollout %s: checks inconclusive: %s", name, PROMETHEUS_NEEDED)
                 self._provider_trouble[name] = PROMETHEUS_NEEDED
             self.handle(name, ChecksCompleted(results, self._clock(), canary_version))
             return
-        provider = self._providers.get(url)
-        if provider is None:
-            provider = self._providers[url] = self._provider_factory(url)
-        providers = {PROMETHEUS: provider}
+        else:
+            provider = self._providers.get(url)
+            if provider is None:
+                provider = self._providers[url] = self._provider_factory(url)
+            providers[PROMETHEUS] = provider
         if any(metric.web is not None for metric in analysis.metrics):
             if self._web is None:
                 self._web = self._web_factory()
@@ -740,6 +755,17 @@ class RolloutRunner:
 
         self._checks[name] = asyncio.create_task(round_of_checks(), name=f"checks-{name}")
         self._wakes.mark(name)
+
+    def _envoy_provider(self, proxy_cluster: str | None) -> EnvoyProvider:
+        """The ``envoy`` provider for one round: the proxies that serve the rollout (its
+        ``proxyCluster``, or every one) must all be reporting."""
+        reporters = self._reporters
+
+        def expected() -> list[Reporter]:
+            return [(node_id, connected_at) for node_id, node_cluster, connected_at in reporters()
+                    if proxy_cluster is None or node_cluster == proxy_cluster]
+
+        return EnvoyProvider(self.envoy_reports, expected)
 
     def _report_provider_trouble(self, name: str, providers: Mapping[str, MetricProvider],
                                  results: Iterable[CheckResult]) -> None:

@@ -111,6 +111,8 @@ async def _status(client: AdminClient, args: argparse.Namespace, console: Consol
                 console.print(health, soft_wrap=True)  # first, one line: what keeps it from working
             console.print(render.rollouts_table(overview.rollouts))
             console.print(render.policy_summary(overview.policy))
+            if (reports := render.reports_line(await client.list_proxies())) is not None:
+                console.print(reports, soft_wrap=True)  # only once some proxy reports (provider: envoy)
     return 0
 
 

@@ -15,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aviary.admin.v1 import admin_pb2 as pb
 from aviary.discovery.proxy_status import ProxyView
 from aviary.discovery.worker_protocol import worker_of
+from aviary.metrics.envoy_reports import ProxyReport
 from aviary.policy.analysis import CheckResult
 from aviary.policy.rollout_machine import guard_left, step_weight, traffic_plan
 from aviary.policy.rollout_state import CheckRound, Hold, Phase, RolloutStatus, TransitionEvent
@@ -190,7 +191,8 @@ def health_message(health: EngineHealth) -> pb.ControlPlaneHealth:
     )
 
 
-def proxy_message(proxy: ProxyView) -> pb.Proxy:
+def proxy_message(proxy: ProxyView, reported: ProxyReport | None = None) -> pb.Proxy:
+    """``reported``: what the proxy sent to the report services (``aviary.metrics.envoy_reports``), if anything."""
     message = pb.Proxy(
         node_id=proxy.node_id,
         node_cluster=proxy.node_cluster,
@@ -204,6 +206,10 @@ def proxy_message(proxy: ProxyView) -> pb.Proxy:
         message.last_nack.CopyFrom(
             pb.Nack(type_url=nack.type_url, version=nack.version, message=nack.message, time=_wall_timestamp(nack.at))
         )
+    if reported is not None and reported.metrics_at is not None:
+        message.metrics_reported.CopyFrom(_wall_timestamp(reported.metrics_at))
+    if reported is not None and reported.samples_at is not None:
+        message.access_log_reported.CopyFrom(_wall_timestamp(reported.samples_at))
     return message
 
 

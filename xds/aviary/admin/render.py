@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from aviary.admin.v1 import admin_pb2 as pb
+from aviary.metrics.envoy import REPORT_GRACE
 from aviary.policy.rollout_state import traffic_text
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "guard_text",
     "health_line",
     "proxies_table",
+    "reports_line",
     "resume_hint",
     "rollout_detail",
     "rollout_line",
@@ -315,15 +318,45 @@ def health_line(health: pb.ControlPlaneHealth) -> Text | None:
 def proxies_table(proxies: Iterable[pb.Proxy]) -> Table:
     proxies = list(proxies)
     workers = any(p.xds_worker for p in proxies)  # a WORKER column with --xds-workers N > 1 only
-    columns = ("NODE", "CLUSTER", "PEER", *(("WORKER",) if workers else ()), "CONNECTED", "ACKED", "LAST NACK")
+    reporting = any(p.HasField("metrics_reported") or p.HasField("access_log_reported") for p in proxies)
+    columns = ("NODE", "CLUSTER", "PEER", *(("WORKER",) if workers else ()), "CONNECTED", "ACKED", "LAST NACK",
+               *(("REPORTS",) if reporting else ()))  # with analysis.provider: envoy (aviary.metrics.envoy)
     table = Table(*columns, box=None, pad_edge=False)
+    now = time.time()
     for p in proxies:
         acked = ", ".join(f"{a.type_url.rsplit('.', 1)[-1]}={a.version}" for a in p.acked) or "-"
         nack = f"{p.last_nack.type_url.rsplit('.', 1)[-1]}: {p.last_nack.message}" if p.HasField("last_nack") else "-"
         since = p.connected_since.ToDatetime(tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
         worker = (str(p.xds_worker),) if workers else ()
-        table.add_row(p.node_id, p.node_cluster, p.peer, *worker, since, acked, nack)
+        reports = (_reports(p, now),) if reporting else ()
+        table.add_row(p.node_id, p.node_cluster, p.peer, *worker, since, acked, nack, *reports)
     return table
+
+
+def reports_line(proxies: Iterable[pb.Proxy], now: float | None = None) -> Text | None:
+    """``Envoy reports: 1 of 2 proxies (not reporting: envoy-2)``: which proxies send their stats to
+    Aviary (the ``envoy`` provider reads them); None while none ever did (no sink anywhere)."""
+    proxies = list(proxies)
+    if not any(p.HasField("metrics_reported") for p in proxies):
+        return None
+    now = time.time() if now is None else now
+    silent = sorted({p.node_id for p in proxies if not p.HasField("metrics_reported")
+                     or now - p.metrics_reported.ToMicroseconds() / 1e6 > REPORT_GRACE})
+    nodes = {p.node_id for p in proxies}
+    text = Text(f"Envoy reports: {len(nodes) - len(silent)} of {len(nodes)} proxies")
+    if silent:
+        text.append(f" (not reporting: {', '.join(silent)})", style="yellow")
+    return text
+
+
+def _reports(proxy: pb.Proxy, now: float) -> str:
+    """``metrics 0.4s ago, access logs 1.2s ago``, or ``none`` for a proxy that never reported."""
+    parts = [f"{what} {max(0.0, now - stamp.ToMicroseconds() / 1e6):.1f}s ago"
+             for what, stamp, present in (("metrics", proxy.metrics_reported, proxy.HasField("metrics_reported")),
+                                          ("access logs", proxy.access_log_reported,
+                                           proxy.HasField("access_log_reported")))
+             if present]
+    return ", ".join(parts) or "none"
 
 
 def watch_view(rollouts: Mapping[str, pb.Rollout], recent: Sequence[pb.RolloutEvent]) -> Group:

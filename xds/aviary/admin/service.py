@@ -181,7 +181,8 @@ class AdminService:
 
     async def ListProxies(self, request: pb.ListProxiesRequest, context: Context) -> pb.ListProxiesResponse:
         proxies = sorted(self._proxies, key=lambda p: (p.node_id, p.stream_id))
-        return pb.ListProxiesResponse(proxies=[convert.proxy_message(p) for p in proxies])
+        reports = self._runner.envoy_reports
+        return pb.ListProxiesResponse(proxies=[convert.proxy_message(p, reports.proxy(p.node_id)) for p in proxies])
 
     async def Validate(self, request: pb.ValidateRequest, context: Context) -> pb.ValidateResponse:
         """Checked in a worker process (``PolicyWorkers``): a large text never holds the event loop.

@@ -526,6 +526,7 @@ class TrafficDirector:
             cohorts=published.cohorts,
             stickiness=published.stickiness,
             mirror=published.mirror,
+            access_log=placement.access_log,
         )
 
     def _serving(self, name: str) -> Iterable[tuple[ProxyView, Snapshot]]:

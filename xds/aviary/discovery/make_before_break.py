@@ -53,6 +53,7 @@ class Placement:
     listener: ListenerSpec
     hosts: tuple[str, ...]
     proxy_cluster: str | None = None
+    access_log: bool = False  # its proxies send access logs to Aviary (analysis.provider: envoy)
 
 
 class Routing(NamedTuple):

@@ -30,11 +30,13 @@ import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_access_log_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
@@ -42,12 +44,16 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from aviary.discovery import typeurls, wire
+from aviary.discovery.config_sources import XDS_CLUSTER  # the bootstrap's cluster of the control plane
 from aviary.discovery.snapshot import Resource, Snapshot, digest
 from aviary.matching import CohortRule, Condition, Match, cookie_value_regex
 from aviary.policy.schema import ListenerSpec
 from aviary.traffic import Backend, Stickiness
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
+GRPC_ACCESS_LOG = "envoy.access_loggers.http_grpc"
+ACCESS_LOG_NAME = "aviary"
+ACCESS_LOG_FLUSH_SECONDS = 0.5  # Envoy buffers entries at most this long before it sends them
 ROUTER_FILTER = "envoy.filters.http.router"
 CONNECT_TIMEOUT_SECONDS = 2
 # Builders of resources that depend only on their (hashable, immutable) inputs are memoized: a
@@ -87,6 +93,7 @@ class PublishedRollout:
     cohorts: tuple[tuple[CohortRule, str], ...] = ()  # tried before `route`: (cohort, cluster name)
     stickiness: Stickiness | None = None  # `route` split by a hash of this key (last cluster: the canary)
     mirror: tuple[str, int] | None = None  # (cluster name, percent of `route`'s requests copied to it)
+    access_log: bool = False  # its listener sends access logs to Aviary (analysis.provider: envoy)
 
     @classmethod
     def of(
@@ -142,17 +149,35 @@ def _packed(message: object) -> any_pb2.Any:
     return packed
 
 
-def _http_connection_manager(stat_prefix: str, route_config: str) -> hcm_pb2.HttpConnectionManager:
+def grpc_access_log() -> accesslog_pb2.AccessLog:
+    """Every request's access-log entry streamed to the control plane (``AccessLogService``), which
+    keeps at most ``samples_per_second`` per cluster (``aviary.metrics.envoy_reports``)."""
+    config = grpc_access_log_pb2.HttpGrpcAccessLogConfig(
+        common_config=grpc_access_log_pb2.CommonGrpcAccessLogConfig(
+            log_name=ACCESS_LOG_NAME,
+            transport_api_version=config_source_pb2.ApiVersion.V3,
+            grpc_service=grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)),
+            buffer_flush_interval=duration_pb2.Duration(nanos=int(ACCESS_LOG_FLUSH_SECONDS * 1e9)),
+        ))
+    return accesslog_pb2.AccessLog(name=GRPC_ACCESS_LOG, typed_config=_packed(config))
+
+
+def _http_connection_manager(stat_prefix: str, route_config: str,
+                             access_log: bool = False) -> hcm_pb2.HttpConnectionManager:
     return hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.CodecType.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=route_config),
         http_filters=[hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_packed(router_pb2.Router()))],
+        access_log=[grpc_access_log()] if access_log else [],
     )
 
 
 @functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
-def build_listener(listener: ListenerSpec) -> Resource:
+def build_listener(listener: ListenerSpec, access_log: bool = False) -> Resource:
+    """The listener of ``listener``; ``access_log``: with the gRPC access log to the control plane
+    (one of its rollouts uses ``analysis.provider: envoy``)."""
     name = listener_name(listener)
     route = route_name(listener)
     message = listener_pb2.Listener(
@@ -167,7 +192,7 @@ def build_listener(listener: ListenerSpec) -> Resource:
                 filters=[
                     listener_components_pb2.Filter(
                         name=HCM_FILTER,
-                        typed_config=_packed(_http_connection_manager(name, route)),
+                        typed_config=_packed(_http_connection_manager(name, route, access_log)),
                     )
                 ]
             )
@@ -468,7 +493,7 @@ def _resources(rollouts: Iterable[PublishedRollout]) -> list[tuple[str, Resource
         listeners[rollout.listener.key] = rollout.listener
     for key, members in by_listener.items():
         listener = listeners[key]
-        resources.append(("", build_listener(listener)))
+        resources.append(("", build_listener(listener, any(member.access_log for member in members))))
         resources.append(("", build_route_configuration(route_name(listener), members)))
     return resources
 

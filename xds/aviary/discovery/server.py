@@ -342,12 +342,14 @@ async def start_xds_server(
     credentials: grpc.ServerCredentials | None = None,
     *,
     reuse_port: bool = False,
+    extra_handlers: tuple[grpc.GenericRpcHandler, ...] = (),
 ) -> tuple[grpc.aio.Server, int]:
     """Start serving xDS (ADS, per-type services) on `address`; returns the server and the bound port (for port 0).
 
     A busy address is a ``ListenError``: SO_REUSEPORT is off unless ``reuse_port`` (one instance
     sharing the port among its own processes), so a second control plane cannot start silently
-    and split the proxies with the first (``aviary.listen``).
+    and split the proxies with the first (``aviary.listen``). ``extra_handlers``: more services on
+    the same address (the Envoy report services, ``aviary.reports.ingest``).
     """
     server = grpc.aio.server(
         options=[
@@ -360,7 +362,7 @@ async def start_xds_server(
             *grpc_options(reuse_port),
         ]
     )
-    server.add_generic_rpc_handlers((*service.handlers(), UnimplementedMethods()))  # the fallback last
+    server.add_generic_rpc_handlers((*service.handlers(), *extra_handlers, UnimplementedMethods()))  # fallback last
     try:
         port = (
             server.add_insecure_port(address)

@@ -11,7 +11,9 @@ Started by ``aviary.discovery.workers`` (see ``worker_protocol`` for the message
    round trip with the engine (so it holds every snapshot published before the stream started),
    and sends every proxy event back, batched per turn of the event loop; answers the engine's pings
    from the same loop (one that stops answering is killed and replaced);
-4. on ``stop``, on SIGTERM, or when the socket closes (the engine process is gone, even killed),
+4. serves the Envoy report services (``aviary.reports.ingest``) on the same address and sends
+   what arrives to the engine, batched per turn of the loop (``aviary.reports.forward``);
+5. on ``stop``, on SIGTERM, or when the socket closes (the engine process is gone, even killed),
    ends its streams with status OK and exits: it never outlives the engine.
 """
 
@@ -46,7 +48,10 @@ from aviary.discovery.worker_protocol import (
     first_stream_id,
     pong_message,
     ready_message,
+    reports_message,
 )
+from aviary.reports.forward import Batch, ReportForwarder
+from aviary.reports.ingest import report_handlers
 from aviary.tls import ServerTls, server_credentials
 
 log = logging.getLogger("aviary.xds")
@@ -129,7 +134,13 @@ async def run(fd: int, worker: int, address: str, tls: ServerTls | None) -> int:
     barriers = _Barriers(writer)
     ads = AggregatedDiscoveryService(cache, sender.emit, first_stream_id(worker), admit=barriers.wait)
     credentials = server_credentials(tls) if tls is not None else None
-    server, port = await start_xds_server(address, ads, credentials, reuse_port=True)
+
+    def forward(batch: Batch) -> None:
+        if not writer.is_closing():
+            writer.write(reports_message(batch))
+
+    server, port = await start_xds_server(address, ads, credentials, reuse_port=True,
+                                          extra_handlers=report_handlers(ReportForwarder(forward)))
     writer.write(ready_message(port))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -28,6 +28,11 @@ Worker -> engine::
                         into one per type; the ACKs of one response share its resources
     ("barrier", n)      before a new stream is answered (see below)
     ("pong",)           the answer to a ping, from the worker's event loop
+    ("reports", counters, samples)
+                        what proxies reported on the Envoy report services during one turn of the
+                        worker's loop (``aviary.reports.forward.Batch``): ((node id, node cluster,
+                        ((cluster, code class, delta), ...)), ...) and ((node id, node cluster,
+                        ((cluster, duration ms, status), ...)), ...)
 
 Only what changed travels: a resource is identified by (type URL, name, version), its version
 being a digest of its bytes, and each side keeps exactly the resources that the current groups
@@ -69,6 +74,7 @@ from aviary.discovery.proxy_events import (
 )
 from aviary.discovery.sharing import Sent
 from aviary.discovery.snapshot import Resource, Snapshot
+from aviary.reports.forward import Batch
 
 __all__ = [
     "HEADER",
@@ -79,6 +85,7 @@ __all__ = [
     "Pong",
     "ProtocolError",
     "Ready",
+    "Reports",
     "SentState",
     "SnapshotMirror",
     "Stop",
@@ -94,6 +101,7 @@ __all__ = [
     "ping_message",
     "pong_message",
     "ready_message",
+    "reports_message",
     "restart_delay",
     "stop_message",
     "sync_message",
@@ -337,9 +345,23 @@ def decode_events(encoded: Iterable[tuple[Any, ...]]) -> list[ProxyEvent]:
     return events
 
 
-def decode_from_worker(payload: bytes) -> Ready | Barrier | Pong | list[ProxyEvent]:
+def reports_message(batch: Batch) -> bytes:
+    return frame(marshal.dumps(("reports", *batch)))
+
+
+@dataclass(frozen=True, slots=True)
+class Reports:
+    batch: Batch
+
+
+def decode_from_worker(payload: bytes) -> Ready | Barrier | Pong | Reports | list[ProxyEvent]:
     message = _loads(payload)
     try:
+        if message[0] == "reports":
+            counters, samples = message[1], message[2]
+            if not isinstance(counters, tuple) or not isinstance(samples, tuple):
+                raise TypeError("reports must be tuples")
+            return Reports((counters, samples))
         if message[0] == "pong":
             return Pong()
         if message[0] == "ready":

@@ -65,6 +65,7 @@ from aviary.discovery.worker_protocol import (
     Pong,
     ProtocolError,
     Ready,
+    Reports,
     SentState,
     barrier_message,
     decode_from_worker,
@@ -77,6 +78,7 @@ from aviary.discovery.worker_protocol import (
 )
 from aviary.listen import ListenError, split_address
 from aviary.logs import JsonFormatter
+from aviary.reports.ingest import ReportSink
 from aviary.tls import ServerTls
 
 __all__ = ["Silence", "XdsWorkers", "reserve_address", "usable_cores"]
@@ -235,8 +237,10 @@ class XdsWorkers:
         heartbeat: float = HEARTBEAT_SECONDS,
         hung_after: int = HUNG_AFTER,
         command: Sequence[str] = WORKER_COMMAND,
+        reports: ReportSink | None = None,
     ) -> None:
         self._cache = cache
+        self._reports = reports  # where the proxies' own reports go (None: dropped)
         self._emit = emit
         self._address = address
         self._count = count
@@ -428,6 +432,9 @@ class XdsWorkers:
                     if worker.ready is not None and not worker.ready.done():
                         worker.ready.set_result(message.port)
                     continue
+                if isinstance(message, Reports):
+                    self._apply_reports(message)
+                    continue
                 if isinstance(message, Barrier):  # the current snapshots first, then the answer
                     update = sync_message(worker.sent, self._cache.snapshots)
                     if update is not None:
@@ -444,6 +451,15 @@ class XdsWorkers:
                 worker.ready.exception()  # retrieved: no "never retrieved" warning when nobody waits
             if worker.process.returncode is None:
                 _kill(worker.process)
+
+    def _apply_reports(self, reports: Reports) -> None:
+        if self._reports is None:
+            return
+        counters, samples = reports.batch
+        for node_id, node_cluster, counts in counters:
+            self._reports.add_counters(node_id, node_cluster, counts)
+        for node_id, node_cluster, items in samples:
+            self._reports.add_samples(node_id, node_cluster, items)
 
     def _apply(self, worker: _Worker, event: ProxyEvent) -> None:
         if worker_of(event.stream_id) != worker.number:

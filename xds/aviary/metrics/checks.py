@@ -3,7 +3,7 @@
 The only I/O on the analysis path; what to ask and how to judge it belongs to the check kinds
 (``aviary.metrics.kinds``), the verdicts to pure functions in ``aviary.policy.analysis``. A
 provider error never escapes: it becomes an INCONCLUSIVE result carrying the error as reason.
-Providers are given per source (``prometheus``, ``web``); the caller owns their lifecycle.
+Providers are given per source (``prometheus``, ``web``, ``envoy``); the caller owns their lifecycle.
 
 Timing (what keeps a hanging Prometheus from slowing rollouts down):
 
@@ -23,9 +23,9 @@ import asyncio
 import dataclasses
 from collections.abc import Callable, Mapping
 
-from aviary.metrics.kinds import PROMETHEUS, Answer, Ask, Check, RoundContext, checks_of
+from aviary.metrics.kinds import PROMETHEUS, Answer, Ask, Check, RoundContext, checks_of, request_count_ask
 from aviary.metrics.provider import MetricProvider, MetricProviderError
-from aviary.metrics.templates import Side, TemplateError, request_count_query
+from aviary.metrics.templates import Side, TemplateError
 from aviary.policy.analysis import CheckOutcome, CheckResult
 from aviary.policy.schema import Analysis
 
@@ -97,7 +97,7 @@ async def run_checks(providers: Providers, analysis: Analysis, canary: Side | st
     checks = checks_of(analysis) if checks is None else checks
     by_source = providers if isinstance(providers, Mapping) else {PROMETHEUS: providers}
     timeout = query_timeout(analysis.check_every)
-    count = Ask(PROMETHEUS, request_count_query(context.canary.cluster, analysis.window))
+    count = request_count_ask(analysis, context.canary.cluster)
     plans: list[tuple[Ask, ...] | TemplateError] = []
     for check in checks:
         try:

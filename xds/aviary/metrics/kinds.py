@@ -26,13 +26,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from aviary.metrics.envoy_query import REQUEST_COUNT, EnvoyQuery
 from aviary.metrics.provider import MetricProviderError
-from aviary.metrics.templates import Side, TemplateError, render
+from aviary.metrics.templates import Side, TemplateError, render, request_count_query
 from aviary.policy import judge as judging
 from aviary.policy.analysis import GATHERING, CheckOutcome, CheckResult, Thresholds, inconclusive, judge, judge_compare
 from aviary.policy.schema import JUDGE_VERDICT, Analysis, JudgeMetricSpec, JudgeSpec, MetricCheck
 
 __all__ = [
+    "ENVOY",
     "PROMETHEUS",
     "WEB",
     "Answer",
@@ -47,10 +49,12 @@ __all__ = [
     "judge_config",
     "judge_horizon",
     "judge_window",
+    "request_count_ask",
 ]
 
 PROMETHEUS = "prometheus"
 WEB = "web"
+ENVOY = "envoy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,13 +106,28 @@ class Check(Protocol):
     def unanswered(self, reason: str) -> tuple[CheckResult, ...]: ...
 
 
-def _source(metric: MetricCheck) -> str:
-    return WEB if metric.web is not None else PROMETHEUS
+def _ask(metric: MetricCheck | JudgeMetricSpec, analysis: Analysis, measured: Side, other: Side,
+         window: float) -> Ask:
+    """The query of ``metric`` for the ``measured`` side over ``window``, for the provider that answers
+    it: a web check's own service, else ``analysis.provider`` (PromQL, or an ``EnvoyQuery``)."""
+    if isinstance(metric, MetricCheck) and metric.web is not None:
+        return Ask(WEB, render(metric, measured, other, window, analysis.version_label))
+    if analysis.provider == ENVOY:
+        if metric.template is None:
+            raise TemplateError(f"check {metric.name!r}: the envoy provider answers templates only")
+        return Ask(ENVOY, EnvoyQuery.of(metric.template, measured, window).text())
+    return Ask(PROMETHEUS, render(metric, measured, other, window, analysis.version_label))
+
+
+def request_count_ask(analysis: Analysis, cluster: str) -> Ask:
+    """The canary's request count over the window (for minRequests), from the analysis' provider."""
+    if analysis.provider == ENVOY:
+        return Ask(ENVOY, EnvoyQuery(REQUEST_COUNT, cluster, analysis.window).text())
+    return Ask(PROMETHEUS, request_count_query(cluster, analysis.window))
 
 
 def _render(metric: MetricCheck, context: RoundContext, measured: Side, other: Side) -> Ask:
-    query = render(metric, measured, other, context.analysis.window, context.analysis.version_label)
-    return Ask(_source(metric), query)
+    return _ask(metric, context.analysis, measured, other, context.analysis.window)
 
 
 def _error(answers: Sequence[Answer]) -> MetricProviderError | None:
@@ -255,8 +274,8 @@ class JudgeCheck:
     kind: str = "judge"
 
     def _render(self, metric: JudgeMetricSpec, context: RoundContext, measured: Side, other: Side) -> Ask:
-        query = render(metric, measured, other, self.spec.step, context.analysis.version_label)
-        return Ask(PROMETHEUS, query, judge_window(self.spec, context.since), self.spec.step)
+        ask = _ask(metric, context.analysis, measured, other, self.spec.step)
+        return dataclasses.replace(ask, window=judge_window(self.spec, context.since), step=self.spec.step)
 
     def plan(self, context: RoundContext) -> tuple[Ask, ...]:
         asks: list[Ask] = []

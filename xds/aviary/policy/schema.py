@@ -49,8 +49,10 @@ from aviary.policy.duration import parse_duration
 
 __all__ = [
     "API_VERSION",
+    "ENVOY_HORIZON",
     "ENVOY_TEMPLATES",
     "KIND",
+    "PROVIDERS",
     "TEMPLATES",
     "VERSION_TEMPLATES",
     "AfterPromotion",
@@ -581,6 +583,10 @@ VERSION_TEMPLATES = (
 )
 """Built-in templates over the application's own metrics, selected by ``analysis.versionLabel``."""
 TEMPLATES = ENVOY_TEMPLATES + VERSION_TEMPLATES
+PROVIDERS = ("prometheus", "envoy")
+"""``analysis.provider``: where the checks' numbers come from (``envoy``: the proxies' own reports)."""
+ENVOY_HORIZON = 900.0
+"""Seconds of reports the ``envoy`` provider keeps (``aviary.metrics.envoy_reports``): its longest window."""
 METRIC_TEMPLATES = {"version-rate": True, "version-rate-per-request": True, "version-gc-pause": False}
 """Templates that take ``metric`` (True: required, False: optional with a default)."""
 _METRIC_NAME = re.compile(r"^[A-Za-z_:][A-Za-z0-9_:]*$")
@@ -847,6 +853,9 @@ class Analysis(BaseModel):
 
     model_config = _CONFIG
 
+    provider: Literal["prometheus", "envoy"] = "prometheus"
+    # provider envoy: access-log samples kept per second per cluster (the rest are dropped on arrival)
+    samples_per_second: Annotated[StrictInt, Field(ge=1, le=10_000)] = Field(default=100, alias="samplesPerSecond")
     prometheus: Annotated[str, Field(strict=True), AfterValidator(_http_url)] | None = None
     check_every: Duration = Field(default=5.0, alias="checkEvery")
     window: Duration = 30.0
@@ -886,7 +895,28 @@ class Analysis(BaseModel):
         if JUDGE_VERDICT in names and self.judge is not None:
             raise FieldIssue(f"{JUDGE_VERDICT!r} names the judge's verdict; choose another name",
                              "metrics", names[JUDGE_VERDICT], "name")
+        if self.provider == "envoy":
+            self._envoy_can_answer()
         return self
+
+    def _envoy_can_answer(self) -> None:
+        """The ``envoy`` provider knows only what proxies report: the Envoy templates, within its horizon."""
+        answers = ", ".join(ENVOY_TEMPLATES)
+        if self.window > ENVOY_HORIZON:
+            raise FieldIssue(f"the envoy provider keeps {ENVOY_HORIZON:g}s of reports: window must not be longer",
+                             "window")
+        checks: list[tuple[tuple[str | int, ...], MetricCheck | JudgeMetricSpec]] = [
+            (("metrics", index), metric) for index, metric in enumerate(self.metrics)]
+        checks += [(("judge", "metrics", index), judged)
+                   for index, judged in enumerate(self.judge.metrics if self.judge else ())]
+        for where, check in checks:
+            if check.query is not None:
+                raise FieldIssue(f"provider envoy answers the built-in templates only ({answers}); a custom "
+                                 "PromQL query needs provider: prometheus", *where, "query")
+            if check.template is not None and check.template not in ENVOY_TEMPLATES:
+                raise FieldIssue(f"provider envoy answers the built-in Envoy templates only ({answers}); "
+                                 f"{check.template} reads the application's metrics from Prometheus",
+                                 *where, "template")
 
 
 def _version(value: str) -> str:

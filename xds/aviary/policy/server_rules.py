@@ -24,7 +24,7 @@ PROMETHEUS_NEEDED = "analysis needs a Prometheus: set analysis.prometheus or pas
 def needs_prometheus(rollout: Rollout, file: str, default_url: str | None) -> PolicyError | None:
     """The error for a rollout whose checks would have no Prometheus to ask; None when they have one."""
     analysis = rollout.spec.analysis
-    if analysis is None or analysis.prometheus or default_url:
+    if analysis is None or analysis.prometheus or default_url or analysis.provider == "envoy":
         return None
     return PolicyError(file, PROMETHEUS_FIELD, PROMETHEUS_NEEDED)
 

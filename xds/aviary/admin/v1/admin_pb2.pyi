@@ -244,7 +244,7 @@ class Nack(_message.Message):
     def __init__(self, type_url: _Optional[str] = ..., version: _Optional[str] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Proxy(_message.Message):
-    __slots__ = ("node_id", "node_cluster", "peer", "connected_since", "acked", "last_nack", "xds_worker")
+    __slots__ = ("node_id", "node_cluster", "peer", "connected_since", "acked", "last_nack", "xds_worker", "metrics_reported", "access_log_reported")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_CLUSTER_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +252,8 @@ class Proxy(_message.Message):
     ACKED_FIELD_NUMBER: _ClassVar[int]
     LAST_NACK_FIELD_NUMBER: _ClassVar[int]
     XDS_WORKER_FIELD_NUMBER: _ClassVar[int]
+    METRICS_REPORTED_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_LOG_REPORTED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     node_cluster: str
     peer: str
@@ -259,7 +261,9 @@ class Proxy(_message.Message):
     acked: _containers.RepeatedCompositeFieldContainer[AckedVersion]
     last_nack: Nack
     xds_worker: int
-    def __init__(self, node_id: _Optional[str] = ..., node_cluster: _Optional[str] = ..., peer: _Optional[str] = ..., connected_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., acked: _Optional[_Iterable[_Union[AckedVersion, _Mapping]]] = ..., last_nack: _Optional[_Union[Nack, _Mapping]] = ..., xds_worker: _Optional[int] = ...) -> None: ...
+    metrics_reported: _timestamp_pb2.Timestamp
+    access_log_reported: _timestamp_pb2.Timestamp
+    def __init__(self, node_id: _Optional[str] = ..., node_cluster: _Optional[str] = ..., peer: _Optional[str] = ..., connected_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., acked: _Optional[_Iterable[_Union[AckedVersion, _Mapping]]] = ..., last_nack: _Optional[_Union[Nack, _Mapping]] = ..., xds_worker: _Optional[int] = ..., metrics_reported: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., access_log_reported: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ValidateRequest(_message.Message):
     __slots__ = ("text", "file")
