@@ -23,6 +23,11 @@ scene 2, and `aviary simulate` replays the policy on it (the engine of `aviary s
 clock, no proxy touched): the same rollback, its time beside the live one, a PNG timeline, and a
 sweep over the orders threshold showing which settings would have let v3 through.
 
+A fourth scene: v4 fails 30 % of its requests under a policy whose checks read Envoy's own reports
+(`analysis.provider: envoy`: the metrics service sink and the gRPC access log of
+`deploy/envoy/bootstrap.yaml`, checked every 500 ms, no Prometheus); the summary says how long it
+took from the first failed request to the canary out of Envoy's route.
+
 Ctrl-C stops everything it started. Without a terminal (`CI=true`, or stdout not a tty) it prints
 plain progress lines. Exit status: 0 when the canary ended as expected (promoted; rolled back with
 `--rollback`), 1 otherwise, 2 when something it needs is missing.
@@ -67,9 +72,14 @@ POLICY = REPO / "policies" / "demo" / "shop.yaml"
 ROLLOUT = "shop"
 HOST = "shop.example.com"
 PORTS = {"listener": 10000, "envoy-admin": 9901, "xds": 18000, "admin": 18001, "metrics": 18002,
-         "prometheus": 9090, "v1": 8081, "v2": 8082, "v3": 8083}  # fmt: skip
+         "prometheus": 9090, "v1": 8081, "v2": 8082, "v3": 8083, "v4": 8084}  # fmt: skip
 REQUESTS_PER_SECOND = 50
-ORDERS_PER_REQUEST = {"v1": 0.25, "v2": 0.25, "v3": 0.05}  # the second scene's v3 converts worse
+ORDERS_PER_REQUEST = {"v1": 0.25, "v2": 0.25, "v3": 0.05, "v4": 0.25}  # the second scene's v3 converts worse
+ENVOY_ANALYSIS: dict[str, Any] = {  # scene 4: the checks answered from Envoy's own reports, no Prometheus
+    "provider": "envoy", "checkEvery": "500ms", "window": "5s", "minRequests": 10, "inconclusiveLimit": 10,
+    "metrics": [{"name": "success", "template": "request-success-rate", "min": 95},
+                {"name": "latency", "template": "request-duration-p99", "max": 500}],
+}
 USERS_PER_CLIENT = 50  # each client thread sends as its own users (x-user-id), none shared
 
 
@@ -534,7 +544,7 @@ class Demo:
         if rollout.phase != "RolledBack":
             self.say(f"[demo] expected v3 RolledBack, got {rollout.phase}")
             return 1
-        return self.simulate_scene(rollout, bumped_at)
+        return self.simulate_scene(rollout, bumped_at) or self.envoy_scene(repo)
 
     def simulate_scene(self, rollout: pb.Rollout, bumped_at: float) -> int:
         """Scene 3: record scene 2 from Prometheus and replay it with `aviary simulate`, then sweep."""
@@ -564,6 +574,37 @@ class Demo:
             self.say(f"[demo]     {line}")
         return 0
 
+    def envoy_scene(self, repo: PolicyRepository) -> int:
+        """Scene 4: v4 fails 30 % of its requests; the checks read Envoy's own reports, not Prometheus."""
+        self.say("[demo] scene 4: v4 fails 30 % of its requests, and the policy reads Envoy's own reports "
+                 "(analysis.provider: envoy): Envoy streams its stats every second and each request's "
+                 "status and duration to Aviary, which checks every 500 ms; Prometheus is not asked")
+        self.behave("v4", error_rate=0.3)
+        self.envoy_views = []
+        doc = policy(self.ports, "v4")
+        doc["spec"]["analysis"] = ENVOY_ANALYSIS
+        traffic = Traffic(self.ports["listener"]).start()
+        try:
+            repo.commit(doc, "shop v4, checked from Envoy's reports")
+            self.say("[demo] committed shop v4 to the policy repository: the canary starts")
+            # The rollout is still RolledBack (v3) until the commit is pulled: wait for v4 first.
+            _wait(lambda: "v4" in (self.rollout().canary_version, self.rollout().failed_version), 30,
+                  "the v4 canary to start")
+            rollout = self.follow(traffic, timeout=60, canary="v4")
+        finally:
+            traffic.stop()
+        self.say(f"[demo] result: {render.rollout_line(rollout)}")
+        gone = EnvoyView(0, 0)
+        failed_at = traffic.first_failure_at
+        zero = next((at for at, view in self.envoy_views if view == gone and failed_at and at >= failed_at), None)
+        if failed_at is not None and zero is not None:
+            self.say(f"[demo]   first failed request -> canary out of Envoy's route, from Envoy's reports: "
+                     f"{zero - failed_at:.2f} s (stats flushed every 1 s; make bench times both providers)")
+        if rollout.phase != "RolledBack":
+            self.say(f"[demo] expected v4 RolledBack, got {rollout.phase}")
+            return 1
+        return 0
+
     def _aviary(self, *args: str | Path, expect: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
         done = subprocess.run([VENV_BIN / "aviary", *map(str, args)], capture_output=True, text=True, timeout=120,
                               check=False)
@@ -577,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollback", action="store_true", help="v2 fails ~20%% of requests: watch it roll back")
     parser.add_argument("--free-ports", action="store_true",
                         help="pick free ports instead of the documented ones "
-                             "(10000, 9901, 18000-18002, 9090, 8081-8083)")
+                             "(10000, 9901, 18000-18002, 9090, 8081-8084)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, state) afterwards")
     args = parser.parse_args(argv)
     live = sys.stdout.isatty() and not os.environ.get("CI")

@@ -53,11 +53,15 @@ def test_make_demo_promotes_v2_through_envoy() -> None:
     sent, failed = map(int, re.search(r"requests sent (\d+), failed (\d+): only the orders check", scene).groups())  # type: ignore[union-attr]
     assert sent > 20 and failed == 0, output
     # Scene 3: scene 2 recorded from Prometheus and replayed by aviary simulate, then swept.
-    replay = output[output.index("[demo] scene 3:"):]
+    replay = output[output.index("[demo] scene 3:"):output.index("[demo] scene 4:")]
     simulated = r"simulated: rolled back after [\d.]+m?s \(step \d+: .*\) \(exit status 3\); live: rolled back"
     assert re.search(simulated, replay), output
     assert "compare.min=0.5  rolled back after" in replay, output
-    assert "compare.min=0.1  still running" in replay, output  # v3's 0.2 ratio passes a 0.1 bound
+    # Scene 4: v4 failing 30 % is rolled back from Envoy's own reports (analysis.provider: envoy).
+    reports = output[output.index("[demo] scene 4:"):]
+    assert "[demo] result: shop: RolledBack, stable v2: rolled back v4" in reports, output
+    assert re.search(r"first failed request -> canary out of Envoy's route, from Envoy's reports: \d+\.\d\d s",
+                     reports), output
 
 
 def test_make_demo_rollback_rolls_back_and_times_it() -> None:
