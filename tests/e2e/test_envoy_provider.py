@@ -12,6 +12,9 @@ second Envoy, of node cluster ``nosink``, has no sink (started by the last test 
   30 ms (both fall in Envoy's default 25-50 ms histogram bucket, so Prometheus' p99 reads the same
   for both), while a p99 threshold both pass passes;
 - the same policy promotes a canary as fast as stable;
+- at about three times the policy's ``samplesPerSecond`` per cluster, Envoy itself sends about
+  ``samplesPerSecond`` access-log entries per cluster and second (its ``process_ratelimit`` filter,
+  one token bucket per cluster served over ADS): counted as they arrive, before Aviary's own cap;
 - a proxy without the sink makes the checks inconclusive, naming it.
 
 Figures are written to ``tests/e2e/.results/envoy_provider.json``.
@@ -47,6 +50,9 @@ JUDGE_RATE_PER_CLIENT = 8.0  # ~32 req/s: ~16 samples per 1 s step per side at 5
 STABLE_MS = 30.0
 SLOWER_MS = 45.0
 NOSINK = "nosink"
+SAMPLES_PER_SECOND = 10
+SAMPLING_RATE_PER_CLIENT = 15.0  # ~60 req/s: ~30 a second per cluster at 50 %, three times the samples
+SAMPLING_WINDOW_S = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +187,34 @@ def test_the_same_policy_promotes_a_canary_as_fast_as_stable(
     result = canary.load.stop()
     assert result.failed == 0, result.failures
     rig.record("judge_promoted", decided_s=time.monotonic() - started)
+
+
+def test_envoy_sends_about_samples_per_second_entries_per_cluster(
+        rig: Rig, canary_factory: Callable[..., Canary]) -> None:
+    canary = canary_factory("env-sampled", SAMPLING_RATE_PER_CLIENT)
+    clusters = ("env-sampled_v1", "env-sampled_v2")
+    canary.start({"steps": [50], "interval": "60s"},
+                 envoy_analysis([SUCCESS_RATE], samplesPerSecond=SAMPLES_PER_SECOND))
+    canary.wait_for_route({clusters[0]: 50, clusters[1]: 50}, timeout=15)
+
+    def received() -> tuple[int, ...]:
+        return rig.plane.call(lambda plane: tuple(plane.envoy_reports.received_samples(c) for c in clusters))
+
+    wait_until(lambda: all(count > 0 for count in received()), 10, what="entries of both clusters")
+    assert canary.load is not None
+    before, load_before, started = received(), canary.load.snapshot(), time.monotonic()
+    time.sleep(SAMPLING_WINDOW_S)  # a measuring window, not a synchronisation
+    after, load_after, elapsed = received(), canary.load.snapshot(), time.monotonic() - started
+    story = rig.story(canary.name)
+    sent = [(load_after.by_version.get(v, 0) - load_before.by_version.get(v, 0)) / elapsed for v in ("v1", "v2")]
+    rates = [(a - b) / elapsed for a, b in zip(after, before, strict=True)]
+    dropped = rig.plane.call(lambda plane: [plane.envoy_reports.dropped_samples(c) for c in clusters])
+    rig.record("sampling", samples_per_second=SAMPLES_PER_SECOND, requests_per_second=sent,
+               entries_per_second=rates, dropped_on_arrival=dropped)
+    assert all(rate >= 2 * SAMPLES_PER_SECOND for rate in sent), (sent, story)  # the load is what we claim
+    for rate in rates:  # unsampled, each would be ~3x; one extra bucketful at most over the window
+        assert 0.5 * SAMPLES_PER_SECOND <= rate <= 1.6 * SAMPLES_PER_SECOND, (rates, sent, story)
+    assert canary.status().phase is Phase.PROGRESSING, story
 
 
 def test_a_proxy_without_the_sink_makes_the_checks_inconclusive(

@@ -36,11 +36,13 @@ from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
+from envoy.extensions.access_loggers.filters.process_ratelimit.v3 import process_ratelimit_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_access_log_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
-from envoy.type.v3 import percent_pb2
+from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from aviary.discovery import typeurls, wire
@@ -54,6 +56,9 @@ HCM_FILTER = "envoy.filters.network.http_connection_manager"
 GRPC_ACCESS_LOG = "envoy.access_loggers.http_grpc"
 ACCESS_LOG_NAME = "aviary"
 ACCESS_LOG_FLUSH_SECONDS = 0.5  # Envoy buffers entries at most this long before it sends them
+CEL_LOG_FILTER = "envoy.access_loggers.extension_filters.cel"
+RATELIMIT_LOG_FILTER = "envoy.access_loggers.extension_filters.process_ratelimit"
+SAMPLING_BUCKET_PREFIX = "aviary-samples-"
 ROUTER_FILTER = "envoy.filters.http.router"
 CONNECT_TIMEOUT_SECONDS = 2
 # Builders of resources that depend only on their (hashable, immutable) inputs are memoized: a
@@ -94,6 +99,7 @@ class PublishedRollout:
     stickiness: Stickiness | None = None  # `route` split by a hash of this key (last cluster: the canary)
     mirror: tuple[str, int] | None = None  # (cluster name, percent of `route`'s requests copied to it)
     access_log: bool = False  # its listener sends access logs to Aviary (analysis.provider: envoy)
+    samples_per_second: int = 100  # with access_log: entries each of its clusters sends per second at most
 
     @classmethod
     def of(
@@ -149,9 +155,57 @@ def _packed(message: object) -> any_pb2.Any:
     return packed
 
 
-def grpc_access_log() -> accesslog_pb2.AccessLog:
-    """Every request's access-log entry streamed to the control plane (``AccessLogService``), which
-    keeps at most ``samples_per_second`` per cluster (``aviary.metrics.envoy_reports``)."""
+def sampling_bucket_name(cluster: str) -> str:
+    """The token bucket that limits the access-log entries of ``cluster``'s requests."""
+    return f"{SAMPLING_BUCKET_PREFIX}{cluster}"
+
+
+@functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
+def build_sampling_bucket(cluster: str, per_second: int) -> Resource:
+    """``per_second`` tokens a second, no more saved up than that: at most ``per_second`` access-log
+    entries of ``cluster`` a second (a burst of ``per_second`` after a quiet second, no more)."""
+    bucket = token_bucket_pb2.TokenBucket(
+        max_tokens=per_second,
+        tokens_per_fill=wrappers_pb2.UInt32Value(value=per_second),
+        fill_interval=duration_pb2.Duration(seconds=1),
+    )
+    return Resource.from_message(sampling_bucket_name(cluster), typeurls.TOKEN_BUCKET, bucket, wildcard=False)
+
+
+def _sampled(cluster: str) -> accesslog_pb2.AccessLogFilter:
+    """True for a request routed to ``cluster`` while its bucket has a token (it takes one).
+
+    The CEL test comes first: ``and_filter`` stops at the first false, so a request of another
+    cluster takes no token of this one. ``xds.cluster_name`` is the cluster the router chose, the
+    weighted cluster picked for this request included.
+    """
+    selects = cel_pb2.ExpressionFilter(expression=f'xds.cluster_name == "{cluster}"')
+    limits = process_ratelimit_pb2.ProcessRateLimitFilter(
+        dynamic_config=process_ratelimit_pb2.DynamicTokenBucket(
+            resource_name=sampling_bucket_name(cluster), config_source=_ads_source()))
+    return accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=[
+        accesslog_pb2.AccessLogFilter(extension_filter=accesslog_pb2.ExtensionFilter(
+            name=CEL_LOG_FILTER, typed_config=_packed(selects))),
+        accesslog_pb2.AccessLogFilter(extension_filter=accesslog_pb2.ExtensionFilter(
+            name=RATELIMIT_LOG_FILTER, typed_config=_packed(limits))),
+    ]))
+
+
+def grpc_access_log(sampled: Sequence[str] = ()) -> accesslog_pb2.AccessLog:
+    """Access-log entries streamed to the control plane (``AccessLogService``).
+
+    With ``sampled`` (cluster names), Envoy sends an entry only for a request routed to one of them
+    and only while that cluster's token bucket (`build_sampling_bucket`, served over ADS) has a token:
+    the policy's ``samplesPerSecond`` per cluster, counted where the requests are, so the rest are
+    never encoded or sent. Aviary still caps what arrives (``aviary.metrics.envoy_reports``): a proxy
+    whose listener predates the filter, or several proxies of one cluster, can send more.
+    """
+    filters = [_sampled(cluster) for cluster in sampled]
+    log_filter = None
+    if len(filters) == 1:
+        log_filter = filters[0]
+    elif filters:  # or_filter wants two or more
+        log_filter = accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(filters=filters))
     config = grpc_access_log_pb2.HttpGrpcAccessLogConfig(
         common_config=grpc_access_log_pb2.CommonGrpcAccessLogConfig(
             log_name=ACCESS_LOG_NAME,
@@ -160,24 +214,24 @@ def grpc_access_log() -> accesslog_pb2.AccessLog:
                 envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)),
             buffer_flush_interval=duration_pb2.Duration(nanos=int(ACCESS_LOG_FLUSH_SECONDS * 1e9)),
         ))
-    return accesslog_pb2.AccessLog(name=GRPC_ACCESS_LOG, typed_config=_packed(config))
+    return accesslog_pb2.AccessLog(name=GRPC_ACCESS_LOG, filter=log_filter, typed_config=_packed(config))
 
 
-def _http_connection_manager(stat_prefix: str, route_config: str,
-                             access_log: bool = False) -> hcm_pb2.HttpConnectionManager:
+def _http_connection_manager(stat_prefix: str, route_config: str, access_log: bool = False,
+                             sampled: Sequence[str] = ()) -> hcm_pb2.HttpConnectionManager:
     return hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.CodecType.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=route_config),
         http_filters=[hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_packed(router_pb2.Router()))],
-        access_log=[grpc_access_log()] if access_log else [],
+        access_log=[grpc_access_log(sampled)] if access_log else [],
     )
 
 
 @functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
-def build_listener(listener: ListenerSpec, access_log: bool = False) -> Resource:
+def build_listener(listener: ListenerSpec, access_log: bool = False, sampled: tuple[str, ...] = ()) -> Resource:
     """The listener of ``listener``; ``access_log``: with the gRPC access log to the control plane
-    (one of its rollouts uses ``analysis.provider: envoy``)."""
+    (one of its rollouts uses ``analysis.provider: envoy``), limited to ``sampled`` clusters' buckets."""
     name = listener_name(listener)
     route = route_name(listener)
     message = listener_pb2.Listener(
@@ -192,7 +246,7 @@ def build_listener(listener: ListenerSpec, access_log: bool = False) -> Resource
                 filters=[
                     listener_components_pb2.Filter(
                         name=HCM_FILTER,
-                        typed_config=_packed(_http_connection_manager(name, route, access_log)),
+                        typed_config=_packed(_http_connection_manager(name, route, access_log, sampled)),
                     )
                 ]
             )
@@ -480,6 +534,12 @@ def _own_resources(rollout: PublishedRollout) -> tuple[Resource, ...]:
     return tuple(own)
 
 
+def _routed_clusters(rollout: PublishedRollout) -> list[str]:
+    """The clusters a rollout's requests can be routed to (its split and its cohorts), in order."""
+    named = [cluster for cluster, _ in rollout.route] + [cluster for _, cluster in rollout.cohorts]
+    return list(dict.fromkeys(named))
+
+
 def _resources(rollouts: Iterable[PublishedRollout]) -> list[tuple[str, Resource]]:
     """Every resource of these rollouts, with the rollout it comes from ("" for shared ones)."""
     resources: list[tuple[str, Resource]] = []
@@ -493,15 +553,22 @@ def _resources(rollouts: Iterable[PublishedRollout]) -> list[tuple[str, Resource
         listeners[rollout.listener.key] = rollout.listener
     for key, members in by_listener.items():
         listener = listeners[key]
-        resources.append(("", build_listener(listener, any(member.access_log for member in members))))
+        sampled: dict[str, str] = {}  # cluster -> rollout, of every cluster an access-logging member routes to
+        for member in members:
+            if member.access_log:
+                for cluster in _routed_clusters(member):
+                    sampled[cluster] = member.name
+                    resources.append((member.name, build_sampling_bucket(cluster, member.samples_per_second)))
+        access_log = any(member.access_log for member in members)
+        resources.append(("", build_listener(listener, access_log, tuple(sorted(sampled)))))
         resources.append(("", build_route_configuration(route_name(listener), members)))
     return resources
 
 
 def clear_built() -> None:
     """Forget every memoized resource (the benchmark's cold build)."""
-    for builder in (build_listener, build_api_listener, build_grpc_route_configuration, build_cluster,
-                    _encoded_virtual_host, _own_resources, _route_violations):
+    for builder in (build_listener, build_sampling_bucket, build_api_listener, build_grpc_route_configuration,
+                    build_cluster, _encoded_virtual_host, _own_resources, _route_violations):
         builder.cache_clear()
 
 
