@@ -38,6 +38,7 @@ from tests.e2e.test_rollouts import Canary, Rig, WeightWatch, _merged, write_rol
 from tests.rig.backends import Backends
 from tests.rig.control_plane import RunningControlPlane, write_policy
 from tests.rig.envoy import EnvoyProcess
+from tests.rig.loadgen import LoadGenerator
 from tests.rig.ports import free_port, port_open
 from tests.rig.stage import HOST, write_results
 from tests.rig.waiting import wait_until
@@ -50,6 +51,7 @@ JUDGE_RATE_PER_CLIENT = 8.0  # ~32 req/s: ~16 samples per 1 s step per side at 5
 STABLE_MS = 30.0
 SLOWER_MS = 45.0
 NOSINK = "nosink"
+DELTA = "delta"
 SAMPLES_PER_SECOND = 10
 SAMPLING_RATE_PER_CLIENT = 15.0  # ~60 req/s: ~30 a second per cluster at 50 %, three times the samples
 SAMPLING_WINDOW_S = 5.0
@@ -189,32 +191,65 @@ def test_the_same_policy_promotes_a_canary_as_fast_as_stable(
     rig.record("judge_promoted", decided_s=time.monotonic() - started)
 
 
-def test_envoy_sends_about_samples_per_second_entries_per_cluster(
-        rig: Rig, canary_factory: Callable[..., Canary]) -> None:
-    canary = canary_factory("env-sampled", SAMPLING_RATE_PER_CLIENT)
-    clusters = ("env-sampled_v1", "env-sampled_v2")
-    canary.start({"steps": [50], "interval": "60s"},
-                 envoy_analysis([SUCCESS_RATE], samplesPerSecond=SAMPLES_PER_SECOND))
-    canary.wait_for_route({clusters[0]: 50, clusters[1]: 50}, timeout=15)
+def _sampled_rates(rig: Rig, name: str, load: LoadGenerator, key: str) -> None:
+    """Over a window, the requests each version of ``name`` got and the entries of each that arrived
+    (before Aviary's cap); asserts about ``SAMPLES_PER_SECOND`` of each, and records the figures."""
+    clusters = (f"{name}_v1", f"{name}_v2")
 
     def received() -> tuple[int, ...]:
         return rig.plane.call(lambda plane: tuple(plane.envoy_reports.received_samples(c) for c in clusters))
 
     wait_until(lambda: all(count > 0 for count in received()), 10, what="entries of both clusters")
-    assert canary.load is not None
-    before, load_before, started = received(), canary.load.snapshot(), time.monotonic()
+    before, load_before, started = received(), load.snapshot(), time.monotonic()
     time.sleep(SAMPLING_WINDOW_S)  # a measuring window, not a synchronisation
-    after, load_after, elapsed = received(), canary.load.snapshot(), time.monotonic() - started
-    story = rig.story(canary.name)
+    after, load_after, elapsed = received(), load.snapshot(), time.monotonic() - started
+    story = rig.story(name)
     sent = [(load_after.by_version.get(v, 0) - load_before.by_version.get(v, 0)) / elapsed for v in ("v1", "v2")]
     rates = [(a - b) / elapsed for a, b in zip(after, before, strict=True)]
     dropped = rig.plane.call(lambda plane: [plane.envoy_reports.dropped_samples(c) for c in clusters])
-    rig.record("sampling", samples_per_second=SAMPLES_PER_SECOND, requests_per_second=sent,
+    rig.record(key, samples_per_second=SAMPLES_PER_SECOND, requests_per_second=sent,
                entries_per_second=rates, dropped_on_arrival=dropped)
     assert all(rate >= 2 * SAMPLES_PER_SECOND for rate in sent), (sent, story)  # the load is what we claim
     for rate in rates:  # unsampled, each would be ~3x; one extra bucketful at most over the window
         assert 0.5 * SAMPLES_PER_SECOND <= rate <= 1.6 * SAMPLES_PER_SECOND, (rates, sent, story)
-    assert canary.status().phase is Phase.PROGRESSING, story
+    status = rig.status(name)
+    assert status is not None and status.phase is Phase.PROGRESSING, story
+
+
+def test_envoy_sends_about_samples_per_second_entries_per_cluster(
+        rig: Rig, canary_factory: Callable[..., Canary]) -> None:
+    canary = canary_factory("env-sampled", SAMPLING_RATE_PER_CLIENT)
+    canary.start({"steps": [50], "interval": "60s"},
+                 envoy_analysis([SUCCESS_RATE], samplesPerSecond=SAMPLES_PER_SECOND))
+    canary.wait_for_route({"env-sampled_v1": 50, "env-sampled_v2": 50}, timeout=15)
+    assert canary.load is not None
+    _sampled_rates(rig, canary.name, canary.load, "sampling")
+
+
+def test_a_delta_ads_envoy_gets_its_buckets_and_samples_alike(
+        rig: Rig, backends: Backends, envoy_factory: Callable[..., EnvoyProcess],
+        loadgen_factory: LoadgenFactory) -> None:
+    """The same over incremental ADS: there the bucket's name travels in the delta Resource."""
+    backends.start(["v1", "v2"])
+    port, name = free_port(), "env-delta"
+    route = route_name(ListenerSpec(address="127.0.0.1", port=port))
+    envoy = envoy_factory(rig.plane.xds_port, node_id="envoy-delta", node_cluster=DELTA, delta=True, reports=True)
+    analysis = envoy_analysis([SUCCESS_RATE], samplesPerSecond=SAMPLES_PER_SECOND)
+    try:
+        write_policy(rig.policies, name, port=port, version="v1", endpoints=[backends.address("v1")],
+                     proxy_cluster=DELTA)
+        wait_until(lambda: _merged(envoy.route_weights(route)) == {f"{name}_v1": 100} and port_open(port), 15,
+                   what="the delta Envoy to route the rollout")
+        load = loadgen_factory(f"127.0.0.1:{port}", HOST, CLIENTS, SAMPLING_RATE_PER_CLIENT)
+        load.wait_for_requests(20, timeout=15)
+        write_policy(rig.policies, name, port=port, version="v2", endpoints=[backends.address("v2")],
+                     proxy_cluster=DELTA, strategy={"steps": [50], "interval": "60s"}, analysis=analysis)
+        wait_until(lambda: _merged(envoy.route_weights(route)) == {f"{name}_v1": 50, f"{name}_v2": 50}, 15,
+                   what="the delta Envoy to split 50/50")
+        _sampled_rates(rig, name, load, "sampling_delta")
+        assert not envoy.log_errors(), envoy.log_errors()
+    finally:
+        (rig.policies / f"{name}.yaml").unlink(missing_ok=True)
 
 
 def test_a_proxy_without_the_sink_makes_the_checks_inconclusive(
