@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,7 +39,7 @@ from tests.e2e.test_rollouts import Canary, Rig, WeightWatch, _merged, write_rol
 from tests.rig.backends import Backends
 from tests.rig.control_plane import RunningControlPlane, write_policy
 from tests.rig.envoy import EnvoyProcess
-from tests.rig.loadgen import LoadGenerator
+from tests.rig.loadgen import LoadGenerator, send_requests
 from tests.rig.ports import free_port, port_open
 from tests.rig.stage import HOST, write_results
 from tests.rig.waiting import wait_until
@@ -52,6 +53,7 @@ STABLE_MS = 30.0
 SLOWER_MS = 45.0
 NOSINK = "nosink"
 DELTA = "delta"
+PER_TYPE = "pertype"
 SAMPLES_PER_SECOND = 10
 SAMPLING_RATE_PER_CLIENT = 15.0  # ~60 req/s: ~30 a second per cluster at 50 %, three times the samples
 SAMPLING_WINDOW_S = 5.0
@@ -250,6 +252,31 @@ def test_a_delta_ads_envoy_gets_its_buckets_and_samples_alike(
         assert not envoy.log_errors(), envoy.log_errors()
     finally:
         (rig.policies / f"{name}.yaml").unlink(missing_ok=True)
+
+
+def test_an_envoy_without_ads_accepts_the_listener_and_sends_entries_unsampled(
+        rig: Rig, backends: Backends, tmp_path: Path) -> None:
+    """Token buckets exist on ADS only: an Envoy on per-type services gets the access log without
+    the sampling filter (a listener naming an ADS source it would reject), and Aviary's cap keeps
+    samplesPerSecond on arrival."""
+    backends.start(["v1"])
+    port, name = free_port(), "env-pertype"
+    route = route_name(ListenerSpec(address="127.0.0.1", port=port))
+    envoy = EnvoyProcess(tmp_path / "envoy", rig.plane.xds_port, "envoy-pertype", PER_TYPE, per_type=True,
+                         reports=True)
+    try:
+        envoy.start()
+        write_policy(rig.policies, name, port=port, version="v1", endpoints=[backends.address("v1")],
+                     proxy_cluster=PER_TYPE, analysis=envoy_analysis([SUCCESS_RATE]))
+        wait_until(lambda: _merged(envoy.route_weights(route)) == {f"{name}_v1": 100} and port_open(port), 15,
+                   what="the per-type Envoy to route the rollout")
+        assert send_requests(port, HOST, 20).get("v1") == 20
+        wait_until(lambda: rig.plane.call(lambda plane: plane.envoy_reports.received_samples(f"{name}_v1")) >= 20,
+                   10, what="every entry, unsampled")
+        assert not envoy.log_errors(), envoy.log_errors()
+    finally:
+        (rig.policies / f"{name}.yaml").unlink(missing_ok=True)
+        envoy.stop()
 
 
 def test_a_proxy_without_the_sink_makes_the_checks_inconclusive(

@@ -275,3 +275,34 @@ def test_the_access_log_is_sampled_per_routed_cluster_by_token_buckets_served_on
     listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
     assert manager.access_log[0].filter.WhichOneof("filter_specifier") == "and_filter"
     assert not build_snapshot([rollout]).items(typeurls.TOKEN_BUCKET)
+
+
+def test_an_envoy_on_per_type_services_gets_the_access_log_unsampled_and_no_buckets() -> None:
+    """Token buckets come over ADS only: for an Envoy without ADS the filter goes (Aviary's cap
+    on arrival keeps samplesPerSecond) rather than a listener it would reject."""
+    from dataclasses import replace
+
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+    from google.protobuf import any_pb2
+
+    from aviary.discovery import typeurls
+    from aviary.discovery.config_sources import for_per_type
+    from aviary.discovery.resources import GRPC_ACCESS_LOG, PublishedRollout, build_snapshot, listener_name
+    from aviary.policy.schema import Endpoint, ListenerSpec
+    from aviary.traffic import Backend
+
+    v1 = Backend("v1", (Endpoint.model_validate("127.0.0.1:8080"),))
+    rollout = PublishedRollout.of("shop", ListenerSpec(address="127.0.0.1", port=10000), ("*",), ((v1, 100),), (v1,))
+    snapshot = build_snapshot([replace(rollout, access_log=True)])
+    for delta in (False, True):
+        rendered = for_per_type(snapshot, delta, "xds_cluster")
+        assert not rendered.items(typeurls.TOKEN_BUCKET)
+        resource = rendered.items(typeurls.LISTENER)[listener_name(rollout.listener)]
+        listener = listener_pb2.Listener()
+        any_pb2.Any.FromString(resource.any_bytes).Unpack(listener)
+        manager = http_connection_manager_pb2.HttpConnectionManager()
+        listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+        [log] = manager.access_log
+        assert log.name == GRPC_ACCESS_LOG and not log.HasField("filter")
+        assert manager.rds.config_source.HasField("api_config_source")
