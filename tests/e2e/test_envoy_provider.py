@@ -15,6 +15,8 @@ second Envoy, of node cluster ``nosink``, has no sink (started by the last test 
 - at about three times the policy's ``samplesPerSecond`` per cluster, Envoy itself sends about
   ``samplesPerSecond`` access-log entries per cluster and second (its ``process_ratelimit`` filter,
   one token bucket per cluster served over ADS): counted as they arrive, before Aviary's own cap;
+  the same from a delta-ADS Envoy; buckets added, updated and removed through two promotions leave
+  Envoy up; an Envoy without ADS gets the access log unsampled (and accepts the listener);
 - a proxy without the sink makes the checks inconclusive, naming it.
 
 Figures are written to ``tests/e2e/.results/envoy_provider.json``.
@@ -250,6 +252,36 @@ def test_a_delta_ads_envoy_gets_its_buckets_and_samples_alike(
                    what="the delta Envoy to split 50/50")
         _sampled_rates(rig, name, load, "sampling_delta")
         assert not envoy.log_errors(), envoy.log_errors()
+    finally:
+        (rig.policies / f"{name}.yaml").unlink(missing_ok=True)
+
+
+def test_buckets_follow_two_promotions_and_a_rate_change_without_hurting_envoy(
+        rig: Rig, backends: Backends, loadgen_factory: LoadgenFactory) -> None:
+    """v1 -> v2 -> v3 under load, the last with another samplesPerSecond: five listener versions
+    naming buckets that are added, updated (a filter made while its bucket already existed sees
+    the update) and removed (while older listener versions drain). Envoy 1.40 stays up and takes
+    every update; no request fails."""
+    backends.start(["v1", "v2", "v3"])
+    port, name = free_port(), "env-life"
+    route = route_name(ListenerSpec(address="127.0.0.1", port=port))
+    try:
+        write_policy(rig.policies, name, port=port, version="v1", endpoints=[backends.address("v1")],
+                     analysis=envoy_analysis([SUCCESS_RATE], samplesPerSecond=SAMPLES_PER_SECOND))
+        wait_until(lambda: _merged(rig.envoy.route_weights(route)) == {f"{name}_v1": 100} and port_open(port), 15,
+                   what="v1 routed")
+        load = loadgen_factory(f"127.0.0.1:{port}", HOST, 2, 10.0)
+        load.wait_for_requests(20, timeout=15)
+        for version, per_second in (("v2", SAMPLES_PER_SECOND), ("v3", 2 * SAMPLES_PER_SECOND)):
+            write_policy(rig.policies, name, port=port, version=version, endpoints=[backends.address(version)],
+                         strategy={"steps": [50], "interval": "2s"},
+                         analysis=envoy_analysis([SUCCESS_RATE], samplesPerSecond=per_second))
+            wait_until(lambda v=version: _merged(rig.envoy.route_weights(route)) == {f"{name}_{v}": 100}, 30,
+                       what=f"{version} promoted")
+        result = load.wait_for_requests(40, timeout=15)
+        assert rig.envoy.alive, rig.envoy.describe()
+        assert not rig.envoy.log_errors(), rig.envoy.log_errors()
+        assert result.failed == 0, result.failures
     finally:
         (rig.policies / f"{name}.yaml").unlink(missing_ok=True)
 
