@@ -12,7 +12,10 @@ Memory is bounded whatever the proxies send:
   seconds, each slot the requests answered by response code class 1xx..5xx, summed over proxies;
 - samples: per cluster the last ``max_samples`` access-log entries (time, duration ms, status),
   at most ``samples_per_second`` kept per cluster and second (the rest are counted as dropped;
-  ``keep`` sets a cluster's own budget: the policy's ``analysis.samplesPerSecond``);
+  ``keep`` sets a cluster's own budget: the policy's ``analysis.samplesPerSecond``). Envoy already
+  sends about that many (its access log's token buckets, ``aviary.discovery.resources``): this cap
+  is the second line, for proxies without the filter (per-type services), several proxies of one
+  cluster, and Envoy's seconds not being ours;
 - at most ``max_clusters`` clusters (the least recently reported one is forgotten first) and
   ``max_proxies`` proxies.
 
