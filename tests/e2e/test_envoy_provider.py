@@ -14,8 +14,10 @@ second Envoy, of node cluster ``nosink``, has no sink (started by the last test 
 - the same policy promotes a canary as fast as stable;
 - at about three times the policy's ``samplesPerSecond`` per cluster, Envoy itself sends about
   ``samplesPerSecond`` access-log entries per cluster and second (its ``process_ratelimit`` filter,
-  one token bucket per cluster served over ADS): counted as they arrive, before Aviary's own cap;
-  the same from a delta-ADS Envoy; buckets added, updated and removed through two promotions leave
+  a token bucket per rollout and slot served over ADS): counted as they arrive, before Aviary's own cap;
+  the same from a delta-ADS Envoy, and from a keep-alive connection opened before the canary (the
+  slot of a cluster is in the route's metadata, so a canary leaves the listener as it was); buckets
+  added, updated and removed through two promotions leave
   Envoy up; an Envoy without ADS gets the access log unsampled (and accepts the listener);
 - a proxy without the sink makes the checks inconclusive, naming it.
 
@@ -252,6 +254,32 @@ def test_a_delta_ads_envoy_gets_its_buckets_and_samples_alike(
                    what="the delta Envoy to split 50/50")
         _sampled_rates(rig, name, load, "sampling_delta")
         assert not envoy.log_errors(), envoy.log_errors()
+    finally:
+        (rig.policies / f"{name}.yaml").unlink(missing_ok=True)
+
+
+def test_a_keep_alive_connection_opened_before_the_canary_samples_it_too(
+        rig: Rig, backends: Backends, loadgen_factory: LoadgenFactory) -> None:
+    """One keep-alive client, connected while only v1 existed: the canary changes the route (whose
+    metadata gives v2 its slot), not the listener, so that connection's entries include v2's.
+    (With the clusters named in the listener, its old version kept sampling v1 only: 4.4 v2 entries
+    a second of 10 until the connection drained.)"""
+    backends.start(["v1", "v2"])
+    port, name = free_port(), "env-keep"
+    route = route_name(ListenerSpec(address="127.0.0.1", port=port))
+    analysis = envoy_analysis([SUCCESS_RATE], samplesPerSecond=SAMPLES_PER_SECOND)
+    try:
+        write_policy(rig.policies, name, port=port, version="v1", endpoints=[backends.address("v1")],
+                     analysis=analysis)
+        wait_until(lambda: _merged(rig.envoy.route_weights(route)) == {f"{name}_v1": 100} and port_open(port), 15,
+                   what="v1 routed")
+        load = loadgen_factory(f"127.0.0.1:{port}", HOST, 1, 4 * SAMPLING_RATE_PER_CLIENT)  # client 0: keep-alive
+        load.wait_for_requests(20, timeout=15)
+        write_policy(rig.policies, name, port=port, version="v2", endpoints=[backends.address("v2")],
+                     strategy={"steps": [50], "interval": "60s"}, analysis=analysis)
+        wait_until(lambda: _merged(rig.envoy.route_weights(route)) == {f"{name}_v1": 50, f"{name}_v2": 50}, 15,
+                   what="a 50/50 split")
+        _sampled_rates(rig, name, load, "sampling_keep_alive")
     finally:
         (rig.policies / f"{name}.yaml").unlink(missing_ok=True)
 

@@ -43,7 +43,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 from aviary.discovery import typeurls, wire
 from aviary.discovery.config_sources import XDS_CLUSTER  # the bootstrap's cluster of the control plane
@@ -59,6 +59,8 @@ ACCESS_LOG_FLUSH_SECONDS = 0.5  # Envoy buffers entries at most this long before
 CEL_LOG_FILTER = "envoy.access_loggers.extension_filters.cel"
 RATELIMIT_LOG_FILTER = "envoy.access_loggers.extension_filters.process_ratelimit"
 SAMPLING_BUCKET_PREFIX = "aviary-samples-"
+SAMPLING_METADATA = "aviary.samples"  # route metadata: cluster -> its sampling slot, "<rollout>#<slot>"
+SAMPLING_SLOTS = 3  # stable, canary, and a canary being replaced; any further cluster shares the last
 ROUTER_FILTER = "envoy.filters.http.router"
 CONNECT_TIMEOUT_SECONDS = 2
 # Builders of resources that depend only on their (hashable, immutable) inputs are memoized: a
@@ -155,34 +157,58 @@ def _packed(message: object) -> any_pb2.Any:
     return packed
 
 
-def sampling_bucket_name(cluster: str) -> str:
-    """The token bucket that limits the access-log entries of ``cluster``'s requests."""
-    return f"{SAMPLING_BUCKET_PREFIX}{cluster}"
+def sampling_slot(rollout: str, slot: int) -> str:
+    """A rollout's sampling slot: what a route's metadata maps a cluster to, and its bucket's suffix."""
+    return f"{rollout}#{slot}"
+
+
+def sampling_bucket_name(rollout: str, slot: int) -> str:
+    """The token bucket that limits the access-log entries of one sampling slot of ``rollout``."""
+    return f"{SAMPLING_BUCKET_PREFIX}{rollout}-{slot}"
 
 
 @functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
-def build_sampling_bucket(cluster: str, per_second: int) -> Resource:
+def build_sampling_bucket(rollout: str, slot: int, per_second: int) -> Resource:
     """``per_second`` tokens a second, no more saved up than that: at most ``per_second`` access-log
-    entries of ``cluster`` a second (a burst of ``per_second`` after a quiet second, no more)."""
+    entries a second of the cluster in that slot (a burst of ``per_second`` after a quiet second)."""
     bucket = token_bucket_pb2.TokenBucket(
         max_tokens=per_second,
         tokens_per_fill=wrappers_pb2.UInt32Value(value=per_second),
         fill_interval=duration_pb2.Duration(seconds=1),
     )
-    return Resource.from_message(sampling_bucket_name(cluster), typeurls.TOKEN_BUCKET, bucket, wildcard=False)
+    return Resource.from_message(sampling_bucket_name(rollout, slot), typeurls.TOKEN_BUCKET, bucket, wildcard=False)
 
 
-def _sampled(cluster: str) -> accesslog_pb2.AccessLogFilter:
-    """True for a request routed to ``cluster`` while its bucket has a token (it takes one).
+def _sampling_slots(rollout: PublishedRollout) -> dict[str, str]:
+    """Each cluster the rollout routes to (split, then cohorts) -> its slot, in route order."""
+    named = list(dict.fromkeys([c for c, _ in rollout.route] + [c for _, c in rollout.cohorts]))
+    return {cluster: sampling_slot(rollout.name, min(i, SAMPLING_SLOTS - 1)) for i, cluster in enumerate(named)}
 
-    The CEL test comes first: ``and_filter`` stops at the first false, so a request of another
-    cluster takes no token of this one. ``xds.cluster_name`` is the cluster the router chose, the
-    weighted cluster picked for this request included.
+
+def _sampling_metadata(rollout: PublishedRollout) -> base_pb2.Metadata:
+    """The route metadata the access log's filter reads: which slot (bucket) the chosen cluster uses."""
+    slots = struct_pb2.Struct()
+    slots.update(_sampling_slots(rollout))
+    return base_pb2.Metadata(filter_metadata={SAMPLING_METADATA: slots})
+
+
+def _sampled(rollout: str, slot: int) -> accesslog_pb2.AccessLogFilter:
+    """True for a request whose route maps the cluster it chose to this slot, while the slot's bucket
+    has a token (it takes one).
+
+    The slot comes from the route's metadata, not from a cluster name in the listener: a new canary
+    changes the route (as it does anyway) and not the listener, so connections opened before it are
+    sampled for it too (a changed listener leaves them on its old version until they drain). The CEL
+    test comes first: ``and_filter`` stops at the first false, so other requests take no token.
+    ``xds.cluster_name`` is the cluster the router chose, the weighted cluster picked included.
     """
-    selects = cel_pb2.ExpressionFilter(expression=f'xds.cluster_name == "{cluster}"')
+    slots = f"xds.route_metadata.filter_metadata['{SAMPLING_METADATA}']"
+    expression = (f"'{SAMPLING_METADATA}' in xds.route_metadata.filter_metadata"
+                  f" && xds.cluster_name in {slots} && {slots}[xds.cluster_name] == '{sampling_slot(rollout, slot)}'")
+    selects = cel_pb2.ExpressionFilter(expression=expression)
     limits = process_ratelimit_pb2.ProcessRateLimitFilter(
         dynamic_config=process_ratelimit_pb2.DynamicTokenBucket(
-            resource_name=sampling_bucket_name(cluster), config_source=_ads_source()))
+            resource_name=sampling_bucket_name(rollout, slot), config_source=_ads_source()))
     return accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=[
         accesslog_pb2.AccessLogFilter(extension_filter=accesslog_pb2.ExtensionFilter(
             name=CEL_LOG_FILTER, typed_config=_packed(selects))),
@@ -194,13 +220,13 @@ def _sampled(cluster: str) -> accesslog_pb2.AccessLogFilter:
 def grpc_access_log(sampled: Sequence[str] = ()) -> accesslog_pb2.AccessLog:
     """Access-log entries streamed to the control plane (``AccessLogService``).
 
-    With ``sampled`` (cluster names), Envoy sends an entry only for a request routed to one of them
-    and only while that cluster's token bucket (`build_sampling_bucket`, served over ADS) has a token:
-    the policy's ``samplesPerSecond`` per cluster, counted where the requests are, so the rest are
-    never encoded or sent. Aviary still caps what arrives (``aviary.metrics.envoy_reports``): a proxy
-    whose listener predates the filter, or several proxies of one cluster, can send more.
+    With ``sampled`` (rollout names), Envoy sends an entry only for a request of one of them, and
+    only while the token bucket of the slot its cluster has (`build_sampling_bucket`, served over
+    ADS) has a token: the policy's ``samplesPerSecond`` per cluster, counted where the requests are,
+    so the rest are never encoded or sent. Aviary still caps what arrives
+    (``aviary.metrics.envoy_reports``): several proxies of one cluster each send their share.
     """
-    filters = [_sampled(cluster) for cluster in sampled]
+    filters = [_sampled(rollout, slot) for rollout in sampled for slot in range(SAMPLING_SLOTS)]
     log_filter = None
     if len(filters) == 1:
         log_filter = filters[0]
@@ -231,7 +257,7 @@ def _http_connection_manager(stat_prefix: str, route_config: str, access_log: bo
 @functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
 def build_listener(listener: ListenerSpec, access_log: bool = False, sampled: tuple[str, ...] = ()) -> Resource:
     """The listener of ``listener``; ``access_log``: with the gRPC access log to the control plane
-    (one of its rollouts uses ``analysis.provider: envoy``), limited to ``sampled`` clusters' buckets."""
+    (one of its rollouts uses ``analysis.provider: envoy``), sampled for the ``sampled`` rollouts."""
     name = listener_name(listener)
     route = route_name(listener)
     message = listener_pb2.Listener(
@@ -420,6 +446,10 @@ def _virtual_host(rollout: PublishedRollout, domains: Sequence[str]) -> route_co
     if sticky is not None and sticky.cookie is not None and sticky.ttl is not None:
         routes.append(_cookie_issuing_route(rollout.route, sticky.cookie, sticky.ttl, rollout.mirror))
     routes.append(_weighted_route(rollout.route, sticky, rollout.mirror))
+    if rollout.access_log:
+        metadata = _sampling_metadata(rollout)
+        for route in routes:
+            route.metadata.CopyFrom(metadata)
     return route_components_pb2.VirtualHost(name=rollout.name, domains=list(domains), routes=routes)
 
 
@@ -534,12 +564,6 @@ def _own_resources(rollout: PublishedRollout) -> tuple[Resource, ...]:
     return tuple(own)
 
 
-def _routed_clusters(rollout: PublishedRollout) -> list[str]:
-    """The clusters a rollout's requests can be routed to (its split and its cohorts), in order."""
-    named = [cluster for cluster, _ in rollout.route] + [cluster for _, cluster in rollout.cohorts]
-    return list(dict.fromkeys(named))
-
-
 def _resources(rollouts: Iterable[PublishedRollout]) -> list[tuple[str, Resource]]:
     """Every resource of these rollouts, with the rollout it comes from ("" for shared ones)."""
     resources: list[tuple[str, Resource]] = []
@@ -553,14 +577,12 @@ def _resources(rollouts: Iterable[PublishedRollout]) -> list[tuple[str, Resource
         listeners[rollout.listener.key] = rollout.listener
     for key, members in by_listener.items():
         listener = listeners[key]
-        sampled: dict[str, str] = {}  # cluster -> rollout, of every cluster an access-logging member routes to
+        sampled = sorted(member.name for member in members if member.access_log)
         for member in members:
-            if member.access_log:
-                for cluster in _routed_clusters(member):
-                    sampled[cluster] = member.name
-                    resources.append((member.name, build_sampling_bucket(cluster, member.samples_per_second)))
-        access_log = any(member.access_log for member in members)
-        resources.append(("", build_listener(listener, access_log, tuple(sorted(sampled)))))
+            if member.access_log:  # every slot's bucket, used or not: the listener waits for each it names
+                resources.extend((member.name, build_sampling_bucket(member.name, slot, member.samples_per_second))
+                                 for slot in range(SAMPLING_SLOTS))
+        resources.append(("", build_listener(listener, bool(sampled), tuple(sampled))))
         resources.append(("", build_route_configuration(route_name(listener), members)))
     return resources
 

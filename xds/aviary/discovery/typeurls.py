@@ -5,8 +5,8 @@ gets everything at once (clusters and their endpoints before the listeners and r
 name them), and the order we push in when several types change together.
 
 TOKEN_BUCKET is served on ADS only (no per-type discovery service exists for it): the access log's
-``process_ratelimit`` filter of a ``provider: envoy`` listener subscribes to one bucket per cluster
-(`resources.sampling_bucket`). It goes before the listeners that name it: Envoy creates the filter
+``process_ratelimit`` filter of a ``provider: envoy`` listener subscribes to one bucket per rollout and slot
+(`resources.build_sampling_bucket`). It goes before the listeners that name it: Envoy creates the filter
 with the listener and waits for the bucket before the listener is warm.
 """
 
