@@ -205,3 +205,117 @@ def test_listeners_of_envoy_provider_rollouts_send_access_logs_to_the_xds_cluste
     log.typed_config.Unpack(config)
     assert log.name == GRPC_ACCESS_LOG
     assert config.common_config.grpc_service.envoy_grpc.cluster_name == "xds_cluster"
+
+
+def test_the_access_log_is_sampled_per_slot_by_token_buckets_served_on_ads() -> None:
+    """Per access-logging rollout and slot, a (CEL slot test, process_ratelimit bucket) pair in an
+    or_filter; the route's metadata gives each routed cluster its slot (stable 0, canary 1), so a new
+    canary changes the route, not the listener; a TokenBucket per slot of samplesPerSecond a second,
+    whose SotW entry carries its name (a Resource wrapper)."""
+    from dataclasses import replace
+
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.config.route.v3 import route_pb2
+    from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
+    from envoy.extensions.access_loggers.filters.process_ratelimit.v3 import process_ratelimit_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+    from envoy.service.discovery.v3 import discovery_pb2
+    from envoy.type.v3 import token_bucket_pb2
+    from google.protobuf import any_pb2, json_format
+
+    from aviary.discovery import typeurls, wire
+    from aviary.discovery.resources import (
+        CEL_LOG_FILTER,
+        RATELIMIT_LOG_FILTER,
+        SAMPLING_METADATA,
+        SAMPLING_SLOTS,
+        PublishedRollout,
+        build_snapshot,
+        listener_name,
+        route_name,
+    )
+    from aviary.policy.schema import Endpoint, ListenerSpec
+    from aviary.traffic import Backend
+
+    v1, v2 = (Backend(v, (Endpoint.model_validate("127.0.0.1:8080"),)) for v in ("v1", "v2"))
+    spec = ListenerSpec(address="127.0.0.1", port=10000)
+    stable_only = replace(PublishedRollout.of("shop", spec, ("*",), ((v1, 100),), (v1,)), access_log=True,
+                          samples_per_second=25)
+    canary = replace(PublishedRollout.of("shop", spec, ("*",), ((v1, 90), (v2, 10)), (v1, v2)), access_log=True,
+                     samples_per_second=25)
+    snapshot, before = build_snapshot([canary]), build_snapshot([stable_only])
+    listener_resource = snapshot.items(typeurls.LISTENER)[listener_name(spec)]
+    assert listener_resource.version == before.items(typeurls.LISTENER)[listener_name(spec)].version
+
+    listener = listener_pb2.Listener()
+    any_pb2.Any.FromString(listener_resource.any_bytes).Unpack(listener)
+    manager = http_connection_manager_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    [log] = manager.access_log
+    buckets_named: list[str] = []
+    for slot, per_slot in enumerate(log.filter.or_filter.filters):
+        cel, limit = per_slot.and_filter.filters
+        assert (cel.extension_filter.name, limit.extension_filter.name) == (CEL_LOG_FILTER, RATELIMIT_LOG_FILTER)
+        expression, bucket = cel_pb2.ExpressionFilter(), process_ratelimit_pb2.ProcessRateLimitFilter()
+        cel.extension_filter.typed_config.Unpack(expression)
+        limit.extension_filter.typed_config.Unpack(bucket)
+        assert bucket.dynamic_config.config_source.HasField("ads")
+        assert expression.expression.endswith(f"[xds.cluster_name] == 'shop#{slot}'"), expression.expression
+        buckets_named.append(bucket.dynamic_config.resource_name)
+    assert buckets_named == [f"aviary-samples-shop-{slot}" for slot in range(SAMPLING_SLOTS)]
+
+    route = route_pb2.RouteConfiguration()
+    any_pb2.Any.FromString(snapshot.items(typeurls.ROUTE)[route_name(spec)].any_bytes).Unpack(route)
+    [weighted] = route.virtual_hosts[0].routes
+    slots = json_format.MessageToDict(weighted.metadata.filter_metadata[SAMPLING_METADATA])
+    assert slots == {"shop_v1": "shop#0", "shop_v2": "shop#1"}
+
+    buckets = snapshot.items(typeurls.TOKEN_BUCKET)
+    assert sorted(buckets) == buckets_named
+    for name, resource in buckets.items():
+        assert not resource.wildcard
+        response = discovery_pb2.DiscoveryResponse.FromString(
+            wire.discovery_response("1", typeurls.TOKEN_BUCKET, "n", [resource.entry]))
+        [entry] = response.resources
+        wrapper = discovery_pb2.Resource()
+        assert entry.Unpack(wrapper) and wrapper.name == name and wrapper.version == resource.version
+        token_bucket = token_bucket_pb2.TokenBucket()
+        assert wrapper.resource.Unpack(token_bucket)
+        assert (token_bucket.max_tokens, token_bucket.tokens_per_fill.value, token_bucket.fill_interval.seconds) == (
+            25, 25, 1)
+    # without access_log: no buckets, no metadata
+    plain = build_snapshot([replace(canary, access_log=False)])
+    assert not plain.items(typeurls.TOKEN_BUCKET)
+    any_pb2.Any.FromString(plain.items(typeurls.ROUTE)[route_name(spec)].any_bytes).Unpack(route)
+    assert not route.virtual_hosts[0].routes[0].HasField("metadata")
+
+
+def test_an_envoy_on_per_type_services_gets_the_access_log_unsampled_and_no_buckets() -> None:
+    """Token buckets come over ADS only: for an Envoy without ADS the filter goes (Aviary's cap
+    on arrival keeps samplesPerSecond) rather than a listener it would reject."""
+    from dataclasses import replace
+
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+    from google.protobuf import any_pb2
+
+    from aviary.discovery import typeurls
+    from aviary.discovery.config_sources import for_per_type
+    from aviary.discovery.resources import GRPC_ACCESS_LOG, PublishedRollout, build_snapshot, listener_name
+    from aviary.policy.schema import Endpoint, ListenerSpec
+    from aviary.traffic import Backend
+
+    v1 = Backend("v1", (Endpoint.model_validate("127.0.0.1:8080"),))
+    rollout = PublishedRollout.of("shop", ListenerSpec(address="127.0.0.1", port=10000), ("*",), ((v1, 100),), (v1,))
+    snapshot = build_snapshot([replace(rollout, access_log=True)])
+    for delta in (False, True):
+        rendered = for_per_type(snapshot, delta, "xds_cluster")
+        assert not rendered.items(typeurls.TOKEN_BUCKET)
+        resource = rendered.items(typeurls.LISTENER)[listener_name(rollout.listener)]
+        listener = listener_pb2.Listener()
+        any_pb2.Any.FromString(resource.any_bytes).Unpack(listener)
+        manager = http_connection_manager_pb2.HttpConnectionManager()
+        listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+        [log] = manager.access_log
+        assert log.name == GRPC_ACCESS_LOG and not log.HasField("filter")
+        assert manager.rds.config_source.HasField("api_config_source")

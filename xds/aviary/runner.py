@@ -189,7 +189,8 @@ class _Save:
 def _placement_of(rollout: Rollout) -> Placement:
     spec = rollout.spec
     reports = spec.analysis is not None and spec.analysis.provider == ENVOY
-    return Placement(spec.listener, spec.hosts, spec.proxy_cluster, access_log=reports)
+    samples = spec.analysis.samples_per_second if spec.analysis is not None else 100
+    return Placement(spec.listener, spec.hosts, spec.proxy_cluster, access_log=reports, samples_per_second=samples)
 
 
 def _summary(status: RolloutStatus) -> str:

@@ -9,7 +9,8 @@ rejects ``ads``, and Envoy 1.40 does not implement ``self`` ("Missing config sou
 So a per-type stream serves the snapshot through `for_per_type`: the same resources with those
 ``ads`` sources replaced by an ``api_config_source`` to the Envoy's own xDS cluster (`XDS_CLUSTER`,
 the name every bootstrap in this repository gives the control plane; a node may name another in
-its metadata, `xds_cluster_of`), with the stream's protocol (GRPC or DELTA_GRPC).
+its metadata, `xds_cluster_of`), with the stream's protocol (GRPC or DELTA_GRPC). The access log's
+sampling filter goes (its token buckets exist on ADS only) and with it the token buckets.
 
 A rewritten resource keeps the version of the one it renders: it is the same configuration, and
 the engine's ACK gates compare the versions a proxy ACKed with the published snapshot's, for every
@@ -113,11 +114,20 @@ def _hcm(packed: any_pb2.Any, source: config_source_pb2.ConfigSource) -> bool:
     if packed.type_url != _HCM_TYPE:
         return False
     hcm = hcm_pb2.HttpConnectionManager.FromString(packed.value)
-    if not (hcm.HasField("rds") and hcm.rds.config_source.HasField("ads")):
-        return False
-    hcm.rds.config_source.CopyFrom(source)
-    packed.value = hcm.SerializeToString(deterministic=True)
-    return True
+    changed = False
+    if hcm.HasField("rds") and hcm.rds.config_source.HasField("ads"):
+        hcm.rds.config_source.CopyFrom(source)
+        changed = True
+    for access_log in hcm.access_log:
+        # The only filter Aviary gives an access log is the sampling one, whose token buckets come
+        # over ADS and have no discovery service of their own: without ADS, Envoy sends every entry
+        # and Aviary's cap on arrival keeps samplesPerSecond (`aviary.metrics.envoy_reports`).
+        if access_log.HasField("filter"):
+            access_log.ClearField("filter")
+            changed = True
+    if changed:
+        packed.value = hcm.SerializeToString(deterministic=True)
+    return changed
 
 
 def _cluster(resource: Resource, source: config_source_pb2.ConfigSource) -> Resource:

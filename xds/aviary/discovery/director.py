@@ -94,6 +94,7 @@ _KIND = {
     typeurls.ROUTE: "route",
     typeurls.CLUSTER: "cluster",
     typeurls.ENDPOINT: "endpoints of cluster",
+    typeurls.TOKEN_BUCKET: "token bucket",
 }
 
 
@@ -527,6 +528,7 @@ class TrafficDirector:
             stickiness=published.stickiness,
             mirror=published.mirror,
             access_log=placement.access_log,
+            samples_per_second=placement.samples_per_second,
         )
 
     def _serving(self, name: str) -> Iterable[tuple[ProxyView, Snapshot]]:

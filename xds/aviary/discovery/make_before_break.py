@@ -54,6 +54,7 @@ class Placement:
     hosts: tuple[str, ...]
     proxy_cluster: str | None = None
     access_log: bool = False  # its proxies send access logs to Aviary (analysis.provider: envoy)
+    samples_per_second: int = 100  # access-log entries its proxies send per cluster and second (samplesPerSecond)
 
 
 class Routing(NamedTuple):

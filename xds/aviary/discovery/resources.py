@@ -36,12 +36,14 @@ from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
+from envoy.extensions.access_loggers.filters.process_ratelimit.v3 import process_ratelimit_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_access_log_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
-from envoy.type.v3 import percent_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from envoy.type.v3 import percent_pb2, token_bucket_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 from aviary.discovery import typeurls, wire
 from aviary.discovery.config_sources import XDS_CLUSTER  # the bootstrap's cluster of the control plane
@@ -54,6 +56,11 @@ HCM_FILTER = "envoy.filters.network.http_connection_manager"
 GRPC_ACCESS_LOG = "envoy.access_loggers.http_grpc"
 ACCESS_LOG_NAME = "aviary"
 ACCESS_LOG_FLUSH_SECONDS = 0.5  # Envoy buffers entries at most this long before it sends them
+CEL_LOG_FILTER = "envoy.access_loggers.extension_filters.cel"
+RATELIMIT_LOG_FILTER = "envoy.access_loggers.extension_filters.process_ratelimit"
+SAMPLING_BUCKET_PREFIX = "aviary-samples-"
+SAMPLING_METADATA = "aviary.samples"  # route metadata: cluster -> its sampling slot, "<rollout>#<slot>"
+SAMPLING_SLOTS = 3  # stable, canary, and a canary being replaced; any further cluster shares the last
 ROUTER_FILTER = "envoy.filters.http.router"
 CONNECT_TIMEOUT_SECONDS = 2
 # Builders of resources that depend only on their (hashable, immutable) inputs are memoized: a
@@ -94,6 +101,7 @@ class PublishedRollout:
     stickiness: Stickiness | None = None  # `route` split by a hash of this key (last cluster: the canary)
     mirror: tuple[str, int] | None = None  # (cluster name, percent of `route`'s requests copied to it)
     access_log: bool = False  # its listener sends access logs to Aviary (analysis.provider: envoy)
+    samples_per_second: int = 100  # with access_log: entries each of its clusters sends per second at most
 
     @classmethod
     def of(
@@ -149,9 +157,81 @@ def _packed(message: object) -> any_pb2.Any:
     return packed
 
 
-def grpc_access_log() -> accesslog_pb2.AccessLog:
-    """Every request's access-log entry streamed to the control plane (``AccessLogService``), which
-    keeps at most ``samples_per_second`` per cluster (``aviary.metrics.envoy_reports``)."""
+def sampling_slot(rollout: str, slot: int) -> str:
+    """A rollout's sampling slot: what a route's metadata maps a cluster to, and its bucket's suffix."""
+    return f"{rollout}#{slot}"
+
+
+def sampling_bucket_name(rollout: str, slot: int) -> str:
+    """The token bucket that limits the access-log entries of one sampling slot of ``rollout``."""
+    return f"{SAMPLING_BUCKET_PREFIX}{rollout}-{slot}"
+
+
+@functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
+def build_sampling_bucket(rollout: str, slot: int, per_second: int) -> Resource:
+    """``per_second`` tokens a second, no more saved up than that: at most ``per_second`` access-log
+    entries a second of the cluster in that slot (a burst of ``per_second`` after a quiet second)."""
+    bucket = token_bucket_pb2.TokenBucket(
+        max_tokens=per_second,
+        tokens_per_fill=wrappers_pb2.UInt32Value(value=per_second),
+        fill_interval=duration_pb2.Duration(seconds=1),
+    )
+    return Resource.from_message(sampling_bucket_name(rollout, slot), typeurls.TOKEN_BUCKET, bucket, wildcard=False)
+
+
+def _sampling_slots(rollout: PublishedRollout) -> dict[str, str]:
+    """Each cluster the rollout routes to (split, then cohorts) -> its slot, in route order."""
+    named = list(dict.fromkeys([c for c, _ in rollout.route] + [c for _, c in rollout.cohorts]))
+    return {cluster: sampling_slot(rollout.name, min(i, SAMPLING_SLOTS - 1)) for i, cluster in enumerate(named)}
+
+
+def _sampling_metadata(rollout: PublishedRollout) -> base_pb2.Metadata:
+    """The route metadata the access log's filter reads: which slot (bucket) the chosen cluster uses."""
+    slots = struct_pb2.Struct()
+    slots.update(_sampling_slots(rollout))
+    return base_pb2.Metadata(filter_metadata={SAMPLING_METADATA: slots})
+
+
+def _sampled(rollout: str, slot: int) -> accesslog_pb2.AccessLogFilter:
+    """True for a request whose route maps the cluster it chose to this slot, while the slot's bucket
+    has a token (it takes one).
+
+    The slot comes from the route's metadata, not from a cluster name in the listener: a new canary
+    changes the route (as it does anyway) and not the listener, so connections opened before it are
+    sampled for it too (a changed listener leaves them on its old version until they drain). The CEL
+    test comes first: ``and_filter`` stops at the first false, so other requests take no token.
+    ``xds.cluster_name`` is the cluster the router chose, the weighted cluster picked included.
+    """
+    slots = f"xds.route_metadata.filter_metadata['{SAMPLING_METADATA}']"
+    expression = (f"'{SAMPLING_METADATA}' in xds.route_metadata.filter_metadata"
+                  f" && xds.cluster_name in {slots} && {slots}[xds.cluster_name] == '{sampling_slot(rollout, slot)}'")
+    selects = cel_pb2.ExpressionFilter(expression=expression)
+    limits = process_ratelimit_pb2.ProcessRateLimitFilter(
+        dynamic_config=process_ratelimit_pb2.DynamicTokenBucket(
+            resource_name=sampling_bucket_name(rollout, slot), config_source=_ads_source()))
+    return accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=[
+        accesslog_pb2.AccessLogFilter(extension_filter=accesslog_pb2.ExtensionFilter(
+            name=CEL_LOG_FILTER, typed_config=_packed(selects))),
+        accesslog_pb2.AccessLogFilter(extension_filter=accesslog_pb2.ExtensionFilter(
+            name=RATELIMIT_LOG_FILTER, typed_config=_packed(limits))),
+    ]))
+
+
+def grpc_access_log(sampled: Sequence[str] = ()) -> accesslog_pb2.AccessLog:
+    """Access-log entries streamed to the control plane (``AccessLogService``).
+
+    With ``sampled`` (rollout names), Envoy sends an entry only for a request of one of them, and
+    only while the token bucket of the slot its cluster has (`build_sampling_bucket`, served over
+    ADS) has a token: the policy's ``samplesPerSecond`` per cluster, counted where the requests are,
+    so the rest are never encoded or sent. Aviary still caps what arrives
+    (``aviary.metrics.envoy_reports``): several proxies of one cluster each send their share.
+    """
+    filters = [_sampled(rollout, slot) for rollout in sampled for slot in range(SAMPLING_SLOTS)]
+    log_filter = None
+    if len(filters) == 1:
+        log_filter = filters[0]
+    elif filters:  # or_filter wants two or more
+        log_filter = accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(filters=filters))
     config = grpc_access_log_pb2.HttpGrpcAccessLogConfig(
         common_config=grpc_access_log_pb2.CommonGrpcAccessLogConfig(
             log_name=ACCESS_LOG_NAME,
@@ -160,24 +240,24 @@ def grpc_access_log() -> accesslog_pb2.AccessLog:
                 envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)),
             buffer_flush_interval=duration_pb2.Duration(nanos=int(ACCESS_LOG_FLUSH_SECONDS * 1e9)),
         ))
-    return accesslog_pb2.AccessLog(name=GRPC_ACCESS_LOG, typed_config=_packed(config))
+    return accesslog_pb2.AccessLog(name=GRPC_ACCESS_LOG, filter=log_filter, typed_config=_packed(config))
 
 
-def _http_connection_manager(stat_prefix: str, route_config: str,
-                             access_log: bool = False) -> hcm_pb2.HttpConnectionManager:
+def _http_connection_manager(stat_prefix: str, route_config: str, access_log: bool = False,
+                             sampled: Sequence[str] = ()) -> hcm_pb2.HttpConnectionManager:
     return hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix,
         codec_type=hcm_pb2.HttpConnectionManager.CodecType.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=route_config),
         http_filters=[hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_packed(router_pb2.Router()))],
-        access_log=[grpc_access_log()] if access_log else [],
+        access_log=[grpc_access_log(sampled)] if access_log else [],
     )
 
 
 @functools.lru_cache(maxsize=BUILT_RESOURCES_KEPT)
-def build_listener(listener: ListenerSpec, access_log: bool = False) -> Resource:
+def build_listener(listener: ListenerSpec, access_log: bool = False, sampled: tuple[str, ...] = ()) -> Resource:
     """The listener of ``listener``; ``access_log``: with the gRPC access log to the control plane
-    (one of its rollouts uses ``analysis.provider: envoy``)."""
+    (one of its rollouts uses ``analysis.provider: envoy``), sampled for the ``sampled`` rollouts."""
     name = listener_name(listener)
     route = route_name(listener)
     message = listener_pb2.Listener(
@@ -192,7 +272,7 @@ def build_listener(listener: ListenerSpec, access_log: bool = False) -> Resource
                 filters=[
                     listener_components_pb2.Filter(
                         name=HCM_FILTER,
-                        typed_config=_packed(_http_connection_manager(name, route, access_log)),
+                        typed_config=_packed(_http_connection_manager(name, route, access_log, sampled)),
                     )
                 ]
             )
@@ -366,6 +446,10 @@ def _virtual_host(rollout: PublishedRollout, domains: Sequence[str]) -> route_co
     if sticky is not None and sticky.cookie is not None and sticky.ttl is not None:
         routes.append(_cookie_issuing_route(rollout.route, sticky.cookie, sticky.ttl, rollout.mirror))
     routes.append(_weighted_route(rollout.route, sticky, rollout.mirror))
+    if rollout.access_log:
+        metadata = _sampling_metadata(rollout)
+        for route in routes:
+            route.metadata.CopyFrom(metadata)
     return route_components_pb2.VirtualHost(name=rollout.name, domains=list(domains), routes=routes)
 
 
@@ -493,15 +577,20 @@ def _resources(rollouts: Iterable[PublishedRollout]) -> list[tuple[str, Resource
         listeners[rollout.listener.key] = rollout.listener
     for key, members in by_listener.items():
         listener = listeners[key]
-        resources.append(("", build_listener(listener, any(member.access_log for member in members))))
+        sampled = sorted(member.name for member in members if member.access_log)
+        for member in members:
+            if member.access_log:  # every slot's bucket, used or not: the listener waits for each it names
+                resources.extend((member.name, build_sampling_bucket(member.name, slot, member.samples_per_second))
+                                 for slot in range(SAMPLING_SLOTS))
+        resources.append(("", build_listener(listener, bool(sampled), tuple(sampled))))
         resources.append(("", build_route_configuration(route_name(listener), members)))
     return resources
 
 
 def clear_built() -> None:
     """Forget every memoized resource (the benchmark's cold build)."""
-    for builder in (build_listener, build_api_listener, build_grpc_route_configuration, build_cluster,
-                    _encoded_virtual_host, _own_resources, _route_violations):
+    for builder in (build_listener, build_sampling_bucket, build_api_listener, build_grpc_route_configuration,
+                    build_cluster, _encoded_virtual_host, _own_resources, _route_violations):
         builder.cache_clear()
 
 

@@ -80,12 +80,13 @@ class Resource:
     ) -> Resource:
         """From a message's deterministic serialization (assembled from cached pieces, say)."""
         any_bytes = wire.encode_any(type_url, value)
+        version = digest(value)
         return cls(
             name=name,
             type_url=type_url,
-            version=digest(value),
+            version=version,
             any_bytes=any_bytes,
-            entry=wire.resources_entry(any_bytes),
+            entry=wire.sotw_entry(type_url, name, version, any_bytes),
             wildcard=wildcard,
             references=frozenset(references),
             parts=tuple(parts),

@@ -21,6 +21,10 @@ _NONCE = 5
 # google.protobuf.Any fields
 _ANY_TYPE_URL = 1
 _ANY_VALUE = 2
+# envoy.service.discovery.v3.Resource fields
+_RESOURCE_VERSION = 1
+_RESOURCE_BODY = 2
+_RESOURCE_NAME = 3
 
 
 def varint(value: int) -> bytes:
@@ -48,6 +52,27 @@ def resources_entry(any_bytes: bytes) -> bytes:
     return length_delimited(_RESOURCES, any_bytes)
 
 
+# Types whose message has no name field: a State-of-the-World response names them by sending each in
+# a `Resource` wrapper (Envoy unwraps one in any response). Envoy reads a TokenBucket's name from the
+# wrapper or nowhere: unwrapped, it arrives named "", matches no subscription, and Envoy 1.40's
+# process_ratelimit filter, handed an empty update, crashes (SIGSEGV, address 0x20).
+NAMELESS_TYPES = frozenset({"type.googleapis.com/envoy.type.v3.TokenBucket"})
+_RESOURCE_WRAPPER = "type.googleapis.com/envoy.service.discovery.v3.Resource"
+
+
+def sotw_entry(type_url: str, name: str, version: str, any_bytes: bytes) -> bytes:
+    """The `resources` entry a State-of-the-World response carries for this resource: its Any, or for
+    a type in `NAMELESS_TYPES` a `Resource` with its name wrapping that Any."""
+    if type_url not in NAMELESS_TYPES:
+        return resources_entry(any_bytes)
+    wrapped = (
+        length_delimited(_RESOURCE_VERSION, version.encode())
+        + length_delimited(_RESOURCE_BODY, any_bytes)
+        + length_delimited(_RESOURCE_NAME, name.encode())
+    )
+    return resources_entry(encode_any(_RESOURCE_WRAPPER, wrapped))
+
+
 def discovery_response(version: str, type_url: str, nonce: str, entries: Iterable[bytes]) -> bytes:
     return with_nonce(discovery_response_body(version, type_url, entries), nonce)
 
@@ -72,10 +97,6 @@ _SYSTEM_VERSION_INFO = 1
 _DELTA_RESOURCES = 2
 _DELTA_TYPE_URL = 4
 _REMOVED_RESOURCES = 6
-# envoy.service.discovery.v3.Resource fields
-_RESOURCE_VERSION = 1
-_RESOURCE_BODY = 2
-_RESOURCE_NAME = 3
 
 
 def delta_resource_entry(name: str, version: str, any_bytes: bytes) -> bytes:

@@ -238,7 +238,7 @@ def decode_from_engine(payload: bytes) -> Sync | Stop | Barrier | Ping:
                 type_url=type_url,
                 version=version,
                 any_bytes=any_bytes,
-                entry=wire.resources_entry(any_bytes),
+                entry=wire.sotw_entry(type_url, name, version, any_bytes),
                 wildcard=wildcard,
                 references=frozenset(references),
             )

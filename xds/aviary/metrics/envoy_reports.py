@@ -12,7 +12,10 @@ Memory is bounded whatever the proxies send:
   seconds, each slot the requests answered by response code class 1xx..5xx, summed over proxies;
 - samples: per cluster the last ``max_samples`` access-log entries (time, duration ms, status),
   at most ``samples_per_second`` kept per cluster and second (the rest are counted as dropped;
-  ``keep`` sets a cluster's own budget: the policy's ``analysis.samplesPerSecond``);
+  ``keep`` sets a cluster's own budget: the policy's ``analysis.samplesPerSecond``). Envoy already
+  sends about that many (its access log's token buckets, ``aviary.discovery.resources``): this cap
+  is the second line, for proxies without the filter (per-type services), several proxies of one
+  cluster, and Envoy's seconds not being ours;
 - at most ``max_clusters`` clusters (the least recently reported one is forgotten first) and
   ``max_proxies`` proxies.
 
@@ -82,6 +85,7 @@ class _Cluster:
     second: int = -1  # the second the sample budget counts for
     budget: int = 0
     dropped: int = 0
+    received: int = 0  # entries that arrived, kept or dropped: what the proxies' own sampling let through
 
 
 def percentile(values: list[float], quantile: float) -> float:
@@ -165,6 +169,7 @@ class EnvoyReports:
             proxy.samples += 1
             self.samples_received += 1
             cluster = self._cluster(name)
+            cluster.received += 1
             if cluster.second != second:
                 cluster.second, cluster.budget = second, self._budgets.get(name, self.samples_per_second)
             if cluster.budget <= 0:
@@ -228,6 +233,11 @@ class EnvoyReports:
     def dropped_samples(self, cluster: str) -> int:
         entry = self._clusters.get(cluster)
         return entry.dropped if entry is not None else 0
+
+    def received_samples(self, cluster: str) -> int:
+        """Entries of ``cluster`` that arrived, before the cap: Envoy's own sampling at work."""
+        entry = self._clusters.get(cluster)
+        return entry.received if entry is not None else 0
 
     def proxies(self) -> list[ProxyReport]:
         """Every proxy that reported, most recent last."""
