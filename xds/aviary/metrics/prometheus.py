@@ -46,6 +46,7 @@ __all__ = [
     "failure_cause",
     "scalar_from_result",
     "series_from_result",
+    "timed_series_from_result",
 ]
 
 _MAX_MESSAGE = 300
@@ -84,6 +85,11 @@ def series_from_result(result: Any) -> tuple[float, ...]:
 
     Like ``scalar_from_result``, at most one series (aggregate with ``sum``).
     """
+    return tuple(value for _, value in timed_series_from_result(result))
+
+
+def timed_series_from_result(result: Any) -> tuple[tuple[float, float], ...]:
+    """``series_from_result`` with each sample's time (unix seconds): what ``aviary record`` keeps."""
     if not isinstance(result, Sequence) or isinstance(result, str | bytes):
         raise MetricQueryError(f"unexpected range query result: {_short(repr(result))}")
     if not result:
@@ -95,7 +101,7 @@ def series_from_result(result: Any) -> tuple[float, ...]:
     values = series.get("values") if isinstance(series, dict) else None
     if not isinstance(values, Sequence) or not all(isinstance(v, Sequence) and len(v) == 2 for v in values):
         raise MetricQueryError(f"unexpected range query result: {_short(repr(result))}")
-    return tuple(_number(str(value)) for _, value in values)
+    return tuple((float(moment), _number(str(value))) for moment, value in values)
 
 
 _STATUS = re.compile(r"^HTTP Status Code (\d+) \((b'.*'|b\".*\")\)$", re.DOTALL)

@@ -10,20 +10,18 @@ round), so that the first simulated round sees what a live one would have.
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from prometheus_api_client.prometheus_connect import PrometheusConnect
 from urllib3.util.retry import Retry
 
 from aviary.metrics.planned_queries import PlannedQuery, look_back, planned_queries
-from aviary.metrics.prometheus import error_message, failure_cause
+from aviary.metrics.prometheus import error_message, failure_cause, timed_series_from_result
+from aviary.metrics.provider import MetricQueryError
 from aviary.metrics.recording import Provenance, RecordedSeries, Recording, utc_text
 from aviary.policy.schema import Rollout
 
@@ -105,20 +103,7 @@ def _range(client: PrometheusConnect, request: RecordRequest, query: str, start:
         raise RecordError(f"Prometheus {request.prometheus} sent a malformed answer to {query!r}: {exc!r}") from exc
     except OSError as exc:  # requests.RequestException is an OSError
         raise RecordError(f"Prometheus {request.prometheus} {failure_cause(exc, _TIMEOUT)}") from exc
-    return _points(result, query)
-
-
-def _points(result: Any, query: str) -> list[tuple[float, float]]:
-    if not isinstance(result, Sequence) or isinstance(result, str | bytes):
-        raise RecordError(f"unexpected range query result for {query!r}: {str(result)[:200]}")
-    if not result:
-        return []
-    if len(result) > 1:
-        raise RecordError(f"{query!r} returned {len(result)} series, expected one (aggregate it with sum)")
-    pairs = result[0].get("values", []) if isinstance(result[0], dict) else []
-    return [(float(moment), _number(value)) for moment, value in pairs]
-
-
-def _number(text: str) -> float:
-    value = float(text.replace("Inf", "inf"))
-    return value if not math.isnan(value) else math.nan
+    try:
+        return list(timed_series_from_result(result))
+    except MetricQueryError as exc:
+        raise RecordError(f"Prometheus {request.prometheus} answered {query!r} with {exc}") from exc
