@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2
@@ -85,28 +85,34 @@ def samples_of(message: als_pb2.StreamAccessLogsMessage) -> list[tuple[str, floa
     return samples
 
 
+_Message = TypeVar("_Message", envoy_metrics_pb2.StreamMetricsMessage, als_pb2.StreamAccessLogsMessage)
+
+
+async def _with_sender(requests: AsyncIterator[_Message]) -> AsyncIterator[tuple[str, str, _Message]]:
+    """Each message of a report stream with its sender's node id and cluster. Envoy names the node
+    only in a stream's first message (``identifier``); messages before any identifier are dropped."""
+    node_id, node_cluster = "", ""
+    async for message in requests:
+        if message.HasField("identifier"):
+            node_id, node_cluster = message.identifier.node.id, message.identifier.node.cluster
+        if node_id:
+            yield node_id, node_cluster, message
+
+
 class _Ingest:
     def __init__(self, sink: ReportSink) -> None:
         self._sink = sink
 
     async def stream_metrics(self, requests: AsyncIterator[envoy_metrics_pb2.StreamMetricsMessage],
                              context: Any) -> envoy_metrics_pb2.StreamMetricsResponse:
-        node_id, node_cluster = "", ""
-        async for message in requests:
-            if message.HasField("identifier"):
-                node_id, node_cluster = message.identifier.node.id, message.identifier.node.cluster
-            if node_id:
-                self._sink.add_counters(node_id, node_cluster, counters_of(message))
+        async for node_id, node_cluster, message in _with_sender(requests):
+            self._sink.add_counters(node_id, node_cluster, counters_of(message))
         return envoy_metrics_pb2.StreamMetricsResponse()
 
     async def stream_access_logs(self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage],
                                  context: Any) -> als_pb2.StreamAccessLogsResponse:
-        node_id, node_cluster = "", ""
-        async for message in requests:
-            if message.HasField("identifier"):
-                node_id, node_cluster = message.identifier.node.id, message.identifier.node.cluster
-            if node_id:
-                self._sink.add_samples(node_id, node_cluster, samples_of(message))
+        async for node_id, node_cluster, message in _with_sender(requests):
+            self._sink.add_samples(node_id, node_cluster, samples_of(message))
         return als_pb2.StreamAccessLogsResponse()
 
 
