@@ -689,12 +689,7 @@ class MetricCheck(BaseModel):
             if not _SIDE_PLACEHOLDER.search(text or ""):
                 raise FieldIssue("a compare check runs this for canary and stable: select the version with "
                                  "{{ canary }} or {{ canary_version }} (swapped for the stable side)", *where)
-        takes = METRIC_TEMPLATES.get(self.template or "")
-        if self.metric is not None and takes is None:
-            raise FieldIssue(f"only for the templates {', '.join(METRIC_TEMPLATES)}", "metric")
-        if takes and self.metric is None:
-            raise FieldIssue(f"template {self.template} needs metric: the name of the application's metric, "
-                             "e.g. orders_completed_total", "metric")
+        _metric_fits_template(self.template, self.metric)
         return self
 
     @property
@@ -752,12 +747,7 @@ class JudgeMetricSpec(BaseModel):
         if self.query is not None and not _SIDE_PLACEHOLDER.search(self.query):
             raise FieldIssue("the judge runs this for canary and stable: select the version with "
                              "{{ canary }} or {{ canary_version }} (swapped for the stable side)", "query")
-        takes = METRIC_TEMPLATES.get(self.template or "")
-        if self.metric is not None and takes is None:
-            raise FieldIssue(f"only for the templates {', '.join(METRIC_TEMPLATES)}", "metric")
-        if takes and self.metric is None:
-            raise FieldIssue(f"template {self.template} needs metric: the name of the application's metric, "
-                             "e.g. orders_completed_total", "metric")
+        _metric_fits_template(self.template, self.metric)
         return self
 
 
@@ -810,6 +800,16 @@ class JudgeSpec(BaseModel):
             raise FieldIssue(f"horizon ({self.horizon} samples per side) must be at least minSamples ({least})",
                              "horizon")
         return self
+
+
+def _metric_fits_template(template: str | None, metric: str | None) -> None:
+    """``metric`` is given exactly when ``template`` reads an application metric (``version-rate``...)."""
+    takes = METRIC_TEMPLATES.get(template or "")
+    if metric is not None and takes is None:
+        raise FieldIssue(f"only for the templates {', '.join(METRIC_TEMPLATES)}", "metric")
+    if takes and metric is None:
+        raise FieldIssue(f"template {template} needs metric: the name of the application's metric, "
+                         "e.g. orders_completed_total", "metric")
 
 
 class _Named(Protocol):
