@@ -39,7 +39,7 @@ from aviary.policy.analysis import CheckOutcome
 from aviary.policy.rollout_state import Phase
 from aviary.policy.schema import ListenerSpec
 from tests.conftest import LoadgenFactory
-from tests.e2e.test_rollouts import Canary, Rig, WeightWatch, _merged, write_rollout
+from tests.e2e.test_rollouts import Canary, Rig, _merged, canaries
 from tests.rig.backends import Backends
 from tests.rig.control_plane import RunningControlPlane, write_policy
 from tests.rig.envoy import EnvoyProcess
@@ -86,34 +86,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 
 @pytest.fixture
 def canary_factory(rig: Rig, backends: Backends, loadgen_factory: LoadgenFactory) -> Iterator[Callable[..., Canary]]:
-    """``canary_factory(name, rate)``: v1 serving through the reporting Envoy under load, v2 started."""
-    made: list[Canary] = []
-    stack = contextlib.ExitStack()
-    backends.start(["v1", "v2"])
-
-    def make(name: str, rate: float = RATE_PER_CLIENT) -> Canary:
-        port = free_port()
-        route = route_name(ListenerSpec(address="127.0.0.1", port=port))
-        write_rollout(rig, name, port, "v1", [backends.address("v1")])
-        wait_until(lambda: _merged(rig.envoy.route_weights(route)) == {f"{name}_v1": 100} and port_open(port),
-                   15, what=f"envoy to route 127.0.0.1:{port} to {name}_v1")
-        watch = stack.enter_context(WeightWatch(rig.envoy, route, f"{name}_v2"))
-        canary = Canary(rig, name, backends, port, watch)
-        canary.load = loadgen_factory(f"127.0.0.1:{port}", HOST, CLIENTS, rate)
-        before = canary.load.wait_for_requests(20, timeout=15)
-        assert before.failed == 0, before.failures
-        made.append(canary)
-        return canary
-
-    try:
+    """``canary_factory(name, rate)``: v1 serving through the reporting Envoy under load, v2 started (``canaries``)."""
+    with canaries(rig, backends, loadgen_factory, clients=CLIENTS, rate=RATE_PER_CLIENT, warm_up=20) as make:
         yield make
-    finally:
-        stack.close()
-        for canary in made:
-            if canary.load is not None:
-                with contextlib.suppress(Exception):
-                    canary.load.stop()
-            (rig.policies / f"{canary.name}.yaml").unlink(missing_ok=True)
 
 
 def envoy_analysis(metrics: list[dict[str, Any]], **overrides: Any) -> dict[str, Any]:
@@ -163,7 +138,7 @@ def test_a_canary_failing_30_percent_is_rolled_back_from_envoy_reports(
 
 def test_the_judge_on_access_log_samples_rolls_back_a_canary_at_45ms_against_30ms(
         rig: Rig, canary_factory: Callable[..., Canary]) -> None:
-    canary = canary_factory("env-slow", JUDGE_RATE_PER_CLIENT)
+    canary = canary_factory("env-slow", rate=JUDGE_RATE_PER_CLIENT)
     canary.backends.set_behaviour("v1", latency_ms=STABLE_MS)
     canary.backends.set_behaviour("v2", latency_ms=SLOWER_MS)
     started = time.monotonic()
@@ -183,7 +158,7 @@ def test_the_judge_on_access_log_samples_rolls_back_a_canary_at_45ms_against_30m
 
 def test_the_same_policy_promotes_a_canary_as_fast_as_stable(
         rig: Rig, canary_factory: Callable[..., Canary]) -> None:
-    canary = canary_factory("env-fine", JUDGE_RATE_PER_CLIENT)
+    canary = canary_factory("env-fine", rate=JUDGE_RATE_PER_CLIENT)
     canary.backends.set_behaviour("v1", latency_ms=STABLE_MS)
     canary.backends.set_behaviour("v2", latency_ms=STABLE_MS)
     started = time.monotonic()
@@ -224,7 +199,7 @@ def _sampled_rates(rig: Rig, name: str, load: LoadGenerator, key: str) -> None:
 
 def test_envoy_sends_about_samples_per_second_entries_per_cluster(
         rig: Rig, canary_factory: Callable[..., Canary]) -> None:
-    canary = canary_factory("env-sampled", SAMPLING_RATE_PER_CLIENT)
+    canary = canary_factory("env-sampled", rate=SAMPLING_RATE_PER_CLIENT)
     canary.start({"steps": [50], "interval": "60s"},
                  envoy_analysis([SUCCESS_RATE], samplesPerSecond=SAMPLES_PER_SECOND))
     canary.wait_for_route({"env-sampled_v1": 50, "env-sampled_v2": 50}, timeout=15)

@@ -12,7 +12,6 @@ printed and written to ``tests/e2e/.results/judge.json``; only generous upper bo
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,15 +20,12 @@ import pytest
 from rich.console import Console
 
 from aviary.admin import convert, render
-from aviary.discovery.resources import route_name
 from aviary.policy.analysis import CheckOutcome
 from aviary.policy.rollout_state import Phase
-from aviary.policy.schema import ListenerSpec
 from tests.conftest import LoadgenFactory
-from tests.e2e.test_rollouts import Canary, Rig, WeightWatch, _merged, write_rollout
+from tests.e2e.test_rollouts import Canary, Rig, canaries
 from tests.rig.backends import Backends
-from tests.rig.ports import free_port, port_open
-from tests.rig.stage import HOST, running_rig, write_results
+from tests.rig.stage import running_rig, write_results
 from tests.rig.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -50,33 +46,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 
 @pytest.fixture
 def canary_factory(rig: Rig, backends: Backends, loadgen_factory: LoadgenFactory) -> Iterator[Callable[..., Canary]]:
-    """``canary_factory(name)``: v1 serving through Envoy under low load, v2 started."""
-    made: list[Canary] = []
-    stack = contextlib.ExitStack()
-    backends.start(["v1", "v2"])
-
-    def make(name: str) -> Canary:
-        port = free_port()
-        route = route_name(ListenerSpec(address="127.0.0.1", port=port))
-        write_rollout(rig, name, port, "v1", [backends.address("v1")])
-        wait_until(lambda: _merged(rig.envoy.route_weights(route)) == {f"{name}_v1": 100} and port_open(port),
-                   15, what=f"envoy to route 127.0.0.1:{port} to {name}_v1")
-        watch = stack.enter_context(WeightWatch(rig.envoy, route, f"{name}_v2"))
-        canary = Canary(rig, name, backends, port, watch)
-        canary.load = loadgen_factory(f"127.0.0.1:{port}", HOST, CLIENTS, RATE_PER_CLIENT)
-        canary.load.wait_for_requests(5, timeout=15)
-        made.append(canary)
-        return canary
-
-    try:
+    """``canary_factory(name)``: v1 serving through Envoy under low load, v2 started (``canaries``)."""
+    with canaries(rig, backends, loadgen_factory, clients=CLIENTS, rate=RATE_PER_CLIENT, warm_up=5) as make:
         yield make
-    finally:
-        stack.close()
-        for canary in made:
-            if canary.load is not None:
-                with contextlib.suppress(Exception):
-                    canary.load.stop()
-            (rig.policies / f"{canary.name}.yaml").unlink(missing_ok=True)
 
 
 def policy(rig: Rig) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -244,18 +244,19 @@ class Canary:
         raise AssertionError(f"no such transition:\n{self.rig.story(self.name)}")
 
 
-@pytest.fixture
-def canary_factory(rig: Rig, backends: Backends, loadgen_factory: LoadgenFactory) -> Iterator[Callable[..., Canary]]:
-    """``canary_factory(name, load=True)``: v1 serving through Envoy (and under load), v2 started.
-
-    At teardown the policy file is removed, so the rollout's listener and clusters leave Envoy.
-    """
+@contextlib.contextmanager
+def canaries(rig: Rig, backends: Backends, loadgen_factory: LoadgenFactory, *, clients: int = CLIENTS,
+             rate: float = RATE_PER_CLIENT, warm_up: int = 40) -> Iterator[Callable[..., Canary]]:
+    """``make(name, load=True, rate=rate)``: v1 serving through Envoy (and under load: ``clients``
+    each sending ``rate`` requests a second, ``warm_up`` of them answered by v1 alone, none failing),
+    v2 started. On the way out the policy files are removed, so the rollouts' listeners and
+    clusters leave Envoy. The canary factories of the e2e modules are this, with their own load."""
     made: list[Canary] = []
     stack = contextlib.ExitStack()
     if not backends.ports:
         backends.start(["v1", "v2"])
 
-    def make(name: str, load: bool = True) -> Canary:
+    def make(name: str, load: bool = True, rate: float = rate) -> Canary:
         port = free_port()
         route = route_name(ListenerSpec(address="127.0.0.1", port=port))
         write_rollout(rig, name, port, "v1", [backends.address("v1")])
@@ -267,8 +268,8 @@ def canary_factory(rig: Rig, backends: Backends, loadgen_factory: LoadgenFactory
         watch = stack.enter_context(WeightWatch(rig.envoy, route, f"{name}_v2"))
         canary = Canary(rig, name, backends, port, watch)
         if load:
-            canary.load = loadgen_factory(f"127.0.0.1:{port}", HOST, CLIENTS, RATE_PER_CLIENT)
-            before = canary.load.wait_for_requests(40, timeout=15)
+            canary.load = loadgen_factory(f"127.0.0.1:{port}", HOST, clients, rate)
+            before = canary.load.wait_for_requests(warm_up, timeout=15)
             assert before.failed == 0, before.failures
             assert before.by_version == {"v1": before.total}
         made.append(canary)
@@ -283,6 +284,13 @@ def canary_factory(rig: Rig, backends: Backends, loadgen_factory: LoadgenFactory
                 with contextlib.suppress(Exception):
                     canary.load.stop()
             (rig.policies / f"{canary.name}.yaml").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def canary_factory(rig: Rig, backends: Backends, loadgen_factory: LoadgenFactory) -> Iterator[Callable[..., Canary]]:
+    """``canary_factory(name, load=True)``: ``canaries`` at about 160 requests a second."""
+    with canaries(rig, backends, loadgen_factory) as make:
+        yield make
 
 
 def _merged(by_host: dict[str, dict[str, int]]) -> dict[str, int]:
