@@ -171,8 +171,8 @@ def _encode(value: float) -> float | str:
 
 
 def _decode(value: Any) -> float:
-    if isinstance(value, str):
-        return float(value.replace("Inf", "inf"))
+    if isinstance(value, str):  # "NaN", "+Inf", "-Inf": float() reads them as written
+        return float(value)
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     raise ValueError(f"value {value!r} is not a number")

@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -150,10 +149,7 @@ def _simulate(args: argparse.Namespace, version: str) -> int:
         results = [(label, asyncio.run(simulate(candidate, args.policy, recording, start=args.start,
                                                   ack_delay=args.ack_delay)))
                    for label, candidate in runs]
-    except (_Refused, RecordingError, SimulationError, SweepError) as exc:
-        print(f"aviary simulate: {exc}", file=sys.stderr)
-        return INVALID
-    except RecordError as exc:
+    except (_Refused, RecordingError, SimulationError, SweepError, RecordError) as exc:
         print(f"aviary simulate: {exc}", file=sys.stderr)
         return INVALID
     if args.output == "json":
@@ -187,9 +183,7 @@ def _recording(args: argparse.Namespace, rollout: Rollout, version: str) -> Reco
         return Recording.load(Path(args.metrics))
     if args.span_from is None:
         raise _Refused("--prometheus needs --from (and --to, default now)")
-    started = time.time()
     recording, empty = record(_request(args, rollout, args.policy, version))
     for line in empty:
         print(f"aviary simulate: note: {line}", file=sys.stderr)
-    logging.getLogger("aviary").debug("recorded in %.1fs", time.time() - started)
     return recording

@@ -33,17 +33,17 @@ def plot(result: SimulationResult, path: Path, title: str) -> None:
 
     scale, unit = (1.0, "seconds") if result.end - result.start <= 180 else (60.0, "minutes")
 
-    def minutes(at: float) -> float:
+    def offset(at: float) -> float:
         return (at - result.start) / scale
 
     transitions = [t for t in result.transitions if t.from_phase is not None]
-    times = [minutes(t.at) for t in transitions] + [minutes(result.end)]
+    times = [offset(t.at) for t in transitions] + [offset(result.end)]
     weights = [t.weight for t in transitions] + [transitions[-1].weight if transitions else 0]
     weight_panel = panels[0]
     weight_panel.step(times, weights, where="post", color="tab:blue")
     weight_panel.set_ylabel("canary %")
     weight_panel.set_ylim(-5, 105)
-    end = minutes(result.end)
+    end = offset(result.end)
     if result.outcome is Outcome.ROLLED_BACK:
         weight_panel.axvline(end, color="tab:red", linestyle="--")
         weight_panel.annotate("rollback", (end, 90), color="tab:red", ha="right")
@@ -53,7 +53,7 @@ def plot(result: SimulationResult, path: Path, title: str) -> None:
     weight_panel.set_title(title)
 
     for panel, name in zip(panels[1:], names, strict=True):
-        rounds = [(minutes(r.at), check) for r in result.rounds for check in r.checks if check.name == name]
+        rounds = [(offset(r.at), check) for r in result.rounds for check in r.checks if check.name == name]
         canary = [(at, c.value) for at, c in rounds if c.value is not None and math.isfinite(c.value)]
         stable = [(at, c.stable_value) for at, c in rounds if c.stable_value is not None
                   and math.isfinite(c.stable_value)]

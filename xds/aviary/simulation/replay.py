@@ -165,7 +165,8 @@ async def simulate(rollout: Rollout, policy_file: str, recording: Recording, *, 
         runner.process_queued()
         upcoming = [t for t in (runner.next_wakeup_at(), director.next_ack_at()) if t is not None]
         if not upcoming or min(upcoming) > prov.end:
-            clock.now = max(clock.now, prov.end) if upcoming else clock.now
+            if upcoming:  # the next wake-up is past the data: the run ends with it
+                clock.now = max(clock.now, prov.end)
             break
         stuck = stuck + 1 if min(upcoming) <= clock.now else 0
         if stuck > _STUCK_LIMIT:
