@@ -44,7 +44,7 @@ from aviary.discovery.director import Placement, PublishedState, RolloutNack, Tr
 from aviary.discovery.resources import cluster_name
 from aviary.metrics.checks import check_round
 from aviary.metrics.envoy import EnvoyProvider, Reporter
-from aviary.metrics.envoy_reports import EnvoyReports
+from aviary.metrics.envoy_reports import DEFAULT_SAMPLES_PER_SECOND, EnvoyReports
 from aviary.metrics.kinds import ENVOY, PROMETHEUS, WEB, checks_of
 from aviary.metrics.prometheus import PrometheusProvider
 from aviary.metrics.provider import MetricProvider
@@ -189,7 +189,7 @@ class _Save:
 def _placement_of(rollout: Rollout) -> Placement:
     spec = rollout.spec
     reports = spec.analysis is not None and spec.analysis.provider == ENVOY
-    samples = spec.analysis.samples_per_second if spec.analysis is not None else 100
+    samples = spec.analysis.samples_per_second if spec.analysis is not None else DEFAULT_SAMPLES_PER_SECOND
     return Placement(spec.listener, spec.hosts, spec.proxy_cluster, access_log=reports, samples_per_second=samples)
 
 
